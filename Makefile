@@ -1,0 +1,44 @@
+# The two commands of the README:
+#   make demo   set up .venv and run the whole BLISS pipeline on the bundled corpus (embedded local Ray)
+#   make test   set up .venv and run the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.bliss-installed
+# CPU hosts get the CPU build of torch. Here pip finds 2.13.0+cpu in the local wheel cache; elsewhere set
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu so pip cannot fall back to a multi-GB CUDA build.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: setup demo test test-fast bench lint clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+ifneq ($(HAS_GPU),1)
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -c "import torch, sys; sys.exit('CUDA torch on a CPU host: set TORCH_INDEX' if torch.version.cuda else 0)"
+endif
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m bliss_ray.evaluation.eval_data fetch
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/bliss-ray run experiments/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not ray and not slow" tests
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean-runs:
+	rm -rf runs

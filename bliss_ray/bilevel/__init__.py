@@ -1,0 +1,1 @@
+"""The BLISS bilevel core (pure PyTorch): losses, sample weights, the implicit hypergradient, the bilevel loop."""

@@ -1,0 +1,231 @@
+"""The BLISS bilevel loop (method.md §2.2), pure PyTorch: no Ray, no config layer, collectives via ``train.dist``.
+
+One outer step t:
+  1. K inner steps: weights P from the score model (no gradient), proxy AdamW step on
+     g = Σ P_i CE_i + γ KL(target ‖ proxy) + λ‖θ_p‖² (global-norm clip 1.0).
+  2. ∇f on a reference micro-batch (mean over workers).
+  3. z ≈ H⁻¹∇f by Q Richardson steps with HVPs of g on the outer batch (the last inner batch when
+     ``reuse_inner_batch``, as the released code does with K = 1).
+  4. c_i = ⟨∇CE_i, z⟩ (batched ghost products), the hypergradient −Σ P_j (c_j − c̄)∇s_j, per-tensor clip,
+     score-model AdamW step.
+Both optimizers follow cosine schedules with linear warm-up (``warmup_frac`` of T).
+
+    state = BilevelState.create(proxy, score_model, target, BilevelSettings(outer_steps=100))
+    run_bilevel(state, settings, train_batch_at, ref_batch_at, end_step=100, log=print)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from transformers import get_cosine_schedule_with_warmup
+
+from bliss_ray.bilevel.hypergrad import ci_ghost, ci_loop, make_hvp, score_hypergrad, solve_z
+from bliss_ray.bilevel.losses import per_sample_ce, weighted_lower_loss
+from bliss_ray.bilevel.weights import Normaliser, global_softmax, stale_softmax, weight_stats
+from bliss_ray.train import dist
+
+
+@dataclass
+class BilevelSettings:
+    """The knobs of the loop (the validated user-facing schema is ``config.BilevelConfig``; same names)."""
+
+    outer_steps: int = 3000
+    inner_steps: int = 1
+    z_steps: int = 3
+    z_lr: float = 1e-2
+    z_damping: float = 1e-2
+    z_init: str = "constant"
+    z_clip: float | None = 1.0
+    proxy_lr: float = 1e-5
+    score_lr: float = 1e-5
+    warmup_frac: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    hypergrad_clip: float | None = 1.0
+    gamma: float = 1e-2
+    l2: float = 1e-6
+    micro_batch_seqs: int = 4
+    reference_batch_seqs: int = 4
+    weight_norm: str = "global"
+    reuse_inner_batch: bool = True
+    ci_method: str = "ghost"
+    ci_chunk_seqs: int = 8
+
+
+@dataclass
+class BilevelState:
+    proxy: nn.Module
+    score_model: nn.Module
+    target: nn.Module | None
+    proxy_opt: torch.optim.Optimizer
+    score_opt: torch.optim.Optimizer
+    proxy_sched: torch.optim.lr_scheduler.LRScheduler
+    score_sched: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    normaliser: Normaliser | None = None
+    metrics: list[dict] = field(default_factory=list)
+
+    @staticmethod
+    def create(proxy, score_model, target, s: BilevelSettings) -> BilevelState:
+        def adamw(model, lr):
+            params = [p for p in model.parameters() if p.requires_grad]
+            return torch.optim.AdamW(params, lr=lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
+
+        warmup = int(s.warmup_frac * s.outer_steps)
+        p_opt, s_opt = adamw(proxy, s.proxy_lr), adamw(score_model, s.score_lr)
+        if target is not None:
+            target.eval().requires_grad_(False)
+        return BilevelState(
+            proxy,
+            score_model,
+            target,
+            p_opt,
+            s_opt,
+            get_cosine_schedule_with_warmup(p_opt, warmup, s.outer_steps),
+            get_cosine_schedule_with_warmup(s_opt, warmup, s.outer_steps),
+        )
+
+
+def _target_logits(state: BilevelState, input_ids: torch.Tensor, gamma: float) -> torch.Tensor | None:
+    if gamma <= 0 or state.target is None:
+        return None
+    with torch.no_grad():
+        return state.target(input_ids=input_ids).logits.detach()  # (B, T, V)
+
+
+def _global_mean(value: torch.Tensor) -> float:
+    t = value.detach().double().reshape(1).clone()
+    dist.all_reduce_sum_(t)
+    return float(t.item()) / dist.world_size()
+
+
+def _inner_step(state: BilevelState, s: BilevelSettings, input_ids, scores, target_logits, global_batch) -> dict:
+    """One proxy AdamW step on the weighted lower-level loss; weights are constants here."""
+    if s.weight_norm == "stale":
+        weights = stale_softmax(scores.detach(), state.normaliser)
+    else:
+        weights, _, _ = global_softmax(scores.detach())
+    logits = state.proxy(input_ids=input_ids).logits  # (B, T, V)
+    loss, ce, kl = weighted_lower_loss(logits, input_ids, weights, target_logits, s.gamma, global_batch)
+    params = [p for p in state.proxy.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    grads = [g.clone() for g in grads]
+    dist.all_reduce_sum_(*grads)  # data terms are sums over the global batch; no DDP (manual, exact)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g + 2.0 * s.l2 * p  # + ∇(λ‖θ‖²), added once
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+    state.proxy_opt.step()
+    state.proxy_opt.zero_grad(set_to_none=True)
+    stats = torch.stack([(weights * ce).sum().detach(), kl.sum().detach()]).double()
+    dist.all_reduce_sum_(stats)
+    return {"lower_loss": float(stats[0]), "kl": float(stats[1]) / global_batch, "proxy_grad_norm": float(grad_norm)}
+
+
+def outer_step(
+    state: BilevelState,
+    s: BilevelSettings,
+    train_batch_at: Callable[[int], torch.Tensor],
+    ref_batch_at: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]],
+) -> dict:
+    """One outer step (K inner steps + one score-model step). ``train_batch_at(i)`` is this worker's i-th
+    micro-batch of training rows; ``ref_batch_at(t)`` its t-th reference micro-batch (ids, loss mask)."""
+    t0 = time.perf_counter()
+    t = state.step
+    world = dist.world_size()
+    global_batch = s.micro_batch_seqs * world
+    proxy_params = [p for p in state.proxy.parameters() if p.requires_grad]
+
+    # 1. inner steps (scores of the outer batch are computed once, with graph, and reused when it is the same)
+    per_step = s.inner_steps + (0 if s.reuse_inner_batch else 1)  # training micro-batches consumed per step
+    inner = {}
+    cache = {}
+    for k in range(s.inner_steps):
+        ids = train_batch_at(t * per_step + k)
+        with torch.no_grad():
+            _, scores = state.score_model(ids)  # (B,)
+        tl = _target_logits(state, ids, s.gamma)
+        inner = _inner_step(state, s, ids, scores, tl, global_batch)
+        cache = {"ids": ids, "target_logits": tl}
+    if s.reuse_inner_batch:
+        outer_ids, outer_tl = cache["ids"], cache["target_logits"]
+    else:
+        outer_ids = train_batch_at(t * per_step + s.inner_steps)  # the next, unseen batch
+        outer_tl = _target_logits(state, outer_ids, s.gamma)
+
+    # 2. ∇f on the reference set (global mean over workers)
+    ref_ids, ref_mask = ref_batch_at(t)
+    upper = per_sample_ce(state.proxy(input_ids=ref_ids).logits, ref_ids, ref_mask).mean()
+    grad_f = [g.clone() for g in torch.autograd.grad(upper, proxy_params)]
+    dist.all_reduce_sum_(*grad_f)
+    grad_f = [g / world for g in grad_f]
+
+    # 3. z ≈ (H + μI)⁻¹ ∇f with HVPs of g on the outer batch
+    _, scores = state.score_model(outer_ids)  # (B,) with graph to θ_s, used again in step 4
+    p_local, p_all, normaliser = global_softmax(scores)
+    hvp = make_hvp(state.proxy, proxy_params, outer_ids, p_local, outer_tl, s.gamma, global_batch, s.l2)
+    z = solve_z(hvp, grad_f, s.z_steps, s.z_lr, s.z_damping, s.z_init, s.z_clip)
+    del hvp  # frees the double-backward graph before the next forward
+
+    # 4. c_i and the score-model step
+    z_map = dict(zip(proxy_params, z, strict=True))
+    if s.ci_method == "ghost":
+        c = ci_ghost(state.proxy, outer_ids, z_map, s.ci_chunk_seqs)
+    else:
+        c = ci_loop(state.proxy, outer_ids, z_map)
+    state.score_opt.zero_grad(set_to_none=True)
+    grads, c_bar = score_hypergrad(state.score_model, scores, p_local, c)
+    hyper_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+    if s.hypergrad_clip is not None:
+        for q in state.score_model.parameters():
+            if q.grad is not None:
+                torch.nn.utils.clip_grad_norm_([q], s.hypergrad_clip)  # per tensor, as the released code
+    state.score_opt.step()
+    state.score_opt.zero_grad(set_to_none=True)
+    state.proxy_sched.step()
+    state.score_sched.step()
+    state.normaliser = normaliser
+    state.step += 1
+    return {
+        "step": state.step,
+        **inner,
+        "upper_loss": _global_mean(upper),
+        "hypergrad_norm": hyper_norm,
+        "z_norm": math.sqrt(sum(float(v.double().pow(2).sum()) for v in z)),
+        "c_bar": c_bar,
+        **weight_stats(p_all),
+        "proxy_lr": state.proxy_sched.get_last_lr()[0],
+        "score_lr": state.score_sched.get_last_lr()[0],
+        "outer_step_s": time.perf_counter() - t0,
+    }
+
+
+def run_bilevel(
+    state: BilevelState,
+    s: BilevelSettings,
+    train_batch_at: Callable[[int], torch.Tensor],
+    ref_batch_at: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]],
+    *,
+    end_step: int,
+    log: Callable[[dict], None] = lambda m: None,
+    save: Callable[[BilevelState], None] = lambda st: None,
+    ckpt_every_steps: int = 25,
+) -> BilevelState:
+    """Outer steps from ``state.step`` to ``end_step``; ``save`` every ``ckpt_every_steps`` and at the end."""
+    while state.step < end_step:
+        metrics = outer_step(state, s, train_batch_at, ref_batch_at)
+        state.metrics.append(metrics)
+        log(metrics)
+        bad = [k for k in ("lower_loss", "upper_loss", "hypergrad_norm") if not math.isfinite(metrics[k])]
+        if bad:
+            raise FloatingPointError(f"stage 'bilevel': non-finite {', '.join(bad)} at outer step {state.step}")
+        if state.step % ckpt_every_steps == 0 or state.step == end_step:
+            save(state)
+    return state

@@ -1,0 +1,52 @@
+"""Sample weights from score-model outputs: a softmax over the *global* batch (method.md §1.3).
+
+    P_i = exp(s_i) / Σ_{j ∈ global batch} exp(s_j)
+
+Every worker all-gathers the scores of the whole global batch (B_global = micro-batch × workers, a few dozen
+floats) and normalises locally with the shared max and denominator, so Σ_i P_i = 1 over all workers and
+1 worker × 32 sequences computes exactly what 8 workers × 4 do.
+
+``weight_norm="stale"`` reproduces the released code: the lower-level steps of outer step t use the max and
+denominator gathered at outer step t−1 (the first step uses a per-worker softmax), so the weights only sum to ≈1.
+It costs nothing extra (the normaliser is kept from the previous hypergradient step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bliss_ray.train import dist
+
+
+@dataclass
+class Normaliser:
+    max: float
+    denom: float
+
+
+def global_softmax(scores_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Normaliser]:
+    """(P for this worker's samples, P of the whole global batch, the normaliser). Differentiable in scores."""
+    scores_all = dist.all_gather_cat(scores_local.detach())  # (B_global,)
+    m = scores_all.max()
+    denom = torch.exp(scores_all - m).sum()
+    p_local = torch.exp(scores_local - m) / denom  # (B_local,) keeps the graph to the local scores
+    p_all = torch.exp(scores_all - m) / denom  # (B_global,)
+    return p_local, p_all, Normaliser(m.item(), denom.item())
+
+
+def stale_softmax(scores_local: torch.Tensor, previous: Normaliser | None) -> torch.Tensor:
+    """The released code's lower-level weights: the previous outer step's global normaliser."""
+    if previous is None:
+        return torch.softmax(scores_local, dim=0)  # first step: per-worker softmax
+    return torch.exp(scores_local - previous.max) / previous.denom
+
+
+def weight_stats(p_all: torch.Tensor) -> dict:
+    """Entropy (nats; log B_global when uniform) and max/min ratio of the global weights."""
+    p = p_all.detach().double()
+    return {
+        "weight_entropy": float(-(p * p.clamp_min(1e-300).log()).sum()),
+        "weight_max_min_ratio": float(p.max() / p.min().clamp_min(1e-300)),
+    }

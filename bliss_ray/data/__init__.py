@@ -1,0 +1,1 @@
+"""Data: corpus readers and validation, tokenizers, document packing, and step-indexed training batches."""

@@ -1,0 +1,158 @@
+"""Packed-sequence storage and deterministic, step-indexed batching for training.
+
+The tokenize stage writes packed rows as parquet (``row_id``, ``input_ids`` fixed-size list, ``source_ids``,
+``domain``). Training reads a ``TokenArray``: the rows it needs materialised once into a ``.npy``
+memmap (N, L), so every worker can index any row without a data service. Batches are a pure function of the
+step: the global batch of step s is the s-th slice of an epoch-seeded permutation, and rank r's micro-batch a
+is a fixed slice of it. That gives
+
+* exact resume: a restarted worker recomputes the batches of any step (Ray 2.60 Data has no mid-epoch resume);
+* exact parity: 1 worker × 2 micro-batches sees the same sequences as 2 workers × 1 micro-batch.
+
+    arr = TokenArray.build(files, out_dir, keep_ids=selected_ids)
+    for mb in micro_batches(arr.tokens, step, global_batch=32, micro_batch=8, rank=0, world_size=2, seed=0): ...
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from bliss_ray.data.corpus import filesystem
+from bliss_ray.data.packing import shard_of
+
+
+def packed_schema(seq_len: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("row_id", pa.int64()),
+            ("input_ids", pa.list_(pa.int32(), seq_len)),
+            ("source_ids", pa.list_(pa.int64())),
+            ("domain", pa.string()),
+        ]
+    )
+
+
+def read_token_table(path: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+    fs, p = filesystem(path)
+    with fs.open_input_file(p) as f:
+        return pq.read_table(f, columns=columns, filters=filters)
+
+
+def tokens_of(table: pa.Table) -> np.ndarray:
+    """The (N, L) int32 token matrix of a packed table, without a Python loop."""
+    col = table.column("input_ids").combine_chunks()
+    seq_len = col.type.list_size
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, seq_len)
+
+
+@dataclass
+class TokenArray:
+    tokens: np.ndarray  # (N, L) int32, usually a read-only memmap
+    row_ids: np.ndarray  # (N,) int64
+    loss_mask: np.ndarray | None = None  # (N, L) int8, only for continuation-style reference items
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    @staticmethod
+    def build(
+        files: list[str], out_dir: str | Path, keep_ids: np.ndarray | None = None, shard: tuple[int, int] | None = None
+    ) -> TokenArray:
+        """Materialise the rows of ``files`` (optionally only ``keep_ids`` / shard (index, count)) into ``out_dir``.
+        Idempotent: an existing complete array is reused. Streams file by file; memory stays flat."""
+        out = Path(out_dir)
+        if (out / "_SUCCESS").exists():
+            return TokenArray.open(out)
+        out.mkdir(parents=True, exist_ok=True)
+        keep = None if keep_ids is None else np.unique(np.asarray(keep_ids, dtype=np.int64))
+        masks, seq_len = [], None
+        for f in files:  # pass 1: which rows of each file to keep (ids only)
+            row_ids = read_token_table(f, ["row_id"]).column("row_id").to_numpy()
+            m = np.ones(len(row_ids), bool)
+            if keep is not None:
+                m &= np.isin(row_ids, keep)
+            if shard is not None:
+                m &= shard_of(row_ids, shard[1]) == shard[0]
+            masks.append(m)
+        n = int(sum(m.sum() for m in masks))
+        if n == 0:
+            raise ValueError(f"no rows to materialise into {out} (keep_ids/shard filter matched nothing)")
+        tmp_tokens, tmp_ids = out / "tokens.npy.tmp", out / "row_ids.npy.tmp"
+        tokens = ids = None
+        pos = 0
+        for f, m in zip(files, masks, strict=True):  # pass 2: copy the kept rows
+            if not m.any():
+                continue
+            t = read_token_table(f, ["row_id", "input_ids"])
+            block = tokens_of(t)[m]  # (n_f, L)
+            if tokens is None:
+                seq_len = block.shape[1]
+                tokens = np.lib.format.open_memmap(tmp_tokens, mode="w+", dtype=np.int32, shape=(n, seq_len))
+                ids = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=np.int64, shape=(n,))
+            tokens[pos : pos + len(block)] = block
+            ids[pos : pos + len(block)] = t.column("row_id").to_numpy()[m]
+            pos += len(block)
+        tokens.flush()
+        ids.flush()
+        del tokens, ids
+        os.replace(tmp_tokens, out / "tokens.npy")
+        os.replace(tmp_ids, out / "row_ids.npy")
+        (out / "_SUCCESS").write_text(f"{n} rows\n")
+        return TokenArray.open(out)
+
+    @staticmethod
+    def open(out_dir: str | Path) -> TokenArray:
+        out = Path(out_dir)
+        mask = out / "loss_mask.npy"
+        return TokenArray(
+            np.load(out / "tokens.npy", mmap_mode="r"),
+            np.load(out / "row_ids.npy", mmap_mode="r"),
+            np.load(mask) if mask.exists() else None,
+        )
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def step_indices(step: int, global_batch: int, n_rows: int, seed: int) -> np.ndarray:
+    """Row indices of the global batch of ``step``: consecutive slices of per-epoch permutations."""
+    k = np.arange(step * global_batch, (step + 1) * global_batch, dtype=np.int64)  # global sample counters
+    epochs, pos = k // n_rows, k % n_rows
+    return np.array([_epoch_permutation(n_rows, seed, int(e))[p] for e, p in zip(epochs, pos, strict=True)])
+
+
+def micro_batches(
+    tokens: np.ndarray, step: int, global_batch: int, micro_batch: int, rank: int, world_size: int, seed: int
+) -> list[torch.Tensor]:
+    """This rank's micro-batches of ``step``: micro-batch a of rank r holds global slots
+    [a·m·W + r·m, a·m·W + (r+1)·m). Raises if the global batch does not split evenly."""
+    per_micro = micro_batch * world_size
+    if global_batch % per_micro:
+        raise ValueError(f"global batch {global_batch} is not a multiple of micro_batch·workers = {per_micro}")
+    idx = step_indices(step, global_batch, len(tokens), seed)
+    out = []
+    for a in range(global_batch // per_micro):
+        mine = np.sort(idx[a * per_micro + rank * micro_batch : a * per_micro + (rank + 1) * micro_batch])
+        out.append(torch.from_numpy(np.asarray(tokens[mine], dtype=np.int64)))  # (m, L); sorted reads are faster
+    return out
+
+
+def rank_rows(
+    array: TokenArray, step: int, micro_batch: int, rank: int, world_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This rank's ``micro_batch`` rows of ``step`` (global batch = micro_batch · workers) and their loss mask."""
+    idx = step_indices(step, micro_batch * world_size, len(array), seed)
+    mine = np.sort(idx[rank * micro_batch : (rank + 1) * micro_batch])
+    ids = torch.from_numpy(np.asarray(array.tokens[mine], dtype=np.int64))  # (m, L)
+    mask = None if array.loss_mask is None else torch.from_numpy(np.asarray(array.loss_mask[mine], dtype=np.int64))
+    return ids, mask

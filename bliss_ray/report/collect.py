@@ -1,0 +1,104 @@
+"""Collect what a report needs from run directories (no Ray, no recomputation; works on copied-back runs).
+
+A *variant* is one finished ``evaluate`` stage of an experiment root: its experiment config, its checkpoints'
+evaluation rows, and (through the stage map the evaluate stage records) its bilevel metrics, selection
+manifests and selected row ids. Several variants may share one root (e.g. ``--set selection.method=random``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from bliss_ray.train.checkpoint import read_metrics
+
+_IDENTITY_FREE = {"name", "label", "resources", "flops", "eval"}
+
+
+@dataclass
+class Variant:
+    root: Path
+    exp: dict
+    evaluate: dict  # the evaluate stage's outputs.json
+    label: str = ""
+    stage_outputs: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.exp["selection"]["method"]
+
+    def stage_dir(self, key: str) -> Path | None:
+        name = self.evaluate.get("stage_dirs", {}).get(key)
+        return self.root / name if name and (self.root / name / "_SUCCESS").exists() else None
+
+    def checkpoints(self) -> list[dict]:
+        return sorted(self.evaluate["checkpoints"], key=lambda c: c["steps"])
+
+    def bilevel_metrics(self) -> dict[int, list[dict]]:
+        out = {}
+        for r in range(1, self.exp["schedule"]["rounds"] + 1):
+            d = self.stage_dir(f"r{r}.bilevel")
+            if d is not None:
+                out[r] = read_metrics(d / "metrics.jsonl")
+        return out
+
+    def selections(self) -> dict[int, dict]:
+        """round → {manifest, ids} of every selection stage."""
+        out = {}
+        for r in range(self.exp["schedule"]["rounds"] + 1):
+            d = self.stage_dir(f"r{r}.select")
+            if d is not None:
+                ids = pq.read_table(d / "selected.parquet").column("row_id").to_numpy()
+                out[r] = {"manifest": json.loads((d / "manifest.json").read_text()), "ids": np.sort(ids)}
+        return out
+
+    def pool_rows_per_round(self) -> int | None:
+        rows = [json.loads((d / "outputs.json").read_text()).get("rows_in") for r in range(1, 99)
+                if (d := self.stage_dir(f"r{r}.score")) is not None]  # fmt: skip
+        rows = [x for x in rows if x]
+        return int(np.mean(rows)) if rows else None
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _flatten(v, key + ".")
+        else:
+            out[key] = json.dumps(v)
+    return out
+
+
+def find_variants(roots: list[Path]) -> list[Variant]:
+    variants = []
+    for root in roots:
+        root = Path(root)
+        candidates = [root] if (root / "experiment.json").exists() else [p for p in root.iterdir() if p.is_dir()]
+        for exp_root in candidates:
+            for ev in sorted(exp_root.glob("evaluate-*/_SUCCESS")):
+                d = ev.parent
+                exp = json.loads((d / "experiment.json").read_text())
+                variants.append(Variant(exp_root, exp, json.loads((d / "outputs.json").read_text())))
+    _label(variants)
+    return variants
+
+
+def _label(variants: list[Variant]) -> None:
+    """Name each variant: its ``label``, else the method plus the settings that tell it apart from its peers."""
+    flat = [{k: v for k, v in _flatten(v.exp).items() if k.split(".")[0] not in _IDENTITY_FREE} for v in variants]
+    for i, v in enumerate(variants):
+        if v.exp.get("label"):
+            v.label = v.exp["label"]
+            continue
+        peers = [j for j, w in enumerate(variants) if w.method == v.method and j != i]
+        differing = sorted({k for j in peers for k in flat[i] if flat[j].get(k) != flat[i][k]})
+        shown = [k for k in differing if not k.startswith(("selection.method",))][:3]
+        extra = ", ".join(f"{k.split('.')[-1]}={json.loads(flat[i][k])}" for k in shown)
+        v.label = f"{v.method}" + (f" ({extra})" if extra else "")
+        if len({w.root for w in variants}) > 1 and not extra:
+            v.label += f" [{v.root.name}]"

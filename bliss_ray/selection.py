@@ -1,0 +1,104 @@
+"""Selection rules (pure NumPy): which ``keep_frac`` of a round's pool the target trains on next.
+
+* ``topk`` — the k highest fp32 logits (BLISS; σ is monotone so this is top-k by score), ties broken by the
+  smaller row id, so the result never depends on row order.
+* ``gumbel_topk`` — BLISS convention: the k largest of logit/τ + G_i, G_i ~ Gumbel(0, 1). As τ → 0 it becomes
+  ``topk``; this is exact Gumbel-top-k (Plackett–Luce) sampling from softmax(logit/τ).
+* ``mates`` — MATES's code convention: the k *smallest* of prediction/τ + G_i (low predicted post-step
+  reference loss = good). Note it adds +G to a quantity it minimises, which is not the textbook sampler over
+  −prediction/τ (method.md §5.1); we copy it on purpose so MATES numbers reproduce.
+* ``random`` — a seeded, truly uniform subset (the released BLISS "random" takes the first rows; not here).
+
+All noise is counter-based: row i's uniform draw is a hash of (seed, row id), so selections are reproducible and
+independent of how the pool is split into files or ordered.
+
+    keep = select(row_ids, logits, k, method="topk")
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def uniform_of(row_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A reproducible U(0, 1) draw per row id (splitmix64 finaliser of id ⊕ seed), never exactly 0 or 1."""
+    with np.errstate(over="ignore"):
+        x = row_ids.astype(np.uint64) + np.uint64(seed) * _GOLD + _GOLD
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        x = x ^ (x >> np.uint64(31))
+    return ((x >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
+def gumbel_of(row_ids: np.ndarray, seed: int) -> np.ndarray:
+    return -np.log(-np.log(uniform_of(row_ids, seed)))
+
+
+def _top(values: np.ndarray, row_ids: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values; equal values → smaller row id first."""
+    order = np.lexsort((row_ids, -values))
+    return order[:k]
+
+
+def num_selected(pool_size: int, keep_frac: float) -> int:
+    return max(1, int(pool_size * keep_frac)) if pool_size else 0
+
+
+def select(
+    row_ids: np.ndarray,
+    values: np.ndarray | None,
+    k: int,
+    method: str,
+    seed: int = 0,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """Row ids of the selection, sorted. ``values``: fp32 logits (BLISS) or predicted losses (MATES)."""
+    row_ids = np.asarray(row_ids, dtype=np.int64)
+    if k > len(row_ids):
+        raise ValueError(f"cannot select {k} rows from a pool of {len(row_ids)}")
+    if method == "random":
+        idx = _top(uniform_of(row_ids, seed), row_ids, k)
+    elif method == "topk":
+        idx = _top(np.asarray(values, np.float64), row_ids, k)
+    elif method == "gumbel_topk":
+        idx = _top(np.asarray(values, np.float64) / temperature + gumbel_of(row_ids, seed), row_ids, k)
+    elif method == "mates":
+        idx = _top(-(np.asarray(values, np.float64) / temperature + gumbel_of(row_ids, seed)), row_ids, k)
+    else:
+        raise ValueError(f"unknown selection method '{method}'")
+    return np.sort(row_ids[idx])
+
+
+def manifest(
+    row_ids: np.ndarray,
+    values: np.ndarray | None,
+    selected: np.ndarray,
+    domains: np.ndarray | None,
+    **settings,
+) -> dict:
+    """What was selected and from what: counts, threshold, score histogram, per-domain shares."""
+    chosen = np.isin(row_ids, selected)
+    out = {**settings, "pool_size": len(row_ids), "selected": int(chosen.sum())}
+    if values is not None and len(values):
+        v = np.asarray(values, np.float64)
+        counts, edges = np.histogram(v, bins=30)
+        sel_counts, _ = np.histogram(v[chosen], bins=edges)
+        out["threshold"] = float(v[chosen].min()) if settings.get("method") != "mates" else float(v[chosen].max())
+        out["histogram"] = {"edges": edges.tolist(), "pool": counts.tolist(), "selected": sel_counts.tolist()}
+        out["value_summary"] = {"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean())}
+    if domains is not None:
+        names, pool_counts = np.unique(domains, return_counts=True)
+        out["domain_share"] = {
+            str(n): {"pool": float(c / len(domains)), "selected": float((domains[chosen] == n).sum() / chosen.sum())}
+            for n, c in zip(names, pool_counts, strict=True)
+        }
+    return out
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Overlap of two selections (row id sets)."""
+    inter = np.intersect1d(a, b).size
+    union = np.union1d(a, b).size
+    return inter / union if union else 1.0

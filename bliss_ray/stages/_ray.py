@@ -1,0 +1,133 @@
+"""Ray glue shared by the stages: the embedded Ray session, resource budgets, Train configs, checkpoint hygiene.
+
+Budgets are explicit because on a small machine an actor or worker group that claims every logical CPU starves
+Ray Data's read/write tasks and hangs forever without an error (../shared/docs/stack.md §0): Train workers take
+``resources.cpus_per_worker`` CPUs, Data actors ``resources.data_actor_cpus``, Tune trial drivers ~0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+
+from bliss_ray.config import ResourcesConfig
+
+# Unschedulable worker groups (e.g. GPUs on a CPU-only cluster) retry forever with Ray's defaults; these make
+# them fail with a clear error in bounded time instead (ray.md §3.4 #12).
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+# keep worker logs readable: no per-save progress bars, no tokenizer fork warnings
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def ensure_ray(res: ResourcesConfig, quiet: bool = False) -> bool:
+    """Start (or join, with ``ray_address``) Ray unless already initialised. Returns True if started here."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(res.worker_start_timeout_s)))
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": not quiet}
+    address = res.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else None)  # inside `ray job submit`
+    if address in (None, "local"):
+        # never attach to a cluster somebody started with `ray start` on this machine (ray.md G1)
+        kwargs |= {
+            "address": "local",
+            "num_cpus": res.num_cpus or os.cpu_count(),
+            "object_store_memory": 512 * 1024**2,
+        }
+        os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="bliss_ray_"))  # isolated from stale clusters
+    else:
+        kwargs["address"] = address
+    ray.init(**kwargs)
+    return True
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def use_gpu(res: ResourcesConfig) -> bool:
+    return cluster_has_gpus() if res.use_gpu is None else res.use_gpu
+
+
+def torch_threads(res: ResourcesConfig, workers: int) -> int:
+    return res.torch_threads or max(1, (os.cpu_count() or 1) // workers)
+
+
+def scaling_config(res: ResourcesConfig, workers: int) -> ray.train.ScalingConfig:
+    gpu = use_gpu(res)
+    per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if gpu else {})
+    check_fits(per_worker, workers)
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=per_worker)
+
+
+def check_fits(per_worker: dict, workers: int) -> None:
+    """Fail fast when a request can never be scheduled on a fixed cluster (no autoscaler knows more nodes)."""
+    total = ray.cluster_resources()
+    autoscaling = os.environ.get("BLISS_AUTOSCALING") == "1"
+    for key, amount in per_worker.items():
+        need = amount * workers
+        if not autoscaling and need > total.get(key, 0) + 1e-9:
+            raise RuntimeError(
+                f"the Ray cluster has {total.get(key, 0):g} {key} but the stage asks for {workers} workers × "
+                f"{amount:g} {key} = {need:g}; lower resources.train_workers / resources.cpus_per_worker, set "
+                f"resources.use_gpu=false, or export BLISS_AUTOSCALING=1 on an autoscaling cluster"
+            )
+
+
+def storage_path(res: ResourcesConfig, run_dir: Path) -> str:
+    return res.storage_path or str((run_dir / "_ray").resolve())
+
+
+def run_config(name: str, storage: str, res: ResourcesConfig) -> ray.train.RunConfig:
+    """Deterministic name ⇒ rerunning the same stage resumes from its last registered checkpoint (Train V2)."""
+    env = {k: os.environ[k] for k in ("BLISS_FAULTS", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if k in os.environ}
+    env |= QUIET_ENV
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=storage,
+        failure_config=ray.train.FailureConfig(max_failures=res.max_failures, controller_failure_limit=3),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        worker_runtime_env={"env_vars": env} if env else None,
+    )
+
+
+def report(metrics: dict, ckpt_dir: Path | None) -> None:
+    """``ray.train.report`` from every rank (it is a barrier); only rank 0 passes a checkpoint directory."""
+    ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+    ray.train.report(metrics, checkpoint=ckpt)
+
+
+def gc_orphan_checkpoints(storage: str, name: str) -> list[str]:
+    """Delete checkpoint dirs that Train never registered (left behind when a worker dies right after
+    uploading; ray.md §3.4 #1, issue #41700). Only for local storage. Returns the removed paths."""
+    run = Path(storage) / name
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    if storage.startswith(("s3://", "gs://")) or not snapshot.exists():
+        return []
+    text = snapshot.read_text()
+    removed = []
+    for d in run.glob("checkpoint_*"):
+        if d.is_dir() and d.name not in text:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
+
+
+def copy_checkpoint(result: ray.train.Result, dest: Path) -> Path:
+    """Copy the final checkpoint's files into a stage output directory."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint; see {result.path}")
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, dest, dirs_exist_ok=True)
+    return dest
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,88 @@
+"""Stage evaluate: zero-shot lm-eval of every round's decay-branch checkpoint, as parallel Ray tasks.
+
+Inputs: each ``r*.pretrain`` stage's ``decay/`` model (``state/model`` when there is no decay branch) and the
+reference set. Outputs: ``results/<round>.json`` (lm-eval's compact results: per task value, stderr, n, task
+version, data source; lm-eval version; the paper average) plus the target's reference-set loss, and
+``outputs.json`` with one summary row per checkpoint (steps, tokens, average, reference loss).
+
+Checkpoints are evaluated data-parallel (one task each), never model-parallel: a 410M/1B model fits one device.
+The same directories evaluate with the stock CLI: ``lm_eval --model hf --model_args pretrained=DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from bliss_ray.stages._ray import QUIET_ENV, use_gpu, write_json
+
+
+def reference_loss(model_dir: str, reference_dir: str, batch_seqs: int = 16) -> float:
+    """Mean next-token CE of a checkpoint on the reference set (continuation tokens only for cloze items)."""
+    from bliss_ray.bilevel.losses import per_sample_ce
+    from bliss_ray.data.tokens import TokenArray
+    from bliss_ray.models.lm import load_lm
+
+    model = load_lm(model_dir).eval()
+    ref = TokenArray.open(reference_dir)
+    losses = []
+    with torch.inference_mode():
+        for s in range(0, len(ref), batch_seqs):
+            ids = torch.from_numpy(np.asarray(ref.tokens[s : s + batch_seqs], dtype=np.int64))
+            mask = None if ref.loss_mask is None else torch.from_numpy(np.asarray(ref.loss_mask[s : s + batch_seqs]))
+            losses.append(per_sample_ce(model(input_ids=ids).logits, ids, mask))
+    return float(torch.cat(losses).mean())
+
+
+def _evaluate(model_dir: str, reference_dir: str, tasks: list[str], limit, batch_size: int, bootstrap: int,
+              threads: int, device: str) -> dict:  # fmt: skip
+    os.environ.update(QUIET_ENV | {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                                   "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")})  # fmt: skip
+    torch.set_num_threads(threads)
+    from bliss_ray.evaluation.harness import evaluate_checkpoint
+
+    out = evaluate_checkpoint(model_dir, tasks, limit=limit, batch_size=batch_size, device=device,
+                              bootstrap_iters=bootstrap)  # fmt: skip
+    out["reference_loss"] = reference_loss(model_dir, reference_dir)
+    return out
+
+
+def evaluate_checkpoints(run, st, d: Path) -> dict:
+    exp, e = run.exp, run.exp.eval
+    keys = list(st.deps) if e.every_round else list(st.deps)[-1:]
+    gpu = use_gpu(exp.resources)
+    cpus = max(1.0, exp.resources.cpus_per_worker)
+    task = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_retries=2)(_evaluate)
+    refs, rows = [], []
+    for key in keys:
+        stage_dir = run.dir(key)
+        model_dir = stage_dir / "decay" if (stage_dir / "decay").exists() else stage_dir / "state" / "model"
+        out = run.outputs(key)
+        rows.append({"stage": key, "round": out["round"], "model_dir": str(model_dir), "steps": out["end_step"],
+                     "tokens": out["end_step"] * out["tokens_per_step"]})  # fmt: skip
+        refs.append(
+            task.remote(
+                str(model_dir),
+                str(run.dir("tokenize") / "reference" / "array"),
+                e.tasks,
+                e.limit,
+                e.batch_size,
+                e.bootstrap_iters,
+                max(1, int(cpus)),
+                "cuda" if gpu else "cpu",
+            )
+        )
+    (d / "results").mkdir(exist_ok=True)
+    for row, result in zip(rows, ray.get(refs), strict=True):
+        write_json(d / "results" / f"{row['stage']}.json", result)
+        avg = result.get("paper_average") or {}
+        row |= {"paper_average": avg.get("value"), "paper_average_n_tasks": avg.get("n_tasks"),
+                "reference_loss": result["reference_loss"], "lm_eval_version": result.get("lm_eval_version"),
+                "tasks": {t: {"value": v["value"], "stderr": v["stderr"], "metric": v["metric"], "n": v["n"]}
+                          for t, v in result["tasks"].items()}}  # fmt: skip
+    stage_dirs = {s.key: run.dir(s.key).name for s in run.stages}  # lets reports find this variant's stages
+    return {"checkpoints": rows, "tasks": e.tasks, "limit": e.limit, "stage_dirs": stage_dirs}

@@ -1,0 +1,235 @@
+"""What each pipeline stage does: the glue between ``pipeline.plan`` and the stage modules.
+
+Every function takes the ``Run`` (to find its inputs' directories), the ``Stage`` and its own output directory,
+does its work and returns a small JSON-able dict of outputs. Ray starts lazily, once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from bliss_ray.data.corpus import iter_texts, resolve_files
+from bliss_ray.data.packing import shard_of
+from bliss_ray.data.tokenizer import load_tokenizer, train_bpe
+from bliss_ray.data.tokens import TokenArray, read_token_table
+from bliss_ray.models.lm import arch_from_preset, padded_vocab
+from bliss_ray.selection import manifest, num_selected, select
+from bliss_ray.stages import _ray
+
+log = logging.getLogger("bliss_ray")
+
+
+def _pool_files(run) -> list[str]:
+    return sorted(str(p) for p in (run.dir("tokenize") / "pool" / "packed").glob("*.parquet"))
+
+
+def _shard(run, r: int) -> tuple[int, int] | None:
+    s = run.exp.schedule
+    return (r, s.rounds + 1) if s.pool_sharding == "disjoint" else None
+
+
+def _vocab(run, which: str) -> int:
+    m = getattr(run.exp.models, which)
+    return m.vocab_size or padded_vocab(len(load_tokenizer(run.dir("tokenizer") / "tokenizer")))
+
+
+def tokenizer_stage(run, st, d: Path) -> dict:
+    exp = run.exp
+    if exp.tokenizer.kind == "pretrained":
+        tok = load_tokenizer(exp.tokenizer.name_or_path)
+    else:
+        files = resolve_files(exp.data.pool)
+        tok = train_bpe(iter_texts(files, exp.data.pool_format, exp.data, exp.tokenizer.train_max_chars),
+                        exp.tokenizer.vocab_size)  # fmt: skip
+    tok.save_pretrained(str(d / "tokenizer"))
+    return {"vocab_size": len(tok), "kind": exp.tokenizer.kind}
+
+
+def tokenize_stage(run, st, d: Path) -> dict:
+    from bliss_ray.stages.tokenize import build_reference, tokenize_pool
+
+    _ray.ensure_ray(run.exp.resources)
+    tok_dir = run.dir("tokenizer") / "tokenizer"
+    return tokenize_pool(run.exp, tok_dir, d) | build_reference(run.exp, tok_dir, d)
+
+
+def _pool_rows(run, shard) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, domains) of the packed pool, restricted to a shard: the only columns selection needs."""
+    ids, doms = [], []
+    for f in _pool_files(run):
+        t = read_token_table(f, ["row_id", "domain"])
+        i = t.column("row_id").to_numpy()
+        keep = slice(None) if shard is None else shard_of(i, shard[1]) == shard[0]
+        ids.append(i[keep])
+        doms.append(t.column("domain").to_numpy(zero_copy_only=False)[keep])
+    return np.concatenate(ids), np.concatenate(doms)
+
+
+def select_stage(run, st, d: Path) -> dict:
+    exp, r = run.exp, st.round
+    row_ids, domains = _pool_rows(run, _shard(run, r))
+    method = "random" if r == 0 else exp.selection.method
+    values = None
+    if method in ("bliss", "mates"):
+        scores = pads.dataset(str(run.dir(f"r{r}.score") / "scores"), format="parquet", partitioning="hive")
+        t = scores.to_table(columns=["row_id", "logit", "ok"])
+        ok = t.column("ok").to_numpy(zero_copy_only=False)
+        by_id = dict.fromkeys(row_ids.tolist(), np.nan)  # pool rows without a valid score stay unselectable
+        for i, v in zip(t.column("row_id").to_numpy()[ok], t.column("logit").to_numpy()[ok], strict=True):
+            by_id[int(i)] = float(v)
+        values = np.array([by_id[int(i)] for i in row_ids])
+        valid = np.isfinite(values)
+        row_ids, domains, values = row_ids[valid], domains[valid], values[valid]
+    rule = {"bliss": exp.selection.rule, "mates": "mates", "random": "random"}[method]
+    tau = exp.mates.temperature if method == "mates" else exp.selection.temperature
+    k = num_selected(len(row_ids), exp.selection.keep_frac)
+    seed = exp.selection.seed + 1000 * r  # a different random draw each round
+    chosen = select(row_ids, values, k, rule, seed=seed, temperature=tau)
+    pq.write_table(pa.table({"row_id": pa.array(chosen, pa.int64())}), d / "selected.parquet")
+    m = manifest(row_ids, values, chosen, domains, method=rule, seed=seed, temperature=tau,
+                 keep_frac=exp.selection.keep_frac, round=r)  # fmt: skip
+    _ray.write_json(d / "manifest.json", m)
+    return {"selected": len(chosen), "pool_size": len(row_ids), "method": rule}
+
+
+def _selected_array(run, r: int, d: Path) -> Path:
+    keep = pq.read_table(run.dir(f"r{r}.select") / "selected.parquet").column("row_id").to_numpy()
+    TokenArray.build(_pool_files(run), d / "data", keep_ids=keep)
+    return d / "data"
+
+
+def _train_spec(run, st, d: Path, which: str, data_dir: Path, init_dir, start_step: int, round_index: int):
+    from bliss_ray.stages.train_lm import LMTrainSpec
+
+    exp = run.exp
+    model = getattr(exp.models, "proxy" if which == "warmup" else "target")
+    train = getattr(exp, which)
+    return LMTrainSpec(
+        stage=st.key, arch=arch_from_preset(model.arch, _vocab(run, "proxy" if which == "warmup" else "target")),
+        seq_len=exp.data.seq_len, tokenizer_dir=str(run.dir("tokenizer") / "tokenizer"), data_dir=str(data_dir),
+        init_dir=init_dir, start_step=start_step, train=train.model_dump(), round_index=round_index,
+        seed=exp.seed, threads=1,
+    )  # fmt: skip
+
+
+def warmup_stage(run, st, d: Path) -> dict:
+    from bliss_ray.stages import train_lm
+
+    _ray.ensure_ray(run.exp.resources)
+    data = _selected_array(run, 0, d)
+    spec = _train_spec(run, st, d, "warmup", data, None, 0, 0)
+    spec.train["decay_steps"] = 0  # the proxy keeps its un-decayed state
+    res = run.exp.resources
+    out = train_lm.run(spec, d, res, _ray.storage_path(res, run.root), res.train_workers)
+    shutil.rmtree(data)
+    return out
+
+
+def pretrain_stage(run, st, d: Path) -> dict:
+    from bliss_ray.stages import train_lm
+
+    exp, r = run.exp, st.round
+    _ray.ensure_ray(exp.resources)
+    data = _selected_array(run, r, d)
+    init = str(run.dir(f"r{r - 1}.pretrain") / "state") if r > 0 else None
+    spec = _train_spec(run, st, d, "pretrain", data, init, r * exp.pretrain.steps, r)
+    out = train_lm.run(spec, d, exp.resources, _ray.storage_path(exp.resources, run.root), exp.resources.train_workers)
+    shutil.rmtree(data)
+    return out | {"end_step": (r + 1) * exp.pretrain.steps, "tokens_per_step": exp.pretrain.global_batch_seqs
+                  * exp.data.seq_len}  # fmt: skip
+
+
+def bilevel_stage(run, st, d: Path) -> dict:
+    from bliss_ray.bilevel.loop import BilevelSettings
+    from bliss_ray.stages import bilevel
+
+    exp, r, b = run.exp, st.round, run.exp.bilevel
+    res = exp.resources
+    _ray.ensure_ray(res)
+    # only the rows the loop will visit: T·K(+1)·B_global, a seeded sample of the round's shard
+    per_step = b.inner_steps + (0 if b.reuse_inner_batch else 1)
+    need = b.outer_steps * per_step * b.micro_batch_seqs * res.bilevel_workers
+    shard_ids, _ = _pool_rows(run, _shard(run, r))
+    keep = np.random.default_rng([exp.seed, r]).choice(shard_ids, min(need, len(shard_ids)), replace=False)
+    train_dir = TokenArray.build(_pool_files(run), d / "train_data", keep_ids=keep) and d / "train_data"
+    settings = {k: v for k, v in b.model_dump().items() if k in BilevelSettings.__dataclass_fields__}
+    inherit = b.score_carry == "inherit" and r > 1
+    spec = bilevel.BilevelSpec(
+        stage=st.key, settings=settings, proxy_dir=str(run.dir("warmup") / "state" / "model"),
+        target_dir=str(run.dir(f"r{r - 1}.pretrain") / "state" / "model") if b.gamma > 0 else None,
+        score_dir=str(run.dir(f"r{r - 1}.bilevel") / "score_model") if inherit else None,
+        score_init=b.score_init, use_sigmoid=b.use_sigmoid, train_dir=str(train_dir),
+        reference_dir=str(run.dir("tokenize") / "reference" / "array"), seed=exp.seed, threads=1,
+        ckpt_every_steps=b.ckpt_every_steps,
+    )  # fmt: skip
+    out = bilevel.run(spec, d, res, _ray.storage_path(res, run.root), res.bilevel_workers)
+    shutil.rmtree(train_dir)
+    return out | {"train_rows": len(keep)}
+
+
+def score_stage(run, st, d: Path) -> dict:
+    from bliss_ray.stages.score import score_pool
+
+    _ray.ensure_ray(run.exp.resources)
+    r = st.round
+    if run.exp.selection.method == "mates":
+        model_dir, kind = run.dir(f"r{r}.influence") / "influence_model", "mates"
+    else:
+        model_dir, kind = run.dir(f"r{r}.bilevel") / "score_model", "bliss"
+    return score_pool(run.exp, model_dir, _pool_files(run), _shard(run, r), d, kind=kind)
+
+
+def evaluate_stage(run, st, d: Path) -> dict:
+    from bliss_ray.stages.evaluate import evaluate_checkpoints
+
+    _ray.ensure_ray(run.exp.resources)
+    return evaluate_checkpoints(run, st, d)
+
+
+def report_stage(run, st, d: Path) -> dict:
+    from bliss_ray.report.build import build_report
+
+    path = build_report([run.root], d)
+    return {"report": str(path)}
+
+
+def probe_stage(run, st, d: Path) -> dict:
+    from bliss_ray.stages.mates import probe_stage as probe
+
+    _ray.ensure_ray(run.exp.resources)
+    return probe(run, st, d)
+
+
+def influence_stage(run, st, d: Path) -> dict:
+    from bliss_ray.stages.mates import influence_stage as influence
+
+    _ray.ensure_ray(run.exp.resources)
+    return influence(run, st, d)
+
+
+RUNNERS = {
+    "tokenizer": tokenizer_stage,
+    "tokenize": tokenize_stage,
+    "select": select_stage,
+    "warmup": warmup_stage,
+    "pretrain": pretrain_stage,
+    "bilevel": bilevel_stage,
+    "score": score_stage,
+    "evaluate": evaluate_stage,
+    "report": report_stage,
+    "probe": probe_stage,
+    "influence": influence_stage,
+}
+
+
+def run_stage(run, st, d: Path) -> dict:
+    (d / "experiment.json").write_text(json.dumps(run.exp.model_dump(mode="json"), indent=2))
+    return RUNNERS[st.kind](run, st, d)

@@ -1,0 +1,196 @@
+"""Stages: proxy warm-up and target pretraining (one round), on Ray Train.
+
+Inputs: a materialised ``TokenArray`` of training rows, the tokenizer, and optionally the previous round's full
+training state. Outputs (in the stage directory): ``state/`` (HF model + optimizer + step: round r+1 continues
+from it), ``decay/`` (the decay-branch model that evaluation uses, when ``decay_steps`` > 0) and
+``metrics.jsonl``. The worker loop is ``bliss_ray.train.loop.train_lm``; this module only adapts Ray to it.
+
+Fault tolerance: rank 0 checkpoints every ``ckpt_every_steps``; a restarted worker group resumes from the last
+registered checkpoint (possibly older than the last reported one, ray.md §3.4 #1) and recomputes the batches of
+every later step, so the run ends at exactly ``end_step`` with every step's data seen once after the replay.
+
+    bliss-ray run experiments/demo.yaml --stage r0.pretrain
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer, prepare_model
+
+from bliss_ray.config import ResourcesConfig, TrainConfig
+from bliss_ray.data.tokenizer import load_tokenizer
+from bliss_ray.data.tokens import TokenArray, micro_batches
+from bliss_ray.models.lm import LMArch, build_lm, save_lm
+from bliss_ray.stages import _faults
+from bliss_ray.stages._ray import copy_checkpoint, gc_orphan_checkpoints, report, run_config, scaling_config
+from bliss_ray.stages._ray import torch_threads as threads_for
+from bliss_ray.train.checkpoint import load_train_state, read_metrics, save_train_state, write_metrics
+from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
+from bliss_ray.train.schedule import decay_lr, round_peak_lr, wsd_lr
+
+
+@dataclass
+class LMTrainSpec:
+    """Everything a worker needs (plain, picklable)."""
+
+    stage: str
+    arch: LMArch
+    seq_len: int
+    tokenizer_dir: str
+    data_dir: str
+    init_dir: str | None  # previous round's state/ (continue) or None (random init)
+    start_step: int  # global step at which this stage starts (round r·steps for the target)
+    train: dict  # TrainConfig fields
+    round_index: int
+    seed: int
+    threads: int
+
+
+def _worker(loop_config: dict) -> None:
+    spec: LMTrainSpec = loop_config["spec"]
+    t = TrainConfig(**spec.train)
+    torch.set_num_threads(spec.threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tokenizer = load_tokenizer(spec.tokenizer_dir)
+    tokens = TokenArray.open(spec.data_dir).tokens
+    end_step = spec.start_step + t.steps
+    peak = round_peak_lr(t.lr, t.lr_round_factor, spec.round_index)
+
+    # resume > continue from the previous round > random init
+    ckpt = ray.train.get_checkpoint()
+    source = None
+    if ckpt is not None:
+        source = ckpt.to_directory(tempfile.mkdtemp(prefix="resume_"))
+    elif spec.init_dir is not None:
+        source = spec.init_dir
+    if source is not None:
+        model, state = load_train_state(source)
+    else:
+        model, state = build_lm(spec.arch, spec.seq_len, seed=spec.seed, eos_token_id=tokenizer.eos_token_id), {}
+    resumed = ckpt is not None
+    step = int(state.get("step", spec.start_step)) if resumed else spec.start_step
+    phase = state.get("phase", "stable") if resumed else "stable"
+    history = read_metrics(Path(source) / "metrics.jsonl") if resumed else []
+    skipped = int(state.get("skipped", 0)) if resumed else 0
+
+    model = prepare_model(model)  # device move, DDP when world > 1
+    optimizer = make_optimizer(model, peak, t.betas, t.weight_decay)
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    loop = LoopSettings(spec.stage, t.grad_clip, t.ckpt_every_steps, t.nonfinite_policy, t.max_skipped_steps)
+
+    def batches_at(global_step: int) -> list[torch.Tensor]:
+        local = global_step - spec.start_step  # this stage's data stream starts at 0
+        _faults.maybe_kill(spec.stage, global_step, rank)
+        return micro_batches(tokens, local, t.global_batch_seqs, t.micro_batch_seqs, rank, world, spec.seed)
+
+    def log(m: dict) -> None:
+        if rank == 0:
+            history.append({"phase": phase, **m})
+
+    def save(next_step: int, n_skipped: int, extra_dirs: dict | None = None) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                save_train_state(
+                    d,
+                    model,
+                    optimizer,
+                    next_step,
+                    tokenizer=tokenizer,
+                    metrics=history,
+                    skipped=n_skipped,
+                    phase=phase,
+                )
+                for name, src in (extra_dirs or {}).items():
+                    shutil.copytree(src, Path(d) / name)
+            report(
+                {"step": next_step, "phase": phase, **(history[-1] if history else {})}, Path(d) if rank == 0 else None
+            )
+
+    if phase == "stable" and step < end_step:
+        skipped = train_lm(
+            model,
+            optimizer,
+            start_step=step,
+            end_step=end_step,
+            lr_at=lambda s: wsd_lr(s, peak, t.warmup_steps),
+            batches_at=batches_at,
+            cfg=loop,
+            log=log,
+            save=save,
+            skipped=skipped,
+            loss_hook=_faults.nonfinite_hook(spec.stage),
+        )
+    if t.decay_steps > 0:
+        # decay branch for evaluation: the stable state stays the checkpoint's model/ (next round continues
+        # from it); the decayed weights go to decay/. A failure here replays the branch from the stable end.
+        with tempfile.TemporaryDirectory() as keep:
+            if rank == 0:
+                save_lm(model, Path(keep) / "stable_model", tokenizer)
+                torch.save(optimizer.state_dict(), Path(keep) / "stable_optimizer.pt")
+            phase = "decay"
+            branch_lr = wsd_lr(end_step - 1, peak, t.warmup_steps)
+            train_lm(
+                model,
+                optimizer,
+                start_step=end_step,
+                end_step=end_step + t.decay_steps,
+                lr_at=lambda s: decay_lr(s - end_step, branch_lr, t.decay_steps),
+                batches_at=batches_at,
+                cfg=dataclasses.replace(loop, ckpt_every_steps=1 << 30),
+                log=log,
+                save=lambda *a: None,
+                loss_hook=_faults.nonfinite_hook(spec.stage),
+            )
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    save_lm(model, Path(d) / "decay", tokenizer)
+                    stable = torch.load(Path(keep) / "stable_optimizer.pt", weights_only=True)
+                    shutil.copytree(Path(keep) / "stable_model", Path(d) / "model")
+                    torch.save(
+                        {
+                            "optimizer": stable,
+                            "step": end_step,
+                            "rng": torch.get_rng_state(),
+                            "skipped": skipped,
+                            "phase": "done",
+                        },
+                        Path(d) / "train_state.pt",
+                    )
+                    write_metrics(Path(d) / "metrics.jsonl", history)
+                report({"step": end_step, "phase": "done"}, Path(d) if rank == 0 else None)
+
+
+def run(spec: LMTrainSpec, out_dir: Path, res: ResourcesConfig, storage: str, workers: int) -> dict:
+    """Run the stage on Ray Train and copy the final checkpoint to ``out_dir`` (state/, decay/, metrics.jsonl)."""
+    spec = dataclasses.replace(spec, threads=threads_for(res, workers))
+    name = f"{out_dir.name}"
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"spec": spec},
+        scaling_config=scaling_config(res, workers),
+        run_config=run_config(name, storage, res),
+    )
+    result = trainer.fit()
+    gc_orphan_checkpoints(storage, name)
+    tmp = out_dir / "_final"
+    copy_checkpoint(result, tmp)
+    state = out_dir / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    for item in ("model", "train_state.pt"):
+        shutil.move(str(tmp / item), str(state / item))
+    if (tmp / "decay").exists():
+        shutil.rmtree(out_dir / "decay", ignore_errors=True)
+        shutil.move(str(tmp / "decay"), str(out_dir / "decay"))
+    shutil.move(str(tmp / "metrics.jsonl"), str(out_dir / "metrics.jsonl"))
+    shutil.rmtree(tmp)
+    return {"final_step": result.metrics.get("step"), "train_run": result.path}

@@ -1,0 +1,124 @@
+"""The one LM training loop, shared by proxy warm-up and target pretraining (pure PyTorch; Ray Train wraps it).
+
+Each optimizer step takes this rank's micro-batches of the step (``batches_at(step)``), accumulates gradients
+with DDP's ``no_sync`` on all but the last micro-batch (one all-reduce per step), clips the global grad norm,
+checks that loss and grad norm are finite on every rank, and steps AdamW. ``log`` receives per-step metrics;
+``save`` is called every ``ckpt_every_steps`` and at the end, never after a non-finite step.
+
+    train_lm(model, opt, start_step=0, end_step=100, lr_at=lambda s: 1e-3, batches_at=..., cfg=LoopSettings("warmup"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bliss_ray.train import dist
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A non-finite loss or gradient; the message names the stage and step."""
+
+
+@dataclass
+class LoopSettings:
+    stage: str
+    grad_clip: float = 1.0
+    ckpt_every_steps: int = 50
+    nonfinite_policy: str = "fail"  # or "skip_batch"
+    max_skipped_steps: int = 3
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over all parameters (as lit-gpt/MATES), fused kernels on GPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
+
+
+def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of packed rows (no padding: every position is a real token)."""
+    return model(input_ids=input_ids, labels=input_ids).loss  # HF shifts labels and upcasts logits to fp32
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast with fp32 master weights on GPU; plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_lm(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    start_step: int,
+    end_step: int,
+    lr_at: Callable[[int], float],
+    batches_at: Callable[[int], list[torch.Tensor]],
+    cfg: LoopSettings,
+    log: Callable[[dict], None] = lambda m: None,
+    save: Callable[[int, int], None] = lambda step, skipped: None,
+    skipped: int = 0,
+    loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> int:
+    """Train steps [start_step, end_step). Returns the number of skipped (non-finite) steps so far.
+
+    ``save(next_step, skipped)`` must persist everything needed to resume at ``next_step``."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    for step in range(start_step, end_step):
+        t0 = time.perf_counter()
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = batches_at(step)
+        loss_sum = torch.zeros((), device=device)
+        n_tokens = 0
+        for i, input_ids in enumerate(micro):
+            input_ids = input_ids.to(device, non_blocking=True)
+            sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync(), autocast_for(device):
+                loss = lm_loss(model, input_ids)
+                if loss_hook is not None:
+                    loss = loss_hook(step, loss)
+            (loss / len(micro)).backward()
+            loss_sum += loss.detach().float()
+            n_tokens += input_ids.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        nonfinite = not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
+        if dist.any_true(nonfinite, device):
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            if cfg.nonfinite_policy == "fail" or skipped > cfg.max_skipped_steps:
+                raise NonFiniteLossError(
+                    f"stage '{cfg.stage}': non-finite loss or gradient at step {step + 1} "
+                    f"(loss={loss_sum.item() / len(micro):.4g}, grad_norm={grad_norm.item():.4g}); "
+                    f"policy={cfg.nonfinite_policy}, skipped so far={skipped}"
+                )
+            log({"step": step + 1, "skipped_step": 1, "lr": lr})
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats = torch.stack([loss_sum / len(micro), torch.tensor(float(n_tokens), device=device)])
+        dist.all_reduce_sum_(stats)  # sum of per-rank mean losses, total tokens of the step
+        world = dist.world_size()
+        step_s = time.perf_counter() - t0
+        log(
+            {
+                "step": step + 1,
+                "loss": stats[0].item() / world,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens_per_s": stats[1].item() / step_s,
+                "tokens_seen": stats[1].item() * (step + 1),
+                "step_s": step_s,
+            }
+        )
+        if (step + 1) % cfg.ckpt_every_steps == 0 or step + 1 == end_step:
+            save(step + 1, skipped)
+    return skipped
