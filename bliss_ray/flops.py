@@ -76,14 +76,24 @@ def ledger(exp, convention: str = "paper", pool_rows_per_round: int | None = Non
 
     tr_tokens = lambda t: t.steps * t.global_batch_seqs * L  # noqa: E731
     rows = [
-        Row("pretraining", "target pretraining", 3 * fwd(target) * tr_tokens(exp.pretrain) * (R + 1),
-            f"{R + 1} rounds × {exp.pretrain.steps} steps × {exp.pretrain.global_batch_seqs}×{L} tokens"),
-    ]  # fmt: skip
+        Row(
+            "pretraining",
+            "target pretraining",
+            3 * fwd(target) * tr_tokens(exp.pretrain) * (R + 1),
+            f"{R + 1} rounds × {exp.pretrain.steps} steps × {exp.pretrain.global_batch_seqs}×{L} tokens",
+        ),
+    ]
     method = exp.selection.method
     pool_rows = pool_rows_per_round or exp.flops.pool_rows_per_round
     if method in ("bliss", "random"):
-        rows.append(Row("warm-up", "proxy warm-up", 3 * fwd(proxy) * tr_tokens(exp.warmup),
-                        f"{exp.warmup.steps} steps × {exp.warmup.global_batch_seqs}×{L} tokens"))  # fmt: skip
+        rows.append(
+            Row(
+                "warm-up",
+                "proxy warm-up",
+                3 * fwd(proxy) * tr_tokens(exp.warmup),
+                f"{exp.warmup.steps} steps × {exp.warmup.global_batch_seqs}×{L} tokens",
+            )
+        )
     if method == "bliss":
         b = exp.bilevel
         f_p, f_s = fwd(proxy), fwd(proxy, head=False)
@@ -93,8 +103,12 @@ def ledger(exp, convention: str = "paper", pool_rows_per_round: int | None = Non
             b.inner_steps * (3 * f_p + f_tr + f_s)
             + 3 * f_p * b.reference_batch_seqs / b.micro_batch_seqs  # ∇f on the reference batch
             + (0 if b.reuse_inner_batch else f_tr)
-            + f_s + 3 * f_p + 4 * b.z_steps * f_p + 3 * f_p + 2 * f_s
-        )  # fmt: skip
+            + f_s
+            + 3 * f_p
+            + 4 * b.z_steps * f_p
+            + 3 * f_p
+            + 2 * f_s
+        )
         rows.append(
             Row(
                 "selection",
@@ -120,11 +134,23 @@ def ledger(exp, convention: str = "paper", pool_rows_per_round: int | None = Non
         f_b = forward_flops_per_token(bert, L, head=False, convention=convention)
         probe = 3 * fwd(target) * L + fwd(target) * m.reference_seqs * L  # one step on {x} + reference loss
         rows.append(Row("selection", "oracle probing", probe * m.probes * R, f"{R} rounds × {m.probes} probes"))
-        rows.append(Row("selection", "influence-model training", 3 * f_b * L * m.probes * 0.9 * m.influence_epochs * R,
-                        f"{m.influence_epochs} epochs over 90 % of the probes"))  # fmt: skip
+        rows.append(
+            Row(
+                "selection",
+                "influence-model training",
+                3 * f_b * L * m.probes * 0.9 * m.influence_epochs * R,
+                f"{m.influence_epochs} epochs over 90 % of the probes",
+            )
+        )
         if pool_rows:
-            rows.append(Row("selection", "influence-model inference", f_b * pool_rows * L * R,
-                            f"{R} rounds × {pool_rows:,} rows"))  # fmt: skip
+            rows.append(
+                Row(
+                    "selection",
+                    "influence-model inference",
+                    f_b * pool_rows * L * R,
+                    f"{R} rounds × {pool_rows:,} rows",
+                )
+            )
     if exp.pretrain.decay_steps:
         rows.append(
             Row(
@@ -146,10 +172,17 @@ def totals(rows: list[Row]) -> dict[str, float]:
     return out
 
 
-def format_ledger(rows: list[Row], convention: str = "paper", unit: float = 1e19) -> str:
+def unit_of(total: float) -> int:
+    """The power of ten to print FLOPs in: 19 for paper-scale runs (as Table 1), smaller for demos."""
+    return 19 if total >= 1e18 else math.floor(math.log10(max(total, 1.0)))
+
+
+def format_ledger(rows: list[Row], convention: str = "paper") -> str:
     total = totals(rows)["total"]
+    exponent = unit_of(total)
+    unit = 10.0**exponent
     lines = [
-        f"FLOPs ({convention} convention, ×1e{len(str(int(unit))) - 1})",
+        f"FLOPs ({convention} convention, ×1e{exponent})",
         "",
         f"| {'process':<28} | {'FLOPs':>10} | {'share':>7} | detail |",
         f"|{'-' * 30}|{'-' * 12}|{'-' * 9}|---|",

@@ -73,9 +73,14 @@ def plan(exp: Experiment) -> list[Stage]:
             select_deps = ("tokenize",)
         st += [
             Stage(f"r{r}.select", "select", r, select_deps, ("selection", "mates.temperature", "schedule", "seed")),
-            Stage(f"r{r}.pretrain", "pretrain", r, ("tokenizer", f"r{r}.select", prev),
-                  ("models.target", "pretrain", "seed")),
-        ]  # fmt: skip
+            Stage(
+                f"r{r}.pretrain",
+                "pretrain",
+                r,
+                ("tokenizer", f"r{r}.select", prev),
+                ("models.target", "pretrain", "seed"),
+            ),
+        ]
     pretrains = tuple(s.key for s in st if s.kind == "pretrain")
     st += [
         Stage("evaluate", "evaluate", None, pretrains, ("eval",)),
@@ -151,8 +156,12 @@ class Run:
                 continue
             log.info("run  %-14s → %s", st.key, d)
             d.mkdir(parents=True, exist_ok=True)
-            config = {"stage": st.key, "identity": self.ids[st.key], "deps": {k: self.ids[k] for k in st.deps},
-                      "settings": {s: _section(self.exp, s) for s in st.settings}}  # fmt: skip
+            config = {
+                "stage": st.key,
+                "identity": self.ids[st.key],
+                "deps": {k: self.ids[k] for k in st.deps},
+                "settings": {s: _section(self.exp, s) for s in st.settings},
+            }
             (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
             t0 = time.perf_counter()
             out = runner(self, st, d)

@@ -45,8 +45,9 @@ class Scorer:
     ):
         if threads:
             torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)  # fmt: skip
+        self.device = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+        )
         self.kind = kind
         if kind == "bliss":
             self.model = ScoreModel.load(model_dir)

@@ -56,8 +56,9 @@ def resolve_files(patterns: list[str]) -> list[str]:
     """Expand ``bundled:NAME``, directories and globs into a sorted, de-duplicated list of file URIs/paths."""
     out: list[str] = []
     for pat in patterns:
-        if pat.startswith("bundled:"):
-            pat = str(REPO_ROOT / BUNDLED[pat.split(":", 1)[1]])
+        if pat.startswith("bundled:"):  # bundled:pool, bundled:reference, or bundled:<file glob> in data/corpus
+            name = pat.split(":", 1)[1]
+            pat = str(REPO_ROOT / BUNDLED.get(name, f"data/corpus/{name}.parquet"))
         fs, path = filesystem(pat)
         scheme = pat.split("://", 1)[0] + "://" if pat.startswith(REMOTE_SCHEMES) else ""
         if any(ch in path for ch in "*?["):
@@ -130,6 +131,10 @@ def _decode_text(value) -> tuple[str | None, str | None]:
         return None, f"text has type {type(value).__name__}"
     if "\ufffd" in value:  # Arrow readers replace invalid UTF-8 with U+FFFD: junk bytes in the source
         return None, "invalid utf-8"
+    try:
+        value.encode("utf-8")  # JSON "\ud800" escapes decode to lone surrogates that no tokenizer can encode
+    except UnicodeEncodeError:
+        return None, "invalid utf-8 (lone surrogate)"
     if not value.strip():
         return None, "empty text"
     return value, None

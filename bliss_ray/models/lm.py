@@ -70,10 +70,10 @@ _PYTHIA = {
     "pythia-tiny-proxy": (2, 64, 4),
     "pythia-micro": (1, 32, 2),
 }
-# LLaMA-style presets (RMSNorm, SwiGLU, full rotary, sequential residual). "llama-0.5b" follows the common
-# 0.5B shape (24 × 1024, d_ff 2816 ≈ 8/3·d rounded to 128·k); the paper's exact LLaMA-0.5B config is unpublished.
+# LLaMA-style presets (RMSNorm, SwiGLU, full rotary, sequential residual). The paper's LLaMA-0.5B config is
+# unpublished; "llama-0.5b" is 24 × 1152 with d_ff 3072 (≈ 8/3·d), 0.50 B parameters with a 50304 vocabulary.
 _LLAMA = {
-    "llama-0.5b": (24, 1024, 16, 2816),
+    "llama-0.5b": (24, 1152, 18, 3072),
     "llama-tiny": (2, 128, 4, 352),
 }
 PRESETS: dict[str, LMArch] = {

@@ -57,8 +57,10 @@ def speedups(variants: list[Variant], metric: str, higher_is_better: bool) -> li
             if s is None:
                 lines.append(f"- {v.label} does not reach {base.label}'s final {metric} ({shown}).")
             else:
-                lines.append(f"- {v.label} reaches {base.label}'s final {metric} ({shown}, at {b[-1]['steps']} steps) "
-                             f"at {s:.0f} steps: **{b[-1]['steps'] / s:.2f}×**.")  # fmt: skip
+                lines.append(
+                    f"- {v.label} reaches {base.label}'s final {metric} ({shown}, at {b[-1]['steps']} steps) "
+                    f"at {s:.0f} steps: **{b[-1]['steps'] / s:.2f}×**."
+                )
     return lines
 
 
@@ -91,30 +93,42 @@ def _rounds_table(variants: list[Variant]) -> list[str]:
     lines = ["| variant | round | target steps | tokens | paper avg | reference loss |", "|---|---|---|---|---|---|"]
     for v in variants:
         for c in v.checkpoints():
-            lines.append(f"| {v.label} | {c['round']} | {c['steps']} | {c['tokens']:,} | "
-                         f"{_fmt(c.get('paper_average'), 100)} | {_fmt(c['reference_loss'], 1, 4)} |")  # fmt: skip
+            lines.append(
+                f"| {v.label} | {c['round']} | {c['steps']} | {c['tokens']:,} | "
+                f"{_fmt(c.get('paper_average'), 100)} | {_fmt(c['reference_loss'], 1, 4)} |"
+            )
     return lines
 
 
 def _selection_tables(variants: list[Variant]) -> list[str]:
-    lines = ["| variant | round | method | pool | selected | threshold | top domains (selected share vs pool) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| variant | round | method | pool | selected | threshold | top domains (selected share vs pool) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in variants:
         for r, s in v.selections().items():
             m = s["manifest"]
             share = m.get("domain_share", {})
             top = sorted(share.items(), key=lambda kv: -kv[1]["selected"])[:3]
             shown = ", ".join(f"{d} {100 * x['selected']:.0f}% vs {100 * x['pool']:.0f}%" for d, x in top)
-            lines.append(f"| {v.label} | {r} | {m['method']} | {m['pool_size']:,} | {m['selected']:,} | "
-                         f"{_fmt(m.get('threshold'), 1, 3)} | {shown} |")  # fmt: skip
+            lines.append(
+                f"| {v.label} | {r} | {m['method']} | {m['pool_size']:,} | {m['selected']:,} | "
+                f"{_fmt(m.get('threshold'), 1, 3)} | {shown} |"
+            )
     pairs = []
     for a, b in combinations(variants, 2):
         sa, sb = a.selections(), b.selections()
         for r in sorted(set(sa) & set(sb)):
             pairs.append(f"| {a.label} | {b.label} | {r} | {jaccard(sa[r]['ids'], sb[r]['ids']):.3f} |")
     if pairs:
-        lines += ["", "Overlap of selections (Jaccard of selected row ids):", "",
-                  "| variant A | variant B | round | Jaccard |", "|---|---|---|---|", *pairs]  # fmt: skip
+        lines += [
+            "",
+            "Overlap of selections (Jaccard of selected row ids):",
+            "",
+            "| variant A | variant B | round | Jaccard |",
+            "|---|---|---|---|",
+            *pairs,
+        ]
     return lines
 
 
@@ -124,12 +138,24 @@ def build_report(roots: list[Path], out: Path) -> Path:
     variants = find_variants([Path(r) for r in roots])
     if not variants:
         raise FileNotFoundError(f"no finished runs (evaluate-*/_SUCCESS) under {', '.join(map(str, roots))}")
-    md = ["# BLISS report", "", f"Variants: {', '.join(v.label for v in variants)} — from "
-          f"{', '.join(sorted({str(v.root) for v in variants}))}.", ""]  # fmt: skip
+    md = [
+        "# BLISS report",
+        "",
+        f"Variants: {', '.join(v.label for v in variants)} — from "
+        f"{', '.join(sorted({str(v.root) for v in variants}))}.",
+        "",
+    ]
     first = next((v for v in variants if v.method == "bliss"), variants[0])
     rows, _ = _variant_flops(first)
-    md += ["## FLOPs (Table 1 style)", "", f"Ledger of **{first.label}** (pool rows per round from its scoring "
-           "stage; `bliss-ray flops CONFIG` prints it for any config):", "", format_ledger(rows), ""]  # fmt: skip
+    md += [
+        "## FLOPs (Table 1 style)",
+        "",
+        f"Ledger of **{first.label}** (pool rows per round from its scoring "
+        "stage; `bliss-ray flops CONFIG` prints it for any config):",
+        "",
+        format_ledger(rows),
+        "",
+    ]
     md += [
         "## Downstream results of the final checkpoints (Tables 2–4 style)",
         "",

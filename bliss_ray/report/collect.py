@@ -57,8 +57,11 @@ class Variant:
         return out
 
     def pool_rows_per_round(self) -> int | None:
-        rows = [json.loads((d / "outputs.json").read_text()).get("rows_in") for r in range(1, 99)
-                if (d := self.stage_dir(f"r{r}.score")) is not None]  # fmt: skip
+        rows = [
+            json.loads((d / "outputs.json").read_text()).get("rows_in")
+            for r in range(1, 99)
+            if (d := self.stage_dir(f"r{r}.score")) is not None
+        ]
         rows = [x for x in rows if x]
         return int(np.mean(rows)) if rows else None
 

@@ -90,8 +90,12 @@ def score_histograms(variants: list[Variant], path: Path) -> Path | None:
 
 
 def domain_shares(variants: list[Variant], path: Path) -> Path | None:
-    rows = [(v, r, s["manifest"]["domain_share"]) for v in variants for r, s in v.selections().items()
-            if r > 0 and "domain_share" in s["manifest"]]  # fmt: skip
+    rows = [
+        (v, r, s["manifest"]["domain_share"])
+        for v in variants
+        for r, s in v.selections().items()
+        if r > 0 and "domain_share" in s["manifest"]
+    ]
     if not rows:
         return None
     domains = sorted({d for _, _, share in rows for d in share})
@@ -99,11 +103,20 @@ def domain_shares(variants: list[Variant], path: Path) -> Path | None:
     width = 0.8 / (len(rows) + 1)
     fig, ax = plt.subplots(figsize=(max(7, 1.4 * len(domains)), 4))
     pool = rows[0][2]
-    ax.bar(x - 0.4 + width / 2, [100 * pool.get(d, {}).get("pool", 0) for d in domains], width, label="pool",
-           color="lightgray")  # fmt: skip
+    ax.bar(
+        x - 0.4 + width / 2,
+        [100 * pool.get(d, {}).get("pool", 0) for d in domains],
+        width,
+        label="pool",
+        color="lightgray",
+    )
     for i, (v, r, share) in enumerate(rows, start=1):
-        ax.bar(x - 0.4 + width * (i + 0.5), [100 * share.get(d, {}).get("selected", 0) for d in domains], width,
-               label=f"{v.label}, round {r}")  # fmt: skip
+        ax.bar(
+            x - 0.4 + width * (i + 0.5),
+            [100 * share.get(d, {}).get("selected", 0) for d in domains],
+            width,
+            label=f"{v.label}, round {r}",
+        )
     ax.set_xticks(x, domains, rotation=20)
     ax.set_ylabel("share of rows (%)")
     ax.set_title("per-domain share: pool vs selections")

@@ -91,8 +91,9 @@ def _worker(loop_config: dict) -> None:
     elif spec.score_dir:
         score = ScoreModel.load(spec.score_dir)  # inherit the previous round's score model
     else:
-        score = ScoreModel.from_proxy(proxy, spec.use_sigmoid, copy_trunk=spec.score_init == "proxy_warmup",
-                                      seed=spec.seed)  # fmt: skip
+        score = ScoreModel.from_proxy(
+            proxy, spec.use_sigmoid, copy_trunk=spec.score_init == "proxy_warmup", seed=spec.seed
+        )
     target = load_lm(spec.target_dir) if spec.target_dir and s.gamma > 0 else None
     proxy.to(device).train()
     score.to(device).train()
@@ -122,8 +123,15 @@ def _worker(loop_config: dict) -> None:
                 _save(st, Path(d))
             report({"step": st.step, **st.metrics[-1]}, Path(d) if rank == 0 else None)
 
-    run_bilevel(state, s, train_batch_at, ref_batch_at, end_step=s.outer_steps, save=save,
-                ckpt_every_steps=spec.ckpt_every_steps)  # fmt: skip
+    run_bilevel(
+        state,
+        s,
+        train_batch_at,
+        ref_batch_at,
+        end_step=s.outer_steps,
+        save=save,
+        ckpt_every_steps=spec.ckpt_every_steps,
+    )
 
 
 def run(spec: BilevelSpec, out_dir: Path, res: ResourcesConfig, storage: str, workers: int) -> dict:

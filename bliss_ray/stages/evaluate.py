@@ -38,15 +38,32 @@ def reference_loss(model_dir: str, reference_dir: str, batch_seqs: int = 16) -> 
     return float(torch.cat(losses).mean())
 
 
-def _evaluate(model_dir: str, reference_dir: str, tasks: list[str], limit, batch_size: int, bootstrap: int,
-              threads: int, device: str) -> dict:  # fmt: skip
-    os.environ.update(QUIET_ENV | {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                   "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")})  # fmt: skip
+def _evaluate(
+    model_dir: str,
+    reference_dir: str,
+    tasks: list[str],
+    limit,
+    batch_size: int,
+    bootstrap: int,
+    threads: int,
+    device: str,
+) -> dict:
+    os.environ.update(
+        QUIET_ENV
+        | {
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
+            # lm-eval's bootstrap forks a multiprocessing pool: in a threaded Ray worker
+            # that can deadlock (observed); one process is enough for our resamples
+            "DISABLE_MULTIPROC": "1",
+        }
+    )
     torch.set_num_threads(threads)
     from bliss_ray.evaluation.harness import evaluate_checkpoint
 
-    out = evaluate_checkpoint(model_dir, tasks, limit=limit, batch_size=batch_size, device=device,
-                              bootstrap_iters=bootstrap)  # fmt: skip
+    out = evaluate_checkpoint(
+        model_dir, tasks, limit=limit, batch_size=batch_size, device=device, bootstrap_iters=bootstrap
+    )
     out["reference_loss"] = reference_loss(model_dir, reference_dir)
     return out
 
@@ -62,8 +79,15 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
         stage_dir = run.dir(key)
         model_dir = stage_dir / "decay" if (stage_dir / "decay").exists() else stage_dir / "state" / "model"
         out = run.outputs(key)
-        rows.append({"stage": key, "round": out["round"], "model_dir": str(model_dir), "steps": out["end_step"],
-                     "tokens": out["end_step"] * out["tokens_per_step"]})  # fmt: skip
+        rows.append(
+            {
+                "stage": key,
+                "round": out["round"],
+                "model_dir": str(model_dir),
+                "steps": out["end_step"],
+                "tokens": out["end_step"] * out["tokens_per_step"],
+            }
+        )
         refs.append(
             task.remote(
                 str(model_dir),
@@ -80,9 +104,15 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
     for row, result in zip(rows, ray.get(refs), strict=True):
         write_json(d / "results" / f"{row['stage']}.json", result)
         avg = result.get("paper_average") or {}
-        row |= {"paper_average": avg.get("value"), "paper_average_n_tasks": avg.get("n_tasks"),
-                "reference_loss": result["reference_loss"], "lm_eval_version": result.get("lm_eval_version"),
-                "tasks": {t: {"value": v["value"], "stderr": v["stderr"], "metric": v["metric"], "n": v["n"]}
-                          for t, v in result["tasks"].items()}}  # fmt: skip
+        row |= {
+            "paper_average": avg.get("value"),
+            "paper_average_n_tasks": avg.get("n_tasks"),
+            "reference_loss": result["reference_loss"],
+            "lm_eval_version": result.get("lm_eval_version"),
+            "tasks": {
+                t: {"value": v["value"], "stderr": v["stderr"], "metric": v["metric"], "n": v["n"]}
+                for t, v in result["tasks"].items()
+            },
+        }
     stage_dirs = {s.key: run.dir(s.key).name for s in run.stages}  # lets reports find this variant's stages
     return {"checkpoints": rows, "tasks": e.tasks, "limit": e.limit, "stage_dirs": stage_dirs}

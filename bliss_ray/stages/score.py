@@ -69,9 +69,13 @@ class _RayScorer(Scorer):
 
 
 def score_pool(
-    exp: Experiment, model_dir: Path, pool_files: list[str], shard: tuple[int, int] | None, out_dir: Path,
+    exp: Experiment,
+    model_dir: Path,
+    pool_files: list[str],
+    shard: tuple[int, int] | None,
+    out_dir: Path,
     kind: str = "bliss",
-) -> dict:  # fmt: skip
+) -> dict:
     res = exp.resources
     scores_dir, done_dir, census = out_dir / "scores", out_dir / "_done", out_dir / "_actors"
     for d in (scores_dir, done_dir, census):
@@ -95,7 +99,7 @@ def score_pool(
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = ray.data.read_parquet(todo, columns=["row_id", "input_ids"], include_paths=True)
         ds = ds.repartition(max(hi, 2) * 2)  # small inputs arrive as one block: give every actor work
-        ds = ds.map_batches(_keep_shard, fn_kwargs={"shard": shard}, batch_format="numpy", num_cpus=0.1)  # fmt: skip
+        ds = ds.map_batches(_keep_shard, fn_kwargs={"shard": shard}, batch_format="numpy", num_cpus=0.1)
         ds = ds.map_batches(
             _RayScorer,
             fn_constructor_kwargs={
@@ -105,7 +109,7 @@ def score_pool(
                 "batch_seqs": exp.score.batch_seqs,
                 "dtype": exp.score.dtype,
                 "threads": None if gpu else max(1, int(res.data_actor_cpus * 2)),
-            },  # fmt: skip
+            },
             batch_size=exp.score.batch_seqs * 4,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),

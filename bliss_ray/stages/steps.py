@@ -47,8 +47,9 @@ def tokenizer_stage(run, st, d: Path) -> dict:
         tok = load_tokenizer(exp.tokenizer.name_or_path)
     else:
         files = resolve_files(exp.data.pool)
-        tok = train_bpe(iter_texts(files, exp.data.pool_format, exp.data, exp.tokenizer.train_max_chars),
-                        exp.tokenizer.vocab_size)  # fmt: skip
+        tok = train_bpe(
+            iter_texts(files, exp.data.pool_format, exp.data, exp.tokenizer.train_max_chars), exp.tokenizer.vocab_size
+        )
     tok.save_pretrained(str(d / "tokenizer"))
     return {"vocab_size": len(tok), "kind": exp.tokenizer.kind}
 
@@ -94,8 +95,17 @@ def select_stage(run, st, d: Path) -> dict:
     seed = exp.selection.seed + 1000 * r  # a different random draw each round
     chosen = select(row_ids, values, k, rule, seed=seed, temperature=tau)
     pq.write_table(pa.table({"row_id": pa.array(chosen, pa.int64())}), d / "selected.parquet")
-    m = manifest(row_ids, values, chosen, domains, method=rule, seed=seed, temperature=tau,
-                 keep_frac=exp.selection.keep_frac, round=r)  # fmt: skip
+    m = manifest(
+        row_ids,
+        values,
+        chosen,
+        domains,
+        method=rule,
+        seed=seed,
+        temperature=tau,
+        keep_frac=exp.selection.keep_frac,
+        round=r,
+    )
     _ray.write_json(d / "manifest.json", m)
     return {"selected": len(chosen), "pool_size": len(row_ids), "method": rule}
 
@@ -113,11 +123,18 @@ def _train_spec(run, st, d: Path, which: str, data_dir: Path, init_dir, start_st
     model = getattr(exp.models, "proxy" if which == "warmup" else "target")
     train = getattr(exp, which)
     return LMTrainSpec(
-        stage=st.key, arch=arch_from_preset(model.arch, _vocab(run, "proxy" if which == "warmup" else "target")),
-        seq_len=exp.data.seq_len, tokenizer_dir=str(run.dir("tokenizer") / "tokenizer"), data_dir=str(data_dir),
-        init_dir=init_dir, start_step=start_step, train=train.model_dump(), round_index=round_index,
-        seed=exp.seed, threads=1,
-    )  # fmt: skip
+        stage=st.key,
+        arch=arch_from_preset(model.arch, _vocab(run, "proxy" if which == "warmup" else "target")),
+        seq_len=exp.data.seq_len,
+        tokenizer_dir=str(run.dir("tokenizer") / "tokenizer"),
+        data_dir=str(data_dir),
+        init_dir=init_dir,
+        start_step=start_step,
+        train=train.model_dump(),
+        round_index=round_index,
+        seed=exp.seed,
+        threads=1,
+    )
 
 
 def warmup_stage(run, st, d: Path) -> dict:
@@ -143,8 +160,10 @@ def pretrain_stage(run, st, d: Path) -> dict:
     spec = _train_spec(run, st, d, "pretrain", data, init, r * exp.pretrain.steps, r)
     out = train_lm.run(spec, d, exp.resources, _ray.storage_path(exp.resources, run.root), exp.resources.train_workers)
     shutil.rmtree(data)
-    return out | {"end_step": (r + 1) * exp.pretrain.steps, "tokens_per_step": exp.pretrain.global_batch_seqs
-                  * exp.data.seq_len}  # fmt: skip
+    return out | {
+        "end_step": (r + 1) * exp.pretrain.steps,
+        "tokens_per_step": exp.pretrain.global_batch_seqs * exp.data.seq_len,
+    }
 
 
 def bilevel_stage(run, st, d: Path) -> dict:
@@ -163,13 +182,19 @@ def bilevel_stage(run, st, d: Path) -> dict:
     settings = {k: v for k, v in b.model_dump().items() if k in BilevelSettings.__dataclass_fields__}
     inherit = b.score_carry == "inherit" and r > 1
     spec = bilevel.BilevelSpec(
-        stage=st.key, settings=settings, proxy_dir=str(run.dir("warmup") / "state" / "model"),
+        stage=st.key,
+        settings=settings,
+        proxy_dir=str(run.dir("warmup") / "state" / "model"),
         target_dir=str(run.dir(f"r{r - 1}.pretrain") / "state" / "model") if b.gamma > 0 else None,
         score_dir=str(run.dir(f"r{r - 1}.bilevel") / "score_model") if inherit else None,
-        score_init=b.score_init, use_sigmoid=b.use_sigmoid, train_dir=str(train_dir),
-        reference_dir=str(run.dir("tokenize") / "reference" / "array"), seed=exp.seed, threads=1,
+        score_init=b.score_init,
+        use_sigmoid=b.use_sigmoid,
+        train_dir=str(train_dir),
+        reference_dir=str(run.dir("tokenize") / "reference" / "array"),
+        seed=exp.seed,
+        threads=1,
         ckpt_every_steps=b.ckpt_every_steps,
-    )  # fmt: skip
+    )
     out = bilevel.run(spec, d, res, _ray.storage_path(res, run.root), res.bilevel_workers)
     shutil.rmtree(train_dir)
     return out | {"train_rows": len(keep)}

@@ -1,0 +1,144 @@
+"""The whole pipeline on a local Ray (experiments/tiny.yaml): every stage, idempotent reruns, exact
+invalidation, the random baseline sharing round 0, the report, and the stock lm-eval CLI on a checkpoint.
+
+    .venv/bin/python -m pytest tests/test_pipeline.py -q
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bliss_ray.pipeline import Run
+from tests.conftest import REPO, load_tiny
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def test_every_stage_finishes_with_its_outputs(tiny_run):
+    run, results = tiny_run
+    assert all(run.done(s.key) for s in run.stages)
+    tok = results["tokenize"]
+    assert tok["rows_in"] == tok["docs_packed"] + tok["rows_quarantined"] and tok["seqs"] > 1000
+    assert (
+        results["r1.score"]["rows_in"] == results["r1.score"]["rows_scored"] + results["r1.score"]["rows_quarantined"]
+    )
+    sel = json.loads((run.dir("r1.select") / "manifest.json").read_text())
+    assert sel["method"] == "topk" and sel["selected"] == int(sel["pool_size"] * 0.2)
+    metrics = [json.loads(x) for x in (run.dir("r1.bilevel") / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert {"lower_loss", "kl", "upper_loss", "hypergrad_norm", "weight_entropy"} <= set(metrics[0])
+    ev = results["evaluate"]["checkpoints"]
+    assert [c["steps"] for c in ev] == [6, 12] and ev[-1]["lm_eval_version"].startswith("0.4")
+    assert set(ev[-1]["tasks"]) == {"bliss_ref_cloze", "sciq_local"}
+
+
+def test_checkpoints_load_with_stock_transformers(tiny_run):
+    run, _ = tiny_run
+    for sub in ("decay", "state/model"):
+        d = run.dir("r1.pretrain") / sub
+        model = AutoModelForCausalLM.from_pretrained(d)
+        tok = AutoTokenizer.from_pretrained(d)
+        ids = tok("It was a truth universally acknowledged", return_tensors="pt")["input_ids"]
+        assert torch.isfinite(model(ids).logits).all()
+    state = torch.load(run.dir("r1.pretrain") / "state" / "train_state.pt", weights_only=True)
+    assert state["step"] == 12  # round 1 ends at 2 × 6 steps; the next round continues from here
+
+
+def test_rerun_is_a_noop(tiny_run):
+    run, _ = tiny_run
+
+    def must_not_run(*args):
+        raise AssertionError(f"stage {args[1].key} ran again")
+
+    t0 = time.perf_counter()
+    Run(load_tiny(), run.root.parent).execute(runner=must_not_run)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_changing_one_setting_reruns_only_what_depends_on_it(tiny_run):
+    run, _ = tiny_run
+
+    def pending(**overrides):
+        r = Run(load_tiny(**overrides), run.root.parent)
+        return [s.key for s in r.stages if not r.done(s.key)]
+
+    assert pending(**{"eval.limit": 10}) == ["evaluate", "report"]
+    assert pending(**{"bilevel.score_lr": 3e-3}) == [
+        "r1.bilevel",
+        "r1.score",
+        "r1.select",
+        "r1.pretrain",
+        "evaluate",
+        "report",
+    ]
+    assert pending(**{"resources.train_workers": 2}) == []  # resources never change results
+    assert pending(**{"pretrain.lr": 1e-3})[0] == "r0.pretrain"
+
+
+def test_random_baseline_shares_round_zero_and_the_report_compares(tiny_run, tmp_path):
+    run, _ = tiny_run
+    ran = []
+
+    def counting(r, st, d):
+        from bliss_ray.stages.steps import run_stage
+
+        ran.append(st.key)
+        return run_stage(r, st, d)
+
+    Run(load_tiny(**{"selection.method": "random"}), run.root.parent).execute(runner=counting)
+    assert ran == ["r1.select", "r1.pretrain", "evaluate", "report"]  # tokenize, warm-up and round 0 reused
+
+    from bliss_ray.report.build import build_report
+
+    report = build_report([run.root], tmp_path / "report").read_text()
+    for section in (
+        "## FLOPs",
+        "## Downstream results",
+        "## Bilevel training",
+        "## Downstream vs target steps",
+        "## Selection diagnostics",
+        "Jaccard",
+        "Speed-ups",
+    ):
+        assert section in report, section
+    assert "| bliss (" in report and "| random (" in report
+    for png in ("bilevel_curves.png", "downstream_vs_steps.png", "score_histograms.png", "domain_shares.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 10_000
+
+
+def test_stock_lm_eval_cli_on_a_pipeline_checkpoint(tiny_run, tmp_path):
+    run, _ = tiny_run
+    model_dir = run.dir("r1.pretrain") / "decay"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DISABLE_MULTIPROC": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_dir}",
+        "--tasks",
+        "sciq_local",
+        "--include_path",
+        str(REPO / "bliss_ray/evaluation/tasks"),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "8",
+        "--limit",
+        "10",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next(Path(tmp_path / "out").rglob("results_*.json")).read_text())
+    assert 0.0 <= results["results"]["sciq_local"]["acc,none"] <= 1.0
