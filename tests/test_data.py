@@ -200,3 +200,18 @@ def test_token_array_and_step_batches(tmp_path, tok):
     one = micro_batches(arr.tokens, 3, 8, 4, rank=0, world_size=1, seed=0)
     two = [micro_batches(arr.tokens, 3, 8, 4, rank=r, world_size=2, seed=0)[0] for r in (0, 1)]
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(one, two, strict=True))
+
+
+def test_prefetcher_returns_exactly_what_load_returns():
+    from bliss_ray.data.tokens import Prefetcher
+
+    calls = []
+
+    def load(step):
+        calls.append(step)
+        return [np.full((2, 3), step)]
+
+    prefetch = Prefetcher(load, pin=False)
+    got = [prefetch(s)[0][0, 0] for s in range(5, 10)]
+    assert got == [5, 6, 7, 8, 9]
+    assert sorted(set(calls)) == list(range(5, 11))  # each step loaded once, one step ahead

@@ -16,6 +16,8 @@ is a fixed slice of it. That gives
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -156,3 +158,23 @@ def rank_rows(
     ids = torch.from_numpy(np.asarray(array.tokens[mine], dtype=np.int64))  # (m, L)
     mask = None if array.loss_mask is None else torch.from_numpy(np.asarray(array.loss_mask[mine], dtype=np.int64))
     return ids, mask
+
+
+class Prefetcher:
+    """Prepares step s+1's micro-batches on a background thread while step s computes; on CUDA the tensors are
+    pinned so the copy to the device can be ``non_blocking``. Steps must be requested in increasing order."""
+
+    def __init__(self, load: Callable[[int], list[torch.Tensor]], pin: bool):
+        self.load, self.pin = load, pin
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: dict[int, object] = {}
+
+    def _prepare(self, step: int) -> list[torch.Tensor]:
+        batches = self.load(step)
+        return [b.pin_memory() for b in batches] if self.pin else batches
+
+    def __call__(self, step: int) -> list[torch.Tensor]:
+        future = self.pending.pop(step, None)
+        batches = future.result() if future is not None else self._prepare(step)
+        self.pending = {step + 1: self.pool.submit(self._prepare, step + 1)}
+        return batches

@@ -170,9 +170,16 @@ def load_lm(path: str | Path, attn: str = "sdpa") -> PreTrainedModel:
     )
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DDP (``.module``) and/or ``torch.compile`` (``._orig_mod``) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def save_lm(model: PreTrainedModel, path: str | Path, tokenizer=None) -> None:
     """Save as a stock HF directory (safetensors), with the tokenizer so ``lm_eval --model hf`` works on it."""
-    model = getattr(model, "module", model)  # unwrap DDP
+    model = unwrap(model)
     model.save_pretrained(str(path), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))

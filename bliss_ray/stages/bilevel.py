@@ -30,6 +30,7 @@ from bliss_ray.config import ResourcesConfig
 from bliss_ray.data.tokens import TokenArray, rank_rows
 from bliss_ray.models.lm import load_lm, save_lm
 from bliss_ray.models.score import ScoreModel
+from bliss_ray.stages import _faults
 from bliss_ray.stages._ray import copy_checkpoint, gc_orphan_checkpoints, report, run_config, scaling_config
 from bliss_ray.stages._ray import torch_threads as threads_for
 from bliss_ray.train.checkpoint import assert_finite, read_metrics, write_metrics
@@ -111,6 +112,7 @@ def _worker(loop_config: dict) -> None:
         state.metrics = read_metrics(resume / "metrics.jsonl")
 
     def train_batch_at(i: int) -> torch.Tensor:
+        _faults.maybe_kill(spec.stage, i, rank)
         return rank_rows(train, i, s.micro_batch_seqs, rank, world, spec.seed)[0].to(device)
 
     def ref_batch_at(t: int):

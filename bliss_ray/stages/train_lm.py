@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer, prepare_model
 
 from bliss_ray.config import ResourcesConfig, TrainConfig
 from bliss_ray.data.tokenizer import load_tokenizer
-from bliss_ray.data.tokens import TokenArray, micro_batches
+from bliss_ray.data.tokens import Prefetcher, TokenArray, micro_batches
 from bliss_ray.models.lm import LMArch, build_lm, save_lm
 from bliss_ray.stages import _faults
 from bliss_ray.stages._ray import copy_checkpoint, gc_orphan_checkpoints, report, run_config, scaling_config
@@ -51,6 +51,7 @@ class LMTrainSpec:
     round_index: int
     seed: int
     threads: int
+    compile: bool = False  # torch.compile the model (resources.compile; off by default on CPU)
 
 
 def _worker(loop_config: dict) -> None:
@@ -82,15 +83,22 @@ def _worker(loop_config: dict) -> None:
     skipped = int(state.get("skipped", 0)) if resumed else 0
 
     model = prepare_model(model)  # device move, DDP when world > 1
+    if spec.compile:
+        model = torch.compile(model)
     optimizer = make_optimizer(model, peak, t.betas, t.weight_decay)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     loop = LoopSettings(spec.stage, t.grad_clip, t.ckpt_every_steps, t.nonfinite_policy, t.max_skipped_steps)
 
-    def batches_at(global_step: int) -> list[torch.Tensor]:
+    def load(global_step: int) -> list[torch.Tensor]:
         local = global_step - spec.start_step  # this stage's data stream starts at 0
-        _faults.maybe_kill(spec.stage, global_step, rank)
         return micro_batches(tokens, local, t.global_batch_seqs, t.micro_batch_seqs, rank, world, spec.seed)
+
+    prefetch = Prefetcher(load, pin=torch.cuda.is_available())
+
+    def batches_at(global_step: int) -> list[torch.Tensor]:
+        _faults.maybe_kill(spec.stage, global_step, rank)
+        return prefetch(global_step)
 
     def log(m: dict) -> None:
         if rank == 0:
@@ -171,8 +179,8 @@ def _worker(loop_config: dict) -> None:
 
 def run(spec: LMTrainSpec, out_dir: Path, res: ResourcesConfig, storage: str, workers: int) -> dict:
     """Run the stage on Ray Train and copy the final checkpoint to ``out_dir`` (state/, decay/, metrics.jsonl)."""
-    spec = dataclasses.replace(spec, threads=threads_for(res, workers))
-    name = f"{out_dir.name}"
+    spec = dataclasses.replace(spec, threads=threads_for(res, workers), compile=res.compile)
+    name = out_dir.name
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"spec": spec},

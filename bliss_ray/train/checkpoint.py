@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bliss_ray.models.lm import load_lm, save_lm
+from bliss_ray.models.lm import load_lm, save_lm, unwrap
 
 STATE_FILE = "train_state.pt"
 
@@ -38,7 +38,7 @@ def save_train_state(
 ) -> Path:
     """Write a full checkpoint of (model, optimizer, step, RNG) to ``path``; ``extra`` holds plain values."""
     path = Path(path)
-    module = getattr(model, "module", model)
+    module = unwrap(model)
     assert_finite(module, f"checkpoint at step {step}")
     save_lm(module, path / "model", tokenizer)
     state = {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state(), **extra}
