@@ -214,4 +214,5 @@ def test_prefetcher_returns_exactly_what_load_returns():
     prefetch = Prefetcher(load, pin=False)
     got = [prefetch(s)[0][0, 0] for s in range(5, 10)]
     assert got == [5, 6, 7, 8, 9]
+    prefetch.pool.shutdown(wait=True)
     assert sorted(set(calls)) == list(range(5, 11))  # each step loaded once, one step ahead
