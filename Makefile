@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make demo   set up .venv and run the whole BLISS pipeline on the bundled corpus (embedded local Ray)
+#   make demo   set up .venv and run the whole BLISS pipeline on the bundled corpus (embedded local Ray), then the
+#               random baseline on the same schedule (round 0 is shared); the second report compares both
 #   make test   set up .venv and run the test suite (what .ci/run calls)
 PYTHON ?= python3
 VENV := .venv
@@ -27,6 +28,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/bliss-ray run experiments/demo.yaml
+	$(BIN)/bliss-ray run experiments/demo.yaml --set selection.method=random
 
 test: setup
 	$(BIN)/python -m pytest -q tests

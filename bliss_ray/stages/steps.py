@@ -178,7 +178,8 @@ def bilevel_stage(run, st, d: Path) -> dict:
     need = b.outer_steps * per_step * b.micro_batch_seqs * res.bilevel_workers
     shard_ids, _ = _pool_rows(run, _shard(run, r))
     keep = np.random.default_rng([exp.seed, r]).choice(shard_ids, min(need, len(shard_ids)), replace=False)
-    train_dir = TokenArray.build(_pool_files(run), d / "train_data", keep_ids=keep) and d / "train_data"
+    train_dir = d / "train_data"
+    TokenArray.build(_pool_files(run), train_dir, keep_ids=keep)
     settings = {k: v for k, v in b.model_dump().items() if k in BilevelSettings.__dataclass_fields__}
     inherit = b.score_carry == "inherit" and r > 1
     spec = bilevel.BilevelSpec(
