@@ -10,7 +10,6 @@ import json
 import shutil
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -139,5 +138,8 @@ def test_scoring_rerun_after_a_crash_scores_only_missing_files(tiny_run, tmp_pat
     assert {p: p.stat().st_mtime_ns for p in (crashed / "scores" / f"src={first}").iterdir()} == untouched
     ids = pads.dataset(str(crashed / "scores"), format="parquet", partitioning="hive").to_table().column("row_id")
     assert len(ids) == len(set(ids.to_pylist())) == out["rows_in"]
-    assert _scores(crashed).keys() == _scores(full).keys()
-    assert pa.compute.all(pa.array(list(_scores(crashed).values())) == pa.array(list(_scores(full).values())))
+    rescored, reference = _scores(crashed), _scores(full)
+    assert rescored.keys() == reference.keys()
+    # compare by row id: file order differs between runs, and batch shapes change BLAS blocking (~1e-7)
+    keys = sorted(reference)
+    np.testing.assert_allclose([rescored[k] for k in keys], [reference[k] for k in keys], rtol=1e-5, atol=1e-5)

@@ -12,7 +12,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -62,16 +64,34 @@ def tokenize_stage(run, st, d: Path) -> dict:
     return tokenize_pool(run.exp, tok_dir, d) | build_reference(run.exp, tok_dir, d)
 
 
-def _pool_rows(run, shard) -> tuple[np.ndarray, np.ndarray]:
-    """(row ids, domains) of the packed pool, restricted to a shard: the only columns selection needs."""
+def _pool_rows(run, shard) -> tuple[np.ndarray, pd.Categorical]:
+    """(row ids, domains) of the packed pool, restricted to a shard: the only columns selection needs. Domains stay
+    dictionary-encoded (a small integer per row): a string per row costs ~60 B each on a 10M-row pool."""
     ids, doms = [], []
     for f in _pool_files(run):
         t = read_token_table(f, ["row_id", "domain"])
         i = t.column("row_id").to_numpy()
-        keep = slice(None) if shard is None else shard_of(i, shard[1]) == shard[0]
+        keep = np.ones(len(i), bool) if shard is None else shard_of(i, shard[1]) == shard[0]
         ids.append(i[keep])
-        doms.append(t.column("domain").to_numpy(zero_copy_only=False)[keep])
-    return np.concatenate(ids), np.concatenate(doms)
+        doms += pc.dictionary_encode(t.column("domain").filter(keep)).chunks
+    domains = pa.chunked_array(doms, pa.dictionary(pa.int32(), pa.string())).unify_dictionaries()
+    return np.concatenate(ids), domains.to_pandas().array
+
+
+def _scores_of(score_dir: Path, row_ids: np.ndarray) -> np.ndarray:
+    """The fp32 logit of each pool row, NaN where it has no valid score; a sorted join, no per-row Python."""
+    t = pads.dataset(str(score_dir), format="parquet", partitioning="hive").to_table(columns=["row_id", "logit", "ok"])
+    ok = t.column("ok").to_numpy(zero_copy_only=False)
+    scored_ids, logits = t.column("row_id").to_numpy()[ok], t.column("logit").to_numpy()[ok]
+    del t, ok  # the arrow copy is no longer needed: keep the peak at ~3 copies of the score column
+    values = np.full(len(row_ids), np.nan, np.float32)
+    if len(scored_ids):
+        order = np.argsort(scored_ids, kind="stable")
+        scored_ids, logits = scored_ids[order], logits[order]
+        pos = np.searchsorted(scored_ids, row_ids).clip(max=len(scored_ids) - 1)
+        hit = scored_ids[pos] == row_ids
+        values[hit] = logits[pos[hit]]
+    return values
 
 
 def select_stage(run, st, d: Path) -> dict:
@@ -80,14 +100,8 @@ def select_stage(run, st, d: Path) -> dict:
     method = "random" if r == 0 else exp.selection.method
     values = None
     if method in ("bliss", "mates"):
-        scores = pads.dataset(str(run.dir(f"r{r}.score") / "scores"), format="parquet", partitioning="hive")
-        t = scores.to_table(columns=["row_id", "logit", "ok"])
-        ok = t.column("ok").to_numpy(zero_copy_only=False)
-        by_id = dict.fromkeys(row_ids.tolist(), np.nan)  # pool rows without a valid score stay unselectable
-        for i, v in zip(t.column("row_id").to_numpy()[ok], t.column("logit").to_numpy()[ok], strict=True):
-            by_id[int(i)] = float(v)
-        values = np.array([by_id[int(i)] for i in row_ids])
-        valid = np.isfinite(values)
+        values = _scores_of(run.dir(f"r{r}.score") / "scores", row_ids)
+        valid = np.isfinite(values)  # pool rows without a valid score stay unselectable
         row_ids, domains, values = row_ids[valid], domains[valid], values[valid]
     rule = {"bliss": exp.selection.rule, "mates": "mates", "random": "random"}[method]
     tau = exp.mates.temperature if method == "mates" else exp.selection.temperature
@@ -166,7 +180,9 @@ def pretrain_stage(run, st, d: Path) -> dict:
     }
 
 
-def bilevel_stage(run, st, d: Path) -> dict:
+def bilevel_stage(run, st, d: Path, launch=None) -> dict:
+    """``launch`` (default ``stages.bilevel.run``) fits the TorchTrainer; a sweep passes one that names the Train
+    run after its trial and forwards its reports to Tune."""
     from bliss_ray.bilevel.loop import BilevelSettings
     from bliss_ray.stages import bilevel
 
@@ -196,7 +212,7 @@ def bilevel_stage(run, st, d: Path) -> dict:
         threads=1,
         ckpt_every_steps=b.ckpt_every_steps,
     )
-    out = bilevel.run(spec, d, res, _ray.storage_path(res, run.root), res.bilevel_workers)
+    out = (launch or bilevel.run)(spec, d, res, _ray.storage_path(res, run.root), res.bilevel_workers)
     shutil.rmtree(train_dir)
     return out | {"train_rows": len(keep)}
 
@@ -256,6 +272,8 @@ RUNNERS = {
 }
 
 
-def run_stage(run, st, d: Path) -> dict:
+def run_stage(run, st, d: Path, bilevel_launch=None) -> dict:
     (d / "experiment.json").write_text(json.dumps(run.exp.model_dump(mode="json"), indent=2))
+    if st.kind == "bilevel":
+        return bilevel_stage(run, st, d, launch=bilevel_launch)
     return RUNNERS[st.kind](run, st, d)
