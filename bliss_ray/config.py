@@ -169,16 +169,24 @@ class ScoreConfig(_Strict):
 
 
 class MatesConfig(_Strict):
+    """The MATES baseline (method.md §5; ``bliss_ray.mates``): oracle probing, influence model, Gumbel selection."""
+
     probes: int = Field(64, ge=1)
-    """Oracle probes per round (MATES: 80k)."""
+    """Oracle probes per round (MATES: 80k), a seeded sample of the round's pool shard."""
     reference_seqs: int = Field(32, ge=1)
     """Reference sequences the probe loss is measured on (MATES: 1024 LAMBADA docs)."""
     probe_lr: float | None = None
     """LR of the probe step; None uses the target's scheduled LR at the checkpoint."""
     influence_arch: str = "bert-tiny"
+    """Influence-model preset (``bliss_ray.mates.influence``): bert-tiny, bert-mini, bert-small, bert-medium,
+    bert-base (MATES)."""
     influence_epochs: int = Field(5, ge=1)
     influence_lr: float = Field(5e-4, gt=0)
+    """AdamW LR of the influence model (MATES fine-tunes pretrained BERT at 5e-5; from scratch needs more)."""
     influence_batch_seqs: int = Field(16, ge=1)
+    influence_weight_decay: float = Field(0.01, ge=0)
+    influence_heldout_frac: float = Field(0.1, gt=0, lt=1)
+    """Fraction of the probes held out to pick the best epoch by Spearman (MATES: 10 %)."""
     pretrained_bert: str | None = None
     """Local directory of pretrained ``bert-base-uncased`` weights; None trains from random init."""
     temperature: float = Field(1.0, gt=0)

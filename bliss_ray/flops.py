@@ -127,19 +127,37 @@ def ledger(exp, convention: str = "paper", pool_rows_per_round: int | None = Non
                 )
             )
     if method == "mates":
+        # MATES (method.md §5.1, §4.2's formula). Probing: per probe one target training step on 1 row (3F·L)
+        # plus one reference forward (F per token; the prober trims padding after each item's last target token,
+        # so for LAMBADA-style references this counts up to L tokens per item, an upper bound). The influence
+        # model (BERT family, GeLU MLP, attention within 512-token chunks: ``mates.influence``'s own per-token
+        # count) trains for E epochs on the (1 − held-out) split, evaluates the held-out split every epoch, and
+        # scores the pool. MATES's own total at 410M is 8.11e19 (method.md §4.1): see experiments/paper/
+        # pythia410m_mates.yaml for what that implies about its reference length and pool size.
+        from bliss_ray.mates.influence import forward_flops_per_token as influence_fwd
         from bliss_ray.mates.influence import influence_arch
 
         m = exp.mates
-        bert = influence_arch(m.influence_arch)
-        f_b = forward_flops_per_token(bert, L, head=False, convention=convention)
+        bert = influence_arch(m.influence_arch, vocab)
+        f_b = influence_fwd(bert, L, convention)
         probe = 3 * fwd(target) * L + fwd(target) * m.reference_seqs * L  # one step on {x} + reference loss
-        rows.append(Row("selection", "oracle probing", probe * m.probes * R, f"{R} rounds × {m.probes} probes"))
+        rows.append(
+            Row(
+                "selection",
+                "oracle probing",
+                probe * m.probes * R,
+                f"{R} rounds × {m.probes} probes × (1 step on 1×{L} + reference ≤{m.reference_seqs}×{L} tokens)",
+            )
+        )
+        train_rows = m.probes * (1 - m.influence_heldout_frac)
+        held_rows = m.probes * m.influence_heldout_frac
         rows.append(
             Row(
                 "selection",
                 "influence-model training",
-                3 * f_b * L * m.probes * 0.9 * m.influence_epochs * R,
-                f"{m.influence_epochs} epochs over 90 % of the probes",
+                (3 * train_rows + held_rows) * f_b * L * m.influence_epochs * R,
+                f"{R} rounds × {m.influence_epochs} epochs × {m.probes} probes ({m.influence_arch}, "
+                f"{held_rows / m.probes:.0%} held out)",
             )
         )
         if pool_rows:
@@ -148,7 +166,7 @@ def ledger(exp, convention: str = "paper", pool_rows_per_round: int | None = Non
                     "selection",
                     "influence-model inference",
                     f_b * pool_rows * L * R,
-                    f"{R} rounds × {pool_rows:,} rows",
+                    f"{R} rounds × {pool_rows:,} rows × {L} tokens ({m.influence_arch})",
                 )
             )
     if exp.pretrain.decay_steps:

@@ -48,9 +48,10 @@ def plan(exp: Experiment) -> list[Stage]:
         Stage("tokenizer", "tokenizer", None, (), ("tokenizer", "data.pool", "data.pool_format", "data.text_column")),
         Stage("tokenize", "tokenize", None, ("tokenizer",), ("data",)),
         Stage("r0.select", "select", 0, ("tokenize",), ("selection.keep_frac", "selection.seed", "schedule", "seed")),
-        Stage("warmup", "warmup", None, ("tokenizer", "r0.select"), ("models.proxy", "warmup", "seed")),
-        Stage("r0.pretrain", "pretrain", 0, ("tokenizer", "r0.select"), ("models.target", "pretrain", "seed")),
     ]
+    if method == "bliss":  # only BLISS has a proxy to warm up
+        st.append(Stage("warmup", "warmup", None, ("tokenizer", "r0.select"), ("models.proxy", "warmup", "seed")))
+    st.append(Stage("r0.pretrain", "pretrain", 0, ("tokenizer", "r0.select"), ("models.target", "pretrain", "seed")))
     for r in range(1, rounds + 1):
         prev = f"r{r - 1}.pretrain"
         if method == "bliss":

@@ -1,0 +1,283 @@
+"""Stages r.probe and r.influence of ``selection.method: mates``, on Ray (method.md §5.1 steps 1–2).
+
+r.probe — oracle probing on a Ray actor pool.
+  Inputs: the target's full training state at the end of round r−1 (``r{r-1}.pretrain/state``), the first
+  ``mates.reference_seqs`` rows of the reference set, and ``mates.probes`` candidates: a seeded sample of round
+  r's pool shard. (MATES probes a separate hold-out, C4 files 800–899, never selected from. Our pool has no such
+  files: the round's own shard is the closest stand-in — the same distribution the influence model then scores.
+  Probing never trains the target, so a probed row stays an ordinary candidate of the selection.)
+  Each actor loads the checkpoint once (``bliss_ray.mates.probe.Prober``) and probes chunks of candidates,
+  restoring the state in memory between probes; chunks are handed out dynamically (``ActorPool``). Actors take
+  ``resources.data_actor_cpus`` CPUs (+1 GPU when the cluster has them), at most ``resources.data_actors[1]``
+  of them, 1 torch thread each on CPU. Every finished chunk is written at once, so an interrupted stage resumes
+  with the chunks still missing.
+  The probe LR is ``mates.probe_lr`` or the LR the target's schedule gives the step after the checkpoint (the
+  step the probe stands in for: WSD at global step r·steps with round r's peak).
+  Outputs: ``probes.parquet`` {row_id, loss} (loss = reference loss after the probe step) and
+  {probes, baseline_loss, lr, seconds, probes_per_s, …}.
+
+r.influence — the data influence model, trained on Ray Train (one TorchTrainer worker: the model is small next to
+  probing; ``resources.cpus_per_worker`` CPUs, or a GPU) by ``bliss_ray.mates.influence.train_influence_model``.
+  Inputs: the probes, with their token rows re-read from the packed pool by row id. Outputs:
+  ``influence_model/`` (safetensors + json, what ``Scorer(kind="mates")`` loads), ``metrics.jsonl`` (per epoch:
+  train/held-out MSE, held-out Spearman) and {spearman_heldout, best_epoch, …}. A restarted worker retrains from
+  scratch (minutes at most); once the final checkpoint is registered a restart only re-reports it.
+
+    bliss-ray run experiments/mates_demo.yaml --stage r1.influence
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer, get_device
+from ray.util import ActorPool
+
+from bliss_ray.data.tokens import TokenArray
+from bliss_ray.mates.influence import influence_arch, train_influence_model
+from bliss_ray.stages._ray import (
+    check_fits,
+    copy_checkpoint,
+    gc_orphan_checkpoints,
+    report,
+    run_config,
+    scaling_config,
+    storage_path,
+    use_gpu,
+    write_json,
+)
+from bliss_ray.stages._ray import torch_threads as threads_for
+from bliss_ray.stages.steps import _pool_files, _pool_rows, _shard, _vocab
+from bliss_ray.train.checkpoint import read_state, write_metrics
+from bliss_ray.train.schedule import round_peak_lr, wsd_lr
+
+PROBES_PER_CHUNK = 16  # unit of work and of resume; fixed so that a rerun with other resources reuses chunks
+REF_BATCH = 32  # MATES evaluates LAMBADA in batches of 32 (the loss does not depend on it)
+
+
+@ray.remote
+class _ProbeActor:
+    """Holds one ``Prober``: the checkpoint is read from disk once, in the constructor."""
+
+    def __init__(self, state_dir: str, cand_dir: str, ref_ids: np.ndarray, ref_mask, lr: float, grad_clip: float):
+        from bliss_ray.mates.probe import Prober
+
+        torch.set_num_threads(1)  # one core per actor: the pool, not the actor, is the parallelism
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokens = TokenArray.open(cand_dir).tokens  # (N, L) memmap of the candidates
+        self.prober = Prober(
+            state_dir, ref_ids, ref_mask, lr, grad_clip=grad_clip, device=device, reference_batch_seqs=REF_BATCH
+        )
+
+    def info(self) -> dict:
+        p = self.prober
+        return {"baseline_loss": p.baseline_loss, "step": p.step, "reference_tokens": p.reference_tokens}
+
+    def probe(self, chunk: int) -> tuple[int, np.ndarray]:
+        rows = self.tokens[chunk * PROBES_PER_CHUNK : (chunk + 1) * PROBES_PER_CHUNK]  # (≤16, L)
+        return chunk, self.prober.probe(rows)
+
+
+def _capacity(per_actor: dict) -> int:
+    """How many actors of this size the cluster can hold at once (no limit on an autoscaling cluster): asking
+    for more would leave some pending forever with chunks queued on them."""
+    if os.environ.get("BLISS_AUTOSCALING") == "1":
+        return 1 << 30
+    total = ray.cluster_resources()
+    return int(min(total.get(k, 0) // v for k, v in per_actor.items()))
+
+
+def probe_lr(run, r: int, step: int) -> float:
+    """``mates.probe_lr``, else the target's WSD LR of global step ``step`` with round r's peak."""
+    exp = run.exp
+    if exp.mates.probe_lr is not None:
+        return exp.mates.probe_lr
+    p = exp.pretrain
+    return wsd_lr(step, round_peak_lr(p.lr, p.lr_round_factor, r), p.warmup_steps)
+
+
+def probe_stage(run, st, d: Path) -> dict:
+    exp, r, m, res = run.exp, st.round, run.exp.mates, run.exp.resources
+    state_dir = run.dir(f"r{r - 1}.pretrain") / "state"
+    step = int(read_state(state_dir)["step"])
+    lr = probe_lr(run, r, step)
+    shard_ids, _ = _pool_rows(run, _shard(run, r))
+    keep = np.random.default_rng([exp.seed, r, 2]).choice(shard_ids, min(m.probes, len(shard_ids)), replace=False)
+    cand = TokenArray.build(_pool_files(run), d / "candidates", keep_ids=keep)  # rows in pool order
+    ref = TokenArray.open(run.dir("tokenize") / "reference" / "array")
+    n_ref = min(m.reference_seqs, len(ref))
+    ref_ids = np.array(ref.tokens[:n_ref])  # (R, L)
+    ref_mask = None if ref.loss_mask is None else np.array(ref.loss_mask[:n_ref])
+
+    chunks_dir = d / "_chunks"
+    chunks_dir.mkdir(exist_ok=True)
+    n_chunks = math.ceil(len(cand) / PROBES_PER_CHUNK)
+    todo = [c for c in range(n_chunks) if not (chunks_dir / f"{c:06d}.parquet").exists()]
+    gpu = use_gpu(res)
+    per_actor = {"CPU": res.data_actor_cpus} | ({"GPU": 1} if gpu else {})
+    check_fits(per_actor, 1)
+    n_actors = max(1, min(res.data_actors[1], len(todo), _capacity(per_actor)))
+    actors = [
+        _ProbeActor.options(
+            num_cpus=res.data_actor_cpus,
+            num_gpus=1 if gpu else 0,
+            max_restarts=res.max_failures,
+            max_task_retries=res.max_failures,  # a probe chunk is idempotent: retrying it is always safe
+        ).remote(str(state_dir), str(d / "candidates"), ref_ids, ref_mask, lr, exp.pretrain.grad_clip)
+        for _ in range(n_actors)
+    ]
+    try:
+        info = ray.get(actors[0].info.remote())
+        t0 = time.perf_counter()
+        for c, losses in ActorPool(actors).map_unordered(lambda actor, c: actor.probe.remote(c), todo):
+            ids = cand.row_ids[c * PROBES_PER_CHUNK : (c + 1) * PROBES_PER_CHUNK]
+            tmp = chunks_dir / f"{c:06d}.tmp"
+            pq.write_table(pa.table({"row_id": pa.array(ids, pa.int64()), "loss": pa.array(losses)}), tmp)
+            tmp.replace(chunks_dir / f"{c:06d}.parquet")  # a chunk is done only once its file is complete
+        seconds = time.perf_counter() - t0
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+    table = pq.read_table(sorted(str(p) for p in chunks_dir.glob("*.parquet"))).sort_by("row_id")
+    if len(table) != len(cand):
+        raise AssertionError(f"probing: {len(cand)} candidates but {len(table)} probe results")
+    pq.write_table(table, d / "probes.parquet")
+    shutil.rmtree(chunks_dir)
+    shutil.rmtree(d / "candidates")
+    loss = table.column("loss").to_numpy()
+    finite = np.isfinite(loss)
+    probed = sum(len(cand.row_ids[c * PROBES_PER_CHUNK : (c + 1) * PROBES_PER_CHUNK]) for c in todo)
+    return {
+        "probes": len(table),
+        "probes_finite": int(finite.sum()),
+        "baseline_loss": info["baseline_loss"],
+        "loss_mean": float(loss[finite].mean()) if finite.any() else None,
+        "loss_std": float(loss[finite].std()) if finite.any() else None,
+        "lr": lr,
+        "target_step": step,
+        "reference_seqs": n_ref,
+        "reference_tokens": info["reference_tokens"],
+        "candidates_from": f"round {r} pool shard (seeded sample)",
+        "actors": n_actors,
+        "probe_seconds": seconds,  # probing proper, after the first actor loaded the checkpoint
+        "probes_per_s": probed / seconds if probed and seconds > 0 else None,
+    }
+
+
+@dataclass
+class InfluenceSpec:
+    """Everything the Train worker needs (plain, picklable)."""
+
+    stage: str
+    data_dir: str  # TokenArray of the probed rows
+    probes_path: str  # probes.parquet {row_id, loss}
+    arch: str
+    vocab_size: int
+    lr: float
+    epochs: int
+    batch_seqs: int
+    weight_decay: float
+    heldout_frac: float
+    pretrained_dir: str | None
+    seed: int
+    threads: int
+
+
+def _influence_worker(loop_config: dict) -> None:
+    spec: InfluenceSpec = loop_config["spec"]
+    torch.set_num_threads(spec.threads)
+    if ray.train.get_checkpoint() is not None:  # the final checkpoint is registered: nothing left to do
+        report({"resumed": 1}, None)
+        return
+    arr = TokenArray.open(spec.data_dir)
+    probes = pq.read_table(spec.probes_path)
+    by_id = dict(zip(probes.column("row_id").to_numpy().tolist(), probes.column("loss").to_numpy(), strict=True))
+    losses = np.array([by_id[int(i)] for i in arr.row_ids])  # (N,) aligned with the array's rows
+    history = []
+
+    def on_epoch(entry: dict) -> None:
+        history.append(entry)
+        report(entry, None)
+
+    t0 = time.perf_counter()
+    fit = train_influence_model(
+        arr.tokens,
+        losses,
+        arch=influence_arch(spec.arch, spec.vocab_size),
+        lr=spec.lr,
+        epochs=spec.epochs,
+        batch_seqs=spec.batch_seqs,
+        weight_decay=spec.weight_decay,
+        heldout_frac=spec.heldout_frac,
+        seed=spec.seed,
+        device=get_device(),
+        pretrained_dir=spec.pretrained_dir,
+        on_epoch=on_epoch,
+    )
+    summary = {
+        "spearman_heldout": fit.spearman_heldout,
+        "best_epoch": fit.best_epoch,
+        "train_rows": fit.train_rows,
+        "heldout_rows": fit.heldout_rows,
+        "target_mean": fit.target_mean,
+        "target_std": fit.target_std,
+        "pretrained_tensors": fit.pretrained.get("loaded", 0),
+        "fit_seconds": time.perf_counter() - t0,  # training proper, without the worker group's start
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        fit.model.save(Path(tmp) / "influence_model")
+        write_metrics(Path(tmp) / "metrics.jsonl", history)
+        write_json(Path(tmp) / "summary.json", summary)
+        report({"final": 1, **summary}, Path(tmp))
+
+
+def influence_stage(run, st, d: Path) -> dict:
+    exp, r, m, res = run.exp, st.round, run.exp.mates, run.exp.resources
+    probes_path = run.dir(f"r{r}.probe") / "probes.parquet"
+    probes = pq.read_table(probes_path)
+    loss = probes.column("loss").to_numpy()
+    row_ids = probes.column("row_id").to_numpy()[np.isfinite(loss)]  # a non-finite probe has no target
+    data_dir = d / "train_data"
+    TokenArray.build(_pool_files(run), data_dir, keep_ids=row_ids)
+    spec = InfluenceSpec(
+        stage=st.key,
+        data_dir=str(data_dir),
+        probes_path=str(probes_path),
+        arch=m.influence_arch,
+        vocab_size=_vocab(run, "target"),
+        lr=m.influence_lr,
+        epochs=m.influence_epochs,
+        batch_seqs=m.influence_batch_seqs,
+        weight_decay=m.influence_weight_decay,
+        heldout_frac=m.influence_heldout_frac,
+        pretrained_dir=m.pretrained_bert,
+        seed=exp.seed,
+        threads=threads_for(res, 1),
+    )
+    storage = storage_path(res, run.root)
+    t0 = time.perf_counter()
+    result = TorchTrainer(
+        _influence_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=scaling_config(res, 1),
+        run_config=run_config(d.name, storage, res),
+    ).fit()
+    gc_orphan_checkpoints(storage, d.name)
+    copy_checkpoint(result, d)
+    shutil.rmtree(data_dir)
+    summary = json.loads((d / "summary.json").read_text())
+    return summary | {"probes_used": len(row_ids), "train_seconds": time.perf_counter() - t0, "train_run": result.path}
