@@ -55,7 +55,7 @@ def cmd_flops(args) -> int:
     from bliss_ray.flops import format_ledger, ledger
 
     exp = load_experiment(args.config, args.set)
-    print(format_ledger(ledger(exp), convention=args.convention))
+    print(format_ledger(ledger(exp, convention=args.convention), convention=args.convention))
     return 0
 
 
@@ -68,10 +68,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from bliss_ray.sweep import run_sweep
+    from bliss_ray.sweep import SweepFailed, load_sweep, run_sweep
 
-    result = run_sweep(Path(args.sweep), storage=args.storage, out=Path(args.out))
-    print(f"sweep results: {result}")
+    sweep = load_sweep(args.sweep)  # the whole sweep is validated before Ray starts
+    _offline_unless_hub_needed(sweep.base)
+    try:
+        result = run_sweep(Path(args.sweep), storage=args.storage, out=Path(args.out))
+    except SweepFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"sweep results: {result}\nreport: bliss-ray report {Path(args.out) / sweep.spec.name} --out DIR")
     return 0
 
 

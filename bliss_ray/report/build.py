@@ -55,13 +55,29 @@ def speedups(variants: list[Variant], metric: str, higher_is_better: bool) -> li
             s = reach_step([x["steps"] for x in c], [x.get(metric) for x in c], target, higher_is_better)
             shown = _fmt(target, 100 if metric == "paper_average" else 1, 2)
             if s is None:
-                lines.append(f"- {v.label} does not reach {base.label}'s final {metric} ({shown}).")
+                line = f"- {v.label} does not reach {base.label}'s final {metric} ({shown})."
             else:
-                lines.append(
+                line = (
                     f"- {v.label} reaches {base.label}'s final {metric} ({shown}, at {b[-1]['steps']} steps) "
                     f"at {s:.0f} steps: **{b[-1]['steps'] / s:.2f}×**."
                 )
+            lines.append(line + _noise_note(b[-1], c[-1], metric))
     return lines
+
+
+def _noise_note(base_last: dict, last: dict, metric: str) -> str:
+    """A speed-up read off two curves whose final scores differ by less than two standard errors is noise."""
+    se_b, se_v = base_last.get(f"{metric}_stderr"), last.get(f"{metric}_stderr")
+    if se_b is None or se_v is None or last.get(metric) is None:
+        return ""
+    diff, se = last[metric] - base_last[metric], (se_b**2 + se_v**2) ** 0.5
+    scale = 100 if metric == "paper_average" else 1
+    if abs(diff) < 2 * se:
+        return (
+            f" The final scores differ by {_fmt(diff, scale, 2)} ± {_fmt(se, scale, 2)} (1 s.e.): within two "
+            "standard errors, so this is not evidence of a speed-up."
+        )
+    return f" (final scores differ by {_fmt(diff, scale, 2)} ± {_fmt(se, scale, 2)}, 1 s.e.)"
 
 
 def _variant_flops(v: Variant):
@@ -84,7 +100,8 @@ def _downstream_table(variants: list[Variant]) -> list[str]:
         lines.append(
             f"| {v.label} ({total:.3g}) | "
             + " | ".join(cells)
-            + f" | {_fmt(last.get('paper_average'), 100)} | {_fmt(last['reference_loss'], 1, 4)} |"
+            + f" | {_fmt(last.get('paper_average'), 100)} ({_fmt(last.get('paper_average_stderr'), 100)}) | "
+            + f"{_fmt(last['reference_loss'], 1, 4)} |"
         )
     return lines
 
@@ -133,6 +150,10 @@ def _selection_tables(variants: list[Variant]) -> list[str]:
 
 
 def build_report(roots: list[Path], out: Path) -> Path:
+    from bliss_ray.report.sweeps import build_sweep_report, is_sweep_dir
+
+    if any(is_sweep_dir(Path(r)) for r in roots):  # a `bliss-ray sweep` output: ablation tables, not a pipeline run
+        return build_sweep_report([Path(r) for r in roots if is_sweep_dir(Path(r))], out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     variants = find_variants([Path(r) for r in roots])
@@ -159,8 +180,9 @@ def build_report(roots: list[Path], out: Path) -> Path:
     md += [
         "## Downstream results of the final checkpoints (Tables 2–4 style)",
         "",
-        "Accuracy % (standard error), zero-shot, the decay-branch checkpoint of the last round; FLOPs ×1e19 in "
-        "the method column is each variant's total (evaluation excluded).",
+        "Accuracy % (standard error), zero-shot, the decay-branch checkpoint of the last round; the method column "
+        "shows each variant's total FLOPs (evaluation excluded). The paper average's standard error combines the "
+        "tasks' (independent) errors.",
         "",
         *_downstream_table(variants),
         "",

@@ -58,9 +58,10 @@ def downstream_curves(variants: list[Variant], path: Path) -> Path | None:
         ck = v.checkpoints()
         steps = [c["steps"] for c in ck]
         avg = [100 * c["paper_average"] if c.get("paper_average") is not None else np.nan for c in ck]
-        axes[0].plot(steps, avg, marker="o", label=v.label)
+        err = [100 * (c.get("paper_average_stderr") or 0.0) for c in ck]
+        axes[0].errorbar(steps, avg, yerr=err, marker="o", capsize=3, label=v.label)
         axes[1].plot(steps, [c["reference_loss"] for c in ck], marker="o", label=v.label)
-    axes[0].set_title("downstream average (paper tasks available offline)")
+    axes[0].set_title("downstream average (paper tasks available offline), ± s.e.")
     axes[0].set_ylabel("accuracy (%)")
     axes[1].set_title("target loss on the held-out reference set")
     axes[1].set_ylabel("cross-entropy (nats/token)")

@@ -136,14 +136,25 @@ def _worker(loop_config: dict) -> None:
     )
 
 
-def run(spec: BilevelSpec, out_dir: Path, res: ResourcesConfig, storage: str, workers: int) -> dict:
+def run(
+    spec: BilevelSpec,
+    out_dir: Path,
+    res: ResourcesConfig,
+    storage: str,
+    workers: int,
+    name: str | None = None,
+    callbacks: list | None = None,
+) -> dict:
+    """Fit the stage's TorchTrainer. ``name`` (default: the stage directory's) is the Train run to resume;
+    ``callbacks`` (Ray Train ``UserCallback``s) see every report, e.g. a sweep forwarding rank-0 metrics to Tune."""
     spec = dataclasses.replace(spec, threads=threads_for(res, workers))
-    name = out_dir.name
+    name = name or out_dir.name
+    config = dataclasses.replace(run_config(name, storage, res), callbacks=callbacks or [])
     result = TorchTrainer(
         _worker,
         train_loop_config={"spec": spec},
         scaling_config=scaling_config(res, workers),
-        run_config=run_config(name, storage, res),
+        run_config=config,
     ).fit()
     gc_orphan_checkpoints(storage, name)
     copy_checkpoint(result, out_dir)

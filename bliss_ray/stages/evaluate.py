@@ -107,6 +107,7 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
         row |= {
             "paper_average": avg.get("value"),
             "paper_average_n_tasks": avg.get("n_tasks"),
+            "paper_average_stderr": avg.get("stderr"),
             "reference_loss": result["reference_loss"],
             "lm_eval_version": result.get("lm_eval_version"),
             "tasks": {

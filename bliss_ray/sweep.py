@@ -1,0 +1,383 @@
+"""Ray Tune sweeps over BLISS ablations: ``bliss-ray sweep SWEEP.yaml [--storage URI] [--out DIR]``.
+
+A sweep file (schema and examples: ``experiments/sweeps/README.md``) names a ``base`` experiment plus
+``overrides``, a ``space`` over dotted config keys (``grid``/``choice``/``loguniform``/``uniform``), the objective
+(``stage: bilevel``: the proxy's upper-level reference loss ``upper_loss`` after round ``round``'s bilevel stage,
+averaged over its last ``last_steps`` steps; ``stage: full``: the whole pipeline scored by ``evaluate``), the
+``metric``/``mode`` and the ``search`` (``grid``, or ``optuna`` with ``seed`` and ``num_samples``), optional
+``seeds`` repeats, ``max_concurrent_trials`` and ``asha``. ``load_sweep`` (schema: ``bliss_ray.sweep_spec``)
+validates all of it, every grid point's full experiment included, and raises ``ConfigError`` naming the field
+before anything runs.
+
+Layout (OUT = ``--out``: a local path, shared by all nodes on a multi-node cluster; STORAGE = ``--storage``, a
+local path or ``s3://``/``gs://`` URI, default OUT/sweeps):
+
+    OUT/<base name>/<stage>-<id>/         setup stages shared by trials (tokenizer … r0.pretrain), computed once
+                                          before Tune starts: the same directories ``bliss-ray run`` uses
+    OUT/<sweep>/<trial id>/<base name>/   each trial's own pipeline run; the shared stages are symlinked in
+    STORAGE/<sweep>/                      the Tune experiment + sweep.json, sweep_results.parquet, sweep_curves.parquet
+    STORAGE/<sweep>-train/<trial id>/     the trial's Ray Train runs, named ``<trial id>-r<k>.bilevel``
+
+Each trial is a Tune function (a ~0.01-CPU "driver") that runs its pipeline; its bilevel stages are TorchTrainers
+named from the trial id whose rank-0 metrics reach Tune through ``TuneReportCallback``. Resume: rerunning the same
+command finds the experiment (``Tuner.can_restore``) and calls ``Tuner.restore(resume_errored=True)``: finished
+trials are kept, interrupted ones rerun their pipeline, which skips finished stages, and their Train runs continue
+from their last checkpoint (same storage + name). A finished sweep restores to a no-op.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from bliss_ray.config import ConfigError
+from bliss_ray.pipeline import Run
+from bliss_ray.sweep_spec import (
+    FINAL_METRICS,
+    Domain,
+    Sweep,
+    SweepSpec,
+    join_uri,
+    load_sweep,
+    points,
+    read_bytes,
+    sweep_json,
+    trial_run,
+    variant_label,
+    write_bytes,
+)
+
+log = logging.getLogger("bliss_ray")
+CURVE_ID = ("trial_id", "variant", "variant_key", "seed", "status")
+CURVE_METRICS = ("step", "upper_loss", "lower_loss", "kl")
+SETUP_KINDS = {"tokenizer", "tokenize", "select", "warmup", "pretrain"}  # round-0 / round-free stages
+__all__ = ["ConfigError", "SweepFailed", "load_sweep", "run_sweep"]
+
+
+class SweepFailed(RuntimeError):
+    """Some trials failed even after their retries; the results of the others are written."""
+
+
+# ---- the trial ----------------------------------------------------------------------------------------------
+
+
+def _setup_keys(run: Run) -> list[str]:
+    keys = []
+    for st in run.stages:
+        if (st.round or 0) > 0 or st.kind not in SETUP_KINDS:
+            break
+        keys.append(st.key)
+    return keys
+
+
+def _link_shared(run: Run, out: Path) -> None:
+    """Symlink the finished shared setup stages (same name = same identity) into the trial's run directory."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    for key in _setup_keys(run):
+        src, dst = out / run.exp.name / run.dir(key).name, run.dir(key)
+        if (src / "_SUCCESS").exists() and not dst.exists():
+            dst.symlink_to(src, target_is_directory=True)
+
+
+class _TuneBilevel:
+    """A trial's bilevel launcher: ``stages.bilevel.run`` with the Train run named ``<trial id>-<stage>`` and its
+    rank-0 reports forwarded to Tune (the Train V2 idiom)."""
+
+    def __init__(self, trial_id: str, metric: str):
+        self.trial_id, self.metric, self.callbacks = trial_id, metric, []
+
+    def __call__(self, spec, out_dir: Path, res, storage: str, workers: int) -> dict:
+        from bliss_ray.stages import bilevel
+
+        cb = _ForwardToTune({"stage": spec.stage, "final": 0}, self.metric)
+        self.callbacks.append(cb)
+        name = f"{self.trial_id}-{spec.stage}"
+        return bilevel.run(spec, out_dir, res, storage, workers, name=name, callbacks=[cb])
+
+    def runner(self, run: Run, st, d: Path) -> dict:
+        """The pipeline's stage runner, with this launcher for bilevel stages."""
+        from bliss_ray.stages import steps
+
+        return steps.run_stage(run, st, d, bilevel_launch=self)
+
+    def drain(self, timeout_s: float = 60.0) -> None:
+        """Wait until Tune has taken every forwarded report, so that the trial's final report really is last."""
+        deadline = time.monotonic() + timeout_s
+        for cb in self.callbacks:
+            while not cb._training_actor_item_queue.empty() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        if self.callbacks:
+            time.sleep(1.0)  # the session moves the item it took to its result queue just after taking it
+
+
+class _ForwardToTune(TuneReportCallback):
+    """Rank-0 metrics → Tune, tagged with the stage. The sweep metric is always present (Tune and Optuna reject
+    results without it): NaN where this stage does not measure it."""
+
+    def __init__(self, extra: dict, metric: str):
+        super().__init__()
+        self.extra, self.metric = extra, metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = {self.metric: math.nan, **metrics[0], **self.extra}
+        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+
+def objective(spec: SweepSpec, run: Run, results: dict) -> dict:
+    """The trial's final metrics: upper/lower loss averaged over the objective bilevel stage's last steps, and for
+    full trials the final checkpoint's evaluation."""
+    from bliss_ray.train.checkpoint import read_metrics
+
+    rounds = run.exp.schedule.rounds if spec.stage == "full" else spec.round
+    out: dict = {"final": 1}
+    key = f"r{rounds}.bilevel"
+    if key in run.by_key:
+        m = read_metrics(run.dir(key) / "metrics.jsonl")
+        tail = m[-spec.last_steps :]
+        out |= {
+            "objective_stage": key,
+            "bilevel_steps": len(m),
+            "upper_loss": sum(x["upper_loss"] for x in tail) / len(tail),
+            "lower_loss": sum(x["lower_loss"] for x in tail) / len(tail),
+            "upper_loss_first": m[0]["upper_loss"],
+            "upper_loss_last": m[-1]["upper_loss"],
+        }
+    if spec.stage == "full":
+        last = max(results["evaluate"]["checkpoints"], key=lambda c: c["steps"])
+        avg = last.get("paper_average")
+        out |= {"paper_average": math.nan if avg is None else avg, "reference_loss": last["reference_loss"]}
+        out |= {"target_steps": last["steps"]}
+    return out
+
+
+def bliss_sweep_trial(config: dict, sweep: Sweep, out: str, storage: str) -> None:
+    """The Tune function trial (a "driver"): this trial's pipeline up to its objective, then the final report."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trial_id = tune.get_context().get_trial_id()
+    run = trial_run(sweep, config, trial_id, Path(out), storage)
+    _link_shared(run, Path(out))
+    launcher = _TuneBilevel(trial_id, sweep.spec.metric)
+    until = f"r{sweep.spec.round}.bilevel" if sweep.spec.stage == "bilevel" else "evaluate"
+    results = run.execute(until=until, runner=launcher.runner)
+    final = objective(sweep.spec, run, results)
+    launcher.drain()
+    tune.report(final)
+
+
+# ---- the sweep ----------------------------------------------------------------------------------------------
+
+
+def _restorable(exp_dir: str) -> bool:
+    """A Tune experiment to resume: its tuner state and at least one saved experiment state (a driver killed
+    before Tune saved any state left nothing to resume; starting afresh is then right)."""
+    if not tune.Tuner.can_restore(exp_dir):
+        return False
+    fs, p = pafs.FileSystem.from_uri(exp_dir)
+    names = [f.base_name for f in fs.get_file_info(pafs.FileSelector(p))]
+    return any(n.startswith("experiment_state-") for n in names)
+
+
+def _finished(exp_dir: str, sweep: Sweep) -> tune.ResultGrid | None:
+    """The results of an experiment whose trials have all finished (read without Ray); None if any is left to run
+    or retry, or if the state cannot be read (then ``Tuner.restore`` decides)."""
+    spec = sweep.spec
+    expected = spec.search.num_samples if spec.search.type == "optuna" else len(points(spec))
+    try:
+        analysis = tune.ExperimentAnalysis(exp_dir)
+    except Exception as e:  # e.g. a state file caught mid-write by a killed driver
+        log.warning("could not read %s (%s); resuming with Tuner.restore", exp_dir, e)
+        return None
+    trials = analysis.trials
+    if len(trials) < expected or any(t.status != "TERMINATED" for t in trials):
+        return None
+    return tune.ResultGrid(analysis)
+
+
+def precompute_shared(sweep: Sweep, out: Path) -> list[str]:
+    """Run the setup stages (tokenizer … r0.pretrain) of every enumerable point once, in order, before Tune starts,
+    in OUT/<base name>/, so that concurrent trials only read them (no two trials ever write one stage directory).
+    For Optuna, stages that depend on a continuous key are left to the trials. Returns the stage dirs used."""
+    used: list[str] = []
+    for pt in points(sweep.spec):
+        run = Run(sweep.experiment(pt), out)
+        keys = _setup_keys(run)
+        for key, dom in sweep.spec.space.items():
+            for v in dom.candidates(True) if dom.kind in ("loguniform", "uniform") else []:
+                ids = Run(sweep.experiment(pt | {key: v}), out).ids
+                keys = list(itertools.takewhile(lambda k, ids=ids, run=run: ids[k] == run.ids[k], keys))
+        if keys:
+            run.execute(until=keys[-1])
+            used += [str(run.dir(k)) for k in keys if str(run.dir(k)) not in used]
+    return used
+
+
+def _param_space(spec: SweepSpec) -> dict:
+    def domain(d: Domain):
+        if d.kind == "grid":
+            return tune.grid_search(d.grid)
+        if d.kind == "choice":
+            return tune.choice(d.choice)
+        return getattr(tune, d.kind)(*getattr(d, d.kind))
+
+    space = {k: domain(d) for k, d in spec.space.items()}
+    if len(spec.seeds) > 1:
+        space["seed"] = tune.grid_search(spec.seeds)
+    return space
+
+
+def _trial_dirname(trial) -> str:  # module level: Tune pickles it into the experiment state
+    return f"trial_{trial.trial_id}"
+
+
+def _tuner(sweep: Sweep, trainable, storage: str) -> tune.Tuner:
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    spec = sweep.spec
+    optuna = spec.search.type == "optuna"
+    scheduler = None
+    if spec.asha:  # off by default: the upper-level loss is noisy and non-monotone (method.md §6.1)
+        scheduler = ASHAScheduler(time_attr="training_iteration", **spec.asha.model_dump())
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            search_alg=OptunaSearch(seed=spec.search.seed) if optuna else None,
+            scheduler=scheduler,
+            num_samples=spec.search.num_samples if optuna else 1,
+            max_concurrent_trials=spec.max_concurrent_trials,
+            # a finished trial's driver process runs the next one (no second torch import); not with ASHA, whose
+            # stopped trials may still be inside trainer.fit()
+            reuse_actors=spec.asha is None,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            verbose=1,
+        ),
+    )
+
+
+def run_sweep(path: str | Path, storage: str | None = None, out: Path = Path("runs")) -> str:
+    """Run, resume, or (when finished) re-collect a sweep; returns the path of its ``sweep_results.parquet``."""
+    import ray
+
+    from bliss_ray.stages import _ray
+
+    sweep = load_sweep(path)
+    spec, out = sweep.spec, Path(out).resolve()
+    storage = storage or str(out / "sweeps")
+    storage = storage if "://" in storage else str(Path(storage).resolve())
+    exp_dir, train_storage = join_uri(storage, spec.name), join_uri(storage, f"{spec.name}-train")
+    resume = _restorable(exp_dir)
+    old = read_bytes(join_uri(exp_dir, "sweep.json")) if resume else None
+    if old and json.loads(old)["fingerprint"] != sweep.fingerprint():
+        raise ConfigError(
+            f"{path}: the sweep or its base changed since {exp_dir} was started; resuming would mix "
+            "configurations. Give the sweep a new name (or delete the old experiment) to start afresh."
+        )
+    if resume and (done := _finished(exp_dir, sweep)) is not None:
+        log.info("sweep %s: all %d trials finished, nothing to run (no Ray started)", spec.name, len(done))
+        return write_results(done, sweep, exp_dir, out, train_storage)
+    started = _ray.ensure_ray(sweep.base.resources)
+    try:
+        fn = tune.with_parameters(bliss_sweep_trial, sweep=sweep, out=str(out), storage=train_storage)
+        trainable = tune.with_resources(fn, spec.trial_resources)
+        if resume:
+            log.info("resuming sweep %s from %s (Tuner.restore)", spec.name, exp_dir)
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
+        else:
+            write_bytes(join_uri(exp_dir, "sweep.json"), sweep_json(sweep))
+            shared = precompute_shared(sweep, out)
+            log.info("sweep %s: %d shared setup stages ready; starting Tune", spec.name, len(shared))
+            tuner = _tuner(sweep, trainable, storage)
+        grid = tuner.fit()
+        return write_results(grid, sweep, exp_dir, out, train_storage)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _arrow(df: pd.DataFrame) -> pa.Table:
+    """Tune dataframes hold object columns of mixed types; store those that arrow cannot type as text."""
+    cols = {}
+    for c in df.columns:
+        try:
+            cols[c] = pa.array(df[c], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            cols[c] = pa.array([None if v is None or v != v else str(v) for v in df[c]], pa.string())
+    return pa.table(cols)
+
+
+def write_results(grid, sweep: Sweep, exp_dir: str, out: Path, train_storage: str) -> str:
+    """``ResultGrid.get_dataframe()`` (one row per trial, its final metrics) + variant columns, and the learning
+    curves (bilevel ``metrics.jsonl`` of each trial's objective stage, or the reports Tune kept), as parquet in the
+    experiment directory and in OUT/<sweep>/ (where ``bliss-ray report`` reads them)."""
+    spec = sweep.spec
+    df = grid.get_dataframe()
+    extra, curves = [], []
+    for r in grid:
+        tid = Path(r.path).name.removeprefix("trial_")
+        hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
+        finals = hist[hist["final"] == 1] if "final" in hist else hist.iloc[0:0]
+        final = finals.iloc[-1].to_dict() if len(finals) else {}
+        point = {k: r.config[k] for k in spec.space if k in r.config}
+        seed = r.config.get("seed", spec.seeds[0] if spec.seeds else sweep.base.seed)
+        status = "error" if r.error else ("ok" if final else "stopped")
+        row = {"trial_id": tid, "variant": variant_label(spec, point), "seed": seed, "status": status}
+        row |= {"variant_key": json.dumps(point, sort_keys=True, default=str), "error": str(r.error or "") or None}
+        extra.append(row | {k: final[k] for k in (*FINAL_METRICS[spec.stage], "objective_stage") if k in final})
+        run = trial_run(sweep, r.config | {"seed": seed}, tid, out, train_storage)
+        stage = final.get("objective_stage") or f"r{spec.round}.bilevel"
+        mfile = run.dir(stage) / "metrics.jsonl" if stage in run.by_key else None
+        if mfile is not None and mfile.exists():
+            series = [json.loads(line) for line in mfile.read_text().splitlines() if line.strip()]
+        elif "step" in hist:  # the trial's run dir is on another machine: the (checkpoint-step) reports Tune kept
+            series = hist[hist["final"] != 1].to_dict("records") if "final" in hist else hist.to_dict("records")
+        else:
+            series = []
+        ids = {k: row[k] for k in CURVE_ID}
+        curves += [{**ids, "stage": stage, **{k: m.get(k) for k in CURVE_METRICS}} for m in series]
+    extra_df = pd.DataFrame(extra)
+    if len(df) and "trial_id" in df:
+        df = df.drop(columns=[c for c in extra_df.columns if c in df and c != "trial_id"])
+        df = df.merge(extra_df, on="trial_id", how="outer")
+    else:
+        df = extra_df
+    files = {
+        "sweep_results.parquet": _arrow(df),
+        "sweep_curves.parquet": _arrow(pd.DataFrame(curves, columns=[*CURVE_ID, "stage", *CURVE_METRICS])),
+    }
+    local = out / spec.name
+    local.mkdir(parents=True, exist_ok=True)
+    for name, table in files.items():
+        pq.write_table(table, local / name)
+        if join_uri(exp_dir, name) != str(local / name):
+            write_bytes(join_uri(exp_dir, name), (local / name).read_bytes())
+    (local / "sweep.json").write_bytes(sweep_json(sweep))
+    path = join_uri(exp_dir, "sweep_results.parquet")
+    bad = extra_df[extra_df["status"] == "error"] if len(extra_df) else extra_df
+    if len(bad):  # not done: a rerun (or a RayJob retry) resumes and retries exactly these
+        errors = "; ".join(f"{r.trial_id} ({r.variant}): {str(r.error)[:200]}" for r in bad.itertuples())
+        raise SweepFailed(
+            f"{len(bad)} of {len(extra_df)} trials failed: {errors}. Results so far: {path}; rerun the "
+            "same command to retry the failed trials"
+        )
+    return path

@@ -1,0 +1,287 @@
+"""The sweep file and its on-disk layout: parse and validate a sweep YAML before any compute, name each trial's run
+directory and files. No Ray here; ``bliss_ray.sweep`` runs sweeps.
+
+    from bliss_ray.sweep_spec import load_sweep
+    sweep = load_sweep("experiments/sweeps/table2_proxy_sigmoid_tiny.yaml")   # raises ConfigError naming the field
+    sweep.experiment({"bilevel.use_sigmoid": False})                             # one point's full Experiment
+
+Fields (see experiments/sweeps/README.md): ``name``, ``description``, ``base``, ``overrides``, ``stage``
+(bilevel | full), ``round``, ``space`` (dotted key → {grid | choice | loguniform | uniform}), ``labels``, ``metric``,
+``mode``, ``last_steps``, ``search`` (grid | {type: optuna, seed, num_samples}), ``seeds``,
+``max_concurrent_trials``, ``max_failures``, ``trial_resources``, ``asha``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.fs as pafs
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bliss_ray.config import ConfigError, Experiment, load_experiment
+from bliss_ray.pipeline import Run, plan
+
+REPO = Path(__file__).resolve().parents[1]
+# the final metrics each objective reports, and the direction in which they improve
+FINAL_METRICS = {"bilevel": {"upper_loss": "min", "lower_loss": "min"}}
+FINAL_METRICS["full"] = FINAL_METRICS["bilevel"] | {"paper_average": "max", "reference_loss": "min"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Domain(_Strict):
+    """Exactly one of: ``grid`` (every value, grid search), ``choice`` (categorical, Optuna), or a range."""
+
+    grid: list[Any] | None = Field(None, min_length=1)
+    choice: list[Any] | None = Field(None, min_length=1)
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Domain:
+        given = [k for k in ("grid", "choice", "loguniform", "uniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, loguniform, uniform (got {given or 'none'})")
+        if given[0] in ("loguniform", "uniform"):
+            lo, hi = getattr(self, given[0])
+            if not lo < hi or (given[0] == "loguniform" and lo <= 0):
+                raise ValueError(f"{given[0]} needs 0 < lo < hi (log) or lo < hi, got [{lo}, {hi}]")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "loguniform", "uniform") if getattr(self, k) is not None)
+
+    def candidates(self, ranges: bool) -> list:
+        """Values to validate/pre-compute with: every listed value, and the bounds of ranges when ``ranges``."""
+        return list(getattr(self, self.kind)) if self.kind in ("grid", "choice") or ranges else []
+
+
+class Search(_Strict):
+    type: Literal["grid", "optuna"] = "grid"
+    seed: int = 0
+    """Optuna sampler seed: the same seed and space give the same trials."""
+    num_samples: int = Field(1, ge=1)
+    """Optuna trials (ignored by grid: one trial per grid point and seed)."""
+
+
+class Asha(_Strict):
+    max_t: int = Field(100, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    base: str
+    stage: Literal["bilevel", "full"] = "bilevel"
+    round: int = Field(1, ge=1)
+    overrides: dict[str, Any] = {}
+    space: dict[str, Domain] = Field(min_length=1)
+    labels: dict[str, dict[Any, str]] = {}
+    """How reports name values, e.g. {models.proxy.arch: {pythia-micro: "31M stand-in"}}."""
+    metric: str = "upper_loss"
+    mode: Literal["min", "max"] = "min"
+    last_steps: int = Field(5, ge=1)
+    search: Search = Search()
+    seeds: list[int] = []
+    max_concurrent_trials: int = Field(1, ge=1)
+    max_failures: int = Field(1, ge=-1)
+    """Tune-level retries of a trial whose driver died (Train-level retries: ``resources.max_failures``)."""
+    trial_resources: dict[str, float] = {"CPU": 0.01}
+    """Resources of a trial driver (it only orchestrates). The shipped clusters use ``{CPU: 1, TRAIN_DRIVER: 1}``:
+    ``TRAIN_DRIVER`` exists only on their on-demand ``cpu_drivers`` nodes, so spot reclaims never kill a driver."""
+    asha: Asha | None = None
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _search_shorthand(cls, v):
+        return {"type": v} if isinstance(v, str) else v
+
+
+@dataclasses.dataclass
+class Sweep:
+    spec: SweepSpec
+    path: Path
+    base_path: Path
+    base: Experiment  # the base experiment with the sweep's overrides
+
+    def experiment(self, point: dict, extra: dict | None = None) -> Experiment:
+        return load_experiment(self.base_path, {**self.spec.overrides, **point, **(extra or {})})
+
+    def fingerprint(self) -> str:
+        """What a resumed sweep must share with the original: the base with its overrides (except ``resources``)
+        and the search; how to run (resources, concurrency, retries) may change."""
+        keep = ("base", "stage", "round", "space", "metric", "mode", "last_steps", "search", "seeds")
+        base = self.base.model_dump(mode="json", exclude={"resources", "label"})
+        blob = json.dumps([self.spec.model_dump(mode="json", include=set(keep)), base], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(f"[{p}]" if isinstance(p, str) and "." in p else str(p) for p in loc).replace(".[", "[")
+
+
+def _check_key(key: str, where: str) -> None:
+    """A dotted key must name a value (not a section) of the Experiment schema."""
+    model: type[BaseModel] = Experiment
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part not in model.model_fields:
+            parent = ".".join(parts[:i]) or "the experiment"
+            raise ConfigError(f"{where}: '{key}' is not a config key ({parent} has no field '{part}')")
+        ann = model.model_fields[part].annotation
+        is_section = isinstance(ann, type) and issubclass(ann, BaseModel)
+        if i < len(parts) - 1 and not is_section:
+            raise ConfigError(f"{where}: '{key}' is not a config key ('{'.'.join(parts[: i + 1])}' is a value)")
+        if i == len(parts) - 1 and is_section:
+            raise ConfigError(f"{where}: '{key}' is a section; name one of its fields")
+        model = ann if is_section else model
+
+
+def _resolve_base(base: str, sweep_path: Path) -> Path:
+    for p in (Path(base), sweep_path.parent / base, REPO / base):
+        if p.is_file():
+            return p.resolve()
+    raise ConfigError(f"{sweep_path}: base: experiment file '{base}' not found (relative to the repo or the sweep)")
+
+
+def points(spec: SweepSpec, ranges: bool = False) -> list[dict]:
+    """Grid: every grid point × seed (what runs). Optuna: one-at-a-time probes of each listed value (and range
+    bounds when ``ranges``), the other keys at their first value: what can be validated and shared up front."""
+    seeds = [{"seed": s} for s in spec.seeds] or [{}]
+    if spec.search.type == "grid":
+        keys = list(spec.space)
+        combos = itertools.product(*(spec.space[k].grid for k in keys))
+        return [dict(zip(keys, c, strict=True)) | s for c in combos for s in seeds]
+    first = {k: d.candidates(True)[0] for k, d in spec.space.items() if d.candidates(ranges)}
+    probes = [first] + [first | {k: v} for k, d in spec.space.items() for v in d.candidates(ranges)[1:]]
+    return [p | seeds[0] for p in probes]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and validate a sweep file; raise ``ConfigError`` naming the bad field. No Ray, no compute."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        spec = SweepSpec.model_validate(tree)
+    except ValidationError as e:
+        lines = [f"  {_loc(err['loc']) or '<sweep>'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"invalid sweep {path}:\n" + "\n".join(lines)) from None
+    where = f"sweep {path}"
+    for key, dom in spec.space.items():
+        _check_key(key, f"{where}: space")
+        if key in ("name", "label") or (key == "seed" and spec.seeds):
+            raise ConfigError(f"{where}: space: '{key}' is set by the sweep itself (use `seeds:` for repeats)")
+        if (dom.kind == "grid") != (spec.search.type == "grid"):
+            want = "grid" if spec.search.type == "grid" else "choice, loguniform or uniform"
+            raise ConfigError(f"{where}: space[{key}]: search '{spec.search.type}' takes {want} domains")
+    for key in spec.overrides:
+        _check_key(key, f"{where}: overrides")
+    for key in spec.labels:
+        if key not in spec.space:
+            raise ConfigError(f"{where}: labels: '{key}' is not a key of space")
+    allowed = FINAL_METRICS[spec.stage]
+    if spec.metric not in allowed:
+        raise ConfigError(f"{where}: metric: '{spec.metric}' is not reported by stage '{spec.stage}' ({allowed})")
+    if spec.mode != allowed[spec.metric]:
+        raise ConfigError(f"{where}: mode: {spec.metric} is better when {allowed[spec.metric]}imised")
+    if spec.search.type == "optuna" and len(spec.seeds) > 1:
+        raise ConfigError(f"{where}: seeds: repeats need search: grid (rerun Optuna's best point with a grid)")
+    if spec.asha and spec.stage != "bilevel":
+        raise ConfigError(f"{where}: asha: only stage bilevel reports the metric during training")
+    base_path = _resolve_base(spec.base, path)
+    sweep = Sweep(spec, path, base_path, _validated(load_experiment, base_path, spec.overrides, f"{where}: overrides"))
+    from bliss_ray.models.lm import PRESETS  # torch: only after the cheap checks
+
+    for pt in points(spec, ranges=True):
+        exp = _validated(sweep.experiment, pt, None, f"{where}: point {pt}")
+        bad = [
+            f"models.{m}.arch={a}" for m in ("target", "proxy") if (a := getattr(exp.models, m).arch) not in PRESETS
+        ]
+        if bad:
+            raise ConfigError(f"{where}: point {pt}: unknown model preset {bad}; choose from {sorted(PRESETS)}")
+        key = f"r{spec.round}.bilevel"
+        if spec.stage == "bilevel" and key not in {s.key for s in plan(exp)}:
+            raise ConfigError(
+                f"{where}: round: point {pt} has no stage {key} (needs selection.method bliss and "
+                f"schedule.rounds >= {spec.round})"
+            )
+    return sweep
+
+
+def _validated(fn, a, b, where: str) -> Experiment:
+    try:
+        return fn(a, b)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def variant_label(spec: SweepSpec, point: dict) -> str:
+    """How reports name a config point: each key's ``labels`` entry, else ``<last key part>=<value>``."""
+
+    def show(key: str, value) -> str:
+        names = spec.labels.get(key, {})
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        return names.get(value, names.get(str(value), f"{key.split('.')[-1]}={shown}"))
+
+    return ", ".join(show(k, point[k]) for k in spec.space if k in point)
+
+
+# ---- on-disk layout (see bliss_ray.sweep) ---------------------------------------------------------------------
+
+
+def trial_run(sweep: Sweep, config: dict, trial_id: str, out: Path, storage: str) -> Run:
+    """A trial's pipeline Run: its own directory and Train storage, both deterministic from the trial id."""
+    spec = sweep.spec
+    point = {k: config[k] for k in spec.space if k in config}
+    seed = config.get("seed", spec.seeds[0] if spec.seeds else None)
+    extra = {"label": variant_label(spec, point), "resources.storage_path": join_uri(storage, trial_id)}
+    extra |= {"seed": seed} if seed is not None else {}
+    return Run(sweep.experiment(point, extra), out / spec.name / trial_id)
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    base, _, query = uri.partition("?")  # keep s3 options such as ?endpoint_override=… at the end
+    return "/".join([base.rstrip("/"), *parts]) + (f"?{query}" if query else "")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, p = pafs.FileSystem.from_uri(uri)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def read_bytes(uri: str) -> bytes | None:
+    fs, p = pafs.FileSystem.from_uri(uri)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def sweep_json(sweep: Sweep) -> bytes:
+    """``sweep.json``: what a resume checks (the fingerprint) and what the report shows (spec, labels by value)."""
+    spec = sweep.spec
+    meta = {
+        "fingerprint": sweep.fingerprint(),
+        "sweep_file": str(sweep.path),
+        "base_file": str(sweep.base_path),
+        "base_name": sweep.base.name,
+        "space_keys": list(spec.space),
+        **spec.model_dump(mode="json", exclude={"labels"}),
+        "labels": {k: {str(v): text for v, text in names.items()} for k, names in spec.labels.items()},
+    }
+    return json.dumps(meta, indent=2, default=str).encode()

@@ -1,0 +1,344 @@
+"""Ray Tune sweeps (bliss_ray.sweep): validation before compute, the sweep report, the tiny Table-2 sweep end to end
+on the session's Ray, and killing the sweep driver mid-sweep then resuming it with the same command.
+
+The Ray tests share one output root, so the setup stages (tokenizer … r0.pretrain) are computed once for both.
+
+    .venv/bin/python -m pytest tests/test_sweep.py -q                 # everything (a few minutes on 2 cores)
+    .venv/bin/python -m pytest tests/test_sweep.py -q -m "not ray"   # validation + report only (seconds)
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from bliss_ray.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE2 = REPO / "experiments" / "sweeps" / "table2_proxy_sigmoid_tiny.yaml"
+
+
+def _write_sweep(tmp_path: Path, **changes) -> Path:
+    tree = yaml.safe_load(TABLE2.read_text())
+    if "space" in changes:
+        tree.pop("labels")  # they name the shipped space's keys
+    for key, value in changes.items():
+        if value is None:
+            tree.pop(key, None)
+        else:
+            tree[key] = value
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+# ---- validation: no Ray, no compute ---------------------------------------------------------------------------
+
+GRID = {"models.proxy.arch": {"grid": ["pythia-micro"]}}
+BAD = {
+    "typo": ({"metrik": "upper_loss"}, "metrik"),
+    "unknown space key": ({"space": {"bilevel.gama": {"grid": [0.1]}}}, "bilevel.gama"),
+    "unknown override key": ({"overrides": {"bilevel.outer_step": 3}}, "bilevel.outer_step"),
+    "section as key": ({"space": {"bilevel": {"grid": [1]}}}, "'bilevel' is a section"),
+    "two domains": ({"space": {"bilevel.gamma": {"grid": [0.1], "choice": [0.2]}}}, "space[bilevel.gamma]"),
+    "unknown domain": ({"space": {"bilevel.gamma": {"grd": [0.1]}}}, "space[bilevel.gamma].grd"),
+    "bad range": (
+        {"space": {"bilevel.gamma": {"loguniform": [0, 0.5]}}, "search": "optuna"},
+        "space[bilevel.gamma]",
+    ),
+    "grid value the schema rejects": ({"space": {"bilevel.outer_steps": {"grid": [4, 0]}}}, "bilevel.outer_steps"),
+    "unknown model preset": ({"space": {"models.proxy.arch": {"grid": ["pythia-huge"]}}}, "pythia-huge"),
+    "grid domain under optuna": ({"search": {"type": "optuna", "num_samples": 2}}, "space[models.proxy.arch]"),
+    "metric the stage does not report": ({"metric": "paper_average", "mode": "max"}, "metric"),
+    "round without a bilevel stage": ({"round": 2}, "round"),
+    "seeds under optuna": (
+        {"space": {"bilevel.gamma": {"choice": [0.1]}}, "search": "optuna", "seeds": [0, 1]},
+        "seeds",
+    ),
+    "missing base": ({"base": "experiments/nope.yaml"}, "base"),
+}
+
+
+@pytest.mark.parametrize("change,field", BAD.values(), ids=BAD.keys())
+def test_load_sweep_rejects_bad_sweeps_naming_the_field(tmp_path, change, field):
+    from bliss_ray.sweep import load_sweep
+
+    with pytest.raises(ConfigError) as err:
+        load_sweep(_write_sweep(tmp_path, **change))
+    assert field in str(err.value), str(err.value)
+
+
+def test_shipped_sweeps_enumerate_their_points():
+    from bliss_ray.sweep import load_sweep
+    from bliss_ray.sweep_spec import points, variant_label
+
+    sweep = load_sweep(TABLE2)
+    pts = points(sweep.spec)
+    assert len(pts) == 4 and len({json.dumps(p, sort_keys=True) for p in pts}) == 4
+    assert sweep.experiment(pts[-1]).models.proxy.arch == "pythia-tiny-proxy"
+    assert variant_label(sweep.spec, pts[1]) == "proxy 31M (pythia-micro), no sigmoid"
+    optuna = load_sweep(REPO / "experiments" / "sweeps" / "gamma_lambda_tiny.yaml")
+    # Optuna: one probe per choice value (ranges are only validated at their bounds, never pre-computed)
+    assert points(optuna.spec) == [{"bilevel.l2": 1e-7}, {"bilevel.l2": 1e-6}]
+    assert len(points(optuna.spec, ranges=True)) == 3
+
+
+def test_objective_is_the_mean_of_the_last_steps(tmp_path):
+    from bliss_ray.pipeline import Run
+    from bliss_ray.sweep import load_sweep, objective
+
+    sweep = load_sweep(TABLE2)
+    run = Run(sweep.experiment({}), tmp_path)
+    d = run.dir("r1.bilevel")
+    d.mkdir(parents=True)
+    rows = [{"step": i + 1, "upper_loss": 10.0 - i, "lower_loss": 20.0 - i} for i in range(8)]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = objective(sweep.spec, run, {})
+    assert out["upper_loss"] == pytest.approx((5 + 4 + 3) / 3)  # last_steps: 3 → steps 6, 7, 8
+    assert (out["upper_loss_first"], out["upper_loss_last"], out["bilevel_steps"]) == (10.0, 3.0, 8)
+
+
+def test_full_objective_scores_the_final_checkpoint(tmp_path):
+    from bliss_ray.pipeline import Run
+    from bliss_ray.sweep import load_sweep, objective
+
+    path = _write_sweep(tmp_path, stage="full", metric="paper_average", mode="max")
+    sweep = load_sweep(path)
+    run = Run(sweep.experiment({}), tmp_path)  # tiny: 1 round, so the last bilevel stage is r1.bilevel
+    run.dir("r1.bilevel").mkdir(parents=True)
+    (run.dir("r1.bilevel") / "metrics.jsonl").write_text('{"upper_loss": 2.0, "lower_loss": 3.0}\n')
+    ckpts = [{"steps": 12, "paper_average": 0.4, "reference_loss": 5.0}, {"steps": 6, "paper_average": 0.3}]
+    out = objective(sweep.spec, run, {"evaluate": {"checkpoints": ckpts}})
+    assert (out["paper_average"], out["reference_loss"], out["target_steps"]) == (0.4, 5.0, 12)
+    assert out["upper_loss"] == 2.0 and out["objective_stage"] == "r1.bilevel"
+
+
+def test_resuming_a_changed_sweep_is_refused_before_ray_starts(tmp_path):
+    from bliss_ray.sweep import load_sweep, run_sweep, sweep_json
+
+    overrides = yaml.safe_load(TABLE2.read_text())["overrides"]
+    sweep = load_sweep(_write_sweep(tmp_path))
+    exp_dir = tmp_path / "storage" / sweep.spec.name  # a stand-in for an interrupted Tune experiment
+    exp_dir.mkdir(parents=True)
+    for name in ("tuner.pkl", "experiment_state-2026-01-01_00-00-00.json"):
+        (exp_dir / name).write_text("{}")
+    (exp_dir / "sweep.json").write_bytes(sweep_json(sweep))
+    how = load_sweep(_write_sweep(tmp_path, overrides=overrides | {"resources.num_cpus": 2}))
+    assert how.fingerprint() == sweep.fingerprint()  # how to run may change between runs
+    changed = _write_sweep(tmp_path, overrides=overrides | {"bilevel.outer_steps": 9})
+    with pytest.raises(ConfigError, match="changed since"):
+        run_sweep(changed, storage=str(tmp_path / "storage"), out=tmp_path / "runs")
+
+
+class _FakeResult:  # the parts of ray.tune.Result that write_results reads
+    def __init__(self, path, config, history, error=None):
+        self.path, self.config, self.metrics_dataframe, self.error = path, config, pd.DataFrame(history), error
+
+
+class _FakeGrid(list):
+    def get_dataframe(self):
+        return pd.DataFrame([{"trial_id": Path(r.path).name[6:], **r.metrics_dataframe.iloc[-1]} for r in self])
+
+
+def test_results_keep_final_metrics_and_a_failed_trial_fails_the_sweep(tmp_path):
+    from bliss_ray.sweep import SweepFailed, load_sweep, write_results
+
+    sweep = load_sweep(TABLE2)
+    history = [
+        {"step": 4, "upper_loss": 9.0, "final": 0},
+        {"upper_loss": 7.5, "objective_stage": "r1.bilevel", "final": 1},
+    ]
+    arch = "models.proxy.arch"
+    grid = _FakeGrid(
+        [
+            _FakeResult("x/trial_a_00000", {arch: "pythia-micro", "bilevel.use_sigmoid": True}, history),
+            _FakeResult("x/trial_a_00001", {arch: "pythia-micro", "bilevel.use_sigmoid": False}, history[:1], "boom"),
+        ]
+    )
+    exp_dir = tmp_path / "storage" / "t"
+    with pytest.raises(SweepFailed, match="1 of 2 trials failed: a_00001"):
+        write_results(grid, sweep, str(exp_dir), tmp_path / "runs", str(tmp_path / "train"))
+    df = pd.read_parquet(exp_dir / "sweep_results.parquet").set_index("trial_id")
+    assert df.loc["a_00000", "status"] == "ok" and df.loc["a_00000", "upper_loss"] == 7.5  # the final row, not 9.0
+    assert df.loc["a_00001", "status"] == "error" and "boom" in df.loc["a_00001", "error"]
+    curves = pd.read_parquet(tmp_path / "runs" / sweep.spec.name / "sweep_curves.parquet")
+    assert list(curves["step"]) == [4, 4]  # no metrics.jsonl here: the per-checkpoint reports Tune kept
+
+
+def test_report_renders_mean_std_over_seeds(tmp_path):
+    """Synthetic results: 2 variants × 3 seeds; the table shows mean ± sample std and n, the PNG is written."""
+    from bliss_ray.report.build import build_report
+
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    meta = {
+        "name": "synthetic",
+        "description": "two variants",
+        "base_file": "tiny.yaml",
+        "overrides": {},
+        "stage": "bilevel",
+        "round": 1,
+        "last_steps": 3,
+        "metric": "upper_loss",
+        "mode": "min",
+        "search": {"type": "grid", "seed": 0},
+        "seeds": [0, 1, 2],
+        "space_keys": ["bilevel.use_sigmoid"],
+        "labels": {"bilevel.use_sigmoid": {"True": "sigmoid", "False": "no sigmoid"}},
+    }
+    (sweep_dir / "sweep.json").write_text(json.dumps(meta))
+    rows, curves = [], []
+    for sig, base in ((True, 5.0), (False, 6.0)):
+        key = json.dumps({"bilevel.use_sigmoid": sig})
+        label = "sigmoid" if sig else "no sigmoid"
+        for seed in range(3):
+            tid = f"t{int(sig)}{seed}"
+            ident = {"trial_id": tid, "variant": label, "variant_key": key, "seed": seed, "status": "ok"}
+            rows.append(ident | {"config/bilevel.use_sigmoid": sig, "upper_loss": base + seed, "time_total_s": 9.0})
+            curves += [ident | {"stage": "r1.bilevel", "step": s, "upper_loss": base + seed + 1 / s} for s in (1, 2)]
+    pd.DataFrame(rows).to_parquet(sweep_dir / "sweep_results.parquet")
+    pd.DataFrame(curves).to_parquet(sweep_dir / "sweep_curves.parquet")
+    text = build_report([sweep_dir], tmp_path / "report").read_text()
+    assert "| sigmoid | **6.0000 ± 1.0000** | 3 | +0.0000 |" in text  # 5, 6, 7 → mean 6, sample std 1
+    assert "| no sigmoid | 7.0000 ± 1.0000 | 3 | +1.0000 |" in text
+    assert "| sigmoid | 7.0000 ± 1.0000 |" in text  # matched step 1: 5+1, 6+1, 7+1
+    assert (tmp_path / "report" / "synthetic_curves.png").stat().st_size > 10_000
+
+
+# ---- Ray: the tiny Table-2 sweep, then kill-and-resume ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep_out(tmp_path_factory):
+    """One output root for the Ray tests: the setup stages computed by the first are reused by the second."""
+    return tmp_path_factory.mktemp("sweeps")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(1500)
+def test_tiny_table2_sweep_reports_the_ablation(ray_local, sweep_out):
+    from bliss_ray.report.build import build_report
+    from bliss_ray.sweep import run_sweep
+
+    storage = sweep_out / "storage"
+    t0 = time.perf_counter()
+    result = Path(run_sweep(TABLE2, storage=str(storage), out=sweep_out))
+    print(f"tiny table-2 sweep: {time.perf_counter() - t0:.0f} s")
+    df = pd.read_parquet(result)
+    assert len(df) == 4 and set(df["status"]) == {"ok"} and df["variant_key"].nunique() == 4
+    assert np.isfinite(df["upper_loss"]).all() and (df["final"] == 1).all()
+    assert (df["training_iteration"] >= 2).all()  # Train's rank-0 reports reached Tune before the final one
+    for tid in df["trial_id"]:  # each trial's Train run is named from its trial id, under the sweep's storage
+        assert (storage / "table2_proxy_sigmoid_tiny-train" / tid / f"{tid}-r1.bilevel").is_dir()
+        tokenize = next((sweep_out / "table2_proxy_sigmoid_tiny" / tid / "tiny").glob("tokenize-*"))
+        assert tokenize.is_symlink()  # shared setup stages were computed once, before Tune
+    text = build_report([sweep_out / "table2_proxy_sigmoid_tiny"], sweep_out / "report").read_text()
+    for label in ("proxy 31M (pythia-micro)", "proxy 160M (pythia-tiny-proxy)", "| sigmoid |", "| no sigmoid |"):
+        assert label in text, text
+    ablation = text.split("### Ablation table")[1].split("###")[0]
+    table = [line for line in ablation.splitlines() if line.startswith("| proxy ")]
+    assert len(table) == 4 and all(any(c.isdigit() for c in line.split("|")[3]) for line in table), ablation
+    assert (sweep_out / "report" / "table2_proxy_sigmoid_tiny_curves.png").is_file()
+
+
+def _states(exp_dir: Path) -> dict[str, str]:
+    """trial id → status in the newest experiment state Tune saved (what a restore will see)."""
+    files = sorted(exp_dir.glob("experiment_state-*.json"))  # by the timestamp in the name (mtimes: synced copies)
+    if not files:
+        return {}
+    try:
+        trials = [json.loads(t[0]) for t in json.loads(files[-1].read_text())["trial_data"]]
+    except (json.JSONDecodeError, KeyError):  # caught mid-write
+        return {}
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+def _rows(exp_dir: Path, tid: str) -> list[dict]:
+    f = exp_dir / f"trial_{tid}" / "result.json"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(1500)
+def test_killed_sweep_resumes_with_the_same_command(sweep_out, tmp_path):
+    """SIGKILL the driver (its whole process group: Ray goes too) once trial 1 finished and trial 2's Train run has
+    a checkpoint; rerun: Tuner.restore finishes trial 2 from that checkpoint, keeps trial 1; a third run is a no-op."""
+    tree = yaml.safe_load(TABLE2.read_text())
+    tree.update(name="kill_resume", base=str(REPO / "experiments" / "tiny.yaml"))
+    tree["space"] = {"bilevel.use_sigmoid": {"grid": [True, False]}}
+    tree["labels"] = {}
+    tree["overrides"] |= {"bilevel.outer_steps": 12, "bilevel.ckpt_every_steps": 2}  # a kill window of ~10 steps
+    sweep = tmp_path / "kill_resume.yaml"
+    sweep.write_text(yaml.safe_dump(tree))
+    storage = sweep_out / "storage"
+    exp_dir, train = storage / "kill_resume", storage / "kill_resume-train"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the session's Ray
+    env |= {"RAY_TMPDIR": tempfile.mkdtemp(prefix="brk_", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "bliss_ray.cli", "sweep", str(sweep), "--storage", str(storage)]
+    cmd += ["--out", str(sweep_out)]
+    log = tmp_path / "driver.log"
+
+    def run(tag: str) -> float:
+        t0 = time.perf_counter()
+        with log.open("a") as f:
+            f.write(f"\n==== {tag}\n")
+            f.flush()
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900)
+        assert proc.returncode == 0, log.read_text()[-4000:]
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while True:
+            assert driver.poll() is None, "the sweep ended before it could be killed:\n" + log.read_text()[-4000:]
+            states = _states(exp_dir)
+            done = [t for t, s in states.items() if s == "TERMINATED"]  # saved as finished: a restore keeps it
+            rest = [t for t in states if t not in done]  # saved as PENDING or RUNNING: a restore resumes it
+            if done and rest and _rows(exp_dir, rest[0]):  # trial 2 has reported (= checkpointed) at least once
+                snapshot = train / rest[0] / f"{rest[0]}-r1.bilevel" / "checkpoint_manager_snapshot.json"
+                if snapshot.exists():
+                    break
+            assert time.perf_counter() - t0 < 900, "no kill point reached:\n" + log.read_text()[-4000:]
+            time.sleep(0.5)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver's process group: the sweep and the Ray it started
+        driver.wait()
+    killed_at, first_run = time.time(), time.perf_counter() - t0
+    finished, interrupted = done[0], rest[0]
+    kept = (exp_dir / f"trial_{finished}" / "result.json").read_bytes()
+    before = [r["step"] for r in _rows(exp_dir, interrupted) if not r["final"]]  # Tune rewrites this file on restore
+    assert max(before) < tree["overrides"]["bilevel.outer_steps"], f"killed too late to test a resume: {before}"
+    success = next((sweep_out / "kill_resume" / finished / "tiny").glob("r1.bilevel-*/_SUCCESS")).stat().st_mtime_ns
+
+    resume = run("resume")
+    states = _states(exp_dir)
+    assert sorted(states) == sorted([finished, interrupted]) and set(states.values()) == {"TERMINATED"}
+    df = pd.read_parquet(exp_dir / "sweep_results.parquet")
+    assert len(df) == 2 and df["variant_key"].nunique() == 2 and set(df["status"]) == {"ok"}
+    assert (exp_dir / f"trial_{finished}" / "result.json").read_bytes() == kept  # not re-run
+    again = next((sweep_out / "kill_resume" / finished / "tiny").glob("r1.bilevel-*/_SUCCESS")).stat().st_mtime_ns
+    assert again == success
+    after = [r["step"] for r in _rows(exp_dir, interrupted) if r["timestamp"] >= killed_at and not r["final"]]
+    assert before and after and min(after) > min(before), (before, after)  # went on from a checkpoint, not step 0
+    assert max(after) == tree["overrides"]["bilevel.outer_steps"]
+
+    rows = {t: _rows(exp_dir, t) for t in states}
+    noop = run("no-op")
+    assert _states(exp_dir) == states and {t: _rows(exp_dir, t) for t in states} == rows
+    resumed, noop_log = log.read_text().split("==== resume")[1].split("==== no-op")
+    assert "(Tuner.restore)" in resumed and "Started a local Ray" not in noop_log and "nothing to run" in noop_log
+    assert sorted(p.name for p in (sweep_out / "kill_resume").iterdir() if p.is_dir()) == sorted(states)
+    print(f"kill test: first run until kill {first_run:.0f} s, resume {resume:.0f} s, no-op {noop:.0f} s")
+    print(f"steps reported by the interrupted trial before the kill {before}, after the resume {after}")
