@@ -1,6 +1,6 @@
 """Report arithmetic without Ray: where a curve reaches a score (Figure 3's speed-up) and when a speed-up is noise.
 
-    .venv/bin/python -m pytest tests/test_report.py -q
+.venv/bin/python -m pytest tests/test_report.py -q
 """
 
 import pytest
