@@ -3,6 +3,8 @@
 .venv/bin/python -m pytest tests/test_report.py -q
 """
 
+from pathlib import Path
+
 import pytest
 
 from bliss_ray.report.build import _noise_note, reach_step
@@ -22,3 +24,17 @@ def test_a_difference_within_two_standard_errors_is_called_noise():
     assert "not evidence" not in _noise_note(base, far, "paper_average")
     assert "5.00 ± 1.41" in _noise_note(base, far, "paper_average")
     assert _noise_note({"reference_loss": 4.0}, {"reference_loss": 3.9}, "reference_loss") == ""  # no stderr
+
+
+def test_seed_groups_pool_variants_that_differ_only_in_seeds():
+    from bliss_ray.report.collect import Variant, seed_groups
+
+    def variant(method: str, seed: int, z_init: str = "zero") -> Variant:
+        exp = {"name": f"demo-s{seed}", "seed": seed, "selection": {"method": method, "seed": seed}}
+        return Variant(root=Path(f"runs/demo-s{seed}"), exp=exp | {"bilevel": {"z_init": z_init}}, evaluate={})
+
+    vs = [variant("bliss", s, z) for s in (0, 1, 2) for z in ("zero", "constant")] + [variant("random", 0)]
+    groups = dict(seed_groups(vs))
+    assert sorted(groups) == ["bliss (z_init=constant)", "bliss (z_init=zero)", "random"]
+    assert [v.exp["seed"] for v in groups["bliss (z_init=zero)"]] == [0, 1, 2]
+    assert len(groups["random"]) == 1

@@ -17,7 +17,7 @@ from bliss_ray.config import parse_experiment
 from bliss_ray.evaluation.harness import PAPER_NOTE
 from bliss_ray.flops import format_ledger, ledger, totals
 from bliss_ray.report import figures
-from bliss_ray.report.collect import Variant, find_variants
+from bliss_ray.report.collect import Variant, find_variants, seed_groups
 from bliss_ray.selection import jaccard
 
 
@@ -106,6 +106,34 @@ def _downstream_table(variants: list[Variant]) -> list[str]:
     return lines
 
 
+def _seed_table(variants: list[Variant]) -> list[str]:
+    """Final scores per group of seeds: mean ± standard deviation over seeds (ddof 1), and each seed's value."""
+    groups = [(name, vs) for name, vs in seed_groups(variants) if len(vs) > 1]
+    if not groups:
+        return []
+    lines = [
+        "## Across seeds",
+        "",
+        "Final checkpoint of each variant, mean ± standard deviation over seeds (the seed-to-seed spread is what a "
+        "difference between methods has to beat):",
+        "",
+        "| variant | seeds | paper avg | reference loss | per seed (paper avg / ref. loss) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, vs in groups:
+        last = [v.checkpoints()[-1] for v in vs]
+        avg = np.array([np.nan if c.get("paper_average") is None else c["paper_average"] for c in last])
+        ref = np.array([c["reference_loss"] for c in last])
+        seeds = ", ".join(
+            f"{v.exp['seed']}: {_fmt(a, 100)} / {_fmt(r, 1, 4)}" for v, a, r in zip(vs, avg, ref, strict=True)
+        )
+        lines.append(
+            f"| {name} | {len(vs)} | {_fmt(avg.mean(), 100)} ± {_fmt(avg.std(ddof=1), 100)} | "
+            f"{_fmt(ref.mean(), 1, 4)} ± {_fmt(ref.std(ddof=1), 1, 4)} | {seeds} |"
+        )
+    return [*lines, ""]
+
+
 def _rounds_table(variants: list[Variant]) -> list[str]:
     lines = ["| variant | round | target steps | tokens | paper avg | reference loss |", "|---|---|---|---|---|---|"]
     for v in variants:
@@ -190,6 +218,7 @@ def build_report(roots: list[Path], out: Path) -> Path:
         "they differ); `bliss_ref_cloze` is a last-word cloze on the held-out reference passages.",
         "",
     ]
+    md += _seed_table(variants)
     md += ["## Per round", "", *_rounds_table(variants), ""]
     figs = {
         "bilevel": figures.bilevel_curves(variants, out / "bilevel_curves.png"),

@@ -77,6 +77,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _comparable(variants: list[Variant]) -> list[dict]:
+    """Each variant's result-affecting settings, flattened; only keys every variant has, so that runs made before
+    a config field was added still compare with newer ones."""
+    flat = [{k: v for k, v in _flatten(v.exp).items() if k.split(".")[0] not in _IDENTITY_FREE} for v in variants]
+    common = set.intersection(*(set(f) for f in flat)) if flat else set()
+    return [{k: v for k, v in f.items() if k in common} for f in flat]
+
+
 def find_variants(roots: list[Path]) -> list[Variant]:
     variants = []
     for root in roots:
@@ -93,7 +101,7 @@ def find_variants(roots: list[Path]) -> list[Variant]:
 
 def _label(variants: list[Variant]) -> None:
     """Name each variant: its ``label``, else the method plus the settings that tell it apart from its peers."""
-    flat = [{k: v for k, v in _flatten(v.exp).items() if k.split(".")[0] not in _IDENTITY_FREE} for v in variants]
+    flat = _comparable(variants)
     for i, v in enumerate(variants):
         if v.exp.get("label"):
             v.label = v.exp["label"]
@@ -101,7 +109,32 @@ def _label(variants: list[Variant]) -> None:
         peers = [j for j, w in enumerate(variants) if w.method == v.method and j != i]
         differing = sorted({k for j in peers for k in flat[i] if flat[j].get(k) != flat[i][k]})
         shown = [k for k in differing if not k.startswith(("selection.method",))][:3]
-        extra = ", ".join(f"{k.split('.')[-1]}={json.loads(flat[i][k])}" for k in shown)
+        extra = ", ".join(dict.fromkeys(f"{k.split('.')[-1]}={json.loads(flat[i][k])}" for k in shown))
         v.label = f"{v.method}" + (f" ({extra})" if extra else "")
         if len({w.root for w in variants}) > 1 and not extra:
             v.label += f" [{v.root.name}]"
+
+
+SEED_KEYS = ("seed", "selection.seed")
+
+
+def seed_groups(variants: list[Variant]) -> list[tuple[str, list[Variant]]]:
+    """Variants whose experiments differ only in their seeds, grouped (in first-seen order) and named by the
+    method plus the settings that tell the groups of one method apart."""
+    flat = [{k: v for k, v in f.items() if k not in SEED_KEYS} for f in _comparable(variants)]
+    keys: list[str] = []
+    groups: dict[str, list[int]] = {}
+    for i, f in enumerate(flat):
+        key = json.dumps(f, sort_keys=True)
+        if key not in groups:
+            keys.append(key)
+        groups.setdefault(key, []).append(i)
+    named = []
+    for key in keys:
+        first = groups[key][0]
+        v = variants[first]
+        peers = [groups[k][0] for k in keys if k != key and variants[groups[k][0]].method == v.method]
+        differing = sorted({k for j in peers for k in flat[first] if flat[j].get(k) != flat[first][k]})
+        extra = ", ".join(f"{k.split('.')[-1]}={json.loads(flat[first][k])}" for k in differing[:3])
+        named.append((v.method + (f" ({extra})" if extra else ""), [variants[i] for i in groups[key]]))
+    return named
