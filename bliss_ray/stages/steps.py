@@ -79,18 +79,18 @@ def _pool_rows(run, shard) -> tuple[np.ndarray, pd.Categorical]:
 
 
 def _scores_of(score_dir: Path, row_ids: np.ndarray) -> np.ndarray:
-    """The fp32 logit of each pool row, NaN where it has no valid score; a sorted join, no per-row Python."""
-    t = pads.dataset(str(score_dir), format="parquet", partitioning="hive").to_table(columns=["row_id", "logit", "ok"])
-    ok = t.column("ok").to_numpy(zero_copy_only=False)
-    scored_ids, logits = t.column("row_id").to_numpy()[ok], t.column("logit").to_numpy()[ok]
-    del t, ok  # the arrow copy is no longer needed: keep the peak at ~3 copies of the score column
+    """The fp32 logit of each pool row, NaN where it has no valid score. Streams the score files batch by batch
+    into one preallocated column: the driver holds the pool's row ids, their sort order and this column."""
+    order = np.argsort(row_ids, kind="stable")
+    sorted_ids = row_ids[order]
     values = np.full(len(row_ids), np.nan, np.float32)
-    if len(scored_ids):
-        order = np.argsort(scored_ids, kind="stable")
-        scored_ids, logits = scored_ids[order], logits[order]
-        pos = np.searchsorted(scored_ids, row_ids).clip(max=len(scored_ids) - 1)
-        hit = scored_ids[pos] == row_ids
-        values[hit] = logits[pos[hit]]
+    scores = pads.dataset(str(score_dir), format="parquet", partitioning="hive")
+    for batch in scores.to_batches(columns=["row_id", "logit", "ok"]):
+        ok = batch.column("ok").to_numpy(zero_copy_only=False)
+        ids, logits = batch.column("row_id").to_numpy()[ok], batch.column("logit").to_numpy()[ok]
+        pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+        hit = sorted_ids[pos] == ids  # a scored row outside this round's shard is ignored
+        values[order[pos[hit]]] = logits[hit]
     return values
 
 
