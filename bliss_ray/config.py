@@ -109,8 +109,10 @@ class BilevelConfig(_Strict):
     """η_z of the Richardson update."""
     z_damping: float = Field(1e-2, ge=0)
     """μ: damping added to the Hessian (z ← z − η_z (Hz − ∇f + μz))."""
-    z_init: Literal["constant", "zero", "grad"] = "constant"
-    """``constant``: 1/numel per tensor (released code); ``zero``; ``grad``: start at ∇f."""
+    z_init: Literal["zero", "constant", "grad"] = "zero"
+    """``zero``: the textbook Richardson start (default); ``constant``: 1/numel per tensor (the released code, whose
+    first c_i then carry a term ⟨∇CE_i, 1/numel⟩ unrelated to the reference set: on the demo it made the selection
+    erratic across seeds, docs/demo_results.md); ``grad``: start at ∇f."""
     z_clip: float | None = 1.0
     """Per-tensor norm clip of each Richardson update (released code: 1.0); None disables."""
     proxy_lr: float = Field(1e-5, gt=0)

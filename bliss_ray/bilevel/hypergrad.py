@@ -86,7 +86,7 @@ def solve_z(
     steps: int,
     lr: float,
     damping: float,
-    init: str = "constant",
+    init: str = "zero",
     clip: float | None = 1.0,
 ) -> Tensors:
     """Q damped Richardson steps towards (H + μI) z = ∇f. ``init``: constant 1/numel, zero, or ∇f."""

@@ -40,7 +40,7 @@ class BilevelSettings:
     z_steps: int = 3
     z_lr: float = 1e-2
     z_damping: float = 1e-2
-    z_init: str = "constant"
+    z_init: str = "zero"
     z_clip: float | None = 1.0
     proxy_lr: float = 1e-5
     score_lr: float = 1e-5
