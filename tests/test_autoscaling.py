@@ -98,10 +98,11 @@ try:
             self.w = np.random.default_rng(0).normal(size=16)
 
         def __call__(self, batch):
+            time.sleep(0.5)  # ~8 s of work for one actor: the second comes up (~3 s later) while work is left
             x = np.stack([np.sin(batch["id"] * (k + 1)) for k in range(16)], axis=1)
             return {"id": batch["id"], "score": x @ self.w, "node": [ray.get_runtime_context().get_node_id()] * len(x)}
 
-    ds = ray.data.range(4000, override_num_blocks=8).map_batches(
+    ds = ray.data.range(4000, override_num_blocks=16).map_batches(
         Scorer, batch_size=250, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=2),
         num_cpus=0.5, resources={"scorer": 1})
     out = ds.to_pandas()

@@ -262,6 +262,15 @@ def _states(exp_dir: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in trials}
 
 
+def _train_step(snapshot: Path) -> int:
+    """The step of the latest checkpoint Train registered (0 if none, or the snapshot is caught mid-write)."""
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return 0
+    return int((latest or {}).get("metrics", {}).get("step", 0))
+
+
 def _rows(exp_dir: Path, tid: str) -> list[dict]:
     f = exp_dir / f"trial_{tid}" / "result.json"
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
@@ -276,13 +285,14 @@ def test_killed_sweep_resumes_with_the_same_command(sweep_out, tmp_path):
     tree.update(name="kill_resume", base=str(REPO / "experiments" / "tiny.yaml"))
     tree["space"] = {"bilevel.use_sigmoid": {"grid": [True, False]}}
     tree["labels"] = {}
-    tree["overrides"] |= {"bilevel.outer_steps": 12, "bilevel.ckpt_every_steps": 2}  # a kill window of ~10 steps
+    tree["overrides"] |= {"bilevel.outer_steps": 24, "bilevel.ckpt_every_steps": 2}  # a kill window of ~20 steps
     sweep = tmp_path / "kill_resume.yaml"
     sweep.write_text(yaml.safe_dump(tree))
     storage = sweep_out / "storage"
     exp_dir, train = storage / "kill_resume", storage / "kill_resume-train"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the session's Ray
     env |= {"RAY_TMPDIR": tempfile.mkdtemp(prefix="brk_", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    env |= {"TUNE_GLOBAL_CHECKPOINT_S": "1"}  # save the experiment state every second: the kill point is seen early
     cmd = [sys.executable, "-m", "bliss_ray.cli", "sweep", str(sweep), "--storage", str(storage)]
     cmd += ["--out", str(sweep_out)]
     log = tmp_path / "driver.log"
@@ -307,7 +317,9 @@ def test_killed_sweep_resumes_with_the_same_command(sweep_out, tmp_path):
             rest = [t for t in states if t not in done]  # saved as PENDING or RUNNING: a restore resumes it
             if done and rest and _rows(exp_dir, rest[0]):  # trial 2 has reported (= checkpointed) at least once
                 snapshot = train / rest[0] / f"{rest[0]}-r1.bilevel" / "checkpoint_manager_snapshot.json"
-                if snapshot.exists():
+                # Train registered a checkpoint and has steps left: Tune's rows lag Train's, so a kill decided
+                # on them alone can land after the Train run finished, leaving the resume nothing to do
+                if 0 < _train_step(snapshot) <= tree["overrides"]["bilevel.outer_steps"] - 4:
                     break
             assert time.perf_counter() - t0 < 900, "no kill point reached:\n" + log.read_text()[-4000:]
             time.sleep(0.5)
