@@ -104,6 +104,7 @@ def test_every_shipped_experiment_loads(path):
     ],
 )
 def test_invalid_config_fails_before_compute_naming_the_field(overrides, field):
+    """Reliability scenario 6: unknown keys, wrong types and impossible combinations fail at load, naming the field."""
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_experiment(REPO / "experiments" / "demo.yaml", overrides)
 

@@ -52,6 +52,7 @@ def test_checkpoints_load_with_stock_transformers(tiny_run):
 
 
 def test_rerun_is_a_noop(tiny_run):
+    """Reliability scenario 2 (driver killed between stages): rerunning a finished run runs no stage at all."""
     run, _ = tiny_run
 
     def must_not_run(*args):
