@@ -279,8 +279,9 @@ def _rows(exp_dir: Path, tid: str) -> list[dict]:
 @pytest.mark.ray
 @pytest.mark.timeout(1500)
 def test_killed_sweep_resumes_with_the_same_command(sweep_out, tmp_path):
-    """Reliability scenario 7. SIGKILL the driver (its whole process group: Ray goes too) once trial 1 finished and trial 2's Train run has
-    a checkpoint; rerun: Tuner.restore finishes trial 2 from that checkpoint, keeps trial 1; a third run is a no-op."""
+    """Reliability scenario 7. SIGKILL the driver (its whole process group: Ray goes too) once trial 1 finished
+    and trial 2's Train run has a checkpoint with steps left; rerun: Tuner.restore finishes trial 2 from that
+    checkpoint and keeps trial 1; a third run is a no-op."""
     tree = yaml.safe_load(TABLE2.read_text())
     tree.update(name="kill_resume", base=str(REPO / "experiments" / "tiny.yaml"))
     tree["space"] = {"bilevel.use_sigmoid": {"grid": [True, False]}}
