@@ -16,6 +16,7 @@ fragile), so 1 worker × 8 sequences computes what 2 workers × 4 do.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,7 @@ def _worker(loop_config: dict) -> None:
         state.score_sched.load_state_dict(saved["score_sched"])
         state.normaliser = Normaliser(*saved["normaliser"]) if saved["normaliser"] else None
         state.metrics = read_metrics(resume / "metrics.jsonl")
+        shutil.rmtree(resume)  # the local copy of the checkpoint, all loaded now
 
     def train_batch_at(i: int) -> torch.Tensor:
         _faults.maybe_kill(spec.stage, i, rank)

@@ -81,6 +81,8 @@ def _worker(loop_config: dict) -> None:
     phase = state.get("phase", "stable") if resumed else "stable"
     history = read_metrics(Path(source) / "metrics.jsonl") if resumed else []
     skipped = int(state.get("skipped", 0)) if resumed else 0
+    if resumed:
+        shutil.rmtree(source)  # the local copy of the checkpoint (a 1B model's is ~12 GB with optimizer state)
 
     model = prepare_model(model)  # device move, DDP when world > 1
     if spec.compile:
