@@ -99,6 +99,14 @@ def find_variants(roots: list[Path]) -> list[Variant]:
     return variants
 
 
+def _describe(method: str, flat: dict, peers: list[dict]) -> str:
+    """The method plus (up to 3 of) the settings in which ``flat`` differs from its peers' flattened settings."""
+    differing = sorted({k for peer in peers for k in flat if peer.get(k) != flat[k]})
+    shown = [k for k in differing if not k.startswith("selection.method")][:3]
+    extra = ", ".join(dict.fromkeys(f"{k.split('.')[-1]}={json.loads(flat[k])}" for k in shown))
+    return method + (f" ({extra})" if extra else "")
+
+
 def _label(variants: list[Variant]) -> None:
     """Name each variant: its ``label``, else the method plus the settings that tell it apart from its peers."""
     flat = _comparable(variants)
@@ -106,12 +114,10 @@ def _label(variants: list[Variant]) -> None:
         if v.exp.get("label"):
             v.label = v.exp["label"]
             continue
-        peers = [j for j, w in enumerate(variants) if w.method == v.method and j != i]
-        differing = sorted({k for j in peers for k in flat[i] if flat[j].get(k) != flat[i][k]})
-        shown = [k for k in differing if not k.startswith(("selection.method",))][:3]
-        extra = ", ".join(dict.fromkeys(f"{k.split('.')[-1]}={json.loads(flat[i][k])}" for k in shown))
-        v.label = f"{v.method}" + (f" ({extra})" if extra else "")
-        if len({w.root for w in variants}) > 1 and not extra:
+        v.label = _describe(
+            v.method, flat[i], [flat[j] for j, w in enumerate(variants) if w.method == v.method and j != i]
+        )
+        if len({w.root for w in variants}) > 1 and v.label == v.method:
             v.label += f" [{v.root.name}]"
 
 
@@ -122,19 +128,12 @@ def seed_groups(variants: list[Variant]) -> list[tuple[str, list[Variant]]]:
     """Variants whose experiments differ only in their seeds, grouped (in first-seen order) and named by the
     method plus the settings that tell the groups of one method apart."""
     flat = [{k: v for k, v in f.items() if k not in SEED_KEYS} for f in _comparable(variants)]
-    keys: list[str] = []
-    groups: dict[str, list[int]] = {}
+    groups: dict[str, list[int]] = {}  # insertion-ordered: first-seen order
     for i, f in enumerate(flat):
-        key = json.dumps(f, sort_keys=True)
-        if key not in groups:
-            keys.append(key)
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(json.dumps(f, sort_keys=True), []).append(i)
+    firsts = [members[0] for members in groups.values()]
     named = []
-    for key in keys:
-        first = groups[key][0]
-        v = variants[first]
-        peers = [groups[k][0] for k in keys if k != key and variants[groups[k][0]].method == v.method]
-        differing = sorted({k for j in peers for k in flat[first] if flat[j].get(k) != flat[first][k]})
-        extra = ", ".join(f"{k.split('.')[-1]}={json.loads(flat[first][k])}" for k in differing[:3])
-        named.append((v.method + (f" ({extra})" if extra else ""), [variants[i] for i in groups[key]]))
+    for i, members in zip(firsts, groups.values(), strict=True):
+        peers = [flat[j] for j in firsts if j != i and variants[j].method == variants[i].method]
+        named.append((_describe(variants[i].method, flat[i], peers), [variants[m] for m in members]))
     return named
