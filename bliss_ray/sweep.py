@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -109,7 +110,9 @@ class _TuneBilevel:
         """The pipeline's stage runner, with this launcher for bilevel stages."""
         from bliss_ray.stages import steps
 
-        return steps.run_stage(run, st, d, bilevel_launch=self)
+        return steps.run_stage(
+            run, st, d, runners=steps.RUNNERS | {"bilevel": partial(steps.bilevel_stage, launch=self)}
+        )
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Wait until Tune has taken every forwarded report, so that the trial's final report really is last."""

@@ -29,7 +29,7 @@ from bliss_ray.bilevel.hypergrad import ci_ghost, ci_loop, make_hvp, score_hyper
 from bliss_ray.bilevel.losses import per_sample_ce, weighted_lower_loss
 from bliss_ray.bilevel.weights import Normaliser, global_softmax, stale_softmax, weight_stats
 from bliss_ray.train import dist
-from bliss_ray.train.loop import fused_ok
+from bliss_ray.train.loop import make_optimizer
 
 
 @dataclass
@@ -75,14 +75,9 @@ class BilevelState:
 
     @staticmethod
     def create(proxy, score_model, target, s: BilevelSettings) -> BilevelState:
-        def adamw(model, lr):
-            params = [p for p in model.parameters() if p.requires_grad]
-            return torch.optim.AdamW(
-                params, lr=lr, betas=tuple(s.betas), weight_decay=s.weight_decay, fused=fused_ok(params)
-            )
-
         warmup = int(s.warmup_frac * s.outer_steps)
-        p_opt, s_opt = adamw(proxy, s.proxy_lr), adamw(score_model, s.score_lr)
+        p_opt = make_optimizer(proxy, s.proxy_lr, s.betas, s.weight_decay)
+        s_opt = make_optimizer(score_model, s.score_lr, s.betas, s.weight_decay)
         if target is not None:
             target.eval().requires_grad_(False)
         return BilevelState(

@@ -272,8 +272,7 @@ RUNNERS = {
 }
 
 
-def run_stage(run, st, d: Path, bilevel_launch=None) -> dict:
+def run_stage(run, st, d: Path, runners: dict = RUNNERS) -> dict:
+    """Run one stage with its kind's function from ``runners`` (a sweep passes a table with its own bilevel)."""
     (d / "experiment.json").write_text(json.dumps(run.exp.model_dump(mode="json"), indent=2))
-    if st.kind == "bilevel":
-        return bilevel_stage(run, st, d, launch=bilevel_launch)
-    return RUNNERS[st.kind](run, st, d)
+    return runners[st.kind](run, st, d)
