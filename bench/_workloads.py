@@ -18,6 +18,7 @@ from bliss_ray.bilevel.loop import BilevelSettings, BilevelState, outer_step
 from bliss_ray.flops import forward_flops_per_token, ledger
 from bliss_ray.models.lm import arch_from_preset, build_lm
 from bliss_ray.models.score import ScoreModel
+from bliss_ray.train.host_memory import retain_freed_memory
 from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
 
 
@@ -34,6 +35,7 @@ def random_ids(vocab: int, batch: int, seq_len: int, device, seed: int = 0) -> t
 def train_step(preset: str, vocab: int, seq_len: int, batch: int, device: torch.device, micro: int | None = None):
     """One optimizer step of ``train_lm`` (bf16 autocast on GPU, fp32 on CPU, fused AdamW on GPU, grad clip,
     finiteness checks): the path proxy warm-up and target pretraining run. Returns (step, flops, model)."""
+    retain_freed_memory(device)  # as every stage worker does
     arch = arch_from_preset(preset, vocab)
     model = build_lm(arch, seq_len).to(device).train()
     opt = make_optimizer(model, 1e-4, (0.9, 0.95), 0.1)
@@ -53,6 +55,7 @@ def train_step(preset: str, vocab: int, seq_len: int, batch: int, device: torch.
 
 def score_forward(preset: str, vocab: int, seq_len: int, batch: int, device: torch.device, bf16: bool):
     """One batched score-model forward (trunk + mean-pool + head), as ``Scorer`` runs it. (fn, flops, model)"""
+    retain_freed_memory(device)
     arch = arch_from_preset(preset, vocab)
     model = ScoreModel.from_proxy(build_lm(arch, seq_len), use_sigmoid=True).to(device).eval()
     ids = random_ids(vocab, batch, seq_len, device)
@@ -104,6 +107,7 @@ def bilevel_step(
 ):
     """One BLISS outer step (K=1, Q=3 by default) on a fixed batch, the way the bilevel stage runs it.
     γ > 0 only with a target (its forward for the KL term). Returns (step, flops, state)."""
+    retain_freed_memory(device)
     p_arch = arch_from_preset(proxy, vocab)
     proxy_model = build_lm(p_arch, seq_len, seed=0).to(device).train()
     score = ScoreModel.from_proxy(proxy_model, use_sigmoid=True).to(device).train()
@@ -129,6 +133,7 @@ def bilevel_step(
 def ci_pair(preset: str, vocab: int, seq_len: int, batch: int, device: torch.device, chunk: int):
     """(per-sample loop, batched ghost) callables for c_i = ⟨∇CE_i, z⟩ on one batch, and their max relative
     disagreement (a guard: a fast wrong answer is not a speedup)."""
+    retain_freed_memory(device)
     model = build_lm(arch_from_preset(preset, vocab), seq_len, seed=0).to(device).train()
     g = torch.Generator().manual_seed(3)
     z = {p: (torch.randn(p.shape, generator=g) * 1e-2).to(device) for p in model.parameters()}

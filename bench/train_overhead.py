@@ -56,12 +56,14 @@ def bare_run(args, arch, tok_dir: Path, data_dir: Path, work: Path) -> dict:
     from bliss_ray.data.tokens import TokenArray, micro_batches
     from bliss_ray.models.lm import build_lm
     from bliss_ray.train.checkpoint import save_train_state
+    from bliss_ray.train.host_memory import retain_freed_memory
     from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
     from bliss_ray.train.schedule import wsd_lr
 
     t = _settings(args)
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
+    retain_freed_memory(torch.device("cpu"))  # as the stage worker does
     tok = _fixtures.load_tok(tok_dir)
     tokens = TokenArray.open(data_dir).tokens
     model = build_lm(arch, args.seq_len, seed=0, eos_token_id=tok.eos_token_id)

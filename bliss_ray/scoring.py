@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bliss_ray.models.score import ScoreModel
+from bliss_ray.train.host_memory import retain_freed_memory
 
 
 def as_matrix(col) -> np.ndarray:
@@ -48,6 +49,7 @@ class Scorer:
         self.device = torch.device(
             "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
         )
+        retain_freed_memory(self.device)
         self.kind = kind
         if kind == "bliss":
             self.model = ScoreModel.load(model_dir)

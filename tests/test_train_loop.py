@@ -1,17 +1,22 @@
 """The shared LM training loop without Ray: it learns, fails loudly on non-finite values (naming stage and
-step), can skip bad batches, never checkpoints non-finite weights, and resumes exactly; LR schedules.
+step), can skip bad batches, never checkpoints non-finite weights, and resumes exactly; gradient clipping
+equals torch's; LR schedules; the CPU allocator setting (``train.host_memory``) stops steady-state page faults.
 
     .venv/bin/python -m pytest tests/test_train_loop.py -q
 """
 
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from bliss_ray.models.lm import arch_from_preset, build_lm
 from bliss_ray.train.checkpoint import NonFiniteCheckpointError, load_train_state, read_state, save_train_state
-from bliss_ray.train.loop import LoopSettings, NonFiniteLossError, make_optimizer, train_lm
+from bliss_ray.train.loop import LoopSettings, NonFiniteLossError, clip_grad_norm, make_optimizer, train_lm
 from bliss_ray.train.schedule import decay_lr, round_peak_lr, wsd_lr
 
 DATA = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0))
@@ -141,3 +146,52 @@ def test_schedules():
     assert round_peak_lr(1e-3, 0.5, 3) == pytest.approx(1.25e-4) and round_peak_lr(1e-3, 1.0, 4) == 1e-3
     lrs = [decay_lr(s, 1.0, 200) for s in range(200)]
     assert all(a > b for a, b in itertools.pairwise(lrs))  # strictly decreasing
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])  # under and over the clip threshold
+def test_clip_grad_norm_equals_torch_bit_for_bit(scale):
+    grads = [torch.randn(7, 5, generator=torch.Generator().manual_seed(i)) * scale for i in range(3)]
+    ours = [torch.nn.Parameter(torch.zeros(7, 5)) for _ in grads]
+    theirs = [torch.nn.Parameter(torch.zeros(7, 5)) for _ in grads]
+    for a, b, g in zip(ours, theirs, grads, strict=True):
+        a.grad, b.grad = g.clone(), g.clone()
+    norm = clip_grad_norm(ours, 1.0)
+    assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(theirs, 1.0))
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad, b.grad)
+    assert (norm > 1.0) == (scale > 1)  # both branches were taken
+
+
+_FAULTS = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from bliss_ray.train.host_memory import retain_freed_memory
+    on = retain_freed_memory(torch.device(sys.argv[1])) if sys.argv[1] != "off" else False
+    def touch():  # a step's worth of large activations: allocate, write, free
+        for _ in range(3):
+            torch.ones(64 * 2**20 // 4).sum()
+    for _ in range(4):  # the heap settles within a few steps (as in training: two)
+        touch()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    touch()
+    print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+)
+
+
+def _steady_state_faults(mode: str, env: dict | None = None) -> tuple[bool, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True, env=env, timeout=120
+    ).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"), reason="glibc only")
+def test_retained_host_memory_stops_page_faults_in_steady_state():
+    """Three 64 MiB blocks per 'step': glibc's defaults mmap and fault them in again every step (≥ 16 k faults
+    of 4 KiB); with the setting, steps after the first few reuse the heap. A user's own malloc tuning wins."""
+    off, on = _steady_state_faults("off")[1], _steady_state_faults("cpu")
+    assert off > 16_000 and on[0] and on[1] < 1_000, (off, on)
+    tuned = _steady_state_faults("cpu", env=os.environ | {"MALLOC_TRIM_THRESHOLD_": "0"})
+    assert tuned[0] is False and tuned[1] > 16_000, tuned
+    assert _steady_state_faults("meta")[0] is False  # only for work on the CPU

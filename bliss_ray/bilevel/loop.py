@@ -29,7 +29,7 @@ from bliss_ray.bilevel.hypergrad import ci_ghost, ci_loop, make_hvp, score_hyper
 from bliss_ray.bilevel.losses import per_sample_ce, weighted_lower_loss
 from bliss_ray.bilevel.weights import Normaliser, global_softmax, stale_softmax, weight_stats
 from bliss_ray.train import dist
-from bliss_ray.train.loop import make_optimizer
+from bliss_ray.train.loop import clip_grad_norm, make_optimizer
 
 
 @dataclass
@@ -119,7 +119,7 @@ def _inner_step(state: BilevelState, s: BilevelSettings, input_ids, scores, targ
     with torch.no_grad():
         for p, g in zip(params, grads, strict=True):
             p.grad = g + 2.0 * s.l2 * p  # + ∇(λ‖θ‖²), added once
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+    grad_norm = clip_grad_norm(params, s.grad_clip)
     state.proxy_opt.step()
     state.proxy_opt.zero_grad(set_to_none=True)
     stats = torch.stack([(weights * ce).sum().detach(), kl.sum().detach()]).double()

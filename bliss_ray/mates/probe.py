@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from bliss_ray.train.checkpoint import load_train_state
-from bliss_ray.train.loop import autocast_for, lm_loss, make_optimizer
+from bliss_ray.train.loop import autocast_for, clip_grad_norm, lm_loss, make_optimizer
 
 
 def _long(a) -> torch.Tensor:
@@ -172,7 +172,7 @@ class Prober:
         with autocast_for(self.device):
             loss = lm_loss(self.model, x)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        grad_norm = clip_grad_norm(self.params, self.grad_clip)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return False

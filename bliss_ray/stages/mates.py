@@ -62,6 +62,7 @@ from bliss_ray.stages._ray import (
 from bliss_ray.stages._ray import torch_threads as threads_for
 from bliss_ray.stages.steps import _pool_files, _pool_rows, _shard, _vocab
 from bliss_ray.train.checkpoint import read_state, write_metrics
+from bliss_ray.train.host_memory import retain_freed_memory
 from bliss_ray.train.schedule import round_peak_lr, wsd_lr
 
 PROBES_PER_CHUNK = 16  # unit of work and of resume; fixed so that a rerun with other resources reuses chunks
@@ -77,6 +78,7 @@ class _ProbeActor:
 
         torch.set_num_threads(1)  # one core per actor: the pool, not the actor, is the parallelism
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        retain_freed_memory(torch.device(device))
         self.tokens = TokenArray.open(cand_dir).tokens  # (N, L) memmap of the candidates
         self.prober = Prober(
             state_dir, ref_ids, ref_mask, lr, grad_clip=grad_clip, device=device, reference_batch_seqs=REF_BATCH
@@ -200,6 +202,7 @@ class InfluenceSpec:
 def _influence_worker(loop_config: dict) -> None:
     spec: InfluenceSpec = loop_config["spec"]
     torch.set_num_threads(spec.threads)
+    retain_freed_memory(get_device())
     if ray.train.get_checkpoint() is not None:  # the final checkpoint is registered: nothing left to do
         report({"resumed": 1}, None)
         return

@@ -47,6 +47,16 @@ def _fused_ok(params: list[torch.nn.Parameter]) -> bool | None:
     return True if ok else None  # None: torch's default implementation
 
 
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` without its no-op pass: when the total norm is under ``max_norm`` the
+    clip coefficient is exactly 1, and torch would still rewrite every gradient (29 ms of a 3.4 s 160M step on
+    CPU). Same coefficient, same results; callers already synchronise on the norm."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if not bool(max_norm / (norm + 1e-6) >= 1.0):  # torch's coefficient; NaN norms go through, as in torch
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of packed rows (no padding: every position is a real token)."""
     return model(input_ids=input_ids, labels=input_ids).loss  # HF shifts labels and upcasts logits to fp32
@@ -96,7 +106,7 @@ def train_lm(
             (loss / len(micro)).backward()
             loss_sum += loss.detach().float()
             n_tokens += input_ids.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = clip_grad_norm(params, cfg.grad_clip)
         nonfinite = not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
         if dist.any_true(nonfinite, device):
             optimizer.zero_grad(set_to_none=True)
