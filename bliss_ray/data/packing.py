@@ -13,7 +13,9 @@ so the same input always yields the same row ids, whatever machine or worker pac
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -81,3 +83,16 @@ def shard_of(row_ids: np.ndarray, n_shards: int) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
     return (x % np.uint64(n_shards)).astype(np.int32)
+
+
+def file_key(path: str) -> str:
+    """An input file's filesystem-safe key: the stem of its tokenized output and of its scores' partition."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).name.split(".")[0])
+
+
+def keep_shard(batch: dict, shard: tuple[int, int] | None) -> dict:
+    """Ray Data map over packed rows read with ``include_paths``: keep the round's shard and tag each row with
+    its input file's key. Lives here, not in the scoring stage, so its task workers never import torch."""
+    src = np.array([file_key(p) for p in batch.pop("path")])
+    keep = slice(None) if shard is None else shard_of(batch["row_id"], shard[1]) == shard[0]
+    return {k: v[keep] for k, v in batch.items()} | {"src": src[keep]}

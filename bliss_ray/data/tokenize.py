@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bliss_ray.data.corpus import read_file
-from bliss_ray.data.packing import pack_documents
+from bliss_ray.data.packing import file_key, pack_documents
 from bliss_ray.data.tokens import packed_schema
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -61,8 +61,7 @@ def _atomic_parquet(table: pa.Table, path: Path) -> None:
 
 
 def output_name(path: str, file_index: int) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).name.split(".")[0])
-    return f"{file_index:05d}-{stem}"
+    return f"{file_index:05d}-{file_key(path)}"
 
 
 def tokenize_file(path: str, file_index: int, fmt: str, data_cfg, tokenizer, out_dir: str | Path) -> dict:

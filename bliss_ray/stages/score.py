@@ -26,15 +26,10 @@ import ray
 import ray.data
 
 from bliss_ray.config import Experiment
-from bliss_ray.data.packing import shard_of
-from bliss_ray.data.tokenize import output_name
+from bliss_ray.data.packing import file_key, keep_shard, shard_of
 from bliss_ray.data.tokens import read_token_table
 from bliss_ray.scoring import Scorer
 from bliss_ray.stages._ray import use_gpu
-
-
-def _src_key(path: str) -> str:
-    return output_name(path, 0).split("-", 1)[1]
 
 
 def _expected_ids(path: str, shard: tuple[int, int] | None) -> np.ndarray:
@@ -48,13 +43,6 @@ def _partition_complete(part: Path, expected: np.ndarray) -> bool:
     except Exception:  # a file half-written by a killed run
         return False
     return len(got) == len(expected) and np.array_equal(np.sort(got), np.sort(expected))
-
-
-def _keep_shard(batch: dict, shard: tuple[int, int] | None) -> dict:
-    """Keep the round's shard of rows; tag each row with its input file (the output partition)."""
-    src = np.array([_src_key(p) for p in batch.pop("path")])
-    keep = slice(None) if shard is None else shard_of(batch["row_id"], shard[1]) == shard[0]
-    return {k: v[keep] for k, v in batch.items()} | {"src": src[keep]}
 
 
 class _RayScorer(Scorer):
@@ -83,11 +71,11 @@ def score_pool(
     expected = {f: _expected_ids(f, shard) for f in pool_files}
     todo = []
     for f in pool_files:  # validate what a previous (possibly killed) run left behind
-        part = scores_dir / f"src={_src_key(f)}"
-        if (done_dir / _src_key(f)).exists():
+        part = scores_dir / f"src={file_key(f)}"
+        if (done_dir / file_key(f)).exists():
             continue
         if part.exists() and _partition_complete(part, expected[f]):
-            (done_dir / _src_key(f)).touch()
+            (done_dir / file_key(f)).touch()
             continue
         shutil.rmtree(part, ignore_errors=True)
         todo.append(f)
@@ -98,8 +86,10 @@ def score_pool(
         lo, hi = res.data_actors
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = ray.data.read_parquet(todo, columns=["row_id", "input_ids"], include_paths=True)
-        ds = ds.repartition(max(hi, 2) * 2)  # small inputs arrive as one block: give every actor work
-        ds = ds.map_batches(_keep_shard, fn_kwargs={"shard": shard}, batch_format="numpy", num_cpus=0.1)
+        blocks = 2 * max(hi, 2)
+        if len(todo) < blocks:  # a file is one block: split a few files so every actor gets work
+            ds = ds.repartition(blocks)  # (a barrier: many files stream through without it)
+        ds = ds.map_batches(keep_shard, fn_kwargs={"shard": shard}, batch_format="numpy", num_cpus=0.1)
         ds = ds.map_batches(
             _RayScorer,
             fn_constructor_kwargs={
@@ -118,9 +108,9 @@ def score_pool(
         )
         ds.write_parquet(str(scores_dir), partition_cols=["src"])
         for f in todo:
-            if not _partition_complete(scores_dir / f"src={_src_key(f)}", expected[f]):
+            if not _partition_complete(scores_dir / f"src={file_key(f)}", expected[f]):
                 raise AssertionError(f"scoring: the output for {f} does not hold each of its rows exactly once")
-            (done_dir / _src_key(f)).touch()
+            (done_dir / file_key(f)).touch()
     elapsed = time.perf_counter() - t0
     table = pads.dataset(str(scores_dir), format="parquet", partitioning="hive").to_table(columns=["row_id", "ok"])
     ok = table.column("ok").to_numpy(zero_copy_only=False)
