@@ -17,6 +17,7 @@ import ray
 import ray.train
 
 from bliss_ray.config import ResourcesConfig
+from bliss_ray.train.host_memory import worker_env
 
 # Unschedulable worker groups (e.g. GPUs on a CPU-only cluster) retry forever with Ray's defaults; these make
 # them fail with a clear error in bounded time instead (ray.md §3.4 #12).
@@ -86,7 +87,7 @@ def storage_path(res: ResourcesConfig, run_dir: Path) -> str:
 def run_config(name: str, storage: str, res: ResourcesConfig) -> ray.train.RunConfig:
     """Deterministic name ⇒ rerunning the same stage resumes from its last registered checkpoint (Train V2)."""
     env = {k: os.environ[k] for k in ("BLISS_FAULTS", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if k in os.environ}
-    env |= QUIET_ENV
+    env |= QUIET_ENV | worker_env(gpu=use_gpu(res))  # the CPU allocator setting must be there at process start
     return ray.train.RunConfig(
         name=name,
         storage_path=storage,

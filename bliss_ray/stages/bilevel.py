@@ -35,7 +35,6 @@ from bliss_ray.stages import _faults
 from bliss_ray.stages._ray import copy_checkpoint, gc_orphan_checkpoints, report, run_config, scaling_config
 from bliss_ray.stages._ray import torch_threads as threads_for
 from bliss_ray.train.checkpoint import assert_finite, read_metrics, write_metrics
-from bliss_ray.train.host_memory import retain_freed_memory
 
 STATE = "bilevel_state.pt"
 
@@ -83,7 +82,6 @@ def _worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
-    retain_freed_memory(device)
     train = TokenArray.open(spec.train_dir)
     reference = TokenArray.open(spec.reference_dir)
 

@@ -202,7 +202,6 @@ class InfluenceSpec:
 def _influence_worker(loop_config: dict) -> None:
     spec: InfluenceSpec = loop_config["spec"]
     torch.set_num_threads(spec.threads)
-    retain_freed_memory(get_device())
     if ray.train.get_checkpoint() is not None:  # the final checkpoint is registered: nothing left to do
         report({"resumed": 1}, None)
         return

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import ray.train
 import torch
-from ray.train.torch import TorchTrainer, get_device, prepare_model
+from ray.train.torch import TorchTrainer, prepare_model
 
 from bliss_ray.config import ResourcesConfig, TrainConfig
 from bliss_ray.data.tokenizer import load_tokenizer
@@ -32,7 +32,6 @@ from bliss_ray.stages import _faults
 from bliss_ray.stages._ray import copy_checkpoint, gc_orphan_checkpoints, report, run_config, scaling_config
 from bliss_ray.stages._ray import torch_threads as threads_for
 from bliss_ray.train.checkpoint import load_train_state, read_metrics, save_train_state, write_metrics
-from bliss_ray.train.host_memory import retain_freed_memory
 from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
 from bliss_ray.train.schedule import decay_lr, round_peak_lr, wsd_lr
 
@@ -59,7 +58,6 @@ def _worker(loop_config: dict) -> None:
     spec: LMTrainSpec = loop_config["spec"]
     t = TrainConfig(**spec.train)
     torch.set_num_threads(spec.threads)
-    retain_freed_memory(get_device())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tokenizer = load_tokenizer(spec.tokenizer_dir)
