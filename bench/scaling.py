@@ -21,7 +21,7 @@ bare NumPy process, and (b) the pipeline's ``select_stage`` on 10 M rows written
 parquet files by one process and selected by a fresh one, as a pipeline driver would (``--skip-stage-10m`` to
 leave it out). Each reports its process's peak RSS (b: also what its imports alone cost); goal < 1 GB.
 
-    .venv/bin/python bench/scaling.py            # base 1 000 rows → 16 000; ~4 min on 2 cores
+    .venv/bin/python bench/scaling.py            # base 4 000 rows → 64 000; ~5 min on 2 cores
     .venv/bin/python bench/scaling.py --quick    # base 200 rows, sizes 1× and 4×, selection at 1 M
 """
 
@@ -80,7 +80,9 @@ def _experiment(pool_dir: Path, keep_frac: float = 0.2):
         score=ScoreConfig(batch_seqs=64),
         selection=SelectionConfig(method="bliss", rule="topk", keep_frac=keep_frac),
         schedule=ScheduleConfig(rounds=1, pool_sharding="shared"),
-        resources=ResourcesConfig(data_actors=(1, 2), data_actor_cpus=0.5),  # the defaults the demo runs with
+        # one actor per pool at every size (the demo autoscales 1 → 2): a second actor started only at some
+        # sizes is a fixed cost that differs by size, and it made per-row time look size-dependent
+        resources=ResourcesConfig(data_actors=(1, 1), data_actor_cpus=0.5),
     )
 
 
@@ -169,18 +171,20 @@ def child_select_stage(work: Path) -> dict:
 
 
 def spawn(*args: str, timeout: int = 900) -> dict:
-    """Run this script as a child (a fresh driver process); its last stdout line is its JSON result."""
+    """Run this script as a child (a fresh driver process); its last JSON stdout line is its result (Ray may
+    print after it at shutdown)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")))
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="base 200 rows, sizes 1× and 4×, selection at 1 M")
-    p.add_argument("--base", type=int, default=1000, help="rows at 1×")
+    # 4 000: the first interval must hold seconds of per-row work, or the actor start's ±2 s swamps it
+    p.add_argument("--base", type=int, default=4000, help="rows at 1×")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--select-rows", type=int, default=10_000_000)
     p.add_argument("--skip-stage-10m", action="store_true", help="only the pure selection at --select-rows")

@@ -25,8 +25,11 @@ def _nll(logp: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token negative log-likelihood per position from log-probabilities (B, T, V) → (B, T-1).
 
     A gather on ``log_softmax`` rather than ``F.cross_entropy``: same value and gradient, but its double
-    backward (every Hessian-vector product of the bilevel step) is ~1.5× cheaper on CPU."""
-    return -logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    backward (every Hessian-vector product of the bilevel step) is ~1.5× cheaper on CPU. The gather runs on all
+    T positions (the last one reads a dummy target) and the (B, T) result is sliced: slicing the (B, T, V)
+    input instead would cost a vocabulary-sized zero-fill and copy in every backward."""
+    next_ids = torch.roll(input_ids, -1, dims=1)  # (B, T): position t predicts t+1; the last entry is unused
+    return -logp.gather(-1, next_ids[..., None]).squeeze(-1)[:, :-1]
 
 
 def _mean_over(token_loss: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
