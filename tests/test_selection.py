@@ -77,3 +77,27 @@ def test_selection_of_10m_scores_stays_small():
     chosen = select(ids, vals, 2_000_000, "topk")
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert len(chosen) == 2_000_000 and grown_mb < 600, grown_mb
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_score_column_joins_scores_to_pool_rows_by_id(tmp_path, order):
+    """The select stage's streaming join: each pool row gets its own logit, NaN when its score is not ok or
+    missing; scored rows outside the pool (another shard) are ignored. Packed pools arrive sorted (fast path)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bliss_ray.stages.steps import _scores_of
+
+    pool = np.arange(0, 100, 3, dtype=np.int64)  # (34,)
+    if order == "shuffled":
+        pool = np.random.default_rng(0).permutation(pool)
+    scored = np.concatenate([pool[pool != 30], [1, 2]])  # row 30 missing; 1 and 2 are not in this pool
+    logits = (scored * 0.5).astype(np.float32)
+    ok = scored != 60  # row 60 was quarantined
+    for part, half in enumerate(np.array_split(np.arange(len(scored)), 2)):  # two files, in any order
+        d = tmp_path / f"src=f{part}"
+        d.mkdir()
+        pq.write_table(pa.table({"row_id": scored[half], "logit": logits[half], "ok": ok[half]}), d / "0.parquet")
+    got = _scores_of(tmp_path, pool)
+    expect = np.where(np.isin(pool, [30, 60]), np.nan, pool * 0.5).astype(np.float32)
+    np.testing.assert_array_equal(got, expect)

@@ -81,8 +81,10 @@ def _pool_rows(run, shard) -> tuple[np.ndarray, pd.Categorical]:
 def _scores_of(score_dir: Path, row_ids: np.ndarray) -> np.ndarray:
     """The fp32 logit of each pool row, NaN where it has no valid score. Streams the score files batch by batch
     into one preallocated column: the driver holds the pool's row ids, their sort order and this column."""
-    order = np.argsort(row_ids, kind="stable")
-    sorted_ids = row_ids[order]
+    order = None  # packed pools come in row-id order: then no sort order and no sorted copy (160 MB at 10 M rows)
+    if not np.all(row_ids[1:] > row_ids[:-1]):
+        order = np.argsort(row_ids, kind="stable")
+    sorted_ids = row_ids if order is None else row_ids[order]
     values = np.full(len(row_ids), np.nan, np.float32)
     scores = pads.dataset(str(score_dir), format="parquet", partitioning="hive")
     for batch in scores.to_batches(columns=["row_id", "logit", "ok"]):
@@ -90,7 +92,7 @@ def _scores_of(score_dir: Path, row_ids: np.ndarray) -> np.ndarray:
         ids, logits = batch.column("row_id").to_numpy()[ok], batch.column("logit").to_numpy()[ok]
         pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
         hit = sorted_ids[pos] == ids  # a scored row outside this round's shard is ignored
-        values[order[pos[hit]]] = logits[hit]
+        values[pos[hit] if order is None else order[pos[hit]]] = logits[hit]
     return values
 
 
@@ -102,7 +104,8 @@ def select_stage(run, st, d: Path) -> dict:
     if method in ("bliss", "mates"):
         values = _scores_of(run.dir(f"r{r}.score") / "scores", row_ids)
         valid = np.isfinite(values)  # pool rows without a valid score stay unselectable
-        row_ids, domains, values = row_ids[valid], domains[valid], values[valid]
+        if not valid.all():  # (the usual case copies nothing)
+            row_ids, domains, values = row_ids[valid], domains[valid], values[valid]
     rule = {"bliss": exp.selection.rule, "mates": "mates", "random": "random"}[method]
     tau = exp.mates.temperature if method == "mates" else exp.selection.temperature
     k = num_selected(len(row_ids), exp.selection.keep_frac)
