@@ -33,9 +33,9 @@ def random_ids(vocab: int, batch: int, seq_len: int, device, seed: int = 0) -> t
 
 
 def train_step(preset: str, vocab: int, seq_len: int, batch: int, device: torch.device, micro: int | None = None):
-    """One optimizer step of ``train_lm`` (bf16 autocast on GPU, fp32 on CPU, fused AdamW on GPU, grad clip,
+    """One optimizer step of ``train_lm`` (bf16 autocast on GPU, fp32 on CPU, fused AdamW, grad clip,
     finiteness checks): the path proxy warm-up and target pretraining run. Returns (step, flops, model)."""
-    retain_freed_memory(device)  # as every stage worker does
+    retain_freed_memory(device)  # the allocator setting every CPU stage worker runs with
     arch = arch_from_preset(preset, vocab)
     model = build_lm(arch, seq_len).to(device).train()
     opt = make_optimizer(model, 1e-4, (0.9, 0.95), 0.1)

@@ -71,11 +71,11 @@ def score_pool(
     expected = {f: _expected_ids(f, shard) for f in pool_files}
     todo = []
     for f in pool_files:  # validate what a previous (possibly killed) run left behind
-        part = scores_dir / f"src={file_key(f)}"
-        if (done_dir / file_key(f)).exists():
+        part, done = scores_dir / f"src={file_key(f)}", done_dir / file_key(f)
+        if done.exists():
             continue
         if part.exists() and _partition_complete(part, expected[f]):
-            (done_dir / file_key(f)).touch()
+            done.touch()
             continue
         shutil.rmtree(part, ignore_errors=True)
         todo.append(f)

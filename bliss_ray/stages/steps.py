@@ -80,7 +80,8 @@ def _pool_rows(run, shard) -> tuple[np.ndarray, pd.Categorical]:
 
 def _scores_of(score_dir: Path, row_ids: np.ndarray) -> np.ndarray:
     """The fp32 logit of each pool row, NaN where it has no valid score. Streams the score files batch by batch
-    into one preallocated column: the driver holds the pool's row ids, their sort order and this column."""
+    into one preallocated column: the driver holds the pool's row ids, this column and, only when the ids are
+    not already in order, their sort order and a sorted copy."""
     order = None  # packed pools come in row-id order: then no sort order and no sorted copy (160 MB at 10 M rows)
     if not np.all(row_ids[1:] > row_ids[:-1]):
         order = np.argsort(row_ids, kind="stable")
