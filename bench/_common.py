@@ -154,36 +154,61 @@ class TreeCpu:
     measures the neighbours as much as us; CPU time measures the work we did. Sampled at 5 Hz from a thread,
     so a process that exits mid-measurement (a Ray Data actor at the end of a dataset) keeps its last reading.
 
+    ``by_role`` splits the seconds by what each process was: ``driver`` (this process), Ray's daemons by name
+    (``raylet``, ``gcs_server``, ...), and a Ray worker by the last task or actor its process title named
+    (``ray::MapWorker(MapBatches(RayScorer))``, ``ray::ReadParquet->SplitBlocks(4)``, ...; ``ray::IDLE`` if it
+    never ran one): where an orchestration's extra CPU goes.
+
         with TreeCpu() as cpu: work()
-        cpu.seconds
+        cpu.seconds, cpu.by_role
     """
 
     def __init__(self, period_s: float = 0.2):
         import psutil
 
         self._me, self._period, self.seconds = psutil.Process(), period_s, 0.0
+        self._roles: dict[int, str] = {}
+        self.by_role: dict[str, float] = {}
+        self.started = 0  # processes started during the measurement (Ray workers and actors)
 
-    def _snapshot(self) -> dict[int, float]:
+    def _role(self, p) -> str:
+        if p.pid == self._me.pid:
+            return "driver"
+        title = " ".join(p.cmdline())
+        if title.startswith("ray::") and not title.startswith("ray::IDLE"):  # setproctitle: its task or actor
+            return title.split()[0]
+        if title.startswith("ray::") or "default_worker.py" in title:
+            return self._roles.get(p.pid, "ray::IDLE")  # idle now: keep what it last ran
+        return p.name()
+
+    def _sample(self, charge: bool = True) -> None:
+        """Read every process's CPU time; charge what it used since the last sample to its current role (a process
+        born during the measurement counts from 0)."""
         import psutil
 
-        out = {}
+        now = {}
         for p in [self._me, *self._me.children(recursive=True)]:
             try:
                 t = p.cpu_times()
-                out[p.pid] = t.user + t.system
+                role = self._roles[p.pid] = self._role(p)
             except psutil.Error:  # exited between listing and reading
-                pass
-        return out
+                continue
+            now[p.pid] = t.user + t.system
+            if charge:
+                self.by_role[role] = self.by_role.get(role, 0.0) + now[p.pid] - self._last.get(p.pid, 0.0)
+        self._last |= now
 
     def _poll(self) -> None:
         while not self._stop.wait(self._period):
-            self._last |= self._snapshot()
+            self._sample()
 
     def __enter__(self) -> TreeCpu:
         import threading
 
-        self._base = self._snapshot()
-        self._last = dict(self._base)
+        self._last: dict[int, float] = {}
+        self.by_role = {}
+        self._sample(charge=False)  # the baseline
+        self._before = set(self._last)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -192,8 +217,9 @@ class TreeCpu:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._last |= self._snapshot()
-        self.seconds = sum(t - self._base.get(pid, 0.0) for pid, t in self._last.items())
+        self._sample()
+        self.seconds = sum(self.by_role.values())
+        self.started = len(set(self._last) - self._before)
 
 
 def peak_rss_mb() -> float:

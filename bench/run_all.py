@@ -12,13 +12,14 @@ still measured against same-run, interleaved baselines.
 
     .venv/bin/python bench/run_all.py            # what `make bench` runs
     .venv/bin/python bench/run_all.py --quick    # every benchmark's --quick smoke run (RESULTS.md untouched)
-    .venv/bin/python bench/run_all.py --only hypergrad mfu
+    .venv/bin/python bench/run_all.py --only hypergrad mfu   # rewrites those two; RESULTS.md keeps the others
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -39,9 +40,11 @@ BENCHES = {  # name → (title, extra arguments of the full run)
 def headlines(name: str, r: dict) -> list[tuple[str, float, str, bool | None]]:
     """(measurement, value, goal, met?) rows of the summary table; None = no pass/fail goal."""
     if name == "train_overhead":
+        fixed = r["fixed_overhead_s"]
         return [
             ("tokens/s ratio Ray Train ÷ bare (steady state)", r["ratio"], "≥ 0.95", r["ratio"] >= 0.95),
-            ("Ray Train stage fixed start/stop overhead [s]", r["fixed_overhead_s"], "report", None),
+            ("Ray Train fixed start/stop overhead per stage [s]", fixed, "≤ 10", fixed <= 10),
+            ("CPU-seconds per stage run, Ray Train ÷ bare (fixed costs included)", r["cpu_ratio"], "report", None),
         ]
     if name == "hypergrad":
         rows = [(f"c_i speedup ({k})", v["speedup"], "≥ 1.0 (CPU)", v["speedup"] >= 1.0) for k, v in r["ci"].items()]
@@ -55,16 +58,27 @@ def headlines(name: str, r: dict) -> list[tuple[str, float, str, bool | None]]:
         return rows
     if name == "score_throughput":
         return [
-            ("rows/s ratio Ray Data ÷ bare (ray.init excluded)", r["ratio"], "≥ 0.90", r["ratio"] >= 0.90),
+            (
+                f"rows/s ratio Ray Data ÷ bare, both on {len(r['cores'])} core(s) (ray.init excluded)",
+                r["ratio"],
+                "≥ 0.90",
+                r["ratio"] >= 0.90,
+            ),
             ("rows/s ratio, steady state (fixed costs removed)", r["ratio_steady_state"], "report", None),
+            ("rows per CPU-second, bare loop", r["rows_per_cpu_s"]["bare"], "report", None),
+            ("rows per CPU-second, Ray Data stage", r["rows_per_cpu_s"]["ray"], "report", None),
             ("rows per CPU-second ratio Ray Data ÷ bare", r["ratio_cpu"], "report", None),
             ("Ray Data scoring fixed overhead [s]", r["fixed_overhead_s"], "report", None),
         ]
     if name == "mfu":
         rows = []
+        of = "of the dense bf16 peak" if "gpu" in r else "of the measured fp32 GEMM peak"
         for c in r["cases"]:
             goal = c.get("goal")
-            label = f"MFU {c['kind']} {c['preset']} L={c['seq_len']} B={c['batch']} (attn={c['attn_implementation']})"
+            label = (
+                f"MFU {c['kind']} {c['preset']} L={c['seq_len']} B={c['batch']}, {of} "
+                f"(attn={c['attn_implementation']}, causal-kernel count; full-L² count {c['mfu_full_attention']:.3f})"
+            )
             rows.append((label, c["mfu"], f"≥ {goal:.2f}" if goal else "report", c["mfu"] >= goal if goal else None))
         return rows
     if name == "scaling":
@@ -82,9 +96,9 @@ def headlines(name: str, r: dict) -> list[tuple[str, float, str, bool | None]]:
         rows.append(
             (f"selection.select + manifest of {r['select_rows']:,} scores, peak RSS [MB]", v, "< 1024", v < 1024)
         )
-        if r.get("select_stage"):
-            v = r["select_stage"]["rss_mb_peak"]
-            label = f"pipeline select_stage over {r['select_rows']:,} rows, driver peak RSS [MB]"
+        for order, stage in (r.get("select_stage") or {}).items():
+            v = stage["rss_mb_peak"]
+            label = f"pipeline select_stage over {r['select_rows']:,} {order} rows, driver peak RSS [MB]"
             rows.append((label, v, "< 1024", v < 1024))
         return rows
     return []
@@ -109,38 +123,82 @@ def fmt(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3f}"
 
 
-def render(results: dict, started: dict, total_s: float, old: str) -> str:
-    m = started
+def kept_parts(old: str, names: list[str]) -> dict[str, dict]:
+    """From an earlier RESULTS.md, each benchmark in ``names``: its summary rows, its section, and the date it was
+    measured (its section's Command line, else the file's ``- Date:``). Missing benchmarks are left out."""
+    lines = old.splitlines()
+    file_date = next((ln[len("- Date: ") :].split(";")[0] for ln in lines if ln.startswith("- Date: ")), "unknown")
+    out = {}
+    for name in names:
+        head = next((i for i, ln in enumerate(lines) if ln.startswith(f"## {name}: ")), None)
+        if head is None:
+            continue
+        end = next((i for i in range(head + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        section = lines[head:end]
+        while section and not section[-1].strip():
+            section.pop()
+        dated = re.search(r"^Command: .*, (\d{4}-\d\d-\d\dT[\d:+-]+)\)$", "\n".join(section), re.M)
+        rows = [ln for ln in lines if ln.startswith(f"| {name} |")]
+        out[name] = {"rows": rows, "section": section, "date": dated.group(1) if dated else file_date}
+    return out
+
+
+def render(results: dict, started: dict, total_s: float, old: str, kept: dict[str, dict] | None = None) -> str:
+    """RESULTS.md from this run's ``results``; with ``kept`` (``--only``), other benchmarks' rows and sections
+    from the earlier file, in the usual order, and a header that says which numbers come from which run."""
+    m, kept = started, kept or {}
     verdict = {True: "met", False: "**not met**", None: ""}
+    if kept:
+        ran = ", ".join(results)
+        earlier = "; ".join(f"{n} ({k['date']})" for n, k in kept.items())
+        intro = [
+            f"Written by `.venv/bin/python bench/run_all.py --only {' '.join(results)}`: the rows and sections of "
+            f"{ran} were measured in ONE run on the machine described here; the others are kept from earlier runs: "
+            f"{earlier}. Each number is a ratio against a baseline measured in the same run as it, with baseline "
+            "and candidate repetitions alternated, because the machine is shared and absolute timings are noisy; "
+            "numbers of different runs were measured under different loads.",
+        ]
+    else:
+        intro = [
+            "Written by `make bench` (`.venv/bin/python bench/run_all.py`): every number below was measured in ONE "
+            "run on the machine described here. Each is a ratio against a baseline measured in the same run, with "
+            "baseline and candidate repetitions alternated, because the machine is shared and absolute timings are "
+            "noisy.",
+        ]
     out = [
         "# Benchmark results",
         "",
-        "Written by `make bench` (`.venv/bin/python bench/run_all.py`): every number below was measured in ONE run on",
-        "the machine described here. Each is a ratio against a baseline measured in the same run, with baseline",
-        "and candidate repetitions alternated, because the machine is shared and absolute timings are noisy.",
+        *intro,
         "",
         f"- Machine: {m['cores']} cores, {m['cpu']}, GPU: {m['gpu']}; torch {m['torch']}, Python {m['python']}",
         f"- Date: {m['date']}; 1-min load average at start: {m['loadavg_1m']} (other users' jobs)",
-        f"- Total wall time: {total_s / 60:.1f} min",
+        f"- Total wall time: {total_s / 60:.1f} min" + (f" ({', '.join(results)} only)" if kept else ""),
         "",
         "| benchmark | measurement | value | goal | verdict |",
         "|---|---|---|---|---|",
     ]
-    for name, r in results.items():
+    order = [n for n in BENCHES if n in results or n in kept]
+    for name in order:
+        if name in kept:
+            out += kept[name]["rows"]
+            continue
+        r = results[name]
         if "error" in r:
             out.append(f"| {name} | failed: {r['error']} | | | **failed** |")
             continue
         for label, value, goal, ok in headlines(name, r):
             out.append(f"| {name} | {label} | {fmt(value)} | {goal} | {verdict[ok]} |")
-    for name, r in results.items():
+    for name in order:
+        if name in kept:
+            out += ["", *kept[name]["section"]]
+            continue
+        r = results[name]
         out += ["", f"## {name}: {BENCHES[name][0]}", ""]
         if "error" in r:
             out.append(f"Failed ({r['error']}); see the console output of `bench/{name}.py`.")
             continue
-        out += [
-            f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} min, load average {r['machine']['loadavg_1m']})",
-            "",
-        ]
+        when = f"load average {r['machine']['loadavg_1m']}, {r['machine']['date']}"
+        out += [f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} min, {when})", ""]
         out += ["```", *r.get("lines", []), "```"]
     gpu = get_section(old, "gpu") or "No GPU machine was available in this session. Run `bash bench/gpu.sh` on one."
     soak = (
@@ -156,7 +214,13 @@ def render(results: dict, started: dict, total_s: float, old: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="every benchmark's --quick; leaves RESULTS.md alone")
-    p.add_argument("--only", nargs="+", choices=list(BENCHES), help="a subset (RESULTS.md keeps the others' rows)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(BENCHES),
+        help="a subset: rewrites their rows and sections of RESULTS.md, keeps the others' (the header says which "
+        "run measured what)",
+    )
     args = p.parse_args(argv)
     started = _common.machine()
     t0 = time.time()
@@ -170,12 +234,14 @@ def main(argv=None) -> int:
             print(f"{name:>16}: {label}: {fmt(value)}  (goal {goal}{met})")
         if "error" in r:
             print(f"{name:>16}: FAILED ({r['error']})")
-    if args.quick or args.only:
-        print("(RESULTS.md not rewritten: it holds only complete runs)")
+    if args.quick:
+        print("(RESULTS.md not rewritten: --quick numbers are smoke runs)")
     else:
         old = RESULTS.read_text() if RESULTS.exists() else ""
-        RESULTS.write_text(render(results, started, total, old))
-        print(f"wrote {RESULTS.relative_to(REPO)} ({total / 60:.1f} min)")
+        kept = kept_parts(old, [n for n in BENCHES if n not in results]) if args.only else None
+        RESULTS.write_text(render(results, started, total, old, kept))
+        shown = RESULTS.relative_to(REPO) if RESULTS.is_relative_to(REPO) else RESULTS
+        print(f"wrote {shown} ({total / 60:.1f} min)" + (f"; kept {', '.join(kept)}" if kept else ""))
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

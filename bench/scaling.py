@@ -19,7 +19,9 @@ first (≈ 1 if linear) and driver peak RSS 16× ÷ 1× (≈ 1 if flat).
 Selection at 10 M: (a) ``selection.select`` top-k + ``selection.manifest`` on 10 M synthetic fp32 logits in a
 bare NumPy process, and (b) the pipeline's ``select_stage`` on 10 M rows written as packed-pool and score
 parquet files by one process and selected by a fresh one, as a pipeline driver would (``--skip-stage-10m`` to
-leave it out). Each reports its process's peak RSS (b: also what its imports alone cost); goal < 1 GB.
+leave it out), twice: row ids sorted with every row scored (the join's fast path) and shuffled with 2 % of the
+rows unscored or quarantined (the join sorts, selection drops rows). Each reports its process's peak RSS (b:
+also what its imports alone cost); goal < 1 GB for every case.
 
     .venv/bin/python bench/scaling.py            # base 4 000 rows → 64 000; ~5 min on 2 cores
     .venv/bin/python bench/scaling.py --quick    # base 200 rows, sizes 1× and 4×, selection at 1 M
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -137,8 +140,14 @@ def child_select_pure(n: int) -> dict:
     return {"select_s": time.perf_counter() - t0, "rss_mb_peak": peak_rss_mb(), "selected": m["selected"]}
 
 
-def child_select_inputs(n: int, work: Path) -> dict:
-    """Write what ``select_stage`` reads for n rows: packed-pool files (row_id, domain) and score files."""
+def child_select_inputs(n: int, work: Path, order: str = "sorted") -> dict:
+    """Write what ``select_stage`` reads for n rows: packed-pool files (row_id, domain) and score files.
+
+    ``sorted``: row ids ascending through the files and every row scored, in the same file layout — the fast
+    path of the score join (no sort order, no sorted copy) and of selection (no copy of the valid rows).
+    ``unsorted``: the pool's row ids shuffled across and within files (as a pool packed from many sources
+    arrives), the score files in another order and grouping, 1 % of rows never scored and 1 % quarantined
+    (``ok`` false): the join must sort, and selection must drop the unscored rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -147,15 +156,29 @@ def child_select_inputs(n: int, work: Path) -> dict:
     for d in (packed, work / "select"):
         d.mkdir(parents=True)
     per_file = 1_000_000
+    ids = np.arange(n, dtype=np.int64) * 7 + 3
+    if order == "unsorted":
+        ids = rng.permutation(ids)
     for f, start in enumerate(range(0, n, per_file)):
-        ids = np.arange(start, min(n, start + per_file), dtype=np.int64) * 7 + 3
-        doms = pa.DictionaryArray.from_arrays(pa.array(rng.integers(0, 5, len(ids)), pa.int32()), DOMAINS.tolist())
-        pq.write_table(pa.table({"row_id": ids, "domain": doms.cast(pa.string())}), packed / f"{f:05d}.parquet")
-        logit = rng.standard_normal(len(ids), dtype=np.float32)
+        part_ids = ids[start : start + per_file]
+        doms = pa.DictionaryArray.from_arrays(
+            pa.array(rng.integers(0, 5, len(part_ids)), pa.int32()), DOMAINS.tolist()
+        )
+        pq.write_table(pa.table({"row_id": part_ids, "domain": doms.cast(pa.string())}), packed / f"{f:05d}.parquet")
+    unscored = 0
+    if order == "unsorted":
+        ids = rng.permutation(ids)  # the score files group and order rows differently from the pool files
+        unscored = n // 100
+        ids = ids[unscored:]
+    for f, start in enumerate(range(0, len(ids), per_file)):
+        part_ids = ids[start : start + per_file]
+        logit = rng.standard_normal(len(part_ids), dtype=np.float32)
+        ok = np.ones(len(part_ids), bool) if order == "sorted" else rng.random(len(part_ids)) >= 0.01
+        logit[~ok] = np.nan  # what the scorer writes for a quarantined row
         part = scores / f"src={f:05d}"
         part.mkdir(parents=True)
-        pq.write_table(pa.table({"row_id": ids, "logit": logit, "ok": np.ones(len(ids), bool)}), part / "0.parquet")
-    return {"rows": n}
+        pq.write_table(pa.table({"row_id": part_ids, "logit": logit, "ok": ok}), part / "0.parquet")
+    return {"rows": n, "order": order, "unscored": unscored}
 
 
 def child_select_stage(work: Path) -> dict:
@@ -197,7 +220,7 @@ def main(argv=None) -> dict:
         elif kind == "select_pure":
             res = child_select_pure(int(rest[0]))
         elif kind == "select_inputs":
-            res = child_select_inputs(int(rest[0]), Path(rest[1]))
+            res = child_select_inputs(int(rest[0]), Path(rest[1]), rest[2])
         else:
             res = child_select_stage(Path(rest[0]))
         print(json.dumps(res))
@@ -254,19 +277,21 @@ def main(argv=None) -> dict:
             "{:.0f}",
         )
     )
-    stage = None
-    if not args.skip_stage_10m:
-        spawn("--child", "select_inputs", str(n), str(work / "select10m"))
-        stage = spawn("--child", "select_stage", str(work / "select10m"))
+    stage = {}
+    for order in [] if args.skip_stage_10m else ["sorted", "unsorted"]:
+        spawn("--child", "select_inputs", str(n), str(work / f"select10m_{order}"), order)
+        stage[order] = r = spawn("--child", "select_stage", str(work / f"select10m_{order}"))
+        what = "sorted ids, every row scored" if order == "sorted" else "shuffled ids, 2 % unscored or quarantined"
         lines.append(
             line(
-                f"select_stage over {n:,} rows: driver peak RSS [MB]",
-                stage["rss_mb_peak"],
-                f"{stage['select_s']:.1f}s; {stage['rss_mb_imports']:.0f} MB of it is the driver's imports "
-                "(torch, transformers); goal < 1024",
+                f"select_stage over {n:,} rows ({what}): driver peak RSS [MB]",
+                r["rss_mb_peak"],
+                f"{r['select_s']:.1f}s; {r['rss_mb_imports']:.0f} MB of it is the driver's imports "
+                f"(torch, transformers); {r['pool_size']:,} selectable rows; goal < 1024",
                 "{:.0f}",
             )
         )
+        shutil.rmtree(work / f"select10m_{order}")  # ~200 MB of parquet per case
     result = {
         "base_rows": args.base,
         "select_rows": n,
@@ -275,7 +300,7 @@ def main(argv=None) -> dict:
         "lstsq_ms_per_row": 1e3 * slope,
         "lstsq_fixed_s": intercept,
         "select_pure": pure,
-        "select_stage": stage,
+        "select_stage": stage,  # {"sorted": ..., "unsorted": ...}
         "lines": lines,
     }
     write_json("scaling", result)

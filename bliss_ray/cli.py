@@ -1,8 +1,10 @@
 """The ``bliss-ray`` command.
 
 bliss-ray run CONFIG [--set dotted.key=value ...] [--stage NAME] [--out DIR]   # the pipeline (local Ray)
+bliss-ray status RUN_DIR [--watch]                                             # where a run stands
 bliss-ray validate CONFIG [--set ...]                                          # check a config, no compute
-bliss-ray flops CONFIG [--set ...]                                             # the FLOPs ledger (Table 1)
+bliss-ray flops CONFIG [--convention paper|6nd|rebuttal] [--set ...]           # the FLOPs ledger (Table 1)
+bliss-ray plan CONFIG [--gpu TYPE] [--gpus N] [--set ...]                       # memory, fit, GPU-hours per stage
 bliss-ray report RUN_DIR [RUN_DIR ...] --out DIR                               # tables and figures
 bliss-ray sweep SWEEP.yaml [--storage URI] [--out DIR]                          # a Ray Tune sweep
 """
@@ -13,9 +15,10 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
-from bliss_ray.config import ConfigError, load_experiment
+from bliss_ray.config import GPU_TYPES, ConfigError, load_experiment
 
 
 def _setup_logging() -> None:
@@ -32,15 +35,82 @@ def _offline_unless_hub_needed(exp) -> None:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def _check_plan(exp) -> None:
+    """Refuse, before any compute, a config whose memory plan does not fit the workers' accelerator: the one
+    ``resources.gpu_type`` names, else the local GPU of an embedded Ray; unknown (a cluster) is not checked."""
+    from bliss_ray.plan import check_fits
+
+    device, res = exp.resources.gpu_type, exp.resources
+    local = res.ray_address in (None, "local") and not os.environ.get("RAY_ADDRESS")
+    if device is None and local and res.use_gpu is not False:
+        import torch
+
+        from bliss_ray.memory import device_of
+
+        if torch.cuda.is_available():
+            device = device_of(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory)
+    if device is not None:
+        check_fits(exp, device)
+
+
+def cmd_plan(args) -> int:
+    from bliss_ray.plan import format_plan, plan_experiment
+
+    exp = load_experiment(args.config, args.set)
+    device = args.gpu or exp.resources.gpu_type
+    if device is None:
+        raise ConfigError("no device to plan for: pass --gpu TYPE or set resources.gpu_type")
+    print(format_plan(plan_experiment(exp, device, args.gpus)))
+    return 0
+
+
 def cmd_run(args) -> int:
+    """The pipeline with a console: stage lines and live progress on screen, Ray's output and tracebacks in
+    ``<run>/logs/run-*.log`` (everything on screen too with ``-v``); a failed stage exits 1 with one message."""
+    import ray
+
+    from bliss_ray.console import StageConsole, reason_of, route_logs
     from bliss_ray.pipeline import Run
+    from bliss_ray.stages._progress import BoardReader
+    from bliss_ray.tracking import trackers
 
     exp = load_experiment(args.config, args.set)
     _offline_unless_hub_needed(exp)
-    results = Run(exp, Path(args.out)).execute(until=args.stage)
+    if not args.no_plan_check:
+        _check_plan(exp)
+    run = Run(exp, Path(args.out))
+    log_path = run.root / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    stream, restore = route_logs(log_path, args.verbose)
+    tracking: list = []  # filled inside the try: a tracker that cannot start is reported like any failure
+    console = StageConsole(stream, poll=BoardReader(), trackers=tracking, log_path=str(log_path))
+    ray_was_up = ray.is_initialized()
+    try:
+        tracking += trackers(exp.tracking, run.root, exp.name)
+        results = run.execute(until=args.stage, console=console)
+    except Exception as e:
+        if console.failed is None:  # not a stage's failure (those the console has announced)
+            logging.getLogger("bliss_ray").exception("run failed")
+            console.line(f"error: {reason_of(e)}; details: {log_path}")
+        return 1
+    finally:
+        for tracker in tracking:
+            tracker.close()
+        if not ray_was_up and ray.is_initialized():
+            ray.shutdown()  # now, while its last streamed worker lines still go to the log, not at exit
+        restore()
     report = results.get("report", {}).get("report")
-    print(f"\nrun directory: {Path(args.out) / exp.name}" + (f"\nreport: {report}" if report else ""))
+    console.line(f"run directory: {run.root}" + (f"\nreport: {report}" if report else "") + f"\nlogs: {log_path}")
     return 0
+
+
+def cmd_status(args) -> int:
+    from bliss_ray.status import show
+
+    try:
+        return show(Path(args.run_dir), watch=args.watch, every_s=args.every)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_validate(args) -> int:
@@ -55,6 +125,11 @@ def cmd_flops(args) -> int:
     from bliss_ray.flops import format_ledger, ledger
 
     exp = load_experiment(args.config, args.set)
+    if args.convention == "rebuttal":  # the rebuttal's own rows and assumptions, not what the pipeline computes
+        from bliss_ray.flops_rebuttal import format_rebuttal
+
+        print(format_rebuttal(exp))
+        return 0
     print(format_ledger(ledger(exp, convention=args.convention), convention=args.convention))
     return 0
 
@@ -93,11 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     p = with_config(sub.add_parser("run", help="run the pipeline"))
     p.add_argument("--stage", help="stop after this stage (a key like r1.bilevel, or a kind like tokenize)")
     p.add_argument("--out", default="runs", help="root of run directories (default: runs/)")
+    p.add_argument("-v", "--verbose", action="store_true", help="Ray's own output on screen too, not only in the log")
+    p.add_argument("--no-plan-check", action="store_true", help="run even if the memory plan says it cannot fit")
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("status", help="every stage of a run: done / running / interrupted / failed / pending")
+    p.add_argument("run_dir", help="a run directory, e.g. runs/demo")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--every", type=float, default=5.0, help="seconds between refreshes with --watch")
+    p.set_defaults(fn=cmd_status)
     with_config(sub.add_parser("validate", help="validate a config")).set_defaults(fn=cmd_validate)
     p = with_config(sub.add_parser("flops", help="print the FLOPs ledger of a config"))
-    p.add_argument("--convention", choices=["paper", "6nd"], default="paper")
+    p.add_argument("--convention", choices=["paper", "6nd", "rebuttal"], default="paper")
     p.set_defaults(fn=cmd_flops)
+    p = with_config(sub.add_parser("plan", help="per-stage memory, fit and GPU-hours on a device type"))
+    p.add_argument("--gpu", choices=GPU_TYPES, help="device type (default: resources.gpu_type)")
+    p.add_argument("--gpus", type=int, help="training workers (default: resources.train_workers)")
+    p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("report", help="tables and figures from run directories")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", required=True)

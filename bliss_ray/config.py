@@ -136,6 +136,11 @@ class BilevelConfig(_Strict):
     score_carry: Literal["inherit", "reset"] = "inherit"
     weight_norm: Literal["global", "stale"] = "global"
     """``global``: softmax over the global batch (paper); ``stale``: released code's previous-step normaliser."""
+    loss_scaling: Literal["global", "released"] = "global"
+    """``global``: g = Σ P_i CE_i + γ KL + λ‖θ‖² over the global batch; ``released``: the released code's effective
+    objective on ``released_devices`` GPUs under DDP averaging, (1/N)·[Σ P_i CE_i + Nγ KL + Nλ‖θ‖²] (docs/design.md)."""
+    released_devices: int = Field(8, ge=1)
+    """N of ``released`` scaling: the released run's GPU count (run.sh: 8), independent of bilevel_workers."""
     reuse_inner_batch: bool = True
     """The outer step uses the last inner batch (what the released code does with K=1)."""
     ci_method: Literal["ghost", "loop"] = "ghost"
@@ -167,7 +172,8 @@ class ScheduleConfig(_Strict):
 class ScoreConfig(_Strict):
     batch_seqs: int = Field(64, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Inference dtype; ranking always uses the fp32 logit (fp16 sigmoid scores tie at the cut-off)."""
+    """Inference dtype: ``bfloat16`` always; ``float32`` follows ``resources.precision`` (so bf16 on GPU by
+    default). Ranking always uses the fp32 logit (fp16 sigmoid scores tie at the cut-off)."""
 
 
 class MatesConfig(_Strict):
@@ -211,6 +217,14 @@ class FlopsConfig(_Strict):
 
     pool_rows_per_round: int | None = None
     """Rows scored per round when the pool is not local (paper: ≥ 25.6 M, so that 20 % covers 5.12 M)."""
+    reference_tokens_per_seq: float | None = Field(None, gt=0)
+    """Mean tokens the MATES prober computes per reference item (``continuation`` references are trimmed after
+    their last target token); None: ``data.seq_len``, an upper bound. A finished run's probe stage records the
+    real count, which ``bliss-ray report`` uses."""
+
+
+# The accelerators ``bliss-ray plan`` knows (``bliss_ray.memory.DEVICES`` holds their memory and peaks).
+GPU_TYPES = ("A10G-24GB", "L4-24GB", "A100-40GB", "A100-80GB", "H100-80GB", "H200-141GB", "CPU")
 
 
 class ResourcesConfig(_Strict):
@@ -236,6 +250,34 @@ class ResourcesConfig(_Strict):
     worker_start_timeout_s: float = Field(120.0, gt=0)
     compile: bool = False
     """torch.compile the model in training (off by default on CPU)."""
+    dashboard: bool = False
+    """Start the embedded local Ray's dashboard (State API, ``ray list``, Train's placement-group clean-up). Off by
+    default: +1.1 GB and 11 processes, and on a loaded 2-core machine its agent can start too slowly for the raylet.
+    A cluster started with ``ray start`` has its own."""
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """How proxy warm-up and target pretraining use ``train_workers``: ``ddp`` keeps a full copy of weights, grads
+    and AdamW state on every worker (16 B/param); ``fsdp`` shards them (FSDP2 ``fully_shard`` per transformer
+    block). The bilevel stage always stays replicated (double backward through sharded parameters is unverified)."""
+    activation_checkpointing: Literal["none", "full", "every_k"] = "none"
+    """Recompute transformer blocks in backward instead of keeping their activations: every block (``full``) or
+    every ``activation_checkpointing_k``-th block (``every_k``). Training stages only."""
+    activation_checkpointing_k: int = Field(2, ge=2)
+    """k of ``every_k``: blocks 0, k, 2k, … are recomputed (transformers' ``every_n_layers``)."""
+    precision: Literal["auto", "bf16-mixed", "fp16-mixed", "fp32"] = "auto"
+    """Compute precision of training, scoring and evaluation. ``*-mixed``: fp32 master weights and optimizer state,
+    16-bit matmuls. ``auto``: bf16-mixed on GPU, fp32 on CPU. The bilevel stage always computes in fp32."""
+    gpu_type: Literal[GPU_TYPES] | None = None
+    """The accelerator of the cluster's worker nodes (``bliss_ray.memory.DEVICES``). ``bliss-ray run`` refuses a
+    config whose memory plan does not fit it; None: detected on a local GPU, otherwise not checked."""
+
+    @model_validator(mode="after")
+    def _fsdp_precision(self) -> ResourcesConfig:
+        if self.parallelism == "fsdp" and self.precision == "fp16-mixed":
+            raise ValueError(
+                "resources.precision fp16-mixed is not supported with resources.parallelism fsdp (its loss scaling "
+                "is not wired into FSDP2's mixed-precision policy); use bf16-mixed"
+            )
+        return self
 
 
 class Experiment(_Strict):
@@ -257,6 +299,10 @@ class Experiment(_Strict):
     flops: FlopsConfig = FlopsConfig()
     label: str | None = None
     """How reports name this variant (default: the selection method and what differs); not part of identities."""
+    tracking: list[Literal["tensorboard", "mlflow"]] = ["tensorboard"]
+    """Where per-step and per-round metrics go besides ``metrics.jsonl``: TensorBoard event files under
+    ``<run>/tb``; MLflow (``MLFLOW_TRACKING_URI``, default ``sqlite:///<run>/mlflow.db``; ``pip install
+    'bliss-ray[tracking]'``). Not part of identities."""
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")

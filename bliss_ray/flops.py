@@ -1,26 +1,39 @@
 """The FLOPs ledger: what every stage of a BLISS / MATES / random run costs, from the configuration.
 
-Two conventions, named in every output:
+Two conventions of counting what this platform computes, named in every output:
 
-* ``paper`` — what reproduces the BLISS rebuttal's Table 1 (method.md §4.2): forward FLOPs per token
-  F = 2·P_mm + 4·L·d·n_layer, with P_mm the matmul parameters (attention and MLP projections, plus the LM head
-  d·V when the model has one; the embedding lookup is free) and the full L² attention term; training = 3F.
-  For the 410M recipe this gives 6.35e19 for pretraining and 0.07e19 for a true Pythia-31M proxy warm-up.
+* ``paper`` — the per-token count that reproduces the BLISS rebuttal's Table 1 (method.md §4.2): forward FLOPs
+  per token F = 2·P_mm + 4·L·d·n_layer, with P_mm the matmul parameters (attention and MLP projections, plus the
+  LM head d·V when the model has one; the embedding lookup is free) and the full L² attention term; training =
+  3F. For the 410M recipe this gives 6.35e19 for pretraining and 0.07e19 for a true Pythia-31M proxy warm-up.
 * ``6nd`` — the usual 6·N·D (training) and 2·N·D (forward) with N all parameters.
+
+A third, ``rebuttal`` (``bliss_ray.flops_rebuttal``), reproduces the rebuttal's own rows and the assumptions
+behind them, which are not what the pipeline computes.
+
+Rows follow ``pipeline.plan``: one per stage kind the plan runs, times the number of such stages (the random
+baseline has no warm-up, so it is charged none); a stage kind with no row fails loudly.
 
 Per-stage operation counts for the bilevel step follow our implementation (``bilevel/loop.py``):
 K inner steps (proxy 3F_p, target forward F_tr when γ>0, score forward F_s), the reference gradient 3F_p, the
 outer score forward F_s, ∇g with create_graph 3F_p, Q HVPs at 4F_p each, ghost c_i 3F_p, score backward 2F_s.
 
+MATES's oracle probing: each probe is one target step on one row plus one evaluation of the reference set, which
+the prober trims after each batch's longest item (``mates.probe``), so LAMBADA items cost their own length, not
+``seq_len``. Before a run the ledger takes that length from ``flops.reference_tokens_per_seq`` (an estimate; unset:
+``seq_len``, an upper bound, said so in the row); a finished run's probe stage records the batches it really
+computed (``reference_batches`` in its outputs), and ``bliss-ray report`` passes those.
+
 ``counted_train_flops_per_token`` measures one real training step with ``torch.utils.flop_counter`` on the meta
 device (no compute), so tests can hold the analytic formula to it.
 
-    bliss-ray flops experiments/paper/pythia410m.yaml
+    bliss-ray flops experiments/paper/pythia410m.yaml [--convention paper|6nd|rebuttal]
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -61,121 +74,188 @@ class Row:
     group: str  # "pretraining", "warm-up", "selection", "evaluation"
     stage: str
     flops: float
-    detail: str
+    detail: str  # how the row was counted (under ``rebuttal``: the assumption that reproduces it)
+    published: float | None = None  # the rebuttal's printed value (×1e19), ``rebuttal`` convention only
 
 
-def ledger(exp, convention: str = "paper", pool_rows_per_round: int | None = None) -> list[Row]:
-    """Every stage's FLOPs for an experiment config. ``pool_rows_per_round`` overrides the config's pool size."""
-    L, R = exp.data.seq_len, exp.schedule.rounds
+# Stage kinds of ``pipeline.plan`` that cost no model FLOPs worth a row (tokenizing, sampling ids), or that Table 1
+# leaves out (lm-eval's forward passes). Any other kind without a row fails loudly: the ledger charges exactly the
+# stages the pipeline runs, no more (the random baseline has no warm-up) and no fewer.
+_UNCHARGED_KINDS = {"tokenizer", "tokenize", "select", "evaluate", "report"}
+_CHARGED_KINDS = {"pretrain", "warmup", "bilevel", "score", "probe", "influence"}
+
+
+def stage_counts(exp) -> Counter:
+    """How many stages of each kind ``pipeline.plan`` runs for this config: the rows' multipliers."""
+    from bliss_ray.pipeline import plan  # Ray-free; imported here so that this module needs no config layer
+
+    counts = Counter(s.kind for s in plan(exp))
+    unknown = set(counts) - _UNCHARGED_KINDS - _CHARGED_KINDS
+    if unknown:
+        raise ValueError(f"FLOPs ledger: no row for stage kind(s) {sorted(unknown)}; add one to bliss_ray.flops")
+    return counts
+
+
+def model_archs(exp) -> tuple[LMArch, LMArch]:
     vocab = exp.models.target.vocab_size or exp.tokenizer.vocab_size
     target = arch_from_preset(exp.models.target.arch, vocab)
-    proxy = arch_from_preset(exp.models.proxy.arch, exp.models.proxy.vocab_size or vocab)
+    return target, arch_from_preset(exp.models.proxy.arch, exp.models.proxy.vocab_size or vocab)
+
+
+def estimated_reference_batches(exp) -> tuple[list[tuple[int, float]], str]:
+    """One reference evaluation of the MATES prober as (rows, tokens per row) batches, before any run, and where
+    the length comes from. Passage references are whole rows; LAMBADA-style ones are trimmed after each item's
+    last target token, to ``flops.reference_tokens_per_seq`` when the config states it, else ≤ ``seq_len``."""
+    n_ref = min(exp.mates.reference_seqs, exp.data.max_reference_seqs)
+    per_seq = exp.flops.reference_tokens_per_seq
+    if exp.data.reference_loss == "passage" or per_seq is None:
+        source = "whole rows" if exp.data.reference_loss == "passage" else "≤, flops.reference_tokens_per_seq unset"
+        return [(n_ref, exp.data.seq_len)], source
+    return [(n_ref, per_seq)], "flops.reference_tokens_per_seq, an estimate"
+
+
+def bilevel_flops_per_token(b, proxy: LMArch, target: LMArch | None, seq_len: int, convention: str = "paper") -> float:
+    """One outer step's FLOPs per token of its global batch (``bilevel/loop.py``'s op count); ``target`` is None
+    when γ = 0 (no target forward). ``b`` is the bilevel section of a config (or anything with its fields)."""
 
     def fwd(a, head=True):
-        return forward_flops_per_token(a, L, head, convention)
+        return forward_flops_per_token(a, seq_len, head, convention)
+
+    f_p, f_s = fwd(proxy), fwd(proxy, head=False)
+    f_tr = fwd(target) if target is not None else 0.0
+    return (
+        b.inner_steps * (3 * f_p + f_tr + f_s)
+        + 3 * f_p * b.reference_batch_seqs / b.micro_batch_seqs  # ∇f on the reference batch
+        + (0 if b.reuse_inner_batch else f_tr)
+        + f_s
+        + 3 * f_p
+        + 4 * b.z_steps * f_p
+        + 3 * f_p
+        + 2 * f_s
+    )
+
+
+def ledger(
+    exp,
+    convention: str = "paper",
+    pool_rows_per_round: int | None = None,
+    reference_batches: list[tuple[int, float]] | None = None,
+) -> list[Row]:
+    """Every stage's FLOPs for an experiment config, one row per stage kind that ``pipeline.plan`` runs.
+
+    ``pool_rows_per_round`` overrides the config's pool size, ``reference_batches`` the config's estimate of one
+    MATES reference evaluation (``estimated_reference_batches``) with what a probe stage measured (its outputs'
+    ``reference_batches``): reports of finished runs pass both."""
+    L = exp.data.seq_len
+    target, proxy = model_archs(exp)
+    n = stage_counts(exp)
+
+    def fwd(a, head=True, seq_len=L):
+        return forward_flops_per_token(a, seq_len, head, convention)
 
     tr_tokens = lambda t: t.steps * t.global_batch_seqs * L  # noqa: E731
+    p = exp.pretrain
     rows = [
         Row(
             "pretraining",
             "target pretraining",
-            3 * fwd(target) * tr_tokens(exp.pretrain) * (R + 1),
-            f"{R + 1} rounds × {exp.pretrain.steps} steps × {exp.pretrain.global_batch_seqs}×{L} tokens",
+            3 * fwd(target) * tr_tokens(p) * n["pretrain"],
+            f"{n['pretrain']} rounds × {p.steps} steps × {p.global_batch_seqs}×{L} tokens",
         ),
     ]
-    method = exp.selection.method
     pool_rows = pool_rows_per_round or exp.flops.pool_rows_per_round
-    if method in ("bliss", "random"):
+    if n["warmup"]:
         rows.append(
             Row(
                 "warm-up",
                 "proxy warm-up",
-                3 * fwd(proxy) * tr_tokens(exp.warmup),
+                3 * fwd(proxy) * tr_tokens(exp.warmup) * n["warmup"],
                 f"{exp.warmup.steps} steps × {exp.warmup.global_batch_seqs}×{L} tokens",
             )
         )
-    if method == "bliss":
+    if n["bilevel"]:
         b = exp.bilevel
-        f_p, f_s = fwd(proxy), fwd(proxy, head=False)
-        f_tr = fwd(target) if b.gamma > 0 else 0.0
         global_batch = b.micro_batch_seqs * exp.resources.bilevel_workers
-        per_token = (
-            b.inner_steps * (3 * f_p + f_tr + f_s)
-            + 3 * f_p * b.reference_batch_seqs / b.micro_batch_seqs  # ∇f on the reference batch
-            + (0 if b.reuse_inner_batch else f_tr)
-            + f_s
-            + 3 * f_p
-            + 4 * b.z_steps * f_p
-            + 3 * f_p
-            + 2 * f_s
-        )
+        per_token = bilevel_flops_per_token(b, proxy, target if b.gamma > 0 else None, L, convention)
         rows.append(
             Row(
                 "selection",
                 "bilevel optimisation",
-                per_token * b.outer_steps * global_batch * L * R,
-                f"{R} rounds × T={b.outer_steps} × B={global_batch}×{L}, K={b.inner_steps}, Q={b.z_steps}",
+                per_token * b.outer_steps * global_batch * L * n["bilevel"],
+                f"{n['bilevel']} rounds × T={b.outer_steps} × B={global_batch}×{L}, K={b.inner_steps}, Q={b.z_steps}",
             )
         )
-        if pool_rows:
-            rows.append(
-                Row(
-                    "selection",
-                    "score-model inference",
-                    f_s * pool_rows * L * R,
-                    f"{R} rounds × {pool_rows:,} rows × {L} tokens (trunk only)",
-                )
-            )
-    if method == "mates":
-        # MATES (method.md §5.1, §4.2's formula). Probing: per probe one target training step on 1 row (3F·L)
-        # plus one reference forward (F per token; the prober trims padding after each item's last target token,
-        # so for LAMBADA-style references this counts up to L tokens per item, an upper bound). The influence
-        # model (BERT family, GeLU MLP, attention within 512-token chunks: ``mates.influence``'s own per-token
-        # count) trains for E epochs on the (1 − held-out) split, evaluates the held-out split every epoch, and
-        # scores the pool. MATES's own total at 410M is 8.11e19 (method.md §4.1): see experiments/paper/
-        # pythia410m_mates.yaml for what that implies about its reference length and pool size.
-        from bliss_ray.mates.influence import forward_flops_per_token as influence_fwd
-        from bliss_ray.mates.influence import influence_arch
-
-        m = exp.mates
-        bert = influence_arch(m.influence_arch, vocab)
-        f_b = influence_fwd(bert, L, convention)
-        probe = 3 * fwd(target) * L + fwd(target) * m.reference_seqs * L  # one step on {x} + reference loss
+    if n["score"] and pool_rows and exp.selection.method == "bliss":
         rows.append(
             Row(
                 "selection",
-                "oracle probing",
-                probe * m.probes * R,
-                f"{R} rounds × {m.probes} probes × (1 step on 1×{L} + reference ≤{m.reference_seqs}×{L} tokens)",
+                "score-model inference",
+                fwd(proxy, head=False) * pool_rows * L * n["score"],
+                f"{n['score']} rounds × {pool_rows:,} rows × {L} tokens (trunk only)",
             )
         )
-        train_rows = m.probes * (1 - m.influence_heldout_frac)
-        held_rows = m.probes * m.influence_heldout_frac
-        rows.append(
-            Row(
-                "selection",
-                "influence-model training",
-                (3 * train_rows + held_rows) * f_b * L * m.influence_epochs * R,
-                f"{R} rounds × {m.influence_epochs} epochs × {m.probes} probes ({m.influence_arch}, "
-                f"{held_rows / m.probes:.0%} held out)",
-            )
-        )
-        if pool_rows:
-            rows.append(
-                Row(
-                    "selection",
-                    "influence-model inference",
-                    f_b * pool_rows * L * R,
-                    f"{R} rounds × {pool_rows:,} rows × {L} tokens ({m.influence_arch})",
-                )
-            )
-    if exp.pretrain.decay_steps:
+    if n["probe"]:
+        rows += _mates_rows(exp, n, pool_rows, fwd, target, reference_batches, convention)
+    if p.decay_steps:
         rows.append(
             Row(
                 "evaluation",
                 "decay branches",
-                3 * fwd(target) * exp.pretrain.decay_steps * exp.pretrain.global_batch_seqs * L * (R + 1),
-                f"{exp.pretrain.decay_steps} decay steps per round, for evaluation only",
+                3 * fwd(target) * p.decay_steps * p.global_batch_seqs * L * n["pretrain"],
+                f"{p.decay_steps} decay steps per round, for evaluation only",
+            )
+        )
+    return rows
+
+
+def _mates_rows(exp, n, pool_rows, fwd, target, reference_batches, convention) -> list[Row]:
+    """MATES (method.md §5.1, §4.2's formula). Probing: per probe one target training step on 1 row (3F·L) plus
+    one reference evaluation: Σ over its batches of rows × tokens × F at that length, the batches as the prober
+    computes them (trimmed after each batch's longest item). The baseline evaluation (one per probe actor) is left
+    out: 1 in ``mates.probes``. The influence model (BERT family, GeLU MLP, attention within 512-token chunks:
+    ``mates.influence``'s own per-token count) trains for E epochs on the (1 − held-out) split, evaluates the
+    held-out split every epoch, and scores the pool."""
+    from bliss_ray.mates.influence import forward_flops_per_token as influence_fwd
+    from bliss_ray.mates.influence import influence_arch
+
+    L, m = exp.data.seq_len, exp.mates
+    vocab = exp.models.target.vocab_size or exp.tokenizer.vocab_size
+    if reference_batches:
+        source = "measured by the probe stage"
+    else:
+        reference_batches, source = estimated_reference_batches(exp)
+    ref_rows = sum(r for r, _ in reference_batches)
+    ref_tokens = sum(r * t for r, t in reference_batches)
+    reference = sum(r * t * fwd(target, seq_len=t) for r, t in reference_batches)
+    bert = influence_arch(m.influence_arch, vocab)
+    f_b = influence_fwd(bert, L, convention)
+    rows = [
+        Row(
+            "selection",
+            "oracle probing",
+            (3 * fwd(target) * L + reference) * m.probes * n["probe"],
+            f"{n['probe']} rounds × {m.probes} probes × (1 step on 1×{L} + reference {ref_rows} items, "
+            f"{ref_tokens / ref_rows:.4g} tokens each: {source})",
+        )
+    ]
+    train_rows = m.probes * (1 - m.influence_heldout_frac)
+    held_rows = m.probes * m.influence_heldout_frac
+    rows.append(
+        Row(
+            "selection",
+            "influence-model training",
+            (3 * train_rows + held_rows) * f_b * L * m.influence_epochs * n["influence"],
+            f"{n['influence']} rounds × {m.influence_epochs} epochs × {m.probes} probes ({m.influence_arch}, "
+            f"{held_rows / m.probes:.0%} held out)",
+        )
+    )
+    if pool_rows and n["score"]:
+        rows.append(
+            Row(
+                "selection",
+                "influence-model inference",
+                f_b * pool_rows * L * n["score"],
+                f"{n['score']} rounds × {pool_rows:,} rows × {L} tokens ({m.influence_arch})",
             )
         )
     return rows

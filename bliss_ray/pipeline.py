@@ -141,21 +141,22 @@ class Run:
             raise ValueError(f"--stage {until}: no such stage; choose from {keys} or a kind")
         return self.stages[: kinds[-1] + 1]
 
-    def execute(self, until: str | None = None, runner: Callable | None = None) -> dict[str, dict]:
-        """Run (or skip, when done) every stage up to ``until``; returns each stage's outputs."""
+    def execute(self, until: str | None = None, runner: Callable | None = None, console=None) -> dict[str, dict]:
+        """Run (or skip, when done) every stage up to ``until``; returns each stage's outputs. ``console``
+        (``bliss_ray.console.StageConsole``; default: plain lines on stderr, TensorBoard files) shows progress."""
         from bliss_ray.stages.steps import run_stage  # orchestration layer: imports Ray
 
         runner = runner or run_stage
+        console = console or default_console(self)
         results = {}
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "experiment.json").write_text(self.exp.model_dump_json(indent=2))
         for st in self.select_until(until):
             d = self.dir(st.key)
             if self.done(st.key):
-                log.info("skip %-14s (done: %s)", st.key, d.name)
                 results[st.key] = self.outputs(st.key)
+                console.skipped(st, d, results[st.key])
                 continue
-            log.info("run  %-14s → %s", st.key, d)
             d.mkdir(parents=True, exist_ok=True)
             config = {
                 "stage": st.key,
@@ -164,13 +165,23 @@ class Run:
                 "settings": {s: _section(self.exp, s) for s in st.settings},
             }
             (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-            t0 = time.perf_counter()
-            out = runner(self, st, d)
-            out = {"stage": st.key, "kind": st.kind, "round": st.round, "seconds": time.perf_counter() - t0, **out}
-            tmp = d / "outputs.json.tmp"
-            tmp.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
-            os.replace(tmp, d / "outputs.json")
-            (d / "_SUCCESS").write_text("")
+            with console.stage(st, d) as finished:
+                t0 = time.perf_counter()
+                out = runner(self, st, d)
+                out = {"stage": st.key, "kind": st.kind, "round": st.round, "seconds": time.perf_counter() - t0, **out}
+                tmp = d / "outputs.json.tmp"
+                tmp.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
+                os.replace(tmp, d / "outputs.json")
+                (d / "_SUCCESS").write_text("")
+                finished(out)
             results[st.key] = out
-            log.info("done %-14s in %.1fs", st.key, out["seconds"])
         return results
+
+
+def default_console(run: Run):
+    """Plain progress lines on stderr and the experiment's trackers (library and test use)."""
+    from bliss_ray.console import StageConsole
+    from bliss_ray.stages._progress import BoardReader
+    from bliss_ray.tracking import trackers
+
+    return StageConsole(poll=BoardReader(), trackers=trackers(run.exp.tracking, run.root, run.exp.name))

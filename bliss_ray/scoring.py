@@ -60,7 +60,8 @@ class Scorer:
         self.model.to(self.device).eval()
         self.vocab = self.model.vocab_size() if kind != "bliss" else self.model.trunk.config.vocab_size
         self.batch_seqs = batch_seqs
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else None
+        half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)  # autocast; weights stay fp32
+        self.autocast = torch.autocast(self.device.type, dtype=half) if half is not None else None
         self.pid = os.getpid()
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:

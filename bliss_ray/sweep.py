@@ -1,13 +1,11 @@
 """Ray Tune sweeps over BLISS ablations: ``bliss-ray sweep SWEEP.yaml [--storage URI] [--out DIR]``.
 
-A sweep file (schema and examples: ``experiments/sweeps/README.md``) names a ``base`` experiment plus
-``overrides``, a ``space`` over dotted config keys (``grid``/``choice``/``loguniform``/``uniform``), the objective
-(``stage: bilevel``: the proxy's upper-level reference loss ``upper_loss`` after round ``round``'s bilevel stage,
-averaged over its last ``last_steps`` steps; ``stage: full``: the whole pipeline scored by ``evaluate``), the
-``metric``/``mode`` and the ``search`` (``grid``, or ``optuna`` with ``seed`` and ``num_samples``), optional
-``seeds`` repeats, ``max_concurrent_trials`` and ``asha``. ``load_sweep`` (schema: ``bliss_ray.sweep_spec``)
-validates all of it, every grid point's full experiment included, and raises ``ConfigError`` naming the field
-before anything runs.
+A sweep file (schema and examples: ``experiments/sweeps/README.md``; validated before anything runs by
+``bliss_ray.sweep_spec.load_sweep``, which raises ``ConfigError`` naming the field) names a ``base`` experiment,
+``overrides``, a ``space`` over dotted config keys, the objective (``stage: full``: the whole pipeline, scored by
+the target after selection at equal target tokens; ``stage: bilevel``: the proxy's upper-level loss after round
+``round``'s bilevel stage, refused over a space that varies the proxy), ``metric``/``mode``, the ``search`` (grid
+or seeded Optuna), ``seeds`` repeats, ``max_concurrent_trials`` and ``asha``.
 
 Layout (OUT = ``--out``: a local path, shared by all nodes on a multi-node cluster; STORAGE = ``--storage``, a
 local path or ``s3://``/``gs://`` URI, default OUT/sweeps):
@@ -39,6 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -51,6 +50,7 @@ from bliss_ray.sweep_spec import (
     SweepSpec,
     join_uri,
     load_sweep,
+    objective,
     points,
     read_bytes,
     sweep_json,
@@ -62,7 +62,13 @@ from bliss_ray.sweep_spec import (
 log = logging.getLogger("bliss_ray")
 CURVE_ID = ("trial_id", "variant", "variant_key", "seed", "status")
 CURVE_METRICS = ("step", "upper_loss", "lower_loss", "kl")
+# final metrics kept beside the objective's, for the report's noise, chance and equal-token checks
+FINAL_EXTRA = ("objective_stage", "paper_average_stderr", "paper_average_chance", "target_steps", "target_tokens")
 SETUP_KINDS = {"tokenizer", "tokenize", "select", "warmup", "pretrain"}  # round-0 / round-free stages
+# Stages that start plain Ray tasks or actors (Ray Train and Ray Data place their own). Tune captures a trial's
+# child tasks into the trial's placement group, sized for its ~0.01-CPU driver, where a 1-CPU evaluation task can
+# never fit; a trial runs these stages from a 0-CPU task scheduled outside that group.
+OUTSIDE_TRIAL_GROUP = {"evaluate", "probe"}
 __all__ = ["ConfigError", "SweepFailed", "load_sweep", "run_sweep"]
 
 
@@ -110,9 +116,18 @@ class _TuneBilevel:
         """The pipeline's stage runner, with this launcher for bilevel stages."""
         from bliss_ray.stages import steps
 
+        if st.kind in OUTSIDE_TRIAL_GROUP:
+            return ray.get(_run_stage_outside.options(scheduling_strategy="DEFAULT").remote(run, st, d))
         return steps.run_stage(
             run, st, d, runners=steps.RUNNERS | {"bilevel": partial(steps.bilevel_stage, launch=self)}
         )
+
+
+@ray.remote(num_cpus=0)
+def _run_stage_outside(run: Run, st, d: Path) -> dict:
+    from bliss_ray.stages import steps
+
+    return steps.run_stage(run, st, d)
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Wait until Tune has taken every forwarded report, so that the trial's final report really is last."""
@@ -135,33 +150,6 @@ class _ForwardToTune(TuneReportCallback):
     def after_report(self, run_context, metrics, checkpoint):
         first = {self.metric: math.nan, **metrics[0], **self.extra}
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
-
-
-def objective(spec: SweepSpec, run: Run, results: dict) -> dict:
-    """The trial's final metrics: upper/lower loss averaged over the objective bilevel stage's last steps, and for
-    full trials the final checkpoint's evaluation."""
-    from bliss_ray.train.checkpoint import read_metrics
-
-    rounds = run.exp.schedule.rounds if spec.stage == "full" else spec.round
-    out: dict = {"final": 1}
-    key = f"r{rounds}.bilevel"
-    if key in run.by_key:
-        m = read_metrics(run.dir(key) / "metrics.jsonl")
-        tail = m[-spec.last_steps :]
-        out |= {
-            "objective_stage": key,
-            "bilevel_steps": len(m),
-            "upper_loss": sum(x["upper_loss"] for x in tail) / len(tail),
-            "lower_loss": sum(x["lower_loss"] for x in tail) / len(tail),
-            "upper_loss_first": m[0]["upper_loss"],
-            "upper_loss_last": m[-1]["upper_loss"],
-        }
-    if spec.stage == "full":
-        last = max(results["evaluate"]["checkpoints"], key=lambda c: c["steps"])
-        avg = last.get("paper_average")
-        out |= {"paper_average": math.nan if avg is None else avg, "reference_loss": last["reference_loss"]}
-        out |= {"target_steps": last["steps"]}
-    return out
 
 
 def bliss_sweep_trial(config: dict, sweep: Sweep, out: str, storage: str) -> None:
@@ -280,8 +268,6 @@ def _tuner(sweep: Sweep, trainable, storage: str) -> tune.Tuner:
 
 def run_sweep(path: str | Path, storage: str | None = None, out: Path = Path("runs")) -> str:
     """Run, resume, or (when finished) re-collect a sweep; returns the path of its ``sweep_results.parquet``."""
-    import ray
-
     from bliss_ray.stages import _ray
 
     sweep = load_sweep(path)
@@ -346,7 +332,7 @@ def write_results(grid, sweep: Sweep, exp_dir: str, out: Path, train_storage: st
         status = "error" if r.error else ("ok" if final else "stopped")
         row = {"trial_id": tid, "variant": variant_label(spec, point), "seed": seed, "status": status}
         row |= {"variant_key": json.dumps(point, sort_keys=True, default=str), "error": str(r.error or "") or None}
-        extra.append(row | {k: final[k] for k in (*FINAL_METRICS[spec.stage], "objective_stage") if k in final})
+        extra.append(row | {k: final[k] for k in (*FINAL_METRICS[spec.stage], *FINAL_EXTRA) if k in final})
         run = trial_run(sweep, r.config | {"seed": seed}, tid, out, train_storage)
         stage = final.get("objective_stage") or f"r{spec.round}.bilevel"
         mfile = run.dir(stage) / "metrics.jsonl" if stage in run.by_key else None

@@ -1,5 +1,6 @@
-"""The sweep file and its on-disk layout: parse and validate a sweep YAML before any compute, name each trial's run
-directory and files. No Ray here; ``bliss_ray.sweep`` runs sweeps.
+"""The sweep file, its on-disk layout and a trial's objective: parse and validate a sweep YAML before any compute,
+name each trial's run directory and files, read a finished trial's final metrics from its run directory. No Ray
+here; ``bliss_ray.sweep`` runs sweeps.
 
     from bliss_ray.sweep_spec import load_sweep
     sweep = load_sweep("experiments/sweeps/table2_proxy_sigmoid_tiny.yaml")   # raises ConfigError naming the field
@@ -9,6 +10,10 @@ Fields (see experiments/sweeps/README.md): ``name``, ``description``, ``base``, 
 (bilevel | full), ``round``, ``space`` (dotted key → {grid | choice | loguniform | uniform}), ``labels``, ``metric``,
 ``mode``, ``last_steps``, ``search`` (grid | {type: optuna, seed, num_samples}), ``seeds``,
 ``max_concurrent_trials``, ``max_failures``, ``trial_resources``, ``asha``.
+
+Two rules keep a sweep's ranking about data selection: a proxy-level metric (``upper_loss``, ``lower_loss``) is
+refused when the space changes the proxy itself (a bigger proxy wins its own loss by construction), and a
+``full`` sweep's points must train the target on the same number of tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,9 +34,17 @@ from bliss_ray.config import ConfigError, Experiment, load_experiment
 from bliss_ray.pipeline import Run, plan
 
 REPO = Path(__file__).resolve().parents[1]
-# the final metrics each objective reports, and the direction in which they improve
-FINAL_METRICS = {"bilevel": {"upper_loss": "min", "lower_loss": "min"}}
-FINAL_METRICS["full"] = FINAL_METRICS["bilevel"] | {"paper_average": "max", "reference_loss": "min"}
+# The final metrics each objective reports, and the direction in which they improve. Proxy-level metrics are
+# measured on the proxy during the bilevel stage; target-level ones on the target after selection (evaluate).
+PROXY_METRICS = {"upper_loss": "min", "lower_loss": "min"}
+TARGET_METRICS = {"reference_loss": "min", "paper_average": "max"}
+FINAL_METRICS = {"bilevel": PROXY_METRICS, "full": PROXY_METRICS | TARGET_METRICS}
+# Keys that change the proxy itself (its size, or its training before the bilevel stage): a proxy-level metric
+# compared across them measures the proxy, not the data it selects.
+PROXY_KEYS = ("models.proxy.", "warmup.")
+# Zero-shot chance accuracy (1 / answer choices) of the paper's tasks; ARC has a few 3- and 5-choice items.
+PAPER_TASK_CHANCE = {"sciq": 0.25, "arc_easy": 0.25, "arc_challenge": 0.25, "logiqa": 0.25, "openbookqa": 0.25}
+PAPER_TASK_CHANCE |= {"boolq": 0.5, "hellaswag": 0.25, "piqa": 0.5, "winogrande": 0.5}
 
 
 class _Strict(BaseModel):
@@ -168,6 +182,37 @@ def points(spec: SweepSpec, ranges: bool = False) -> list[dict]:
     return [p | seeds[0] for p in probes]
 
 
+def proxy_keys(keys) -> list[str]:
+    """The swept keys that change the proxy itself (see ``PROXY_KEYS``)."""
+    return [k for k in keys if k.startswith(PROXY_KEYS)]
+
+
+def target_tokens(exp: Experiment) -> int:
+    """Tokens the evaluated target checkpoint trained on: every round's pretraining, then the decay branch."""
+    p = exp.pretrain
+    return ((exp.schedule.rounds + 1) * p.steps + p.decay_steps) * p.global_batch_seqs * exp.data.seq_len
+
+
+def paper_tasks(tasks) -> list[str]:
+    """Hub names of the paper tasks among evaluated task names (hub, ``*_local`` or the local paper group)."""
+    from bliss_ray.evaluation.harness import LOCAL_PAPER_TASKS, PAPER_GROUP
+
+    hub_of = {local: hub for hub, local in LOCAL_PAPER_TASKS.items() if local}
+    found: set[str] = set()
+    for t in tasks:
+        if t == PAPER_GROUP:
+            found |= set(hub_of.values())
+        elif t in LOCAL_PAPER_TASKS or t in hub_of:
+            found.add(hub_of.get(t, t))
+    return sorted(found)
+
+
+def paper_chance(tasks) -> float | None:
+    """Chance level of the paper average over these evaluated tasks (None: no paper task among them)."""
+    hubs = paper_tasks(tasks)
+    return sum(PAPER_TASK_CHANCE[t] for t in hubs) / len(hubs) if hubs else None
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Parse and validate a sweep file; raise ``ConfigError`` naming the bad field. No Ray, no compute."""
     path = Path(path)
@@ -201,12 +246,23 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{where}: seeds: repeats need search: grid (rerun Optuna's best point with a grid)")
     if spec.asha and spec.stage != "bilevel":
         raise ConfigError(f"{where}: asha: only stage bilevel reports the metric during training")
+    if spec.metric in PROXY_METRICS and (varied := proxy_keys(spec.space)):
+        raise ConfigError(
+            f"{where}: metric: '{spec.metric}' is measured on the proxy itself, and space varies the proxy "
+            f"({', '.join(varied)}): a larger or longer-trained proxy wins it by construction, which says nothing "
+            "about which proxy selects better data. Use stage: full with metric reference_loss (the target's "
+            "reference-set loss after selection) or paper_average"
+        )
     base_path = _resolve_base(spec.base, path)
     sweep = Sweep(spec, path, base_path, _validated(load_experiment, base_path, spec.overrides, f"{where}: overrides"))
     from bliss_ray.models.lm import PRESETS  # torch: only after the cheap checks
 
+    tokens: dict[int, dict] = {}
     for pt in points(spec, ranges=True):
         exp = _validated(sweep.experiment, pt, None, f"{where}: point {pt}")
+        tokens.setdefault(target_tokens(exp), pt)
+        if spec.metric == "paper_average" and not paper_tasks(exp.eval.tasks):
+            raise ConfigError(f"{where}: metric: point {pt} evaluates no paper task (eval.tasks={exp.eval.tasks})")
         bad = [
             f"models.{m}.arch={a}" for m in ("target", "proxy") if (a := getattr(exp.models, m).arch) not in PRESETS
         ]
@@ -218,6 +274,9 @@ def load_sweep(path: str | Path) -> Sweep:
                 f"{where}: round: point {pt} has no stage {key} (needs selection.method bliss and "
                 f"schedule.rounds >= {spec.round})"
             )
+    if spec.stage == "full" and len(tokens) > 1:  # selection is judged by the target at equal training tokens
+        shown = "; ".join(f"{n:,} tokens at {pt}" for n, pt in tokens.items())
+        raise ConfigError(f"{where}: space: the points train the target on different token counts ({shown})")
     return sweep
 
 
@@ -226,6 +285,39 @@ def _validated(fn, a, b, where: str) -> Experiment:
         return fn(a, b)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _nan(value):
+    return math.nan if value is None else value  # Tune and Optuna reject results that lack the sweep metric
+
+
+def objective(spec: SweepSpec, run: Run, results: dict) -> dict:
+    """The trial's final metrics: upper/lower loss averaged over the objective bilevel stage's last steps, and for
+    full trials the final checkpoint's evaluation (reference loss, paper average with its stderr and chance level)
+    and the tokens the target trained on."""
+    from bliss_ray.train.checkpoint import read_metrics
+
+    rounds = run.exp.schedule.rounds if spec.stage == "full" else spec.round
+    out: dict = {"final": 1}
+    key = f"r{rounds}.bilevel"
+    if key in run.by_key:
+        m = read_metrics(run.dir(key) / "metrics.jsonl")
+        tail = m[-spec.last_steps :]
+        out |= {
+            "objective_stage": key,
+            "bilevel_steps": len(m),
+            "upper_loss": sum(x["upper_loss"] for x in tail) / len(tail),
+            "lower_loss": sum(x["lower_loss"] for x in tail) / len(tail),
+            "upper_loss_first": m[0]["upper_loss"],
+            "upper_loss_last": m[-1]["upper_loss"],
+        }
+    if spec.stage == "full":  # the target after selection, at the tokens load_sweep made equal for every trial
+        last = max(results["evaluate"]["checkpoints"], key=lambda c: c["steps"])
+        chance = paper_chance(last.get("tasks", {}))
+        out |= {"paper_average": _nan(last.get("paper_average")), "reference_loss": last["reference_loss"]}
+        out |= {"paper_average_stderr": _nan(last.get("paper_average_stderr")), "paper_average_chance": _nan(chance)}
+        out |= {"target_steps": last["steps"], "target_tokens": target_tokens(run.exp)}
+    return out
 
 
 def variant_label(spec: SweepSpec, point: dict) -> str:

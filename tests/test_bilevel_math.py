@@ -4,6 +4,7 @@
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,137 @@ def test_weights_sum_to_one_and_stats():
     # sigmoid scores bound the weight ratio by e (method.md §1.3)
     wide = global_softmax(torch.sigmoid(torch.tensor([-50.0, 50.0, 0.0])))[1]
     assert weight_stats(wide)["weight_max_min_ratio"] <= math.e + 1e-6
+
+
+def test_stale_first_step_weights_sum_to_one_over_the_global_batch(monkeypatch):
+    """Before the first hypergradient step there is no global normaliser: each of N workers takes a softmax of its
+    own scores. Those sum to 1 per worker, N over the global batch; ``stale_softmax`` divides by N so that the
+    global batch's CE weights sum to 1 as on every later step. N workers simulated one at a time (the first stale
+    step needs no collective: only the world size)."""
+    from bliss_ray.train import dist
+
+    n_workers, local = 4, 3
+    scores = torch.sigmoid(torch.randn(n_workers * local, generator=torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(dist, "world_size", lambda: n_workers)
+    weights = torch.cat([stale_softmax(chunk, None) for chunk in scores.split(local)])
+    assert math.isclose(weights.sum().item(), 1.0, rel_tol=1e-6), weights.sum()
+    for r, chunk in enumerate(scores.split(local)):  # within a worker: that worker's softmax, scaled by 1/N
+        assert torch.allclose(weights[r * local : (r + 1) * local] * n_workers, torch.softmax(chunk, 0))
+
+
+class _GradRecorder:
+    """Stands in for an optimizer: records the gradient each step is asked to take and leaves the weights alone,
+    so that several settings are compared at the same point."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.grads = []
+
+    def step(self):
+        self.grads.append([p.grad.detach().clone() for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+RANKS, LOCAL_SEQS = 4, 2  # the released run simulated on 4 GPUs × 2 sequences; N = 4 is a power of two, so every
+# factor N below is exact in binary floating point and the scale identities hold to rounding-free precision
+
+
+# the recorders never call the real optimizers' step, which the LR schedulers (stepped by outer_step) warn about
+_NO_SCHED_WARNING = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
+
+
+def _outer_step_grads(**settings):
+    """One outer step (K = 1) of bliss_ray on the whole global batch in one process; returns the proxy gradient of
+    the inner step, the score-model hypergradient and the metrics. Models, batches and scores are fixed seeds."""
+    from bliss_ray.bilevel.loop import BilevelSettings, BilevelState, outer_step
+
+    arch = arch_from_preset("pythia-micro", vocab_size=97)
+    proxy = build_lm(arch, max_seq_len=16, seed=0).double()
+    target = build_lm(arch, max_seq_len=16, seed=2).double()
+    score = ScoreModel.from_proxy(proxy, use_sigmoid=True, copy_trunk=False, seed=1).double()
+    ids = torch.randint(0, 97, (RANKS * LOCAL_SEQS, 16), generator=torch.Generator().manual_seed(3))
+    ref = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(4))
+    s = BilevelSettings(**({"outer_steps": 10, "warmup_frac": 0.0, "micro_batch_seqs": RANKS * LOCAL_SEQS} | settings))
+    state = BilevelState.create(proxy, score, target, s)
+    state.proxy_opt = _GradRecorder(p for p in proxy.parameters() if p.requires_grad)
+    state.score_opt = _GradRecorder(q for q in score.parameters() if q.requires_grad)
+    metrics = outer_step(state, s, lambda i: ids, lambda t: (ref, None))
+    return state.proxy_opt.grads[0], state.score_opt.grads[0], metrics, (proxy, target, score, ids)
+
+
+def _released_rank_loss(proxy, ids, w, target_logits, gamma, reg):
+    """One rank's lower-level loss as the released ``bilevel_selection.py`` writes it: chunked_cross_entropy with
+    ``weight`` (Σ_i w_i mean_t CE_i) + reg·Σ‖θ‖² + γ·kl_div_token_level (mean over positions, then the batch).
+    Logits are upcast to fp32 as bliss_ray's losses do, so both sides round the loss alike."""
+    logits = proxy(input_ids=ids).logits.float()
+    b, _, v = logits.shape
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1), reduction="none").view(b, -1)
+    loss = (ce * w.view(-1, 1)).mean(-1).sum() + reg * sum(p.norm(2).pow(2) for p in proxy.parameters())
+    kl = F.kl_div(F.log_softmax(logits, -1), F.softmax(target_logits.float(), -1), reduction="none")
+    return loss + gamma * kl.sum(-1).mean(-1).mean(0)
+
+
+@_NO_SCHED_WARNING
+def test_released_loss_scaling_is_the_ddp_mean_of_the_released_per_rank_losses():
+    """``loss_scaling: released`` with N = 4: bliss_ray's inner-step gradient (one process, whole global batch)
+    equals the released code on 4 ranks — each rank's Σ_local P_i CE_i + γ KL_local + λ‖θ‖² with the global
+    softmax weights, gradients averaged as DDP does — i.e. ∇ (1/N)·[Σ P_i CE_i + Nγ KL + Nλ‖θ‖²]; and the clip
+    acts on that averaged gradient, as the released ``fabric.clip_gradients`` after DDP's all-reduce."""
+    gamma, reg = 0.3, 1e-2  # large enough that the KL and L2 terms move the gradient well above the tolerance
+    common = {"gamma": gamma, "l2": reg, "loss_scaling": "released", "released_devices": RANKS}
+    grads, _, _, (proxy, target, score, ids) = _outer_step_grads(**common, grad_clip=1e9)
+    params = [p for p in proxy.parameters() if p.requires_grad]
+    with torch.no_grad():
+        weights = torch.softmax(score(ids)[1], 0)  # the global softmax every rank computes from gathered scores
+        target_logits = target(input_ids=ids).logits
+    per_rank = []
+    for r in range(RANKS):
+        rows = slice(r * LOCAL_SEQS, (r + 1) * LOCAL_SEQS)
+        loss = _released_rank_loss(proxy, ids[rows], weights[rows], target_logits[rows], gamma, reg)
+        per_rank.append(torch.autograd.grad(loss, params))
+    ddp_mean = [sum(g) / RANKS for g in zip(*per_rank, strict=True)]
+    # both sides evaluate the loss in fp32 and differ only in summation order (per-rank sums vs one global sum),
+    # ~1e-7 relative; 1e-5 of the largest entry. Dropping 1/N on CE, or N on γ or λ, moves it by O(1).
+    scale = max(g.abs().max().item() for g in ddp_mean)
+    for a, b in zip(grads, ddp_mean, strict=True):
+        assert (a - b).abs().max().item() <= 1e-5 * scale
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ddp_mean])).item()
+    clipped, _, _, _ = _outer_step_grads(**common, grad_clip=norm / 2)  # the clip binds: halves the gradient
+    for a, b in zip(clipped, ddp_mean, strict=True):
+        assert (a - b * (norm / 2) / (norm + 1e-6)).abs().max().item() <= 1e-5 * scale  # torch's clip coefficient
+
+
+@_NO_SCHED_WARNING
+def test_released_scaling_differs_from_global_by_the_stated_factors():
+    """(1/N)·g(Nγ, Nλ): the released inner gradient × N equals ``global`` with γ → Nγ, λ → Nλ, and is not
+    ``global`` at the same γ, λ. In the outer step the Hessian is scaled by 1/N as well, so z is N× the z of
+    ``global`` with (Nγ, Nλ) if η_z → η_z/N and μ → Nμ (the clipped Richardson residual is the same vector in
+    both), and so is the hypergradient: one full outer step, including the per-tensor z clip, checks it."""
+    n, gamma, reg, z_lr, mu = RANKS, 0.3, 1e-2, 0.5, 0.1
+    base = {"hypergrad_clip": None, "grad_clip": 1e9, "z_init": "zero", "z_clip": 1.0, "z_steps": 3}
+    rel_p, rel_s, rel_m, _ = _outer_step_grads(
+        **base, gamma=gamma, l2=reg, z_lr=z_lr, z_damping=mu, loss_scaling="released", released_devices=n
+    )
+    glob_p, glob_s, glob_m, _ = _outer_step_grads(**base, gamma=n * gamma, l2=n * reg, z_lr=z_lr / n, z_damping=n * mu)
+    for a, b in zip(rel_p, glob_p, strict=True):
+        torch.testing.assert_close(a * n, b, rtol=1e-12, atol=1e-300)
+    for a, b in zip(rel_s, glob_s, strict=True):
+        torch.testing.assert_close(a, b * n, rtol=1e-12, atol=1e-300)
+    assert rel_m["z_norm"] == pytest.approx(n * glob_m["z_norm"], rel=1e-12)
+    assert rel_m["lower_loss"] == pytest.approx(glob_m["lower_loss"], rel=1e-12)  # the metric stays Σ P_i CE_i
+    same_p, _, _, _ = _outer_step_grads(**base, gamma=gamma, l2=reg, z_lr=z_lr, z_damping=mu)
+    assert not all(torch.allclose(a * n, b, rtol=1e-3) for a, b in zip(rel_p, same_p, strict=True))
+    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(rel_p, same_p, strict=True))
+
+
+def test_paper_presets_reproduce_the_released_eight_gpu_objective():
+    """The paper presets run on 8 workers and use the released code's effective objective on its 8 GPUs."""
+    from bliss_ray.config import load_experiment
+
+    for name in ("pythia410m", "pythia1b"):
+        exp = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "paper" / f"{name}.yaml", [])
+        assert exp.bilevel.loss_scaling == "released" and exp.bilevel.released_devices == 8
+        assert exp.resources.bilevel_workers == 8 and exp.bilevel.micro_batch_seqs * 8 == 32  # run.sh: 8 × 4

@@ -73,7 +73,7 @@ def test_bad_jsonl_rows_are_quarantined_with_reasons(tmp_path):
     good, bad = read_file(str(path), "jsonl", CFG)
     reasons = {b["row"]: b["reason"] for b in bad}
     assert good.ids.tolist() == [1]
-    assert len(good) + len(bad) == 9  # rows in = rows out + rows quarantined
+    assert good.source_rows == 9 == len(good) + len(bad)  # rows in (9 lines written) = out + quarantined
     assert reasons[1] == "null text" and reasons[2] == "empty text" and "max_doc_chars" in reasons[3]
     assert "missing column" in reasons[4] and "type int" in reasons[5] and reasons[6] == "invalid json"
     assert reasons[7] == "non-integer id" and reasons[8] == "invalid utf-8"
@@ -97,11 +97,17 @@ def test_parquet_text_with_bad_rows_and_missing_column(tmp_path):
 
 
 def test_parquet_tokens_layout(tmp_path):
-    t = pa.table({"input_ids": [[1, 2, 3], [], [4, -1]], "id": [7, 8, 9]})
+    t = pa.table({"input_ids": [[1, 2, 3], [], [4, -1], [5, 300]], "id": [7, 8, 9, 10]})
     pq.write_table(t, tmp_path / "tok.parquet")
     assert detect_format(str(tmp_path / "tok.parquet")) == "parquet_tokens"
     good, bad = read_file(str(tmp_path / "tok.parquet"), "auto", CFG)
-    assert good.ids.tolist() == [7] and [b["id"] for b in bad] == [8, 9]
+    assert good.ids.tolist() == [7, 10] and [b["id"] for b in bad] == [8, 9] and good.source_rows == 4
+    good, bad = read_file(str(tmp_path / "tok.parquet"), "auto", CFG, vocab_size=300)  # ids 0..299 embed
+    assert good.ids.tolist() == [7] and [(b["id"], b["row"]) for b in bad] == [(8, 1), (9, 2), (10, 3)]
+    assert bad[-1]["reason"] == "token id 300 ≥ vocabulary size 300"
+    pq.write_table(pa.table({"id": [1, 2], "tokens": [[1], [2]]}), tmp_path / "nocol.parquet")
+    good, bad = read_file(str(tmp_path / "nocol.parquet"), "parquet_tokens", CFG)
+    assert len(good) == 0 and good.source_rows == 2 and {b["reason"] for b in bad} == {"missing column 'input_ids'"}
 
 
 def test_synthetic_ids_are_stable_per_file_position(tmp_path):
@@ -157,6 +163,17 @@ def test_packing_row_ids_sources_and_tail():
     assert np.array_equal(again.row_ids, p.row_ids)
 
 
+def test_input_shorter_than_one_row_packs_to_nothing_and_is_counted_as_dropped():
+    ids = np.array([10, 11])
+    short = pack_documents(ids, [np.arange(1, 3), np.arange(3, 4)], ["x", "y"], eos_id=0, seq_len=6)
+    # stream: 1 2 0 3 0 = 5 tokens < 6 → no row, all 5 dropped
+    assert len(short) == 0 and short.input_ids.shape == (0, 6) and short.source_ids == [] and short.domains == []
+    assert short.dropped_tokens == 5
+    exact = pack_documents(ids, [np.arange(1, 3), np.arange(3, 5)], ["x", "y"], eos_id=0, seq_len=6)
+    assert exact.input_ids.tolist() == [[1, 2, 0, 3, 4, 0]] and exact.dropped_tokens == 0  # one row, no tail
+    assert [s.tolist() for s in exact.source_ids] == [[10, 11]]
+
+
 def test_shards_are_disjoint_balanced_and_stable():
     rows = np.arange(30000, dtype=np.int64) * 7919
     s = shard_of(rows, 5)
@@ -176,6 +193,41 @@ def test_tokenize_file_is_idempotent_and_accounts_for_every_row(tmp_path, tok):
     before = packed.stat().st_mtime_ns
     assert tokenize_file(str(tmp_path / "in.jsonl"), 0, "jsonl", cfg, tok, tmp_path / "out") == stats
     assert packed.stat().st_mtime_ns == before  # done files are not redone
+
+
+def test_out_of_vocabulary_token_rows_are_quarantined_and_every_row_is_accounted_for(tmp_path, tok):
+    """Pre-tokenized input (``parquet_tokens``, the paper presets' pool) with an id the model cannot embed: the
+    row is quarantined with its reason, and rows in (counted from the file) = packed + quarantined."""
+    vocab = len(tok)
+    first, last = list(range(1, 9)), [vocab - 1, *range(10, 17)]  # one 8-token sequence each
+    rows = {"id": [5, 6, 7], "input_ids": [first, [9, vocab], last]}
+    pq.write_table(pa.table(rows), tmp_path / "tok.parquet")
+    rows_in = pq.read_metadata(tmp_path / "tok.parquet").num_rows
+    out = tmp_path / "out"
+    stats = tokenize_file(str(tmp_path / "tok.parquet"), 0, "parquet_tokens", DataConfig(seq_len=8), tok, out)
+    assert rows_in == 3 and stats["rows_in"] == rows_in
+    assert stats["docs_packed"] == 2 and stats["rows_quarantined"] == 1 and stats["dropped_tokens"] == 0
+    q = pq.read_table(next((out / "quarantine").glob("*.parquet"))).to_pylist()
+    reason = f"token id {vocab} ≥ vocabulary size {vocab}"
+    assert q == [{"id": 6, "file": str(tmp_path / "tok.parquet"), "row": 1, "reason": reason}]
+    packed = pq.read_table(next((out / "packed").glob("*.parquet")))
+    assert packed.column("input_ids").to_pylist() == [first, last]  # no EOS added: the rows are already packed
+    assert packed.column("source_ids").to_pylist() == [[5], [7]]
+
+
+def test_a_file_shorter_than_one_row_packs_to_nothing_and_the_next_file_goes_on(tmp_path, tok):
+    _jsonl(tmp_path / "short.jsonl", [{"id": 1, "text": "The quick brown fox"}])
+    _jsonl(tmp_path / "long.jsonl", [{"id": 100 + i, "text": t} for i, t in enumerate(TEXTS)])
+    cfg = DataConfig(seq_len=64)
+    short_tokens = len(tok("The quick brown fox", add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert short_tokens < 64
+    stats = tokenize_file(str(tmp_path / "short.jsonl"), 0, "jsonl", cfg, tok, tmp_path / "out")
+    assert stats["rows_in"] == 1 == stats["docs_packed"] and stats["seqs"] == 0 and stats["tokens"] == 0
+    assert stats["dropped_tokens"] == short_tokens
+    assert list((tmp_path / "out" / "packed").glob("*")) == []  # nothing for later stages to read
+    assert tokenize_file(str(tmp_path / "short.jsonl"), 0, "jsonl", cfg, tok, tmp_path / "out") == stats  # done
+    long = tokenize_file(str(tmp_path / "long.jsonl"), 1, "jsonl", cfg, tok, tmp_path / "out")
+    assert long["seqs"] > 0 and len(list((tmp_path / "out" / "packed").glob("*.parquet"))) == 1
 
 
 def test_cloze_items_mask_only_the_last_word(tok):

@@ -1,4 +1,5 @@
-"""Ray Data stages: tokenizing a junk-filled corpus loses nothing (rows in = out + quarantined), corrupt files
+"""Ray Data stages: tokenizing a junk-filled corpus loses nothing (rows in = out + quarantined), nor does a
+pre-tokenized pool with out-of-vocabulary ids and a file shorter than one row; corrupt files
 are named before compute (fail / skip), the bad-row budget is enforced; scoring through Ray Data equals the
 scorer called directly, and a rerun after a crash scores only what is missing, each row exactly once.
 
@@ -10,6 +11,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -67,6 +69,29 @@ def test_bad_rows_are_quarantined_and_counted(ray_local, tiny_run, tmp_path):
     assert len(q) == 7
     with pytest.raises(RuntimeError, match=r"7/67 rows .* more than data.max_bad_frac=5.0%"):
         tokenize_pool(_exp(tmp_path, tmp_path / "corpus", **{"data.max_bad_frac": 0.05}), tok, tmp_path / "out2")
+
+
+def test_pretokenized_pool_with_oov_ids_and_a_short_file_is_counted_and_goes_on(ray_local, tmp_path):
+    """The paper presets' path (``parquet_tokens``): an id ≥ the vocabulary is quarantined with its reason, a
+    file shorter than one 64-token row packs to nothing with its tokens dropped, and the stage finishes."""
+    from bliss_ray.data.tokenizer import train_bpe
+    from bliss_ray.stages.tokenize import tokenize_pool
+
+    tok_dir = tmp_path / "tok"
+    train_bpe(iter([GOOD] * 20), vocab_size=300).save_pretrained(str(tok_dir))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    good = [list(range(i, i + 64)) for i in range(10)]  # ten rows of exactly one sequence each
+    pq.write_table(pa.table({"id": list(range(11)), "input_ids": [*good, [3, 5000, 7]]}), corpus / "a.parquet")
+    pq.write_table(pa.table({"id": [50], "input_ids": [list(range(20))]}), corpus / "b.parquet")
+    rows_in = sum(pq.read_metadata(f).num_rows for f in corpus.iterdir())
+    exp = _exp(tmp_path, corpus, **{"data.pool_format": "parquet_tokens", "data.max_bad_frac": 0.2})
+    out = tokenize_pool(exp, tok_dir, tmp_path / "out")
+    assert rows_in == 12 and out["rows_in"] == rows_in and out["rows_quarantined"] == 1 and out["docs_packed"] == 11
+    assert out["seqs"] == 10 and out["dropped_tokens"] == 20  # the short file's 20 tokens, no EOS on token rows
+    q = pq.read_table(tmp_path / "out" / "pool" / "quarantine").to_pylist()
+    assert [(r["id"], r["row"]) for r in q] == [(10, 10)] and "token id 5000 ≥ vocabulary size" in q[0]["reason"]
+    assert len(list((tmp_path / "out" / "pool" / "packed").glob("*.parquet"))) == 1
 
 
 def test_corrupt_file_is_named_before_compute_fail_or_skip(ray_local, tiny_run, tmp_path):

@@ -109,7 +109,9 @@ def _offline_env(extra: dict[str, str]) -> dict[str, str]:
 # (a) the stock CLI ------------------------------------------------------------------------------------------
 
 
-def test_stock_cli_runs_local_tasks_offline(tiny_model_dir, corpus_env, tmp_path):
+def test_stock_cli_runs_local_tasks_offline(tiny_model_dir, corpus_env, tmp_path, monkeypatch):
+    """The stock ``lm_eval`` CLI runs the local tasks offline, and the in-process harness (what the evaluate stage
+    calls) reproduces its numbers on the same checkpoint and documents."""
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -138,13 +140,26 @@ def test_stock_cli_runs_local_tasks_offline(tiny_model_dir, corpus_env, tmp_path
     (result_file,) = out.rglob("results_*.json")
     res = json.loads(result_file.read_text())
     sciq = res["results"]["sciq_local"]
-    assert 0.0 <= sciq["acc,none"] <= 1.0 and 0.0 <= sciq["acc_norm,none"] <= 1.0
     assert sciq["acc_stderr,none"] > 0
     assert res["n-samples"]["sciq_local"] == {"original": 1000, "effective": LIMIT_CLI}
     cloze = res["results"]["bliss_ref_cloze"]
-    assert 0.0 <= cloze["acc,none"] <= 1.0
+    n_cloze = res["n-samples"]["bliss_ref_cloze"]["effective"]
+    # an accuracy is the share of its documents answered right: a whole number of the documents evaluated
+    for acc, n in ((sciq["acc,none"], LIMIT_CLI), (sciq["acc_norm,none"], LIMIT_CLI), (cloze["acc,none"], n_cloze)):
+        assert 0.0 <= acc <= 1.0 and acc * n == pytest.approx(round(acc * n), abs=1e-9), (acc, n)
     assert math.isfinite(cloze["perplexity,none"]) and cloze["perplexity,none"] > 1.0
     assert res["versions"]["sciq_local"] == 1.0
+
+    for key, value in _offline_env(corpus_env).items():
+        monkeypatch.setenv(key, value)
+    ours = harness.evaluate_checkpoint(
+        tiny_model_dir, ["sciq_local", "bliss_ref_cloze"], limit=LIMIT_CLI, batch_size=8, bootstrap_iters=0
+    )["tasks"]
+    assert ours["sciq_local"]["metrics"]["acc"]["value"] == pytest.approx(sciq["acc,none"], abs=1e-12)
+    assert ours["sciq_local"]["metrics"]["acc_norm"]["value"] == pytest.approx(sciq["acc_norm,none"], abs=1e-12)
+    assert ours["bliss_ref_cloze"]["metrics"]["acc"]["value"] == pytest.approx(cloze["acc,none"], abs=1e-12)
+    ppl = ours["bliss_ref_cloze"]["metrics"]["perplexity"]["value"]
+    assert ppl == pytest.approx(cloze["perplexity,none"], rel=1e-4)  # fp32 sums over different batch paddings
 
 
 # (b) prompt parity with lm-eval's own built-in task configs ------------------------------------------------
@@ -276,7 +291,11 @@ def test_evaluate_checkpoint_tiny_model(tiny_model_dir, corpus_env, monkeypatch)
     assert out["tasks"]["boolq_local"]["version"] == 2.0
     assert "perplexity" in out["tasks"]["bliss_ref_cloze"]["metrics"]
     avg = out["paper_average"]
-    assert avg["n_tasks"] == 4 and "logiqa" in avg["missing"] and 0.0 <= avg["value"] <= 1.0
+    assert avg["n_tasks"] == 4 and "logiqa" in avg["missing"]
+    # the paper's metric per task (acc_norm where the paper reads it, acc for BoolQ and WinoGrande), averaged
+    paper = {"sciq_local": "acc_norm", "arc_easy_local": "acc_norm", "boolq_local": "acc", "winogrande_local": "acc"}
+    want = sum(out["tasks"][t]["metrics"][m]["value"] for t, m in paper.items()) / len(paper)
+    assert avg["value"] == pytest.approx(want, abs=1e-12)
 
 
 # helpers that need no model --------------------------------------------------------------------------------

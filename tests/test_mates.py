@@ -6,7 +6,8 @@ Pure tests (no Ray; a 3-step pythia-micro checkpoint trained in-process):
   optimizer restore (or the parameter restore) is switched off, so a leak cannot go unnoticed;
 * the influence model: 512-token chunking + mean pooling, save/load + ``Scorer(kind="mates")``, pretrained-trunk
   loading, and learning a learnable synthetic target to held-out Spearman > 0.5;
-* the FLOPs ledger has MATES's rows (and ``bliss-ray flops`` prints them for the paper recipe).
+* the FLOPs ledger has MATES's rows (and ``bliss-ray flops`` prints them for the paper recipe), and a report
+  charges probing with the reference batches the probe stage measured (``Prober.reference_batches``).
 Gumbel selection with τ → 0 = deterministic bottom-k is tests/test_selection.py's
 ``test_gumbel_tau_to_zero_is_topk_and_mates_is_bottom_k``.
 
@@ -90,7 +91,10 @@ def test_probe_equals_a_direct_one_step_update(checkpoint):
         assert losses[i] == pytest.approx(_direct_probe(state_dir, cand[i], ref, mask, LR), rel=1e-6, abs=1e-7)
     assert prober.baseline_loss == pytest.approx(_direct_probe(state_dir, cand[0], ref, mask, 0.0), rel=1e-6)
     assert np.all(np.abs(losses - prober.baseline_loss) > 1e-5)  # the step really changes the reference loss
-    assert prober.reference_tokens == 10 + 32 + 20 + 15 + 27 + 8  # padding after each item is never computed
+    # items sorted by length (8, 10, 15, 20 | 27, 32) in batches of 4, each cut after its longest item: what one
+    # reference evaluation computes, and what the FLOPs ledger charges per probe
+    assert prober.reference_batches == [(4, 20), (2, 32)]
+    assert prober.reference_tokens == 4 * 20 + 2 * 32 < 6 * L
 
 
 def test_probing_restores_the_full_state_between_probes(checkpoint):
@@ -202,6 +206,28 @@ def test_ledger_has_the_mates_rows():
     assert bert.family == "bert" and (bert.n_layer, bert.d_model) == (12, 768)
 
 
+def test_report_ledger_counts_the_reference_batches_the_probe_stage_measured(tmp_path):
+    """``bliss-ray report`` charges probing with what a finished probe stage computed (its outputs'
+    ``reference_batches``), not the config's estimate: the plumbing from run directory to ledger."""
+    from bliss_ray.config import load_experiment
+    from bliss_ray.flops import ledger
+    from bliss_ray.report.build import _variant_flops
+    from bliss_ray.report.collect import Variant
+
+    exp = load_experiment(REPO / "experiments" / "paper" / "pythia410m_mates.yaml")
+    probe_dir = tmp_path / "r1.probe-0123"
+    probe_dir.mkdir()
+    (probe_dir / "outputs.json").write_text(json.dumps({"reference_batches": [[32, 61], [32, 97]]}))
+    (probe_dir / "_SUCCESS").write_text("")
+    variant = Variant(tmp_path, exp.model_dump(mode="json"), {"stage_dirs": {"r1.probe": probe_dir.name}})
+    assert variant.probe_reference_batches() == [(32, 61), (32, 97)]
+    probing = {r.stage: r.flops for r in _variant_flops(variant)[0]}["oracle probing"]
+    assert probing == pytest.approx(
+        {r.stage: r.flops for r in ledger(exp, reference_batches=[(32, 61), (32, 97)])}["oracle probing"]
+    )
+    assert probing != pytest.approx({r.stage: r.flops for r in ledger(exp)}["oracle probing"])
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_tiny_mates_pipeline_reuses_round_zero_and_reports_with_flops(tiny_run, tmp_path):
@@ -251,7 +277,10 @@ def test_tiny_mates_pipeline_reuses_round_zero_and_reports_with_flops(tiny_run, 
     sel = json.loads((run.dir("r1.select") / "manifest.json").read_text())
     assert sel["method"] == "mates" and sel["temperature"] == 1.0
 
-    rows = ledger(run.exp, pool_rows_per_round=results["r1.score"]["rows_in"])
+    assert probe["reference_batches"] == [[8, run.exp.data.seq_len]]  # a passage reference: 8 whole rows
+    rows = ledger(
+        run.exp, pool_rows_per_round=results["r1.score"]["rows_in"], reference_batches=probe["reference_batches"]
+    )
     stages = {r.stage: r.flops for r in rows}
     for stage in ("oracle probing", "influence-model training", "influence-model inference"):
         assert stages[stage] > 0, stage

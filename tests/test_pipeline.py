@@ -11,10 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bliss_ray.data.corpus import resolve_files
+from bliss_ray.data.packing import shard_of
 from bliss_ray.pipeline import Run
 from tests.conftest import REPO, load_tiny
 
@@ -24,11 +29,21 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 def test_every_stage_finishes_with_its_outputs(tiny_run):
     run, results = tiny_run
     assert all(run.done(s.key) for s in run.stages)
+    # row counts against the files themselves, not against each other (the stages check those sums already)
     tok = results["tokenize"]
-    assert tok["rows_in"] == tok["docs_packed"] + tok["rows_quarantined"] and tok["seqs"] > 1000
-    assert (
-        results["r1.score"]["rows_in"] == results["r1.score"]["rows_scored"] + results["r1.score"]["rows_quarantined"]
-    )
+    assert tok["rows_in"] == sum(pq.ParquetFile(f).metadata.num_rows for f in resolve_files(run.exp.data.pool))
+    assert tok["docs_packed"] + tok["rows_quarantined"] == tok["rows_in"]
+    packed = sorted((run.dir("tokenize") / "pool" / "packed").glob("*.parquet"))
+    assert tok["seqs"] == sum(pq.ParquetFile(f).metadata.num_rows for f in packed) > 1000
+    sc = results["r1.score"]
+    shard = (1, run.exp.schedule.rounds + 1) if run.exp.schedule.pool_sharding == "disjoint" else None
+    pool_ids = np.concatenate([pq.read_table(f, columns=["row_id"]).column("row_id").to_numpy() for f in packed])
+    in_shard = pool_ids if shard is None else pool_ids[shard_of(pool_ids, shard[1]) == shard[0]]
+    scored = pads.dataset(run.dir("r1.score") / "scores", format="parquet", partitioning="hive").to_table()
+    assert sc["rows_in"] == len(in_shard) == scored.num_rows > 0
+    assert np.array_equal(np.sort(scored.column("row_id").to_numpy()), np.sort(in_shard))  # each row once
+    ok = scored.column("ok").to_numpy()
+    assert (sc["rows_scored"], sc["rows_quarantined"]) == (int(ok.sum()), int((~ok).sum()))
     sel = json.loads((run.dir("r1.select") / "manifest.json").read_text())
     assert sel["method"] == "topk" and sel["selected"] == int(sel["pool_size"] * 0.2)
     metrics = [json.loads(x) for x in (run.dir("r1.bilevel") / "metrics.jsonl").read_text().splitlines()]
@@ -115,6 +130,7 @@ def test_random_baseline_shares_round_zero_and_the_report_compares(tiny_run, tmp
 
 
 def test_stock_lm_eval_cli_on_a_pipeline_checkpoint(tiny_run, tmp_path):
+    """The stock CLI loads the final decay checkpoint and reproduces what the evaluate stage recorded for it."""
     run, _ = tiny_run
     model_dir = run.dir("r1.pretrain") / "decay"
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DISABLE_MULTIPROC": "1"}
@@ -133,13 +149,17 @@ def test_stock_lm_eval_cli_on_a_pipeline_checkpoint(tiny_run, tmp_path):
         "--device",
         "cpu",
         "--batch_size",
-        "8",
+        str(run.exp.eval.batch_size),  # the evaluate stage's: the same paddings, the same fp32 sums
         "--limit",
-        "10",
+        str(run.exp.eval.limit),
         "--output_path",
         str(tmp_path / "out"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next(Path(tmp_path / "out").rglob("results_*.json")).read_text())
-    assert 0.0 <= results["results"]["sciq_local"]["acc,none"] <= 1.0
+    cli = results["results"]["sciq_local"]
+    stage = json.loads((run.dir("evaluate") / "results" / "r1.pretrain.json").read_text())["tasks"]["sciq_local"]
+    assert stage["n"] == results["n-samples"]["sciq_local"]["effective"] == run.exp.eval.limit
+    for metric in ("acc", "acc_norm"):
+        assert cli[f"{metric},none"] == pytest.approx(stage["metrics"][metric]["value"], abs=1e-12), metric

@@ -1,10 +1,12 @@
-"""Ray Tune sweeps (bliss_ray.sweep): validation before compute, the sweep report, the tiny Table-2 sweep end to end
-on the session's Ray, and killing the sweep driver mid-sweep then resuming it with the same command.
+"""Ray Tune sweeps (bliss_ray.sweep): validation before compute (including the rules that keep a ranking about data
+selection), the objective and results files, the tiny Table-2 sweep end to end on the session's Ray (cut to 2
+whole-pipeline trials), and killing the sweep driver mid-sweep then resuming it with the same command. The sweep
+report's arithmetic is tested on synthetic frames in tests/test_report.py.
 
 The Ray tests share one output root, so the setup stages (tokenizer … r0.pretrain) are computed once for both.
 
     .venv/bin/python -m pytest tests/test_sweep.py -q                 # everything (a few minutes on 2 cores)
-    .venv/bin/python -m pytest tests/test_sweep.py -q -m "not ray"   # validation + report only (seconds)
+    .venv/bin/python -m pytest tests/test_sweep.py -q -m "not ray"   # validation + results only (seconds)
 """
 
 import json
@@ -58,8 +60,23 @@ BAD = {
     "grid value the schema rejects": ({"space": {"bilevel.outer_steps": {"grid": [4, 0]}}}, "bilevel.outer_steps"),
     "unknown model preset": ({"space": {"models.proxy.arch": {"grid": ["pythia-huge"]}}}, "pythia-huge"),
     "grid domain under optuna": ({"search": {"type": "optuna", "num_samples": 2}}, "space[models.proxy.arch]"),
-    "metric the stage does not report": ({"metric": "paper_average", "mode": "max"}, "metric"),
-    "round without a bilevel stage": ({"round": 2}, "round"),
+    "metric the stage does not report": ({"stage": "bilevel", "metric": "paper_average", "mode": "max"}, "metric"),
+    "wrong mode": ({"mode": "max"}, "mode: reference_loss is better when minimised"),
+    "round without a bilevel stage": (
+        {"stage": "bilevel", "metric": "upper_loss", "space": {"bilevel.use_sigmoid": {"grid": [True]}}, "round": 2},
+        "round",
+    ),
+    # the issue's Table 2: the proxy's own loss ranks proxy capacity, not the data the proxy selects
+    "proxy-level metric across proxies": ({"stage": "bilevel", "metric": "upper_loss"}, "metric: 'upper_loss'"),
+    "proxy-level metric across warm-ups": (
+        {"metric": "lower_loss", "space": {"warmup.steps": {"grid": [4, 6]}}},
+        "space varies the proxy (warmup.steps)",
+    ),
+    "unequal target tokens": ({"space": {"pretrain.steps": {"grid": [6, 8]}}}, "different token counts"),
+    "downstream metric without a paper task": (
+        {"metric": "paper_average", "mode": "max", "overrides": {"eval.tasks": ["bliss_ref_cloze"]}},
+        "evaluates no paper task",
+    ),
     "seeds under optuna": (
         {"space": {"bilevel.gamma": {"choice": [0.1]}}, "search": "optuna", "seeds": [0, 1]},
         "seeds",
@@ -78,25 +95,57 @@ def test_load_sweep_rejects_bad_sweeps_naming_the_field(tmp_path, change, field)
 
 
 def test_shipped_sweeps_enumerate_their_points():
-    from bliss_ray.sweep import load_sweep
-    from bliss_ray.sweep_spec import points, variant_label
+    from bliss_ray.sweep import _param_space, load_sweep
+    from bliss_ray.sweep_spec import points, trial_run, variant_label
 
     sweep = load_sweep(TABLE2)
     pts = points(sweep.spec)
-    assert len(pts) == 4 and len({json.dumps(p, sort_keys=True) for p in pts}) == 4
+    assert len(pts) == 8 and len({json.dumps(p, sort_keys=True) for p in pts}) == 8  # 4 variants × 2 seeds
     assert sweep.experiment(pts[-1]).models.proxy.arch == "pythia-tiny-proxy"
-    assert variant_label(sweep.spec, pts[1]) == "proxy 31M (pythia-micro), no sigmoid"
+    assert variant_label(sweep.spec, pts[2]) == "proxy 31M (pythia-micro), no sigmoid"
+    assert _param_space(sweep.spec)["seed"] == {"grid_search": [0, 1]}  # seeds are a grid dimension
+    run = trial_run(sweep, pts[3], "t3", Path("/tmp/x"), "/tmp/x/storage")  # what Tune passes: the point + seed
+    assert (run.exp.seed, run.exp.bilevel.use_sigmoid, run.exp.resources.storage_path) == (
+        1,
+        False,
+        "/tmp/x/storage/t3",
+    )
     optuna = load_sweep(REPO / "experiments" / "sweeps" / "gamma_lambda_tiny.yaml")
     # Optuna: one probe per choice value (ranges are only validated at their bounds, never pre-computed)
     assert points(optuna.spec) == [{"bilevel.l2": 1e-7}, {"bilevel.l2": 1e-6}]
     assert len(points(optuna.spec, ranges=True)) == 3
 
 
+@pytest.mark.parametrize("name", ["table2_proxy_sigmoid", "table3_score_init"])
+@pytest.mark.parametrize("tiny", [True, False], ids=["tiny", "cluster"])
+def test_table_sweeps_judge_the_target_after_selection(name, tiny):
+    """Tables 2 and 3 ask which variant selects better data: the target's result after selection, at equal target
+    tokens (load_sweep enforces that), with repeats on the CPU versions."""
+    from bliss_ray.sweep import load_sweep
+    from bliss_ray.sweep_spec import TARGET_METRICS, points, target_tokens
+
+    sweep = load_sweep(REPO / "experiments" / "sweeps" / f"{name}{'_tiny' if tiny else ''}.yaml")
+    assert sweep.spec.stage == "full" and sweep.spec.metric in TARGET_METRICS
+    assert len({target_tokens(sweep.experiment(p)) for p in points(sweep.spec)}) == 1
+    assert len(sweep.spec.seeds) >= 2 or not tiny
+
+
+def test_target_tokens_count_every_round_and_the_decay_branch():
+    from bliss_ray.config import load_experiment
+    from bliss_ray.sweep_spec import target_tokens
+
+    exp = load_experiment(REPO / "experiments" / "tiny.yaml")  # 1 round, 6 steps/round + 4 decay, 8 × 64 tokens
+    assert target_tokens(exp) == ((1 + 1) * 6 + 4) * 8 * 64
+    paper = load_experiment(REPO / "experiments" / "paper" / "pythia410m.yaml", {"schedule.rounds": 1})
+    assert target_tokens(paper) / 1e9 == pytest.approx(10.5, abs=0.2)  # the rebuttal's Table 2: 10B tokens
+
+
 def test_objective_is_the_mean_of_the_last_steps(tmp_path):
     from bliss_ray.pipeline import Run
-    from bliss_ray.sweep import load_sweep, objective
+    from bliss_ray.sweep_spec import load_sweep, objective
 
-    sweep = load_sweep(TABLE2)
+    space = {"bilevel.use_sigmoid": {"grid": [True, False]}}
+    sweep = load_sweep(_write_sweep(tmp_path, stage="bilevel", metric="upper_loss", space=space, last_steps=3))
     run = Run(sweep.experiment({}), tmp_path)
     d = run.dir("r1.bilevel")
     d.mkdir(parents=True)
@@ -109,16 +158,18 @@ def test_objective_is_the_mean_of_the_last_steps(tmp_path):
 
 def test_full_objective_scores_the_final_checkpoint(tmp_path):
     from bliss_ray.pipeline import Run
-    from bliss_ray.sweep import load_sweep, objective
+    from bliss_ray.sweep_spec import load_sweep, objective
 
-    path = _write_sweep(tmp_path, stage="full", metric="paper_average", mode="max")
-    sweep = load_sweep(path)
+    sweep = load_sweep(TABLE2)
     run = Run(sweep.experiment({}), tmp_path)  # tiny: 1 round, so the last bilevel stage is r1.bilevel
     run.dir("r1.bilevel").mkdir(parents=True)
     (run.dir("r1.bilevel") / "metrics.jsonl").write_text('{"upper_loss": 2.0, "lower_loss": 3.0}\n')
-    ckpts = [{"steps": 12, "paper_average": 0.4, "reference_loss": 5.0}, {"steps": 6, "paper_average": 0.3}]
-    out = objective(sweep.spec, run, {"evaluate": {"checkpoints": ckpts}})
+    tasks = {"bliss_ref_cloze": {}, "sciq_local": {}, "piqa": {}}  # chance: sciq 1/4, piqa 1/2; the cloze is none
+    last = {"steps": 12, "paper_average": 0.4, "paper_average_stderr": 0.05, "reference_loss": 5.0, "tasks": tasks}
+    out = objective(sweep.spec, run, {"evaluate": {"checkpoints": [last, {"steps": 6, "paper_average": 0.3}]}})
     assert (out["paper_average"], out["reference_loss"], out["target_steps"]) == (0.4, 5.0, 12)
+    assert (out["paper_average_stderr"], out["paper_average_chance"]) == (0.05, (0.25 + 0.5) / 2)
+    assert out["target_tokens"] == ((1 + 1) * 6 + 4) * 8 * 64  # tiny: 2 × 6 steps + 4 decay steps, 8 × 64 tokens
     assert out["upper_loss"] == 2.0 and out["objective_stage"] == "r1.bilevel"
 
 
@@ -174,46 +225,6 @@ def test_results_keep_final_metrics_and_a_failed_trial_fails_the_sweep(tmp_path)
     assert list(curves["step"]) == [4, 4]  # no metrics.jsonl here: the per-checkpoint reports Tune kept
 
 
-def test_report_renders_mean_std_over_seeds(tmp_path):
-    """Synthetic results: 2 variants × 3 seeds; the table shows mean ± sample std and n, the PNG is written."""
-    from bliss_ray.report.build import build_report
-
-    sweep_dir = tmp_path / "s"
-    sweep_dir.mkdir()
-    meta = {
-        "name": "synthetic",
-        "description": "two variants",
-        "base_file": "tiny.yaml",
-        "overrides": {},
-        "stage": "bilevel",
-        "round": 1,
-        "last_steps": 3,
-        "metric": "upper_loss",
-        "mode": "min",
-        "search": {"type": "grid", "seed": 0},
-        "seeds": [0, 1, 2],
-        "space_keys": ["bilevel.use_sigmoid"],
-        "labels": {"bilevel.use_sigmoid": {"True": "sigmoid", "False": "no sigmoid"}},
-    }
-    (sweep_dir / "sweep.json").write_text(json.dumps(meta))
-    rows, curves = [], []
-    for sig, base in ((True, 5.0), (False, 6.0)):
-        key = json.dumps({"bilevel.use_sigmoid": sig})
-        label = "sigmoid" if sig else "no sigmoid"
-        for seed in range(3):
-            tid = f"t{int(sig)}{seed}"
-            ident = {"trial_id": tid, "variant": label, "variant_key": key, "seed": seed, "status": "ok"}
-            rows.append(ident | {"config/bilevel.use_sigmoid": sig, "upper_loss": base + seed, "time_total_s": 9.0})
-            curves += [ident | {"stage": "r1.bilevel", "step": s, "upper_loss": base + seed + 1 / s} for s in (1, 2)]
-    pd.DataFrame(rows).to_parquet(sweep_dir / "sweep_results.parquet")
-    pd.DataFrame(curves).to_parquet(sweep_dir / "sweep_curves.parquet")
-    text = build_report([sweep_dir], tmp_path / "report").read_text()
-    assert "| sigmoid | **6.0000 ± 1.0000** | 3 | +0.0000 |" in text  # 5, 6, 7 → mean 6, sample std 1
-    assert "| no sigmoid | 7.0000 ± 1.0000 | 3 | +1.0000 |" in text
-    assert "| sigmoid | 7.0000 ± 1.0000 |" in text  # matched step 1: 5+1, 6+1, 7+1
-    assert (tmp_path / "report" / "synthetic_curves.png").stat().st_size > 10_000
-
-
 # ---- Ray: the tiny Table-2 sweep, then kill-and-resume ---------------------------------------------------------
 
 
@@ -225,28 +236,43 @@ def sweep_out(tmp_path_factory):
 
 @pytest.mark.ray
 @pytest.mark.timeout(1500)
-def test_tiny_table2_sweep_reports_the_ablation(ray_local, sweep_out):
+def test_tiny_table2_sweep_ranks_proxies_by_the_target_after_selection(ray_local, sweep_out, tmp_path):
+    """The shipped tiny Table 2 cut to what CI affords: both proxies (sigmoid on), one seed, so 2 trials of the
+    whole pipeline. Each is scored by its target after selection at equal target tokens; the report says that one
+    seed cannot tell a difference from noise and where downstream accuracy sits against chance."""
     from bliss_ray.report.build import build_report
     from bliss_ray.sweep import run_sweep
 
+    tree = yaml.safe_load(TABLE2.read_text())
+    tree["space"].pop("bilevel.use_sigmoid")
+    tree["labels"].pop("bilevel.use_sigmoid")
+    tree.pop("seeds")  # the base seed: the setup stages are shared with the kill test below
+    tree["base"] = str(REPO / "experiments" / "tiny.yaml")
+    path = tmp_path / "table2.yaml"
+    path.write_text(yaml.safe_dump(tree))
     storage = sweep_out / "storage"
     t0 = time.perf_counter()
-    result = Path(run_sweep(TABLE2, storage=str(storage), out=sweep_out))
-    print(f"tiny table-2 sweep: {time.perf_counter() - t0:.0f} s")
+    result = Path(run_sweep(path, storage=str(storage), out=sweep_out))
+    print(f"tiny table-2 sweep (2 full trials): {time.perf_counter() - t0:.0f} s")
     df = pd.read_parquet(result)
-    assert len(df) == 4 and set(df["status"]) == {"ok"} and df["variant_key"].nunique() == 4
-    assert np.isfinite(df["upper_loss"]).all() and (df["final"] == 1).all()
+    assert len(df) == 2 and set(df["status"]) == {"ok"} and df["variant_key"].nunique() == 2
+    assert np.isfinite(df["reference_loss"]).all() and (df["final"] == 1).all()
+    assert set(df["target_tokens"]) == {((1 + 1) * 6 + 4) * 8 * 64}  # tiny: 2 × 6 steps + 4 decay, 8 × 64 tokens
+    assert set(df["target_steps"]) == {12} and set(df["objective_stage"]) == {"r1.bilevel"}
+    assert set(df["paper_average_chance"]) == {0.25}  # sciq_local is the tiny eval's one paper task (4 choices)
     assert (df["training_iteration"] >= 2).all()  # Train's rank-0 reports reached Tune before the final one
     for tid in df["trial_id"]:  # each trial's Train run is named from its trial id, under the sweep's storage
         assert (storage / "table2_proxy_sigmoid_tiny-train" / tid / f"{tid}-r1.bilevel").is_dir()
+        assert any((storage / "table2_proxy_sigmoid_tiny-train" / tid).glob("r1.pretrain-*"))  # the target, too
         tokenize = next((sweep_out / "table2_proxy_sigmoid_tiny" / tid / "tiny").glob("tokenize-*"))
         assert tokenize.is_symlink()  # shared setup stages were computed once, before Tune
     text = build_report([sweep_out / "table2_proxy_sigmoid_tiny"], sweep_out / "report").read_text()
-    for label in ("proxy 31M (pythia-micro)", "proxy 160M (pythia-tiny-proxy)", "| sigmoid |", "| no sigmoid |"):
-        assert label in text, text
+    assert "`reference_loss` = the target's reference-set loss of its final checkpoint, after selection" in text
+    assert "target trained on 8,192 tokens in every trial" in text and "does not answer" not in text
     ablation = text.split("### Ablation table")[1].split("###")[0]
     table = [line for line in ablation.splitlines() if line.startswith("| proxy ")]
-    assert len(table) == 4 and all(any(c.isdigit() for c in line.split("|")[3]) for line in table), ablation
+    assert len(table) == 2 and all("n = 1: noise unknown" in line and "chance 0.25)" in line for line in table)
+    assert "**One seed per variant" in ablation
     assert (sweep_out / "report" / "table2_proxy_sigmoid_tiny_curves.png").is_file()
 
 
@@ -283,7 +309,8 @@ def test_killed_sweep_resumes_with_the_same_command(sweep_out, tmp_path):
     and trial 2's Train run has a checkpoint with steps left; rerun: Tuner.restore finishes trial 2 from that
     checkpoint and keeps trial 1; a third run is a no-op."""
     tree = yaml.safe_load(TABLE2.read_text())
-    tree.update(name="kill_resume", base=str(REPO / "experiments" / "tiny.yaml"))
+    tree.update(name="kill_resume", base=str(REPO / "experiments" / "tiny.yaml"), stage="bilevel", metric="upper_loss")
+    tree.pop("seeds")
     tree["space"] = {"bilevel.use_sigmoid": {"grid": [True, False]}}
     tree["labels"] = {}
     tree["overrides"] |= {"bilevel.outer_steps": 24, "bilevel.ckpt_every_steps": 2}  # a kill window of ~20 steps

@@ -1,5 +1,5 @@
 """Ray Train stages: 1 vs 2 workers compute the same thing (LM training and one bilevel outer step), and a
-SIGKILLed worker resumes from a checkpoint and ends at the exact step count.
+SIGKILLed worker resumes from a checkpoint, ends at the exact step count and equals an uninterrupted run.
 
     .venv/bin/python -m pytest tests/test_train_stage.py -q
 """
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from bliss_ray.config import ResourcesConfig
 from bliss_ray.data.tokens import TokenArray
@@ -75,25 +76,67 @@ def test_lm_training_1_vs_2_workers_same_losses(data, tmp_path):
     np.testing.assert_allclose(losses[1], losses[2], rtol=1e-4)
 
 
+def _without_timings(metrics: list[dict]) -> list[dict]:
+    """Per-step metrics without wall-clock values (keys in seconds end in ``_s``): those differ between runs."""
+    return [{k: v for k, v in m.items() if not k.endswith("_s")} for m in metrics]
+
+
+def assert_same_state(a, b, where="state"):
+    """Recursive equality of checkpoint state (dicts, lists, tensors), tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.timeout(900)  # two 8-step runs, one with a worker-group restart
 def test_killed_worker_resumes_and_finishes_at_the_exact_step(data, tmp_path, monkeypatch):
     """Scenario 1 (target pretraining): SIGKILL the worker while it fetches step 6's batches; Ray Train restarts
-    the group from the last registered checkpoint (step 4 here, possibly older: ray.md §3.4 #1), the run ends
-    at exactly step 8 with each step logged once, and no unregistered checkpoint directory is left behind."""
+    the group from the last registered checkpoint (step 4 here, or 2: possibly older, ray.md §3.4 #1), which the
+    state records as the step the resumed attempt started from. The run ends at exactly step 8 with each step
+    logged once, and equals an uninterrupted run bit for bit: weights, AdamW state and every step's metrics (one
+    worker on one thread replays the same float operations on the same batches, and the checkpoint restores fp32
+    weights from safetensors and the optimizer moments unrounded). An orphan checkpoint directory planted in the
+    run's storage (what a worker that dies right after uploading leaves behind) is deleted; registered ones stay."""
     from bliss_ray.stages import train_lm
 
+    storage = tmp_path / "ray"
+    ref = tmp_path / "uninterrupted"
+    ref.mkdir()
+    train_lm.run(_lm_spec(data, "noKill", 8, 8, ckpt_every=2), ref, RES, str(storage), 1)
     marker = tmp_path / "killed"
     monkeypatch.setenv("BLISS_FAULTS", json.dumps({"kill": {"stage": "killme", "step": 5, "once": str(marker)}}))
     out = tmp_path / "out"
     out.mkdir()
-    result = train_lm.run(_lm_spec(data, "killme", 8, 8, ckpt_every=2), out, RES, str(tmp_path / "ray"), 1)
+    orphan = storage / out.name / "checkpoint_2000-01-01_00-00-00.000000"  # the Train run is named after out/
+    orphan.mkdir(parents=True)
+    (orphan / "train_state.pt").write_bytes(b"a partial upload")
+    result = train_lm.run(_lm_spec(data, "killme", 8, 8, ckpt_every=2), out, RES, str(storage), 1)
     assert marker.exists(), "the fault was not injected"
     assert result["final_step"] == 8
-    assert torch.load(out / "state" / "train_state.pt", weights_only=True)["step"] == 8
-    steps = [m["step"] for m in read_metrics(out / "metrics.jsonl")]
-    assert steps == list(range(1, 9))  # replayed steps overwrite nothing: history restored from the checkpoint
+    state = torch.load(out / "state" / "train_state.pt", weights_only=True)
+    ref_state = torch.load(ref / "state" / "train_state.pt", weights_only=True)
+    assert state["step"] == 8
+    assert ref_state["resumed_from"] == [] and len(state["resumed_from"]) == 1, state["resumed_from"]
+    assert state["resumed_from"][0] in (2, 4)  # resumed, not restarted from step 0
+    history = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in history] == list(range(1, 9))  # replayed steps overwrite nothing
+    weights = load_file(out / "state" / "model" / "model.safetensors")
+    assert_same_state(weights, load_file(ref / "state" / "model" / "model.safetensors"), "weights")
+    assert_same_state(state["optimizer"], ref_state["optimizer"], "optimizer")
+    assert _without_timings(history) == _without_timings(read_metrics(ref / "metrics.jsonl"))
     run_dir = Path(result["train_run"])
     snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
     dirs = sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir())
+    assert not orphan.exists(), "gc_orphan_checkpoints left an unregistered checkpoint directory"
     assert dirs and all(d in snapshot for d in dirs), (dirs, snapshot)
 
 

@@ -102,15 +102,22 @@ def solve_z(
     return z
 
 
-def ci_loop(proxy: nn.Module, input_ids: torch.Tensor, z: dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
-    """Reference implementation: c_i = ⟨∇CE_i, z⟩ with one batch-1 forward+backward per sample. (B,)"""
+def ci_loop(
+    proxy: nn.Module,
+    input_ids: torch.Tensor,
+    z: dict[nn.Parameter, torch.Tensor],
+    acc_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Reference implementation: c_i = ⟨∇CE_i, z⟩ with one batch-1 forward+backward per sample. (B,) in
+    ``acc_dtype``: float64 for the reference (tests); the model's own dtype for a like-for-like speed comparison
+    with ``ci_ghost``, which accumulates in it."""
     params = [p for p in proxy.parameters() if p.requires_grad]
     out = []
     for i in range(input_ids.shape[0]):
         ce = per_sample_ce(proxy(input_ids=input_ids[i : i + 1]).logits, input_ids[i : i + 1]).sum()
         grads = torch.autograd.grad(ce, params)
-        out.append(sum((g.double() * z[p].double()).sum() for g, p in zip(grads, params, strict=True)))
-    return torch.stack(out).to(torch.float64)
+        out.append(sum((g.to(acc_dtype) * z[p].to(acc_dtype)).sum() for g, p in zip(grads, params, strict=True)))
+    return torch.stack(out)
 
 
 def _is_rmsnorm(m: nn.Module) -> bool:

@@ -10,6 +10,11 @@ One outer step t:
      score-model AdamW step.
 Both optimizers follow cosine schedules with linear warm-up (``warmup_frac`` of T).
 
+``loss_scaling="released"`` reproduces the objective the released code optimises on N = ``released_devices`` GPUs
+(each rank's Σ_local P_i CE_i + γ KL_local + λ‖θ‖², gradients averaged by DDP):
+(1/N)·[Σ_global P_i CE_i + N·γ·KL + N·λ‖θ‖²], i.e. g with γ → Nγ, λ → Nλ, scaled by 1/N; in practice the CE
+weights are scaled by 1/N in the inner steps and the HVPs (docs/design.md). ``global`` optimises g itself.
+
     state = BilevelState.create(proxy, score_model, target, BilevelSettings(outer_steps=100))
     run_bilevel(state, settings, train_batch_at, ref_batch_at, end_step=100, log=print)
 """
@@ -55,6 +60,8 @@ class BilevelSettings:
     micro_batch_seqs: int = 4
     reference_batch_seqs: int = 4
     weight_norm: str = "global"
+    loss_scaling: str = "global"
+    released_devices: int = 8
     reuse_inner_batch: bool = True
     ci_method: str = "ghost"
     ci_chunk_seqs: int = 8
@@ -104,6 +111,12 @@ def _global_mean(value: torch.Tensor) -> float:
     return float(t.item()) / dist.world_size()
 
 
+def ce_scale(s: BilevelSettings) -> float:
+    """Factor on the CE weights P of the lower objective: 1/N under ``released`` scaling (N = released_devices).
+    (1/N)·[Σ P CE + Nγ KL + Nλ‖θ‖²] = Σ (P/N) CE + γ KL + λ‖θ‖²: only the CE term changes."""
+    return 1.0 / s.released_devices if s.loss_scaling == "released" else 1.0
+
+
 def _inner_step(state: BilevelState, s: BilevelSettings, input_ids, scores, target_logits, global_batch) -> dict:
     """One proxy AdamW step on the weighted lower-level loss; weights are constants here."""
     if s.weight_norm == "stale":
@@ -111,7 +124,7 @@ def _inner_step(state: BilevelState, s: BilevelSettings, input_ids, scores, targ
     else:
         weights, _, _ = global_softmax(scores.detach())
     logits = state.proxy(input_ids=input_ids).logits  # (B, T, V)
-    loss, ce, kl = weighted_lower_loss(logits, input_ids, weights, target_logits, s.gamma, global_batch)
+    loss, ce, kl = weighted_lower_loss(logits, input_ids, weights * ce_scale(s), target_logits, s.gamma, global_batch)
     params = [p for p in state.proxy.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
     grads = [g.clone() for g in grads]
@@ -168,7 +181,7 @@ def outer_step(
     # 3. z ≈ (H + μI)⁻¹ ∇f with HVPs of g on the outer batch
     _, scores = state.score_model(outer_ids)  # (B,) with graph to θ_s, used again in step 4
     p_local, p_all, normaliser = global_softmax(scores)
-    hvp = make_hvp(state.proxy, proxy_params, outer_ids, p_local, outer_tl, s.gamma, global_batch, s.l2)
+    hvp = make_hvp(state.proxy, proxy_params, outer_ids, p_local * ce_scale(s), outer_tl, s.gamma, global_batch, s.l2)
     z = solve_z(hvp, grad_f, s.z_steps, s.z_lr, s.z_damping, s.z_init, s.z_clip)
     del hvp  # frees the double-backward graph before the next forward
 

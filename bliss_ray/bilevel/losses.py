@@ -54,11 +54,6 @@ def per_sample_kl(proxy_logits: torch.Tensor, target_logits: torch.Tensor) -> to
     return _kl_from(F.log_softmax(proxy_logits.float(), dim=-1), target_logits)
 
 
-def l2_penalty(params) -> torch.Tensor:
-    """‖θ‖² over a list of tensors."""
-    return sum((p.float() ** 2).sum() for p in params)
-
-
 def weighted_lower_loss(
     proxy_logits: torch.Tensor,
     input_ids: torch.Tensor,

@@ -7,8 +7,10 @@ floats) and normalises locally with the shared max and denominator, so Σ_i P_i 
 1 worker × 32 sequences computes exactly what 8 workers × 4 do.
 
 ``weight_norm="stale"`` reproduces the released code: the lower-level steps of outer step t use the max and
-denominator gathered at outer step t−1 (the first step uses a per-worker softmax), so the weights only sum to ≈1.
-It costs nothing extra (the normaliser is kept from the previous hypergradient step).
+denominator gathered at outer step t−1, so the weights only sum to ≈1. Before the first hypergradient step there
+is no global normaliser: the released code then uses a per-worker softmax, which sums to 1 on *each* worker, i.e.
+to N over the global batch. Divided by N it sums to 1 globally like every later step (else the first step's CE
+weight would be N× too large). It costs nothing extra (the normaliser is kept from the previous hypergradient step).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ def global_softmax(scores_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def stale_softmax(scores_local: torch.Tensor, previous: Normaliser | None) -> torch.Tensor:
     """The released code's lower-level weights: the previous outer step's global normaliser."""
-    if previous is None:
-        return torch.softmax(scores_local, dim=0)  # first step: per-worker softmax
+    if previous is None:  # first step: the per-worker softmax, / N so that the global batch's weights sum to 1
+        return torch.softmax(scores_local, dim=0) / dist.world_size()
     return torch.exp(scores_local - previous.max) / previous.denom
 
 

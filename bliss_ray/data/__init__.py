@@ -1,1 +1,2 @@
-"""Data: corpus readers and validation, tokenizers, document packing, and step-indexed training batches."""
+"""Data: corpus readers and validation, tokenizers, document packing, step-indexed training batches, and a
+round's pool as selection sees it (``pool.py``)."""

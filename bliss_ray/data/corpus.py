@@ -8,7 +8,8 @@ Formats (``DataConfig.pool_format``):
 * ``parquet_tokens`` — parquet with already-tokenized ``input_ids`` (the DsDm/MATES C4 candidate-pool layout).
 
 Bad rows are never dropped silently: ``read_file`` returns the good rows and a list of quarantined rows with
-their ids and reasons, so every stage can assert rows in = rows out + rows quarantined. ``check_file`` is the
+their ids and reasons, and counts the file's records apart from validation (``Rows.source_rows``: parquet rows,
+jsonl lines), so every stage can assert rows in = rows out + rows quarantined. ``check_file`` is the
 cheap pre-flight test that names truncated or corrupt files before any compute.
 
     rows, bad = read_file("data/corpus/pool-00000.parquet", "parquet_text", DataConfig())
@@ -40,6 +41,9 @@ class Rows:
     texts: list[str] | None = None
     tokens: list[np.ndarray] | None = None
     domains: list[str] = field(default_factory=list)
+    # records in the source file, counted apart from validation (parquet rows, jsonl lines): the rows in that
+    # good + quarantined rows must add up to, so a row lost by a reader or a caller cannot go unnoticed
+    source_rows: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -144,7 +148,9 @@ def _synthetic_id(file_index: int, row: int) -> int:
     return (file_index << 32) | row
 
 
-def _finish(ids, values, domains, cfg, file_index: int, path: str, reasons=None) -> tuple[Rows, list[dict]]:
+def _finish(
+    ids, values, domains, cfg, file_index: int, path: str, source_rows: int, reasons=None
+) -> tuple[Rows, list[dict]]:
     """Validate raw (id, text, domain) triples; ``reasons[row]`` pre-marks rows already known to be bad."""
     good_ids, good_texts, good_domains, bad = [], [], [], []
     for row, (rid, value, dom) in enumerate(zip(ids, values, domains, strict=True)):
@@ -162,13 +168,15 @@ def _finish(ids, values, domains, cfg, file_index: int, path: str, reasons=None)
         good_ids.append(int(rid))
         good_texts.append(text)
         good_domains.append(dom if isinstance(dom, str) else "unknown")
-    return Rows(np.asarray(good_ids, dtype=np.int64), texts=good_texts, domains=good_domains), bad
+    rows = Rows(np.asarray(good_ids, dtype=np.int64), texts=good_texts, domains=good_domains, source_rows=source_rows)
+    return rows, bad
 
 
 def _read_jsonl(path: str, cfg, file_index: int) -> tuple[Rows, list[dict]]:
     ids, values, domains, reasons = [], [], [], {}
     with _open_text_stream(path) as s:
         data = s.read()
+    source_rows = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)  # the last line may lack \n
     for row, line in enumerate(io.BytesIO(data)):
         obj: dict = {}
         try:
@@ -186,10 +194,10 @@ def _read_jsonl(path: str, cfg, file_index: int) -> tuple[Rows, list[dict]]:
         ids.append(obj.get(cfg.id_column))
         values.append(obj.get(cfg.text_column))
         domains.append(obj.get(cfg.domain_column) if cfg.domain_column else None)
-    return _finish(ids, values, domains, cfg, file_index, path, reasons)
+    return _finish(ids, values, domains, cfg, file_index, path, source_rows, reasons)
 
 
-def _read_parquet(path: str, fmt: str, cfg, file_index: int) -> tuple[Rows, list[dict]]:
+def _read_parquet(path: str, fmt: str, cfg, file_index: int, vocab_size: int | None) -> tuple[Rows, list[dict]]:
     fs, p = filesystem(path)
     with fs.open_input_file(p) as f:
         table = pq.read_table(f)
@@ -197,47 +205,57 @@ def _read_parquet(path: str, fmt: str, cfg, file_index: int) -> tuple[Rows, list
     ids = table.column(cfg.id_column).to_pylist() if cfg.id_column in table.column_names else [None] * n
     dom_col = cfg.domain_column
     domains = table.column(dom_col).to_pylist() if dom_col and dom_col in table.column_names else [None] * n
-    if fmt == "parquet_tokens":
-        return _token_rows(table, ids, domains, path, file_index)
-    if cfg.text_column not in table.column_names:
+    column = "input_ids" if fmt == "parquet_tokens" else cfg.text_column
+    if column not in table.column_names:
         bad = [
             {
                 "id": int(i) if isinstance(i, int) else _synthetic_id(file_index, r),
                 "file": path,
                 "row": r,
-                "reason": f"missing column '{cfg.text_column}'",
+                "reason": f"missing column '{column}'",
             }
             for r, i in enumerate(ids)
         ]
-        return Rows(np.zeros(0, np.int64), texts=[], domains=[]), bad
+        empty = {"tokens": []} if fmt == "parquet_tokens" else {"texts": []}
+        return Rows(np.zeros(0, np.int64), domains=[], source_rows=n, **empty), bad
+    if fmt == "parquet_tokens":
+        return _token_rows(table, ids, domains, path, file_index, vocab_size)
     col = table.column(cfg.text_column)
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         col = col.cast(pa.large_binary())  # decode ourselves: Arrow does not validate UTF-8 on read
-    return _finish(ids, col.to_pylist(), domains, cfg, file_index, path)
+    return _finish(ids, col.to_pylist(), domains, cfg, file_index, path, n)
 
 
-def _token_rows(table: pa.Table, ids, domains, path: str, file_index: int) -> tuple[Rows, list[dict]]:
+def _token_rows(
+    table: pa.Table, ids, domains, path: str, file_index: int, vocab_size: int | None
+) -> tuple[Rows, list[dict]]:
     tokens, good_ids, good_domains, bad = [], [], [], []
     for row, (rid, toks, dom) in enumerate(zip(ids, table.column("input_ids").to_pylist(), domains, strict=True)):
         rid = _synthetic_id(file_index, row) if rid is None else rid
+        reason = None
         if not isinstance(toks, list) or not toks or not all(isinstance(t, int) and t >= 0 for t in toks):
-            bad.append({"id": int(rid), "file": path, "row": row, "reason": "input_ids missing, empty or invalid"})
+            reason = "input_ids missing, empty or invalid"
+        elif vocab_size is not None and max(toks) >= vocab_size:  # the model could not embed it
+            reason = f"token id {max(toks)} ≥ vocabulary size {vocab_size}"
+        if reason:
+            bad.append({"id": int(rid), "file": path, "row": row, "reason": reason})
             continue
         tokens.append(np.asarray(toks, dtype=np.int32))
         good_ids.append(int(rid))
         good_domains.append(dom if isinstance(dom, str) else "unknown")
-    return Rows(np.asarray(good_ids, dtype=np.int64), tokens=tokens, domains=good_domains), bad
+    rows = Rows(np.asarray(good_ids, dtype=np.int64), tokens=tokens, domains=good_domains, source_rows=table.num_rows)
+    return rows, bad
 
 
-def read_file(path: str, fmt: str, cfg, file_index: int = 0) -> tuple[Rows, list[dict]]:
+def read_file(path: str, fmt: str, cfg, file_index: int = 0, vocab_size: int | None = None) -> tuple[Rows, list[dict]]:
     """All rows of one file → (good rows, quarantined rows as {id, file, row, reason}).
 
     ``file_index`` (the file's position in the sorted file list) makes synthetic ids stable when the source
-    has no id column."""
+    has no id column. ``vocab_size`` quarantines pre-tokenized rows holding an id the model cannot embed."""
     fmt = detect_format(path, fmt)
     if fmt == "jsonl":
         return _read_jsonl(path, cfg, file_index)
-    return _read_parquet(path, fmt, cfg, file_index)
+    return _read_parquet(path, fmt, cfg, file_index, vocab_size)
 
 
 def iter_texts(files: list[str], fmt: str, cfg, max_chars: int):

@@ -1,8 +1,9 @@
 """Pack tokenized documents into fixed-length training sequences (pure NumPy; the Ray Data stage calls this).
 
 Documents are concatenated in order, each followed by EOS, and cut into ``seq_len``-token rows. The tail that
-does not fill a row is dropped and counted (``dropped_tokens``). Every packed row keeps the ids of the documents
-it contains and gets a stable id from where it starts:
+does not fill a row is dropped and counted (``dropped_tokens``); input shorter than one row packs to zero rows,
+all of it dropped. Every packed row keeps the ids of the documents it contains and gets a stable id from where
+it starts:
 
     row_id = start_doc_id · 2^20 + start_token_offset_in_that_doc
 
@@ -51,12 +52,13 @@ def pack_documents(
         pieces.append(toks)
         owner.append(np.full(len(toks), i, dtype=np.int64))
         offset.append(np.arange(len(toks), dtype=np.int64))
-    if not pieces:
-        return Packed(np.zeros(0, np.int64), np.zeros((0, seq_len), np.int32), [], [], 0)
+    total_tokens = sum(len(p) for p in pieces)
+    n_rows = total_tokens // seq_len
+    if n_rows == 0:  # np.split below would return one empty piece for zero rows
+        return Packed(np.zeros(0, np.int64), np.zeros((0, seq_len), np.int32), [], [], total_tokens)
     stream = np.concatenate(pieces)  # (total_tokens,)
     owner_all = np.concatenate(owner)  # (total_tokens,) index of the document each token comes from
     offset_all = np.concatenate(offset)  # (total_tokens,) position of the token inside its document
-    n_rows = len(stream) // seq_len
     used = n_rows * seq_len
     input_ids = stream[:used].reshape(n_rows, seq_len)  # (N, L)
     row_owner = owner_all[:used].reshape(n_rows, seq_len)  # (N, L)
@@ -88,11 +90,3 @@ def shard_of(row_ids: np.ndarray, n_shards: int) -> np.ndarray:
 def file_key(path: str) -> str:
     """An input file's filesystem-safe key: the stem of its tokenized output and of its scores' partition."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).name.split(".")[0])
-
-
-def keep_shard(batch: dict, shard: tuple[int, int] | None) -> dict:
-    """Ray Data map over packed rows read with ``include_paths``: keep the round's shard and tag each row with
-    its input file's key. Lives here, not in the scoring stage, so its task workers never import torch."""
-    src = np.array([file_key(p) for p in batch.pop("path")])
-    keep = slice(None) if shard is None else shard_of(batch["row_id"], shard[1]) == shard[0]
-    return {k: v[keep] for k, v in batch.items()} | {"src": src[keep]}

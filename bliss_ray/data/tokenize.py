@@ -6,6 +6,11 @@ Per input file, atomically and idempotently (datatrove-style: a file's ``stats/*
     quarantine/<name>.parquet   id, file, row, reason                                  — every rejected row
     stats/<name>.json           rows_in = docs_packed + rows_quarantined, tokens, seqs, dropped tokens
 
+``rows_in`` is the file's record count taken apart from validation (parquet rows, jsonl lines), so a row that
+validation loses or counts twice fails the check. Pre-tokenized rows with an id ≥ the vocabulary are quarantined.
+A file whose documents fill no whole ``seq_len`` row (a short file) packs to zero sequences: it writes no
+``packed/`` file, its tokens count as dropped, and the stage goes on.
+
 Packing runs per file, in file order, so the output is a pure function of the file: the same row ids and the
 same sequences on any machine, however Ray Data splits the work (Ray Data's ``read_*`` would coalesce small
 files into one block and split big ones, which would make the packing — and every later stage — depend on
@@ -73,20 +78,14 @@ def tokenize_file(path: str, file_index: int, fmt: str, data_cfg, tokenizer, out
         return json.loads(marker.read_text())
     for sub in ("packed", "quarantine", "stats"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    rows, bad = read_file(path, fmt, data_cfg, file_index)
-    vocab = len(tokenizer)
-    if rows.tokens is not None:  # already tokenized: reject ids the model could not embed
-        keep = np.array([int(t.max()) < vocab for t in rows.tokens], dtype=bool)
-        bad += [
-            {"id": int(i), "file": path, "row": -1, "reason": f"token id ≥ vocabulary size {vocab}"}
-            for i in rows.ids[~keep]
-        ]
-        token_lists = [t for t, k in zip(rows.tokens, keep, strict=True) if k]
-        ids, domains, eos = rows.ids[keep], [d for d, k in zip(rows.domains, keep, strict=True) if k], None
+    # already-tokenized rows with an id the model could not embed are quarantined by the reader
+    rows, bad = read_file(path, fmt, data_cfg, file_index, vocab_size=len(tokenizer))
+    if rows.tokens is not None:
+        token_lists, eos = rows.tokens, None
     else:
         token_lists = [np.asarray(t, np.int32) for t in tokenizer(rows.texts, add_special_tokens=False)["input_ids"]]
-        ids, domains, eos = rows.ids, rows.domains, tokenizer.eos_token_id
-    packed = pack_documents(ids, token_lists, domains, eos, data_cfg.seq_len)
+        eos = tokenizer.eos_token_id
+    packed = pack_documents(rows.ids, token_lists, rows.domains, eos, data_cfg.seq_len)
     table = pa.table(
         {
             "row_id": pa.array(packed.row_ids, pa.int64()),
@@ -98,7 +97,8 @@ def tokenize_file(path: str, file_index: int, fmt: str, data_cfg, tokenizer, out
         },
         schema=packed_schema(data_cfg.seq_len),
     )
-    _atomic_parquet(table, out / "packed" / f"{name}.parquet")
+    if len(packed):  # no empty file for later stages to special-case
+        _atomic_parquet(table, out / "packed" / f"{name}.parquet")
     if bad:
         _atomic_parquet(pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA), out / "quarantine" / f"{name}.parquet")
     domain_counts: dict[str, int] = {}
@@ -106,8 +106,8 @@ def tokenize_file(path: str, file_index: int, fmt: str, data_cfg, tokenizer, out
         domain_counts[d] = domain_counts.get(d, 0) + 1
     stats = FileStats(
         path,
-        len(rows) + len(bad),
-        len(ids),
+        rows.source_rows,
+        len(rows),
         len(bad),
         len(packed),
         int(packed.input_ids.size),

@@ -18,8 +18,10 @@ in place (``copy_``) before each probe, which is exact and costs one memcpy of m
 
 Reference loss: the mean next-token CE over every target token of the reference set (``loss_mask`` marks the
 targets of LAMBADA-style items; all positions otherwise), i.e. total masked NLL ÷ total masked tokens, so the
-value does not depend on the batch size. Rows are right-padded and the model is causal, so each batch is cut
-after its last target token: padding is never computed (the released code pads to the batch's longest item).
+value does not depend on the batch size. Rows are right-padded and the model is causal, so the rows are sorted by
+length and each batch is cut after its longest row's last target token: the padding computed is only what rows
+shorter than their batch's longest carry. ``Prober.reference_batches`` lists the (rows, tokens) of each batch,
+what one reference evaluation costs; the probe stage records it and the FLOPs ledger counts it.
 
     prober = Prober("runs/demo/r0.pretrain-…/state", ref_ids, ref_mask, lr=1e-3)
     losses = prober.probe(candidates)            # (N,) post-step reference losses, one probe per row
@@ -52,6 +54,15 @@ def _real_lengths(mask: np.ndarray | None, n: int, seq_len: int) -> np.ndarray:
     return np.where(has, last + 1, 1).astype(np.int64)
 
 
+def batch_shapes(lengths: np.ndarray, batch_seqs: int) -> list[tuple[int, int]]:
+    """(rows, tokens per row) of each batch ``reference_loss`` computes: consecutive rows, cut after the batch's
+    longest row. What one reference evaluation costs, so the FLOPs ledger counts exactly this."""
+    return [
+        (len(lengths[s : s + batch_seqs]), int(lengths[s : s + batch_seqs].max()))
+        for s in range(0, len(lengths), batch_seqs)
+    ]
+
+
 @torch.no_grad()
 def reference_loss(
     model: torch.nn.Module,
@@ -71,8 +82,7 @@ def reference_loss(
     lengths = np.full(n, seq_len) if lengths is None else lengths
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for s in range(0, n, batch_seqs):
-        t = int(lengths[s : s + batch_seqs].max())
+    for s, (_, t) in zip(range(0, n, batch_seqs), batch_shapes(lengths, batch_seqs), strict=True):
         x = ids[s : s + batch_seqs, :t].to(device)  # (b, t)
         with autocast_for(device):
             logits = model(input_ids=x).logits  # (b, t, V)
@@ -121,7 +131,9 @@ class Prober:
         self.reference_ids = ref_ids[order]
         self.reference_mask = None if ref_mask is None else _long(ref_mask[order])
         self.reference_lengths = lengths[order]
-        self.reference_tokens = int(lengths.sum())  # tokens one reference evaluation computes
+        # what one reference evaluation computes, padding inside each batch included: the FLOPs ledger's input
+        self.reference_batches = batch_shapes(self.reference_lengths, reference_batch_seqs)
+        self.reference_tokens = sum(rows * tokens for rows, tokens in self.reference_batches)
         self.baseline_loss = self.reference_loss()  # L(D_ref | M): constant for this checkpoint
         self.probes_done, self.seconds = 0, 0.0
 
@@ -194,18 +206,3 @@ class Prober:
         self.seconds += time.perf_counter() - t0
         self.probes_done += len(rows)
         return out
-
-
-def probe_candidates(
-    state_dir: str | Path,
-    candidates: np.ndarray,
-    reference_ids: np.ndarray,
-    reference_mask: np.ndarray | None,
-    lr: float,
-    chunk_seqs: int = 16,
-    **prober_kwargs,
-) -> tuple[np.ndarray, float]:
-    """Probe many candidates in one process (what one Ray actor does with its chunks): (losses (N,), baseline)."""
-    prober = Prober(state_dir, reference_ids, reference_mask, lr, **prober_kwargs)
-    losses = [prober.probe(candidates[s : s + chunk_seqs]) for s in range(0, len(candidates), chunk_seqs)]
-    return np.concatenate(losses) if losses else np.zeros(0), prober.baseline_loss

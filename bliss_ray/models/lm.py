@@ -136,38 +136,19 @@ def build_lm(arch: LMArch, max_seq_len: int, seed: int = 0, bos_token_id: int = 
     return cls(config)
 
 
-def arch_of(model: PreTrainedModel) -> LMArch:
-    """Recover an ``LMArch`` from a built or loaded model (for FLOPs accounting of checkpoints)."""
-    c = model.config
-    if c.model_type == "gpt_neox":
-        return LMArch(
-            "gpt_neox",
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.num_attention_heads,
-            c.intermediate_size,
-            c.vocab_size,
-            c.rope_parameters.get("partial_rotary_factor", 0.25),
-            c.use_parallel_residual,
-        )
-    return LMArch(
-        "llama",
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.num_attention_heads,
-        c.intermediate_size,
-        c.vocab_size,
-        1.0,
-        False,
-        c.num_key_value_heads,
-    )
-
-
 def load_lm(path: str | Path, attn: str = "sdpa") -> PreTrainedModel:
     """Load a saved checkpoint directory (safetensors only; never pickles)."""
     return AutoModelForCausalLM.from_pretrained(
         str(path), attn_implementation=attn, use_safetensors=True, dtype=torch.float32
     )
+
+
+def set_activation_checkpointing(model: PreTrainedModel, mode: str, k: int = 2) -> None:
+    """``resources.activation_checkpointing``: recompute every block (``full``), blocks 0, k, 2k, … (``every_k``)
+    or none in backward. transformers checkpoints each block's ``forward``, so FSDP2's hooks on the block stay
+    outside the recompute; non-reentrant ``torch.utils.checkpoint``, so gradients equal those without it."""
+    if mode != "none":
+        model.activation_checkpointing_enable(every_n_layers=1 if mode == "full" else k)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

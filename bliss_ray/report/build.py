@@ -82,7 +82,7 @@ def _noise_note(base_last: dict, last: dict, metric: str) -> str:
 
 def _variant_flops(v: Variant):
     exp = parse_experiment({**v.exp, "resources": {}})
-    rows = ledger(exp, pool_rows_per_round=v.pool_rows_per_round())
+    rows = ledger(exp, pool_rows_per_round=v.pool_rows_per_round(), reference_batches=v.probe_reference_batches())
     return rows, totals(rows)["total"]
 
 

@@ -65,6 +65,15 @@ class Variant:
         rows = [x for x in rows if x]
         return int(np.mean(rows)) if rows else None
 
+    def probe_reference_batches(self) -> list[tuple[int, int]] | None:
+        """(rows, tokens) of one reference evaluation as a MATES probe stage computed it (the same every round)."""
+        for r in range(1, self.exp["schedule"]["rounds"] + 1):
+            d = self.stage_dir(f"r{r}.probe")
+            batches = json.loads((d / "outputs.json").read_text()).get("reference_batches") if d else None
+            if batches:
+                return [(int(rows), int(tokens)) for rows, tokens in batches]
+        return None
+
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}

@@ -32,6 +32,7 @@ from bliss_ray.data.tokens import TokenArray, rank_rows
 from bliss_ray.models.lm import load_lm, save_lm
 from bliss_ray.models.score import ScoreModel
 from bliss_ray.stages import _faults
+from bliss_ray.stages._progress import StepReporter
 from bliss_ray.stages._ray import copy_checkpoint, gc_orphan_checkpoints, report, run_config, scaling_config
 from bliss_ray.stages._ray import torch_threads as threads_for
 from bliss_ray.train.checkpoint import assert_finite, read_metrics, write_metrics
@@ -55,7 +56,7 @@ class BilevelSpec:
     ckpt_every_steps: int
 
 
-def _save(state: BilevelState, d: Path) -> None:
+def _save(state: BilevelState, d: Path, resumed_from: list[int]) -> None:
     assert_finite(state.proxy, f"bilevel checkpoint at step {state.step}")
     assert_finite(state.score_model, f"bilevel checkpoint at step {state.step}")
     save_lm(state.proxy, d / "proxy")
@@ -69,6 +70,7 @@ def _save(state: BilevelState, d: Path) -> None:
             "proxy_sched": state.proxy_sched.state_dict(),
             "score_sched": state.score_sched.state_dict(),
             "normaliser": None if norm is None else [norm.max, norm.denom],
+            "resumed_from": resumed_from,
         },
         d / STATE,
     )
@@ -102,6 +104,7 @@ def _worker(loop_config: dict) -> None:
     if target is not None:
         target.to(device)
     state = BilevelState.create(proxy, score, target, s)
+    resumed_from: list[int] = []  # the outer step each resuming attempt restarts from (the record that it resumed)
     if resume:
         saved = torch.load(resume / STATE, map_location="cpu", weights_only=True)
         state.step = int(saved["step"])
@@ -111,6 +114,7 @@ def _worker(loop_config: dict) -> None:
         state.score_sched.load_state_dict(saved["score_sched"])
         state.normaliser = Normaliser(*saved["normaliser"]) if saved["normaliser"] else None
         state.metrics = read_metrics(resume / "metrics.jsonl")
+        resumed_from = [*saved.get("resumed_from", []), state.step]
         shutil.rmtree(resume)  # the local copy of the checkpoint, all loaded now
 
     def train_batch_at(i: int) -> torch.Tensor:
@@ -124,8 +128,17 @@ def _worker(loop_config: dict) -> None:
     def save(st: BilevelState) -> None:
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                _save(st, Path(d))
+                _save(st, Path(d), resumed_from)
             report({"step": st.step, **st.metrics[-1]}, Path(d) if rank == 0 else None)
+
+    progress: StepReporter = loop_config["progress"]
+    # training tokens one outer step consumes (global): tokens/s in the live progress view
+    rows_per_step = s.micro_batch_seqs * world * (s.inner_steps + (0 if s.reuse_inner_batch else 1))
+    step_tokens = rows_per_step * train.tokens.shape[1]
+
+    def log(m: dict) -> None:
+        if rank == 0:
+            progress({**m, "tokens_per_s": step_tokens / m["outer_step_s"]})
 
     run_bilevel(
         state,
@@ -133,6 +146,7 @@ def _worker(loop_config: dict) -> None:
         train_batch_at,
         ref_batch_at,
         end_step=s.outer_steps,
+        log=log,
         save=save,
         ckpt_every_steps=spec.ckpt_every_steps,
     )
@@ -154,7 +168,7 @@ def run(
     config = dataclasses.replace(run_config(name, storage, res), callbacks=callbacks or [])
     result = TorchTrainer(
         _worker,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "progress": StepReporter(out_dir.name, 0, spec.settings["outer_steps"])},
         scaling_config=scaling_config(res, workers),
         run_config=config,
     ).fit()

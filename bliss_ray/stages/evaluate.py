@@ -19,22 +19,26 @@ import ray
 import torch
 
 from bliss_ray.stages._ray import QUIET_ENV, use_gpu, write_json
+from bliss_ray.train.precision import inference_dtype, resolve
 
 
-def reference_loss(model_dir: str, reference_dir: str, batch_seqs: int = 16) -> float:
-    """Mean next-token CE of a checkpoint on the reference set (continuation tokens only for cloze items)."""
+def reference_loss(model_dir: str, reference_dir: str, batch_seqs: int = 16, dtype: str = "float32") -> float:
+    """Mean next-token CE of a checkpoint on the reference set (continuation tokens only for cloze items), with
+    the weights in ``dtype`` as lm-eval loads them; the CE itself in fp32."""
     from bliss_ray.bilevel.losses import per_sample_ce
     from bliss_ray.data.tokens import TokenArray
     from bliss_ray.models.lm import load_lm
 
-    model = load_lm(model_dir).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_lm(model_dir).to(device, getattr(torch, dtype)).eval()
     ref = TokenArray.open(reference_dir)
     losses = []
     with torch.inference_mode():
         for s in range(0, len(ref), batch_seqs):
-            ids = torch.from_numpy(np.asarray(ref.tokens[s : s + batch_seqs], dtype=np.int64))
+            ids = torch.from_numpy(np.asarray(ref.tokens[s : s + batch_seqs], dtype=np.int64)).to(device)
             mask = None if ref.loss_mask is None else torch.from_numpy(np.asarray(ref.loss_mask[s : s + batch_seqs]))
-            losses.append(per_sample_ce(model(input_ids=ids).logits, ids, mask))
+            mask = None if mask is None else mask.to(device)
+            losses.append(per_sample_ce(model(input_ids=ids).logits.float(), ids, mask).cpu())
     return float(torch.cat(losses).mean())
 
 
@@ -47,6 +51,7 @@ def _evaluate(
     bootstrap: int,
     threads: int,
     device: str,
+    dtype: str = "float32",
 ) -> dict:
     os.environ.update(
         QUIET_ENV
@@ -62,9 +67,9 @@ def _evaluate(
     from bliss_ray.evaluation.harness import evaluate_checkpoint
 
     out = evaluate_checkpoint(
-        model_dir, tasks, limit=limit, batch_size=batch_size, device=device, bootstrap_iters=bootstrap
+        model_dir, tasks, limit=limit, batch_size=batch_size, device=device, dtype=dtype, bootstrap_iters=bootstrap
     )
-    out["reference_loss"] = reference_loss(model_dir, reference_dir)
+    out["reference_loss"] = reference_loss(model_dir, reference_dir, dtype=dtype)
     return out
 
 
@@ -98,6 +103,7 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
                 e.bootstrap_iters,
                 max(1, int(cpus)),
                 "cuda" if gpu else "cpu",
+                inference_dtype(resolve(exp.resources.precision, "cuda" if gpu else "cpu")),
             )
         )
     (d / "results").mkdir(exist_ok=True)

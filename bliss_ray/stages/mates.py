@@ -14,7 +14,8 @@ r.probe — oracle probing on a Ray actor pool.
   The probe LR is ``mates.probe_lr`` or the LR the target's schedule gives the step after the checkpoint (the
   step the probe stands in for: WSD at global step r·steps with round r's peak).
   Outputs: ``probes.parquet`` {row_id, loss} (loss = reference loss after the probe step) and
-  {probes, baseline_loss, lr, seconds, probes_per_s, …}.
+  {probes, baseline_loss, lr, seconds, probes_per_s, reference_batches, …}; ``reference_batches`` (rows, tokens)
+  is what one reference evaluation computed, which ``bliss-ray report``'s FLOPs ledger counts.
 
 r.influence — the data influence model, trained on Ray Train (one TorchTrainer worker: the model is small next to
   probing; ``resources.cpus_per_worker`` CPUs, or a GPU) by ``bliss_ray.mates.influence.train_influence_model``.
@@ -86,7 +87,12 @@ class _ProbeActor:
 
     def info(self) -> dict:
         p = self.prober
-        return {"baseline_loss": p.baseline_loss, "step": p.step, "reference_tokens": p.reference_tokens}
+        return {
+            "baseline_loss": p.baseline_loss,
+            "step": p.step,
+            "reference_tokens": p.reference_tokens,
+            "reference_batches": p.reference_batches,
+        }
 
     def probe(self, chunk: int) -> tuple[int, np.ndarray]:
         rows = self.tokens[chunk * PROBES_PER_CHUNK : (chunk + 1) * PROBES_PER_CHUNK]  # (≤16, L)
@@ -173,6 +179,7 @@ def probe_stage(run, st, d: Path) -> dict:
         "target_step": step,
         "reference_seqs": n_ref,
         "reference_tokens": info["reference_tokens"],
+        "reference_batches": info["reference_batches"],  # (rows, tokens) per batch: the FLOPs ledger's input
         "candidates_from": f"round {r} pool shard (seeded sample)",
         "actors": n_actors,
         "probe_seconds": seconds,  # probing proper, after the first actor loaded the checkpoint

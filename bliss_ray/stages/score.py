@@ -2,10 +2,10 @@
 
 Inputs: the packed pool (``tokenize/pool/packed/*.parquet``) and a trained score model (or, for MATES, the data
 influence model). Outputs: ``scores/src=<input file>/*.parquet`` with ``{row_id, logit (fp32), score, ok,
-reason}``, a ``_done/<input file>`` marker per input file, and ``manifest.json`` (rows in / scored /
-quarantined, rows/s, tokens/s, actors).
+reason}``, a ``_done/<input file>`` marker per input file, ``manifest.json`` (rows in / scored /
+quarantined, rows/s, tokens/s, actors) and ``ray_data_stats.txt`` (Ray Data's per-operator timings of the last run).
 
-``read_parquet`` → a cheap task that keeps the round's shard → ``map_batches(Scorer)`` on
+``read_parquet`` with the round's shard filter fused into its tasks → ``map_batches(Scorer)`` on
 ``ActorPoolStrategy(min, max)`` (``num_gpus=1`` per actor when the cluster has GPUs) → ``write_parquet``
 partitioned by input file. A rerun first validates every partition (distinct row ids = the file's shard rows,
 no duplicates): complete files get their marker, incomplete ones are deleted and rescored, so after any crash
@@ -26,10 +26,19 @@ import ray
 import ray.data
 
 from bliss_ray.config import Experiment
-from bliss_ray.data.packing import file_key, keep_shard, shard_of
+from bliss_ray.data.packing import file_key, shard_of
 from bliss_ray.data.tokens import read_token_table
-from bliss_ray.scoring import Scorer
+from bliss_ray.stages._data_tasks import keep_shard
 from bliss_ray.stages._ray import use_gpu
+from bliss_ray.stages._score_actor import RayScorer
+from bliss_ray.train.precision import inference_dtype, resolve
+
+
+def scoring_dtype(exp: Experiment, gpu: bool) -> str:
+    """``score.dtype: bfloat16`` forces bf16; the default follows ``resources.precision`` (bf16 on GPU)."""
+    if exp.score.dtype == "bfloat16":
+        return "bfloat16"
+    return inference_dtype(resolve(exp.resources.precision, "cuda" if gpu else "cpu"))
 
 
 def _expected_ids(path: str, shard: tuple[int, int] | None) -> np.ndarray:
@@ -43,17 +52,6 @@ def _partition_complete(part: Path, expected: np.ndarray) -> bool:
     except Exception:  # a file half-written by a killed run
         return False
     return len(got) == len(expected) and np.array_equal(np.sort(got), np.sort(expected))
-
-
-class _RayScorer(Scorer):
-    """The scorer plus the source-file column the partitioned write needs, and an actor census."""
-
-    def __init__(self, census_dir: str, **kwargs):
-        super().__init__(**kwargs)
-        Path(census_dir, str(self.pid)).touch()
-
-    def __call__(self, batch: dict) -> dict:
-        return super().__call__(batch) | {"src": batch["src"]}
 
 
 def score_pool(
@@ -74,6 +72,9 @@ def score_pool(
         part, done = scores_dir / f"src={file_key(f)}", done_dir / file_key(f)
         if done.exists():
             continue
+        if len(expected[f]) == 0:  # no row of this file is in the shard: nothing to score, no partition written
+            done.touch()
+            continue
         if part.exists() and _partition_complete(part, expected[f]):
             done.touch()
             continue
@@ -86,18 +87,20 @@ def score_pool(
         lo, hi = res.data_actors
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = ray.data.read_parquet(todo, columns=["row_id", "input_ids"], include_paths=True)
+        # the shard filter has the read's resources, so Ray Data fuses it into the read tasks: no operator, tasks
+        # and object-store hop of its own, and the repartition below moves only this round's shard
+        ds = ds.map_batches(keep_shard, fn_kwargs={"shard": shard}, batch_format="numpy")
         blocks = 2 * max(hi, 2)
         if len(todo) < blocks:  # a file is one block: split a few files so every actor gets work
             ds = ds.repartition(blocks)  # (a barrier: many files stream through without it)
-        ds = ds.map_batches(keep_shard, fn_kwargs={"shard": shard}, batch_format="numpy", num_cpus=0.1)
         ds = ds.map_batches(
-            _RayScorer,
+            RayScorer,
             fn_constructor_kwargs={
                 "census_dir": str(census),
                 "model_dir": str(model_dir),
                 "kind": kind,
                 "batch_seqs": exp.score.batch_seqs,
-                "dtype": exp.score.dtype,
+                "dtype": scoring_dtype(exp, gpu),
                 "threads": None if gpu else max(1, int(res.data_actor_cpus * 2)),
             },
             batch_size=exp.score.batch_seqs * 4,
@@ -107,6 +110,7 @@ def score_pool(
             num_gpus=1 if gpu else 0,
         )
         ds.write_parquet(str(scores_dir), partition_cols=["src"])
+        (out_dir / "ray_data_stats.txt").write_text(ds.stats())  # per-operator wall and CPU time: where it went
         for f in todo:
             if not _partition_complete(scores_dir / f"src={file_key(f)}", expected[f]):
                 raise AssertionError(f"scoring: the output for {f} does not hold each of its rows exactly once")

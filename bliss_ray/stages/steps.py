@@ -1,7 +1,9 @@
 """What each pipeline stage does: the glue between ``pipeline.plan`` and the stage modules.
 
 Every function takes the ``Run`` (to find its inputs' directories), the ``Stage`` and its own output directory,
-does its work and returns a small JSON-able dict of outputs. Ray starts lazily, once per process.
+does its work and returns a small JSON-able dict of outputs. Ray starts lazily, once per process. What a stage
+computes lives in the Ray-free layer (e.g. ``data/pool.py`` for selection); this module only finds inputs and
+maps config to arguments.
 """
 
 from __future__ import annotations
@@ -14,16 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from bliss_ray.data.corpus import iter_texts, resolve_files
-from bliss_ray.data.packing import shard_of
+from bliss_ray.data.pool import pool_rows, score_column, select_round
 from bliss_ray.data.tokenizer import load_tokenizer, train_bpe
-from bliss_ray.data.tokens import TokenArray, read_token_table
+from bliss_ray.data.tokens import TokenArray
 from bliss_ray.models.lm import arch_from_preset, padded_vocab
-from bliss_ray.selection import manifest, num_selected, select
 from bliss_ray.stages import _ray
 
 log = logging.getLogger("bliss_ray")
@@ -65,67 +64,22 @@ def tokenize_stage(run, st, d: Path) -> dict:
 
 
 def _pool_rows(run, shard) -> tuple[np.ndarray, pd.Categorical]:
-    """(row ids, domains) of the packed pool, restricted to a shard: the only columns selection needs. Domains stay
-    dictionary-encoded (a small integer per row): a string per row costs ~60 B each on a 10M-row pool."""
-    ids, doms = [], []
-    for f in _pool_files(run):
-        t = read_token_table(f, ["row_id", "domain"])
-        i = t.column("row_id").to_numpy()
-        keep = np.ones(len(i), bool) if shard is None else shard_of(i, shard[1]) == shard[0]
-        ids.append(i[keep])
-        doms += pc.dictionary_encode(t.column("domain").filter(keep)).chunks
-    domains = pa.chunked_array(doms, pa.dictionary(pa.int32(), pa.string())).unify_dictionaries()
-    return np.concatenate(ids), domains.to_pandas().array
-
-
-def _scores_of(score_dir: Path, row_ids: np.ndarray) -> np.ndarray:
-    """The fp32 logit of each pool row, NaN where it has no valid score. Streams the score files batch by batch
-    into one preallocated column: the driver holds the pool's row ids, this column and, only when the ids are
-    not already in order, their sort order and a sorted copy."""
-    order = None  # packed pools come in row-id order: then no sort order and no sorted copy (160 MB at 10 M rows)
-    if not np.all(row_ids[1:] > row_ids[:-1]):
-        order = np.argsort(row_ids, kind="stable")
-    sorted_ids = row_ids if order is None else row_ids[order]
-    values = np.full(len(row_ids), np.nan, np.float32)
-    scores = pads.dataset(str(score_dir), format="parquet", partitioning="hive")
-    for batch in scores.to_batches(columns=["row_id", "logit", "ok"]):
-        ok = batch.column("ok").to_numpy(zero_copy_only=False)
-        ids, logits = batch.column("row_id").to_numpy()[ok], batch.column("logit").to_numpy()[ok]
-        pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
-        hit = sorted_ids[pos] == ids  # a scored row outside this round's shard is ignored
-        values[pos[hit] if order is None else order[pos[hit]]] = logits[hit]
-    return values
+    """(row ids, domains) of the packed pool, restricted to a shard (see ``data.pool.pool_rows``)."""
+    return pool_rows(_pool_files(run), shard)
 
 
 def select_stage(run, st, d: Path) -> dict:
     exp, r = run.exp, st.round
     row_ids, domains = _pool_rows(run, _shard(run, r))
     method = "random" if r == 0 else exp.selection.method
-    values = None
-    if method in ("bliss", "mates"):
-        values = _scores_of(run.dir(f"r{r}.score") / "scores", row_ids)
-        valid = np.isfinite(values)  # pool rows without a valid score stay unselectable
-        if not valid.all():  # (the usual case copies nothing)
-            row_ids, domains, values = row_ids[valid], domains[valid], values[valid]
+    values = score_column(run.dir(f"r{r}.score") / "scores", row_ids) if method in ("bliss", "mates") else None
     rule = {"bliss": exp.selection.rule, "mates": "mates", "random": "random"}[method]
     tau = exp.mates.temperature if method == "mates" else exp.selection.temperature
-    k = num_selected(len(row_ids), exp.selection.keep_frac)
     seed = exp.selection.seed + 1000 * r  # a different random draw each round
-    chosen = select(row_ids, values, k, rule, seed=seed, temperature=tau)
+    chosen, m = select_round(row_ids, domains, values, rule, exp.selection.keep_frac, seed, tau, round=r)
     pq.write_table(pa.table({"row_id": pa.array(chosen, pa.int64())}), d / "selected.parquet")
-    m = manifest(
-        row_ids,
-        values,
-        chosen,
-        domains,
-        method=rule,
-        seed=seed,
-        temperature=tau,
-        keep_frac=exp.selection.keep_frac,
-        round=r,
-    )
     _ray.write_json(d / "manifest.json", m)
-    return {"selected": len(chosen), "pool_size": len(row_ids), "method": rule}
+    return {"selected": len(chosen), "pool_size": m["pool_size"], "method": rule}
 
 
 def _selected_array(run, r: int, d: Path) -> Path:

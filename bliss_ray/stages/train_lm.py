@@ -22,17 +22,28 @@ from pathlib import Path
 
 import ray.train
 import torch
-from ray.train.torch import TorchTrainer, prepare_model
+from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from bliss_ray.config import ResourcesConfig, TrainConfig
 from bliss_ray.data.tokenizer import load_tokenizer
 from bliss_ray.data.tokens import Prefetcher, TokenArray, micro_batches
-from bliss_ray.models.lm import LMArch, build_lm, save_lm
+from bliss_ray.flops import forward_flops_per_token
+from bliss_ray.models.lm import LMArch, build_lm, save_lm, set_activation_checkpointing
 from bliss_ray.stages import _faults
+from bliss_ray.stages._progress import StepReporter
 from bliss_ray.stages._ray import copy_checkpoint, gc_orphan_checkpoints, report, run_config, scaling_config
 from bliss_ray.stages._ray import torch_threads as threads_for
-from bliss_ray.train.checkpoint import load_train_state, read_metrics, save_train_state, write_metrics
+from bliss_ray.train import fsdp
+from bliss_ray.train.checkpoint import (
+    STATE_FILE,
+    load_train_state,
+    read_metrics,
+    read_state,
+    save_train_state,
+    write_metrics,
+)
 from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
+from bliss_ray.train.precision import resolve
 from bliss_ray.train.schedule import decay_lr, round_peak_lr, wsd_lr
 
 
@@ -52,10 +63,15 @@ class LMTrainSpec:
     seed: int
     threads: int
     compile: bool = False  # torch.compile the model (resources.compile; off by default on CPU)
+    precision: str = "auto"  # resources.precision
+    parallelism: str = "ddp"  # resources.parallelism: "fsdp" shards on 2+ workers (bliss_ray.train.fsdp)
+    activation_checkpointing: str = "none"  # resources.activation_checkpointing (with its k)
+    activation_checkpointing_k: int = 2
 
 
 def _worker(loop_config: dict) -> None:
     spec: LMTrainSpec = loop_config["spec"]
+    progress: StepReporter = loop_config["progress"]
     t = TrainConfig(**spec.train)
     torch.set_num_threads(spec.threads)
     ctx = ray.train.get_context()
@@ -72,7 +88,10 @@ def _worker(loop_config: dict) -> None:
         source = ckpt.to_directory(tempfile.mkdtemp(prefix="resume_"))
     elif spec.init_dir is not None:
         source = spec.init_dir
-    if source is not None:
+    dcp_dir = Path(source) / "dcp" if source is not None and (Path(source) / "dcp").is_dir() else None
+    if dcp_dir is not None:  # a sharded mid-run checkpoint: weights and AdamW state come from its shards below
+        model, state = build_lm(spec.arch, spec.seq_len, eos_token_id=tokenizer.eos_token_id), read_state(source)
+    elif source is not None:
         model, state = load_train_state(source)
     else:
         model, state = build_lm(spec.arch, spec.seq_len, seed=spec.seed, eos_token_id=tokenizer.eos_token_id), {}
@@ -81,16 +100,35 @@ def _worker(loop_config: dict) -> None:
     phase = state.get("phase", "stable") if resumed else "stable"
     history = read_metrics(Path(source) / "metrics.jsonl") if resumed else []
     skipped = int(state.get("skipped", 0)) if resumed else 0
+    # each attempt that resumes appends the step it restarts from, kept in every later checkpoint: the record that
+    # a restarted worker group continued from its checkpoint instead of starting over (tests, post-mortems)
+    resumed_from = [*state.get("resumed_from", []), step] if resumed else []
+
+    set_activation_checkpointing(model, spec.activation_checkpointing, spec.activation_checkpointing_k)
+    sharded = spec.parallelism == "fsdp" and world > 1
+    precision = resolve(spec.precision, get_device().type)
+    # FSDP: its mixed-precision policy casts the parameters, so the loop runs without autocast
+    model = fsdp.shard(model, get_device(), precision) if sharded else prepare_model(model)  # (DDP when world > 1)
+    optimizer = make_optimizer(model, peak, t.betas, t.weight_decay)
+    if dcp_dir is not None:
+        fsdp.load(model, optimizer, dcp_dir)
+    elif "optimizer" in state and sharded:
+        fsdp.load_full_optimizer_state(model, optimizer, state["optimizer"])
+    elif "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
     if resumed:
         shutil.rmtree(source)  # the local copy of the checkpoint (a 1B model's is ~12 GB with optimizer state)
-
-    model = prepare_model(model)  # device move, DDP when world > 1
+    base = model  # what checkpoints read: the module itself, never its compiled wrapper
     if spec.compile:
         model = torch.compile(model)
-    optimizer = make_optimizer(model, peak, t.betas, t.weight_decay)
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    loop = LoopSettings(spec.stage, t.grad_clip, t.ckpt_every_steps, t.nonfinite_policy, t.max_skipped_steps)
+    loop = LoopSettings(
+        spec.stage,
+        t.grad_clip,
+        t.ckpt_every_steps,
+        t.nonfinite_policy,
+        t.max_skipped_steps,
+        "fp32" if sharded else spec.precision,
+    )
 
     def load(global_step: int) -> list[torch.Tensor]:
         local = global_step - spec.start_step  # this stage's data stream starts at 0
@@ -105,8 +143,11 @@ def _worker(loop_config: dict) -> None:
     def log(m: dict) -> None:
         if rank == 0:
             history.append({"phase": phase, **m})
+            progress({"phase": phase, **m})  # live, to the driver's console and TensorBoard
 
     def save(next_step: int, n_skipped: int, extra_dirs: dict | None = None) -> None:
+        if sharded:
+            return save_sharded(next_step, n_skipped)
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 save_train_state(
@@ -118,12 +159,35 @@ def _worker(loop_config: dict) -> None:
                     metrics=history,
                     skipped=n_skipped,
                     phase=phase,
+                    resumed_from=resumed_from,
                 )
                 for name, src in (extra_dirs or {}).items():
                     shutil.copytree(src, Path(d) / name)
             report(
                 {"step": next_step, "phase": phase, **(history[-1] if history else {})}, Path(d) if rank == 0 else None
             )
+
+    def save_sharded(next_step: int, n_skipped: int) -> None:
+        """Mid-run: every rank writes its DCP shards and reports its directory (Ray merges them into one
+        checkpoint). At the stage's end: HF weights and the gathered AdamW state, as a plain run writes them."""
+        fsdp.assert_finite_shards(base, f"checkpoint at step {next_step}")
+        final = next_step == end_step
+        with tempfile.TemporaryDirectory() as d:
+            if final:
+                optim = fsdp.gather_optimizer_state(base, optimizer)
+                fsdp.export_hf(base, Path(d) / "model", tokenizer)
+            else:
+                fsdp.save(base, optimizer, Path(d) / "dcp")
+            if rank == 0:
+                extra = {"skipped": n_skipped, "phase": phase, "resumed_from": resumed_from}
+                torch.save(
+                    {"step": next_step, "rng": torch.get_rng_state(), **extra}
+                    | ({"optimizer": optim} if final else {}),
+                    Path(d) / STATE_FILE,
+                )
+                write_metrics(Path(d) / "metrics.jsonl", history)
+            metrics = {"step": next_step, "phase": phase, **(history[-1] if history else {})}
+            report(metrics, Path(d) if rank == 0 or not final else None)
 
     if phase == "stable" and step < end_step:
         skipped = train_lm(
@@ -143,9 +207,14 @@ def _worker(loop_config: dict) -> None:
         # decay branch for evaluation: the stable state stays the checkpoint's model/ (next round continues
         # from it); the decayed weights go to decay/. A failure here replays the branch from the stable end.
         with tempfile.TemporaryDirectory() as keep:
-            if rank == 0:
+            if sharded:  # collectives: every rank takes part, rank 0 writes
+                stable_optimizer = fsdp.gather_optimizer_state(base, optimizer)
+                fsdp.export_hf(base, Path(keep) / "stable_model", tokenizer)
+            elif rank == 0:
                 save_lm(model, Path(keep) / "stable_model", tokenizer)
-                torch.save(optimizer.state_dict(), Path(keep) / "stable_optimizer.pt")
+                stable_optimizer = optimizer.state_dict()
+            if rank == 0:
+                torch.save(stable_optimizer, Path(keep) / "stable_optimizer.pt")
             phase = "decay"
             branch_lr = wsd_lr(end_step - 1, peak, t.warmup_steps)
             train_lm(
@@ -161,8 +230,11 @@ def _worker(loop_config: dict) -> None:
                 loss_hook=_faults.nonfinite_hook(spec.stage),
             )
             with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
+                if sharded:
+                    fsdp.export_hf(base, Path(d) / "decay", tokenizer)
+                elif rank == 0:
                     save_lm(model, Path(d) / "decay", tokenizer)
+                if rank == 0:
                     stable = torch.load(Path(keep) / "stable_optimizer.pt", weights_only=True)
                     shutil.copytree(Path(keep) / "stable_model", Path(d) / "model")
                     torch.save(
@@ -172,6 +244,7 @@ def _worker(loop_config: dict) -> None:
                             "rng": torch.get_rng_state(),
                             "skipped": skipped,
                             "phase": "done",
+                            "resumed_from": resumed_from,
                         },
                         Path(d) / "train_state.pt",
                     )
@@ -181,11 +254,22 @@ def _worker(loop_config: dict) -> None:
 
 def run(spec: LMTrainSpec, out_dir: Path, res: ResourcesConfig, storage: str, workers: int) -> dict:
     """Run the stage on Ray Train and copy the final checkpoint to ``out_dir`` (state/, decay/, metrics.jsonl)."""
-    spec = dataclasses.replace(spec, threads=threads_for(res, workers), compile=res.compile)
+    spec = dataclasses.replace(
+        spec,
+        threads=threads_for(res, workers),
+        compile=res.compile,
+        precision=res.precision,
+        parallelism=res.parallelism,
+        activation_checkpointing=res.activation_checkpointing,
+        activation_checkpointing_k=res.activation_checkpointing_k,
+    )
     name = out_dir.name
+    total = spec.train["steps"] + spec.train["decay_steps"]
+    fpt = 3 * forward_flops_per_token(spec.arch, spec.seq_len)  # the FLOPs ledger's training FLOPs per token
+    progress = StepReporter(out_dir.name, spec.start_step, total, flops_per_token=fpt)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "progress": progress},
         scaling_config=scaling_config(res, workers),
         run_config=run_config(name, storage, res),
     )

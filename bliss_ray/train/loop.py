@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from bliss_ray.train import dist
+from bliss_ray.train import precision as precision_
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -31,6 +32,7 @@ class LoopSettings:
     ckpt_every_steps: int = 50
     nonfinite_policy: str = "fail"  # or "skip_batch"
     max_skipped_steps: int = 3
+    precision: str = "auto"  # resources.precision (train.precision): auto = bf16-mixed on GPU, fp32 on CPU
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
@@ -62,11 +64,9 @@ def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, labels=input_ids).loss  # HF shifts labels and upcasts logits to fp32
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast with fp32 master weights on GPU; plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """The autocast of ``resources.precision`` on ``device`` (fp32 master weights; auto: bf16 on GPU, fp32 on CPU)."""
+    return precision_.autocast(precision_.resolve(precision, device.type), device)
 
 
 def train_lm(
@@ -88,6 +88,8 @@ def train_lm(
     ``save(next_step, skipped)`` must persist everything needed to resume at ``next_step``."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    # fp16's loss scale starts afresh on every call (a resumed run re-calibrates it within a few steps)
+    scaler = precision_.grad_scaler(precision_.resolve(cfg.precision, device.type), device)
     for step in range(start_step, end_step):
         t0 = time.perf_counter()
         lr = lr_at(step)
@@ -99,14 +101,25 @@ def train_lm(
         for i, input_ids in enumerate(micro):
             input_ids = input_ids.to(device, non_blocking=True)
             sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync(), autocast_for(device):
+            with contextlib.nullcontext() if sync else model.no_sync(), autocast_for(device, cfg.precision):
                 loss = lm_loss(model, input_ids)
                 if loss_hook is not None:
                     loss = loss_hook(step, loss)
-            (loss / len(micro)).backward()
+            (loss / len(micro) if scaler is None else scaler.scale(loss / len(micro))).backward()
             loss_sum += loss.detach().float()
             n_tokens += input_ids.numel()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         grad_norm = clip_grad_norm(params, cfg.grad_clip)
+        # every rank takes the same branch: both flags are reduced over workers
+        overflow = scaler is not None and dist.any_true(not torch.isfinite(grad_norm), device)
+        if overflow and not dist.any_true(not torch.isfinite(loss_sum), device):
+            scaler.update()  # an fp16 overflow, not a divergence: lower the scale and drop this step's update
+            optimizer.zero_grad(set_to_none=True)
+            log({"step": step + 1, "fp16_overflow": 1, "lr": lr})
+            if (step + 1) % cfg.ckpt_every_steps == 0 or step + 1 == end_step:
+                save(step + 1, skipped)
+            continue
         nonfinite = not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
         if dist.any_true(nonfinite, device):
             optimizer.zero_grad(set_to_none=True)
@@ -119,7 +132,11 @@ def train_lm(
                 )
             log({"step": step + 1, "skipped_step": 1, "lr": lr})
             continue
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         stats = torch.stack([loss_sum / len(micro), torch.tensor(float(n_tokens), device=device)])
         dist.all_reduce_sum_(stats)  # sum of per-rank mean losses, total tokens of the step

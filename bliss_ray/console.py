@@ -1,0 +1,317 @@
+"""What a person sees while a pipeline runs: a start and an end line per stage, live progress, one clear failure.
+
+``StageConsole.stage`` wraps one stage: it prints ``start``, writes the stage's ``_RUNNING.json`` marker, and
+while the stage runs a watcher thread reads the stage's per-step records (``poll``, fed from rank 0 by
+``bliss_ray.stages._progress``) about once a second into a progress view and into the trackers
+(``bliss_ray.tracking``). In a terminal the view is a tqdm bar (step/total, loss, tokens/s, FLOP/s and MFU where
+known, memory, ETA) that is cleared when the stage ends; elsewhere (CI, ``ray job submit`` logs, a file) it is a
+plain line every ``interval_s`` seconds with no control characters. The stage ends with ``done`` and its headline
+outputs, or ``FAILED`` with its reason; the traceback goes to the log (``route_logs``), not the screen.
+
+    console = StageConsole(poll=BoardReader(), trackers=[TensorBoardTracker(run_root)])
+    with console.stage(st, stage_dir) as done:
+        done(outputs)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bliss_ray.status import clear_running, headline, mark_failed, mark_running
+
+log = logging.getLogger("bliss_ray")
+
+WHAT = {
+    "tokenizer": "train (or load) the tokenizer",
+    "tokenize": "Ray Data: validate, tokenize and pack the pool",
+    "select": "select rows",
+    "warmup": "Ray Train: warm up the proxy",
+    "pretrain": "Ray Train: pretrain the target (+ decay branch)",
+    "bilevel": "Ray Train: bilevel optimisation of the score model",
+    "score": "Ray Data: score the pool shard",
+    "probe": "Ray Train: MATES oracle probes",
+    "influence": "MATES influence model",
+    "evaluate": "lm-eval on the decay-branch checkpoints",
+    "report": "tables and figures",
+}
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _clock(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def describe(record: dict, eta_s: float | None = None) -> str:
+    """The fields of one progress record, as the console prints them (no step counter: the bar has it)."""
+    parts = []
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+    if "upper_loss" in record:
+        parts.append(f"upper {record['upper_loss']:.4f} lower {record['lower_loss']:.4f}")
+    if "weight_entropy" in record:
+        parts.append(f"H(w) {record['weight_entropy']:.3f}")
+    if record.get("tokens_per_s"):
+        parts.append(f"{_si(record['tokens_per_s'])} tok/s")
+    if record.get("flops_per_s"):
+        parts.append(f"{_si(record['flops_per_s'])}FLOP/s" + (f" MFU {record['mfu']:.1%}" if "mfu" in record else ""))
+    if record.get("memory_gb") is not None:
+        parts.append(f"mem {record['memory_gb']:.2f} GB")
+    if eta_s is not None:
+        parts.append(f"ETA {_clock(eta_s)}")
+    return "  ".join(parts)
+
+
+def _columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+class _Rate:
+    """Seconds per step from the records seen this attempt (a restart resets it), for the ETA."""
+
+    def __init__(self):
+        self.first: tuple[int, float] | None = None
+        self.last: tuple[int, float] | None = None
+
+    def eta(self, rec: dict) -> float | None:
+        point = (int(rec["done_steps"]), float(rec["time"]))
+        if self.last is not None and point[0] <= self.last[0]:
+            self.first = None  # the workers restarted from a checkpoint: steps repeat
+        self.first = self.first or point
+        self.last = point
+        left = rec["total_steps"] - point[0]
+        if point[0] > self.first[0]:
+            per_step = (point[1] - self.first[1]) / (point[0] - self.first[0])
+        else:
+            per_step = rec.get("step_s") or rec.get("outer_step_s")
+        return None if per_step is None else max(left, 0) * per_step
+
+
+class _View:
+    """A stage's live view: a tqdm bar in a terminal, periodic plain lines elsewhere."""
+
+    def __init__(self, console: StageConsole, key: str, kind: str):
+        self.console, self.key, self.t0 = console, key, time.monotonic()
+        self.rate, self.last_line = _Rate(), 0.0
+        self.bar = None
+        if console.tty:
+            fmt = "  {desc} [{elapsed}]{postfix}"  # until rank 0's first record says how many steps there are
+            width = _columns(console.stream)  # a pseudo-terminal nobody sized says 0: tqdm would draw nothing
+            self.bar = tqdm(
+                total=None, desc=key, file=console.stream, bar_format=fmt, leave=False, dynamic_ncols=width > 0
+            )
+            if width <= 0:
+                self.bar.ncols = 120
+            train = kind in ("warmup", "pretrain", "bilevel", "probe")
+            self.bar.set_postfix_str("starting workers" if train else "running", refresh=True)
+
+    def update(self, records: list[dict]) -> None:
+        if not records:
+            if self.bar is not None:
+                self.bar.refresh()  # the elapsed time keeps moving
+            elif time.monotonic() - max(self.last_line, self.t0) >= 3 * self.console.interval_s:
+                self._plain(f"{self.key} running, {_clock(time.monotonic() - self.t0)} elapsed")
+            return
+        eta = None
+        for r in records:
+            if self.rate.last is None and r["done_steps"] > 1:
+                self.console.line(f"      {self.key}: resumed from a checkpoint at step {r['step']}")
+            elif self.rate.last is not None and r["done_steps"] <= self.rate.last[0]:
+                self.console.line(f"      {self.key}: workers restarted, resuming at step {r['step']}")
+            eta = self.rate.eta(r)
+        rec = records[-1]
+        text = describe(rec, eta)
+        if self.bar is not None:
+            self.bar.bar_format = "  {desc} {bar:16} {n_fmt}/{total_fmt} [{elapsed}]{postfix}"
+            self.bar.total = rec["total_steps"]
+            self.bar.n = rec["done_steps"]
+            self.bar.set_postfix_str(text, refresh=True)
+        elif self.last_line == 0.0 or time.monotonic() - self.last_line >= self.console.interval_s:
+            self._plain(f"{self.key} step {rec['done_steps']}/{rec['total_steps']}  {text}")
+
+    def _plain(self, text: str) -> None:
+        self.last_line = time.monotonic()
+        self.console.line(f"      {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StageConsole:
+    """Start/end lines, live views and failure messages of one pipeline invocation.
+
+    ``stream``: where people look (default stderr); ``tty``: draw bars (default: whether ``stream`` is a
+    terminal); ``poll(stage_dir_name) -> records``: the progress channel; ``trackers``: ``bliss_ray.tracking``
+    objects (``stage_start``, ``steps`` from the watcher thread, ``stage_end``, ``stage_failed``); ``log_path``: the
+    file that holds tracebacks and Ray's own output, named in failure messages."""
+
+    def __init__(
+        self,
+        stream=None,
+        tty: bool | None = None,
+        poll: Callable[[str], list[dict]] | None = None,
+        trackers: list | None = None,
+        log_path: str | None = None,
+        interval_s: float = 10.0,
+        poll_s: float = 1.0,
+    ):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.poll, self.log_path = poll, log_path
+        self.trackers = trackers if trackers is not None else []  # the caller's list: it may fill it later
+        self.interval_s, self.poll_s = interval_s, poll_s
+        self._lock = threading.Lock()
+        self.failed: str | None = None  # the key of the stage that failed, once one has
+
+    def line(self, text: str) -> None:
+        text = f"{time.strftime('%H:%M:%S')} {text}"
+        with self._lock:
+            if self.tty:
+                tqdm.write(text, file=self.stream)
+            else:
+                self.stream.write(_CONTROL.sub("", text) + "\n")
+            self.stream.flush()
+
+    def skipped(self, st, d: Path, outputs: dict) -> None:
+        self.line(f"skip {st.key:<15} done earlier ({d.name})")
+
+    @contextlib.contextmanager
+    def stage(self, st, d: Path) -> Iterator[Callable[[dict], None]]:
+        """Around one stage's run; call the yielded function with its outputs once they are written."""
+        t0 = time.monotonic()
+        self.line(f"start {st.key:<14} {WHAT.get(st.kind, st.kind)}")
+        mark_running(d)
+        self._each_tracker("stage_start", st.key, st.kind, d)
+        view = _View(self, st.key, st.kind)
+        stop = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(st, d, view, stop), daemon=True, name="bliss-progress")
+        watcher.start()
+        result: dict = {}
+        try:
+            yield result.update
+        except Exception as e:
+            self._finish(watcher, stop, view)
+            reason = reason_of(e)
+            log.error("stage %s failed: %s\n%s", st.key, reason, "".join(traceback.format_exception(e)))
+            mark_failed(d, reason, self.log_path)
+            self.failed = st.key
+            self._each_tracker("stage_failed", st.key)
+            where = f"; details: {self.log_path}" if self.log_path else ""
+            self.line(f"FAILED {st.key} after {time.monotonic() - t0:.1f}s: {reason}{where}")
+            raise
+        except BaseException:  # Ctrl-C: the _RUNNING marker stays; `status` shows the stage as interrupted
+            self._finish(watcher, stop, view)
+            raise
+        self._finish(watcher, stop, view)
+        clear_running(d)
+        self._each_tracker("stage_end", st.key, st.kind, st.round, result, d)
+        try:
+            summary = headline(st.kind, result, d)
+        except Exception:  # outputs of an older layout: the stage is done all the same
+            log.exception("headline of %s", st.key)
+            summary = ""
+        self.line(f"done  {st.key:<14} {time.monotonic() - t0:6.1f}s  {summary}")
+
+    def _each_tracker(self, method: str, *args) -> None:
+        for tracker in self.trackers:
+            try:
+                getattr(tracker, method)(*args)
+            except Exception:  # a tracker (a full disk, an unreachable MLflow server) must never fail a stage
+                log.exception("tracker %s.%s", type(tracker).__name__, method)
+
+    def _finish(self, watcher: threading.Thread, stop: threading.Event, view: _View) -> None:
+        stop.set()
+        watcher.join()
+        view.close()
+
+    def _watch(self, st, d: Path, view: _View, stop: threading.Event) -> None:
+        """Drain the stage's records until it ends, then once more (rank 0's last flush races the end)."""
+        while True:
+            final = stop.wait(self.poll_s)
+            if self.poll is None:
+                records = []
+            elif final and hasattr(self.poll, "final"):
+                records = self.poll.final(d.name)
+            else:
+                records = self.poll(d.name)
+            try:
+                for tracker in self.trackers:
+                    tracker.steps(st.key, st.kind, records)
+                if records or not final:
+                    view.update(records)  # the last records too: the screen (and a log) ends on the last step
+            except Exception:  # a display or tracker problem must never fail the stage
+                log.exception("progress of %s", st.key)
+            if final:
+                return
+
+
+def reason_of(e: BaseException) -> str:
+    """The root cause of a stage failure in one line: for a Ray Train/Data failure, the worker's own exception
+    line (Ray wraps it in several layers of traceback text)."""
+    text = str(e)
+    found = re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", text, re.MULTILINE)
+    ray_wrappers = {"RayTaskError", "RayActorError", "TrainingFailedError", "WorkerGroupError", "ControllerError"}
+    found = [(name, msg) for name, msg in found if not name.startswith(tuple(ray_wrappers))]
+    if found:
+        name, msg = found[-1]
+        return f"{name}: {msg.strip()}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def route_logs(log_path: Path, verbose: bool):
+    """Send this process's stdout/stderr (Ray's driver messages, streamed worker output, C++ core-worker lines,
+    Python logging) to ``log_path``, and return a stream to the original terminal for the console. With
+    ``verbose`` nothing is redirected (everything also stays on screen). Returns (console stream, restore)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    if verbose:
+        return sys.stderr, lambda: logging.getLogger().removeHandler(handler)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(2), os.dup(1)
+    console = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    for h in logging.getLogger().handlers:  # stream handlers made earlier write to the file now too: drop them
+        if isinstance(h, logging.StreamHandler) and h is not handler:
+            logging.getLogger().removeHandler(h)
+
+    def restore() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 2)
+        os.dup2(saved[1], 1)
+        for fd_ in saved:
+            os.close(fd_)
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+    return console, restore

@@ -1,0 +1,393 @@
+"""``bliss-ray plan``: before launch, per stage of the pipeline, the memory one worker needs, whether it fits the
+cluster's accelerator, the cheapest change that makes it fit, and what the run costs in GPU-hours.
+
+Memory comes from ``bliss_ray.memory`` (formulas there), stages from ``pipeline.plan``, FLOPs from the ledger
+(``bliss_ray.flops``, paper convention). Time = FLOPs × recompute factor ÷ (MFU × peak) per worker, with the MFU
+measured on that device type when ``bench/RESULTS.md`` holds a GPU run of it (``bench/gpu.sh``; its training
+rows by model, its bilevel and scoring rows), otherwise an assumption printed with the plan.
+
+The cheapest fix of a training stage searches FSDP, activation checkpointing (every 4th, every 2nd, every block)
+and smaller micro-batches with more accumulation, for the least estimated step time: recompute costs what the
+ledger says, FSDP an assumed 3 % of un-overlapped communication, and a halving of the micro-batch under 8192
+tokens an assumed 5 % of MFU. Inference stages halve their batch; the bilevel stage and MATES probes have no
+result-neutral knob, so the plan names the smallest device that fits them.
+
+    bliss-ray plan experiments/paper/pythia1b.yaml --gpu A10G-24GB --gpus 8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bliss_ray import memory
+from bliss_ray.config import ConfigError, Experiment
+from bliss_ray.flops import ledger, model_archs
+from bliss_ray.mates.influence import influence_arch
+from bliss_ray.memory import DEVICES, GIB, Estimate, Shape
+from bliss_ray.models.lm import LMArch
+from bliss_ray.pipeline import plan as stage_plan
+from bliss_ray.train.precision import resolve
+
+RESULTS_MD = Path(__file__).resolve().parents[1] / "bench" / "RESULTS.md"
+# MFU (model FLOPs by the ledger ÷ peak) when bench/RESULTS.md has no run on the device: 16-bit steps against the
+# bf16 peak, fp32 ones (the bilevel step, fp32 training) against the fp32 peak. Assumptions, printed as such.
+ASSUMED_MFU = {"train": 0.35, "inference": 0.30, "bilevel": 0.30}
+ASSUMED_CPU_FLOPS = 100e9  # per worker, when RESULTS.md has no CPU measurement
+FSDP_COST, MICRO_HALVING_COST, FULL_MICRO_TOKENS = 1.03, 1.05, 8192
+TRAIN_KINDS = {"warmup": "warmup", "pretrain": "pretrain"}  # stage kind → its TrainConfig section
+LEDGER_KIND = {
+    "target pretraining": "pretrain",
+    "decay branches": "pretrain",
+    "proxy warm-up": "warmup",
+    "bilevel optimisation": "bilevel",
+    "score-model inference": "score",
+    "influence-model inference": "score",
+    "oracle probing": "probe",
+    "influence-model training": "influence",
+}
+MFU_KIND = {"pretrain": "train", "warmup": "train", "probe": "train", "influence": "train", "bilevel": "bilevel"}
+
+
+class PlanError(ConfigError):
+    """The plan says the config cannot fit the cluster's accelerator; the message holds the fix."""
+
+
+@dataclass
+class StagePlan:
+    kind: str
+    count: int  # stages of this kind in the pipeline
+    workers: int
+    model: str
+    settings: str
+    estimate: Estimate
+    capacity: float
+    fix: dict[str, object] = field(default_factory=dict)  # dotted overrides; empty if it fits as configured
+    fixed: Estimate | None = None  # the estimate with the fix
+    bigger_device: str | None = None  # when no setting helps
+    flops: float = 0.0
+    gpu_hours: float | None = None
+    mfu_note: str = ""
+    note: str = ""
+    time_factor: float = 1.0  # step time with the fix ÷ as configured (recompute, FSDP, micro-batch)
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.peak <= self.capacity
+
+
+@dataclass
+class Plan:
+    exp: Experiment
+    device: str
+    workers: int
+    stages: list[StagePlan]
+    fix: dict[str, object]  # the merged fix of every stage that does not fit
+
+    @property
+    def fits(self) -> bool:
+        return all(s.fits for s in self.stages)
+
+
+def _arch_name(exp: Experiment, which: str) -> str:
+    return getattr(exp.models, which).arch
+
+
+def measured_mfu(device: str, results_md: Path = RESULTS_MD) -> dict:
+    """What ``bench/RESULTS.md`` measured on this device type, by the ledger's FLOP count: {"train": {preset:
+    value}, "bilevel": value, "inference": value, "unit": "mfu" (of the bf16 peak, GPU) or "flops" (achieved
+    FLOP/s per worker, CPU), "source": …}. Empty when it has none."""
+    if not results_md.is_file():
+        return {}
+    text = results_md.read_text()
+    out: dict = {"train": {}}
+    if device == "CPU":  # bench/mfu.py's lines: "MFU train pythia-160m L=1024 B=4: 0.828  (269.3 GFLOP/s of …"
+        pattern = (
+            r"MFU (train|score|outer) (\S+)(?: \+ \S+ target)? L=\d+ B=\d+[^:\n]*: [0-9.]+\s+\(([0-9.,]+) GFLOP/s"
+        )
+        for kind, preset, rate in re.findall(pattern, text):
+            flops = float(rate.replace(",", "")) * 1e9
+            if kind == "train":
+                out["train"][preset] = max(flops, out["train"].get(preset, 0.0))
+            else:
+                out["inference" if kind == "score" else "bilevel"] = flops
+        return out | {"unit": "flops", "source": "bench/RESULTS.md, CPU"} if out["train"] else {}
+    # bench/gpu_bench.py's section names the planner's device type and each row's MFU by the ledger's count
+    section = re.search(r"<!-- gpu:begin -->(.*?)<!-- gpu:end -->", text, re.S)
+    body = section.group(1) if section else ""
+    if f"planner type {device}" not in body:
+        return {}
+    ledger_mfu = r"ledger MFU ([0-9.]+)"
+    out["train"] = {p: float(v) for p, v in re.findall(r"^\| MFU training (\S+) \|.*?" + ledger_mfu, body, re.M)}
+    for key, row in (("bilevel", r"^\| bilevel outer step "), ("inference", r"^\| scoring, \S+ trunk, bfloat16 ")):
+        if m := re.search(row + r".*?" + ledger_mfu, body, re.M):
+            out[key] = float(m.group(1))
+    return out | {"unit": "mfu", "source": f"bench/RESULTS.md, {device}"} if out["train"] else {}
+
+
+def _rate(kind: str, preset: str, precision: str, device: str, measured: dict) -> tuple[float, str]:
+    """Achieved model FLOP/s per worker, and where it comes from: measured on this device type (the same model,
+    else the nearest measured one), else the assumption."""
+    key = MFU_KIND.get(kind, "inference")
+    got = measured.get(key)
+    if isinstance(got, dict):  # training, by model
+        which = preset if preset in got else max(got, key=got.get, default=None)
+        got = got.get(which) if which else None
+        source = measured.get("source", "") + ("" if which == preset else f", {which}")
+    else:
+        source = measured.get("source", "")
+    d = DEVICES[device]
+    if got is not None:
+        if measured["unit"] == "flops":
+            return got, f"{got / 1e9:.0f} GFLOP/s measured ({source})"
+        return got * d.bf16_flops, f"MFU {got:.2f} measured ({source})"
+    if device == "CPU":
+        return ASSUMED_CPU_FLOPS, f"{ASSUMED_CPU_FLOPS / 1e9:.0f} GFLOP/s assumed"
+    sixteen = key != "bilevel" and precision != "fp32"
+    peak = d.bf16_flops if sixteen else d.fp32_flops
+    return ASSUMED_MFU[key] * peak, f"MFU {ASSUMED_MFU[key]:.2f} of the {'bf16' if sixteen else 'fp32'} peak, assumed"
+
+
+def _train_shape(exp: Experiment, section: str, workers: int, precision: str, **change) -> Shape:
+    r, t = exp.resources, getattr(exp, section)
+    shape = Shape(
+        exp.data.seq_len,
+        t.micro_batch_seqs,
+        workers,
+        r.parallelism if workers > 1 else "ddp",
+        r.activation_checkpointing,
+        r.activation_checkpointing_k,
+        precision,
+    )
+    return dataclasses.replace(shape, **change)
+
+
+def _describe(shape: Shape, global_batch: int) -> str:
+    ac = {"none": "no AC", "full": "AC full"}.get(shape.checkpointing, f"AC every {shape.checkpointing_k}")
+    accumulation = global_batch // (shape.micro_batch_seqs * shape.workers)
+    return f"{shape.parallelism}, {ac}, {shape.precision}, micro {shape.micro_batch_seqs} × {accumulation} acc"
+
+
+def _cost(arch: LMArch, shape: Shape, configured_micro: int) -> float:
+    halvings = lambda m: max(0.0, math.log2(FULL_MICRO_TOKENS / (m * shape.seq_len)))  # noqa: E731
+    micro = MICRO_HALVING_COST ** (halvings(shape.micro_batch_seqs) - halvings(configured_micro))
+    return memory.recompute_factor(arch, shape) * (FSDP_COST if shape.parallelism == "fsdp" else 1.0) * micro
+
+
+def _train_fix(arch: LMArch, shape: Shape, section: str, capacity: float) -> tuple[dict, Estimate | None, Shape]:
+    """The cheapest (parallelism, checkpointing, micro-batch) that fits, as dotted overrides."""
+    plans = [shape.parallelism] + (["fsdp"] if shape.parallelism == "ddp" and shape.workers > 1 else [])
+    now = memory.checkpointed_layers(arch.n_layer, shape.checkpointing, shape.checkpointing_k)
+    ladder = [(shape.checkpointing, shape.checkpointing_k), ("every_k", 4), ("every_k", 2), ("full", 2)]
+    acs = [(m, k) for m, k in ladder if memory.checkpointed_layers(arch.n_layer, m, k) >= now]
+    micros = [m for m in range(shape.micro_batch_seqs, 0, -1) if shape.micro_batch_seqs % m == 0]
+    best = None
+    for par, (mode, k), m in itertools.product(plans, acs, micros):
+        cand = dataclasses.replace(shape, parallelism=par, checkpointing=mode, checkpointing_k=k, micro_batch_seqs=m)
+        est = memory.train_step(arch, cand)
+        if est.peak > capacity:
+            continue
+        fix = {"resources.parallelism": par} if par != shape.parallelism else {}
+        if (mode, k) != (shape.checkpointing, shape.checkpointing_k):
+            fix["resources.activation_checkpointing"] = mode
+            if mode == "every_k":
+                fix["resources.activation_checkpointing_k"] = k
+        if m != shape.micro_batch_seqs:
+            fix[f"{section}.micro_batch_seqs"] = m
+        key = (_cost(arch, cand, shape.micro_batch_seqs), len(fix))
+        if best is None or key < best[0]:
+            best = (key, fix, est, cand)
+    return (best[1], best[2], best[3]) if best else ({}, None, shape)
+
+
+def _merge(fixes: list[dict]) -> dict:
+    """One set of overrides from every stage's fix: ``resources`` are shared by the training stages, so the
+    strongest setting wins (FSDP over DDP, more checkpointed layers, the smaller k)."""
+    rank = {"ddp": 0, "fsdp": 1, "none": 0, "every_k": 1, "full": 2}
+    out: dict = {}
+    for fix in fixes:
+        for k, v in fix.items():
+            if k not in out:
+                out[k] = v
+            elif isinstance(v, str):
+                out[k] = v if rank.get(v, 0) > rank.get(out[k], 0) else out[k]
+            else:
+                out[k] = min(out[k], v)
+    if out.get("resources.activation_checkpointing") == "full":
+        out.pop("resources.activation_checkpointing_k", None)
+    return out
+
+
+def _bigger(peak: float) -> str | None:
+    """The device with the least memory on which ``peak`` bytes fit, if any."""
+    return next((d for d in DEVICES if d != "CPU" and peak <= memory.usable_bytes(d)), None)
+
+
+def _stage(exp: Experiment, kind: str, count: int, device: str, workers: int, precision: str) -> StagePlan | None:
+    r = exp.resources
+    target, proxy = model_archs(exp)
+    per_host = workers if device == "CPU" else 1
+    capacity = memory.usable_bytes(device, per_host)
+    if kind in TRAIN_KINDS:
+        section = TRAIN_KINDS[kind]
+        arch, name = (proxy, _arch_name(exp, "proxy")) if kind == "warmup" else (target, _arch_name(exp, "target"))
+        shape = _train_shape(exp, section, workers, precision)
+        gb = getattr(exp, section).global_batch_seqs
+        sp = StagePlan(kind, count, workers, name, _describe(shape, gb), memory.train_step(arch, shape), capacity)
+        if not sp.fits:
+            sp.fix, sp.fixed, fixed_shape = _train_fix(arch, shape, section, capacity)
+            if sp.fixed is not None:
+                sp.settings += f" → {_describe(fixed_shape, gb)}"
+            shape = fixed_shape
+        sp.note = f"recompute ×{memory.recompute_factor(arch, shape):.2f}" if shape.checkpointing != "none" else ""
+        sp.time_factor = _cost(arch, shape, getattr(exp, section).micro_batch_seqs)
+        return sp
+    if kind == "bilevel":
+        tgt = target if exp.bilevel.gamma > 0 else None
+        est = memory.bilevel_step(proxy, tgt, exp.data.seq_len, exp.bilevel.micro_batch_seqs)
+        sp = StagePlan(kind, count, r.bilevel_workers, _arch_name(exp, "proxy"), "replicated, fp32", est, capacity)
+        sp.note = "rough; replicated: double backward through FSDP2-sharded parameters is unverified"
+        if not sp.fits:
+            sp.bigger_device = _bigger(sp.estimate.peak)
+        return sp
+    if kind == "probe":
+        shape = Shape(exp.data.seq_len, 1, 1, "replicated", "none", 2, precision)
+        est = memory.train_step(target, shape)
+        est.kept["checkpoint snapshot"] = 12 * memory.n_params(target)  # params + AdamW moments, restored per probe
+        ref_tokens = exp.flops.reference_tokens_per_seq or exp.data.seq_len
+        ref_logits = 10 * 32 * ref_tokens * target.vocab_size  # batches of 32 (stages.mates.REF_BATCH): 2 + 4 + 4 B
+        est.transient = ("reference loss", max(est.transient[1], ref_logits))
+        sp = StagePlan(kind, count, 1, _arch_name(exp, "target"), f"1 probe per GPU, {precision}", est, capacity)
+        if not sp.fits:
+            sp.bigger_device = _bigger(est.peak)
+        return sp
+    if kind == "influence":
+        bert = influence_arch(exp.mates.influence_arch, target.vocab_size)
+        shape = Shape(exp.data.seq_len, exp.mates.influence_batch_seqs, 1, "replicated", "none", 2, precision)
+        est = memory.train_step(bert, shape, lm_head=False)
+        return StagePlan(kind, count, 1, exp.mates.influence_arch, f"1 GPU, {precision}", est, capacity)
+    if kind in ("score", "evaluate"):
+        return _inference_stage(exp, kind, count, device, precision, capacity)
+    return None
+
+
+def _inference_stage(exp, kind, count, device, precision, capacity) -> StagePlan:
+    target, proxy = model_archs(exp)
+    if kind == "score":
+        mates = exp.selection.method == "mates"
+        arch = influence_arch(exp.mates.influence_arch, target.vocab_size) if mates else proxy
+        name = exp.mates.influence_arch if mates else _arch_name(exp, "proxy") + " trunk"
+        prec = "bf16-mixed" if exp.score.dtype == "bfloat16" else precision
+        key, batch, head = "score.batch_seqs", exp.score.batch_seqs, False
+    else:
+        arch, name, head = target, _arch_name(exp, "target"), True
+        prec = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(precision, "fp32")
+        key, batch = "eval.batch_size", exp.eval.batch_size
+    est_at = lambda b: memory.inference_step(arch, exp.data.seq_len, b, prec, head)  # noqa: E731
+    sp = StagePlan(kind, count, 1, name, f"batch {batch}, {prec}", est_at(batch), capacity)
+    if not sp.fits:
+        b = batch
+        while b > 1 and est_at(b).peak > capacity:
+            b //= 2
+        if est_at(b).peak <= capacity:
+            sp.fix, sp.fixed = {key: b}, est_at(b)
+            sp.settings += f" → batch {b}"
+        else:
+            sp.bigger_device = _bigger(est_at(1).peak)
+    return sp
+
+
+def plan_experiment(exp: Experiment, device: str, workers: int | None = None, results_md: Path = RESULTS_MD) -> Plan:
+    """The plan of every stage kind of ``exp`` on ``workers`` (default ``resources.train_workers``) × ``device``."""
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+    workers = workers or exp.resources.train_workers
+    precision = resolve(exp.resources.precision, "cpu" if device == "CPU" else "cuda")
+    counts: dict[str, int] = {}
+    for st in stage_plan(exp):
+        counts[st.kind] = counts.get(st.kind, 0) + 1
+    flops: dict[str, float] = {}
+    for row in ledger(exp):
+        flops[LEDGER_KIND[row.stage]] = flops.get(LEDGER_KIND[row.stage], 0.0) + row.flops
+    measured = measured_mfu(device, results_md)
+    stages = []
+    for kind, count in counts.items():
+        sp = _stage(exp, kind, count, device, workers, precision)
+        if sp is None:
+            continue
+        if kind in flops:
+            rate, sp.mfu_note = _rate(kind, sp.model.split()[0], precision, device, measured)
+            sp.flops = flops[kind]
+            sp.gpu_hours = flops[kind] * sp.time_factor / rate / 3600
+        stages.append(sp)
+    return Plan(exp, device, workers, stages, _merge([s.fix for s in stages if not s.fits]))
+
+
+def fix_flags(fix: dict) -> str:
+    return " ".join(f"--set {k}={v}" for k, v in fix.items())
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.1f}" if h >= 10 else f"{h:.2g}"
+
+
+def format_plan(p: Plan) -> str:
+    d = DEVICES[p.device]
+    unit = "CPU-hours" if p.device == "CPU" else "GPU-hours"
+    cap = p.stages[0].capacity / GIB if p.stages else 0.0
+    head = f"Plan for {p.exp.name} on {p.workers} × {p.device}: {cap:.1f} GiB usable per worker" + (
+        f" ({d.memory_gib} GiB less {memory.RESERVED_GIB} GiB reserved and {memory.ALLOCATOR_HEADROOM:.0%} "
+        "allocator headroom)"
+        if d.memory_gib
+        else " (host RAM ÷ workers, less headroom)"
+    )
+    lines = [
+        head,
+        "",
+        f"| stage | × | workers | model | settings | GiB/worker | fits | {unit} | throughput |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in p.stages:
+        gib = f"{s.estimate.peak / GIB:.1f}" + (f" → {s.fixed.peak / GIB:.1f}" if s.fixed else "")
+        fits = "yes" if s.fits else ("no → fix" if s.fixed else "**no**")
+        hours = "—" if s.gpu_hours is None else _hours(s.gpu_hours)
+        lines.append(
+            f"| {s.kind} | {s.count} | {s.workers} | {s.model} | {s.settings} | {gib} | {fits} | {hours} | "
+            f"{s.mfu_note or '—'} |"
+        )
+    total = sum(s.gpu_hours or 0.0 for s in p.stages)
+    lines += ["", f"total: {_hours(total)} {unit} (evaluation not counted: lm-eval's FLOPs are not in the ledger)"]
+    for s in p.stages:
+        detail = s.estimate.describe() + (f" — {s.note}" if s.note else "")
+        lines.append(f"- {s.kind}: {detail}")
+    if not p.fits:
+        lines += ["", f"does not fit on {p.device}:"]
+        for s in p.stages:
+            if not s.fits:
+                lines.append(
+                    f"  {s.kind}: needs {s.estimate.peak / GIB:.1f} GiB per worker, {s.capacity / GIB:.1f} usable"
+                )
+                if s.bigger_device and not s.fix:
+                    lines.append(f"    no setting makes it fit; smallest device that does: --gpu {s.bigger_device}")
+        if p.fix:
+            lines.append(f"fix: {fix_flags(p.fix)}")
+    return "\n".join(lines)
+
+
+def check_fits(exp: Experiment, device: str) -> None:
+    """Raise ``PlanError`` with the fix when the plan says ``exp`` cannot fit ``device`` (``bliss-ray run``)."""
+    p = plan_experiment(exp, device)
+    if not p.fits:
+        bad = [s for s in p.stages if not s.fits]
+        parts = [f"{s.kind} needs {s.estimate.peak / GIB:.1f} GiB per worker" for s in bad]
+        msg = f"the memory plan does not fit {device} ({bad[0].capacity / GIB:.1f} GiB usable): " + "; ".join(parts)
+        if p.fix:
+            msg += f"\n  fix: {fix_flags(p.fix)}"
+        bigger = [s.bigger_device for s in bad if s.bigger_device and not s.fix]
+        if bigger:
+            msg += f"\n  no setting fits {bad[0].kind}; it needs at least {bigger[0]}"
+        raise PlanError(msg + "\n  (`bliss-ray plan` shows the whole plan; `--no-plan-check` runs anyway)")

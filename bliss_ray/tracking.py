@@ -1,0 +1,130 @@
+"""Experiment tracking: TensorBoard event files for every Train stage and every round, written by the driver.
+
+The driver receives each Train stage's per-step records live from rank 0 (``bliss_ray.stages._progress``) and
+writes them here, so the event files land in the run directory whichever node rank 0 ran on (cluster.md §6.4):
+
+    <run>/tb/<stage key>/   per step: loss, lr, grad norm, tokens/s, FLOP/s, memory (warm-up, pretraining with
+                            its decay branch as ``decay/…``); upper/lower loss, KL, weight entropy, norms (bilevel)
+    <run>/tb/rounds/        per round: selection domain shares (``selection/share/<domain>``) and evaluation
+                            results (``eval/<task>``, ``eval/reference_loss``, ``eval/paper_average``)
+
+``tensorboard --logdir runs/<experiment>/tb`` shows the whole experiment. A stage whose workers restart replays
+steps from its last checkpoint: the writer is reopened with ``purge_step`` so the replayed steps replace the dead
+attempt's (tensorboardX's own mechanism), and likewise when a rerun of the pipeline resumes a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+# record fields that are bookkeeping, not metrics
+_NOT_SCALARS = {"step", "done_steps", "total_steps", "time", "round"}
+
+
+def _scalars(record: dict) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k not in _NOT_SCALARS and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+class TensorBoardTracker:
+    """Per-stage ``SummaryWriter``s under ``<run_root>/tb`` (tensorboardX: no TensorFlow, no tensorboard needed)."""
+
+    def __init__(self, run_root: Path):
+        self.root = Path(run_root) / "tb"
+        self.writers: dict[str, object] = {}
+        self.last_step: dict[str, int] = {}
+        self.opened = 0
+
+    def _writer(self, name: str, purge_step: int | None = None):
+        from tensorboardX import SummaryWriter
+
+        if name in self.writers and purge_step is not None:
+            self.writers.pop(name).close()
+        if name not in self.writers:
+            self.opened += 1  # a suffix: two writers opened in the same second must not share a file name
+            self.writers[name] = SummaryWriter(
+                str(self.root / name), purge_step=purge_step, flush_secs=10, filename_suffix=f".{self.opened:04d}"
+            )
+        return self.writers[name]
+
+    def steps(self, key: str, kind: str, records: list[dict]) -> None:
+        for rec in records:
+            step = int(rec["step"])
+            first = key not in self.last_step
+            restarted = not first and step <= self.last_step[key]
+            writer = self._writer(key, purge_step=step if first or restarted else None)
+            prefix = "decay/" if rec.get("phase") == "decay" else ""
+            for name, value in _scalars(rec).items():
+                writer.add_scalar(prefix + name, value, step)
+            self.last_step[key] = step
+
+    def stage_start(self, key: str, kind: str, d: Path) -> None:
+        pass  # a stage's writer opens with its first record (its step decides purge_step)
+
+    def stage_end(self, key: str, kind: str, round_index: int | None, outputs: dict, d: Path) -> None:
+        self.steps(key, kind, unseen_steps(d, self.last_step.get(key)))
+        if key in self.writers:
+            self.writers.pop(key).close()
+            self.last_step.pop(key, None)
+        summary = round_summary(kind, round_index, outputs, d)
+        if summary:
+            writer = self._writer("rounds")
+            for name, value, step in summary:
+                writer.add_scalar(name, value, step)
+            writer.flush()
+
+    def stage_failed(self, key: str) -> None:
+        if key in self.writers:
+            self.writers.pop(key).close()  # a rerun reopens it with purge_step at its first record
+            self.last_step.pop(key, None)
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
+
+def unseen_steps(d: Path, last_step: int | None) -> list[dict]:
+    """The records of a finished Train stage's ``metrics.jsonl`` after ``last_step``: what the live channel did
+    not deliver (a board busy on a loaded machine, a driver that restarted mid-stage) still reaches the trackers."""
+    try:
+        lines = (d / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in records if "step" in r and (last_step is None or int(r["step"]) > last_step)]
+
+
+def round_summary(kind: str, round_index: int | None, outputs: dict, d: Path) -> list[tuple[str, float, int]]:
+    """(tag, value, round) of a finished stage: selection domain shares, evaluation results per checkpoint."""
+    out = []
+    if kind == "select" and round_index is not None and (d / "manifest.json").exists():
+        manifest = json.loads((d / "manifest.json").read_text())
+        for domain, share in (manifest.get("domain_share") or {}).items():
+            out.append((f"selection/share/{domain}", float(share["selected"]), round_index))
+    elif kind == "evaluate":
+        for c in outputs.get("checkpoints", []):
+            values = {name: c.get(name) for name in ("reference_loss", "paper_average")}
+            values |= {task: v.get("value") for task, v in (c.get("tasks") or {}).items()}
+            out += [(f"eval/{name}", float(v), int(c["round"])) for name, v in values.items() if v is not None]
+    return out
+
+
+def trackers(tracking: list[str], run_root: Path, experiment_name: str) -> list:
+    """The trackers an experiment's ``tracking`` setting names (MLflow's goes through Ray's integration)."""
+    out: list = []
+    if "tensorboard" in tracking:
+        out.append(TensorBoardTracker(run_root))
+    if "mlflow" in tracking:
+        try:
+            from bliss_ray.stages._mlflow import MLflowTracker
+
+            out.append(MLflowTracker(run_root, experiment_name))
+        except ImportError as e:
+            raise ImportError(f"tracking: [mlflow] needs MLflow: pip install 'bliss-ray[tracking]' ({e})") from e
+    return out

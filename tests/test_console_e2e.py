@@ -1,0 +1,126 @@
+"""Proof of the console (issue 15): the tiny pipeline through ``bliss-ray run`` in a pseudo-terminal (``script``)
+shows a start and an end line for every stage and a live progress bar for every Train stage, and nothing of Ray's
+internals; the same run without a terminal prints plain lines with no control characters. Ray's output is in the
+run's log file instead. Both runs start their own embedded Ray (the CLI's ``ensure_ray``; no dashboard, so the
+placement-group cleaner's State API warnings exist, in the log file only).
+
+    .venv/bin/python -m pytest tests/test_console_e2e.py -q
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bliss_ray.config import load_experiment
+from bliss_ray.pipeline import plan
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "experiments" / "tiny.yaml"
+RAY_INTERNALS = ("core_worker.cc", "PlacementGroupCleaner", "Failed to query Ray Train Controller", "TrainingReport(")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+TRAIN_KINDS = ("warmup", "pretrain", "bilevel")
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+def _env(tmp_path: Path) -> dict:
+    # a private Ray temp dir per run (short: socket paths), offline
+    return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_TMPDIR": str(tmp_path / "ray")}
+
+
+def _bliss_ray() -> str:
+    return str(Path(sys.executable).with_name("bliss-ray"))
+
+
+@pytest.fixture(scope="module")
+def pty_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pty")
+    shutil.rmtree(tmp / "ray", ignore_errors=True)
+    cmd = f"{_bliss_ray()} run {TINY} --out {tmp / 'runs'}"
+    typescript = tmp / "typescript"
+    # script(1) gives the command a pseudo-terminal and records what it draws, control characters included
+    proc = subprocess.run(
+        ["script", "-q", "-e", "-f", "-c", cmd, str(typescript)],
+        env=_env(tmp) | {"COLUMNS": "160", "LINES": "50"},
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=1400,
+    )
+    return proc.returncode, typescript.read_text(errors="replace"), tmp
+
+
+def test_terminal_shows_every_stage_and_train_progress_and_no_ray_internals(pty_run):
+    rc, screen, tmp = pty_run
+    assert rc == 0, screen[-3000:]
+    for needle in RAY_INTERNALS:
+        assert needle not in screen, needle
+    stages = plan(load_experiment(TINY))
+    lines = screen.replace("\r\n", "\n").split("\n")
+    for st in stages:
+        assert any(re.search(rf"\bstart {re.escape(st.key)}\s", ln) for ln in lines), st.key
+        assert any(re.search(rf"\bdone  {re.escape(st.key)}\s", ln) for ln in lines), st.key
+    for st in (s for s in stages if s.kind in TRAIN_KINDS):
+        # a tqdm redraw of this stage's bar: key, steps done/total, and a loss
+        bar = rf"{re.escape(st.key)} .*\b\d+/\d+ .*(loss|upper) \d"
+        assert re.search(bar, screen), st.key
+    assert len(lines) < 150, len(lines)  # the console budget (bars redraw in place)
+    logs = list((tmp / "runs" / "tiny" / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and "Started a local Ray instance" in logs[0].read_text()
+    _assert_tensorboard_has_every_step(tmp / "runs" / "tiny" / "tb", stages)
+    status = subprocess.run(
+        [_bliss_ray(), "status", str(tmp / "runs" / "tiny")], capture_output=True, text=True, timeout=300
+    )
+    assert status.returncode == 0 and status.stdout.splitlines()[0].endswith(f": {len(stages)} done"), status.stdout
+
+
+def _assert_tensorboard_has_every_step(tb: Path, stages) -> None:
+    """Read the event files back with TensorBoard's own reader: every step of every Train stage is there."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp = load_experiment(TINY)
+    for st in (s for s in stages if s.kind in TRAIN_KINDS):
+        acc = EventAccumulator(str(tb / st.key))
+        acc.Reload()
+        if st.kind == "bilevel":
+            tag, first, n = "upper_loss", 1, exp.bilevel.outer_steps
+            assert {"lower_loss", "kl", "weight_entropy", "tokens_per_s"} <= set(acc.Tags()["scalars"])
+        else:
+            train = exp.warmup if st.kind == "warmup" else exp.pretrain
+            tag, first, n = "loss", (st.round or 0) * train.steps + 1, train.steps
+            assert {"lr", "grad_norm", "tokens_per_s", "flops_per_s", "memory_gb"} <= set(acc.Tags()["scalars"])
+        assert [e.step for e in acc.Scalars(tag)] == list(range(first, first + n)), st.key
+        if st.kind == "pretrain":
+            assert len(acc.Scalars("decay/loss")) == exp.pretrain.decay_steps, st.key
+    rounds = EventAccumulator(str(tb / "rounds"))
+    rounds.Reload()
+    tags = rounds.Tags()["scalars"]
+    assert any(t.startswith("selection/share/") for t in tags) and "eval/reference_loss" in tags
+
+
+def test_without_a_terminal_plain_lines_and_no_control_characters(pty_run, tmp_path):
+    """Round 0 again in a new run root without a terminal (tokenizer and tokenize copied over, so they are
+    skipped): the Train stages' progress comes as plain lines."""
+    _, _, first = pty_run
+    runs = tmp_path / "runs" / "tiny"
+    runs.mkdir(parents=True)
+    for d in (first / "runs" / "tiny").iterdir():
+        if d.name.startswith(("tokenizer-", "tokenize-")):
+            shutil.copytree(d, runs / d.name)
+    cmd = [_bliss_ray(), "run", str(TINY), "--out", str(tmp_path / "runs"), "--stage", "r0.pretrain"]
+    proc = subprocess.run(cmd, env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert not CONTROL.search(out.replace("\n", "")), repr(out[:2000])
+    for needle in RAY_INTERNALS:
+        assert needle not in out, needle
+    assert "skip tokenize" in out
+    for key in ("warmup", "r0.pretrain"):
+        assert re.search(rf"{re.escape(key)} step \d+/\d+ .*loss \d", out), key
+        assert re.search(rf"done  {re.escape(key)}\s", out), key

@@ -1,0 +1,127 @@
+"""FSDP2 inside Ray Train on CPU (gloo, 2 workers): the same training as DDP and as one worker, sharded
+checkpoints that a killed worker resumes from, and plain HF / AdamW exports at the end of the stage.
+
+    .venv/bin/python -m pytest tests/test_fsdp.py -q
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bliss_ray.config import ResourcesConfig
+from bliss_ray.data.tokenizer import train_bpe
+from bliss_ray.models.lm import arch_from_preset
+from bliss_ray.train.checkpoint import read_metrics
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+VOCAB, SEQ_LEN, ROWS = 512, 32, 256
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A TokenArray of random rows and a small tokenizer (the stage saves it beside every checkpoint)."""
+    d = tmp_path_factory.mktemp("fsdp_data")
+    (d / "arr").mkdir()
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (ROWS, SEQ_LEN), dtype=np.int32)
+    np.save(d / "arr" / "tokens.npy", tokens)
+    np.save(d / "arr" / "row_ids.npy", np.arange(ROWS, dtype=np.int64))
+    (d / "arr" / "_SUCCESS").write_text(f"{ROWS} rows\n")
+    train_bpe(["a tiny corpus for a tiny tokenizer"] * 20, vocab_size=300).save_pretrained(str(d / "tok"))
+    return d
+
+
+def _spec(data, stage: str, steps: int, micro: int, ckpt_every: int = 10, decay: int = 0):
+    from bliss_ray.stages.train_lm import LMTrainSpec
+
+    train = {
+        "steps": steps,
+        "warmup_steps": 1,
+        "decay_steps": decay,
+        "lr": 1e-3,
+        "micro_batch_seqs": micro,
+        "global_batch_seqs": 8,
+        "ckpt_every_steps": ckpt_every,
+    }
+    return LMTrainSpec(
+        stage=stage,
+        arch=arch_from_preset("pythia-micro", VOCAB),
+        seq_len=SEQ_LEN,
+        tokenizer_dir=str(data / "tok"),
+        data_dir=str(data / "arr"),
+        init_dir=None,
+        start_step=0,
+        train=train,
+        round_index=0,
+        seed=0,
+        threads=1,
+    )
+
+
+def _run(data, tmp_path, name, workers, parallelism, steps=4, micro=4, **kw):
+    from bliss_ray.stages import train_lm
+
+    res = ResourcesConfig(cpus_per_worker=1.0, torch_threads=1, max_failures=2, parallelism=parallelism)
+    out = tmp_path / name
+    out.mkdir()
+    result = train_lm.run(_spec(data, name, steps, micro, **kw), out, res, str(tmp_path / "ray"), workers)
+    return out, result
+
+
+def test_fsdp_trains_as_ddp_and_as_one_worker(ray_local, data, tmp_path):
+    """Same global batch of 8 rows: 1 worker × 2 micro-batches of 4, 2 DDP workers × 4, 2 FSDP workers × 4. The
+    rows are identical by construction; only fp32 summation order differs (accumulation vs all-reduce vs
+    reduce-scatter), so per-step losses agree to ~1e-6 relative, and rtol 1e-4 leaves room for 4 AdamW steps of
+    drift. Weights: AdamW moves a coordinate by ≈ lr·g/(|g| + eps), so a coordinate whose gradient is ~eps moves
+    by a rounding-dependent fraction of lr (1e-3); atol 1e-5 = 1 % of lr per step. A wrong reduction (summed
+    instead of averaged, pytorch#162338; a missing shard) moves whole tensors by ~lr and fails both."""
+    runs = {
+        "one": _run(data, tmp_path, "one", 1, "ddp")[0],
+        "ddp": _run(data, tmp_path, "ddp", 2, "ddp")[0],
+        "fsdp": _run(data, tmp_path, "fsdp", 2, "fsdp")[0],
+    }
+    losses = {k: [m["loss"] for m in read_metrics(d / "metrics.jsonl")] for k, d in runs.items()}
+    weights = {k: load_file(d / "state" / "model" / "model.safetensors") for k, d in runs.items()}
+    assert len(losses["fsdp"]) == 4 and not (runs["fsdp"] / "state" / "dcp").exists()  # a plain HF export
+    for other in ("one", "ddp"):
+        np.testing.assert_allclose(losses["fsdp"], losses[other], rtol=1e-4)
+        for name, w in weights[other].items():
+            torch.testing.assert_close(weights["fsdp"][name], w, rtol=0, atol=1e-5, msg=name)
+    # the stage's end holds the AdamW state in a plain run's format: a DDP round (or MATES's prober) reads it
+    opt = {k: torch.load(d / "state" / "train_state.pt", weights_only=True)["optimizer"] for k, d in runs.items()}
+    assert opt["fsdp"]["state"].keys() == opt["ddp"]["state"].keys()
+    torch.testing.assert_close(
+        opt["fsdp"]["state"][0]["exp_avg"], opt["ddp"]["state"][0]["exp_avg"], atol=1e-6, rtol=1e-4
+    )
+
+
+@pytest.mark.timeout(1200)
+def test_killed_fsdp_worker_resumes_from_the_sharded_checkpoint(ray_local, data, tmp_path, monkeypatch):
+    """SIGKILL rank 1 while it fetches step 6's batches: Ray Train restarts both workers from the last registered
+    checkpoint (DCP shards of step 4, or 2), which every rank reads back. The run ends at exactly step 8 with each
+    step logged once and equals an uninterrupted FSDP run bit for bit (weights, AdamW state, losses): the same
+    float operations replay on the same shards, and DCP restores fp32 tensors unrounded. A decay branch follows,
+    exported as HF weights like the stable ones."""
+    ref, _ = _run(data, tmp_path, "ref", 2, "fsdp", steps=8, ckpt_every=2, decay=2)
+    marker = tmp_path / "killed"
+    fault = {"kill": {"stage": "killme", "step": 5, "rank": 1, "once": str(marker)}}
+    monkeypatch.setenv("BLISS_FAULTS", json.dumps(fault))
+    out, result = _run(data, tmp_path, "killme", 2, "fsdp", steps=8, ckpt_every=2, decay=2)
+    assert marker.exists(), "the fault was not injected"
+    state = torch.load(out / "state" / "train_state.pt", weights_only=True)
+    ref_state = torch.load(ref / "state" / "train_state.pt", weights_only=True)
+    assert result["final_step"] == 8 and state["step"] == 8
+    assert ref_state["resumed_from"] == [] and len(state["resumed_from"]) == 1
+    assert state["resumed_from"][0] in (2, 4)  # resumed from a sharded checkpoint, not restarted from 0
+    stable = [m for m in read_metrics(out / "metrics.jsonl") if m["phase"] == "stable"]
+    assert [m["step"] for m in stable] == list(range(1, 9))
+    for part in ("state/model", "decay"):
+        a, b = load_file(out / part / "model.safetensors"), load_file(ref / part / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    for i, s in ref_state["optimizer"]["state"].items():
+        assert all(torch.equal(s[k], state["optimizer"]["state"][i][k]) for k in s), i
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.endswith("_s")} for m in ms]  # noqa: E731
+    assert strip(read_metrics(out / "metrics.jsonl")) == strip(read_metrics(ref / "metrics.jsonl"))
