@@ -122,13 +122,6 @@ class _TuneBilevel:
             run, st, d, runners=steps.RUNNERS | {"bilevel": partial(steps.bilevel_stage, launch=self)}
         )
 
-
-@ray.remote(num_cpus=0)
-def _run_stage_outside(run: Run, st, d: Path) -> dict:
-    from bliss_ray.stages import steps
-
-    return steps.run_stage(run, st, d)
-
     def drain(self, timeout_s: float = 60.0) -> None:
         """Wait until Tune has taken every forwarded report, so that the trial's final report really is last."""
         deadline = time.monotonic() + timeout_s
@@ -137,6 +130,13 @@ def _run_stage_outside(run: Run, st, d: Path) -> dict:
                 time.sleep(0.1)
         if self.callbacks:
             time.sleep(1.0)  # the session moves the item it took to its result queue just after taking it
+
+
+@ray.remote(num_cpus=0)
+def _run_stage_outside(run: Run, st, d: Path) -> dict:
+    from bliss_ray.stages import steps
+
+    return steps.run_stage(run, st, d)
 
 
 class _ForwardToTune(TuneReportCallback):
