@@ -138,7 +138,8 @@ class BilevelConfig(_Strict):
     """``global``: softmax over the global batch (paper); ``stale``: released code's previous-step normaliser."""
     loss_scaling: Literal["global", "released"] = "global"
     """``global``: g = Σ P_i CE_i + γ KL + λ‖θ‖² over the global batch; ``released``: the released code's effective
-    objective on ``released_devices`` GPUs under DDP averaging, (1/N)·[Σ P_i CE_i + Nγ KL + Nλ‖θ‖²] (docs/design.md)."""
+    objective on ``released_devices`` GPUs under DDP averaging, (1/N)·[Σ P_i CE_i + Nγ KL + Nλ‖θ‖²]
+    (docs/design.md)."""
     released_devices: int = Field(8, ge=1)
     """N of ``released`` scaling: the released run's GPU count (run.sh: 8), independent of bilevel_workers."""
     reuse_inner_batch: bool = True

@@ -53,7 +53,7 @@ def pty_run(tmp_path_factory):
         stderr=subprocess.DEVNULL,
         timeout=1400,
     )
-    return proc.returncode, typescript.read_text(errors="replace"), tmp
+    return proc.returncode, typescript.read_bytes().decode(errors="replace"), tmp  # bytes: keep every \r
 
 
 def test_terminal_shows_every_stage_and_train_progress_and_no_ray_internals(pty_run):
