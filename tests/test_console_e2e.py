@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,10 @@ TRAIN_KINDS = ("warmup", "pretrain", "bilevel")
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
-def _env(tmp_path: Path) -> dict:
-    # a private Ray temp dir per run (short: socket paths), offline
-    return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_TMPDIR": str(tmp_path / "ray")}
+def _env() -> dict:
+    # a private Ray temp dir per run, short (unix socket paths stay under 107 bytes), offline
+    ray_tmp = tempfile.mkdtemp(prefix="brc_", dir="/tmp")
+    return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_TMPDIR": ray_tmp}
 
 
 def _bliss_ray() -> str:
@@ -40,13 +42,12 @@ def _bliss_ray() -> str:
 @pytest.fixture(scope="module")
 def pty_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pty")
-    shutil.rmtree(tmp / "ray", ignore_errors=True)
     cmd = f"{_bliss_ray()} run {TINY} --out {tmp / 'runs'}"
     typescript = tmp / "typescript"
     # script(1) gives the command a pseudo-terminal and records what it draws, control characters included
     proc = subprocess.run(
         ["script", "-q", "-e", "-f", "-c", cmd, str(typescript)],
-        env=_env(tmp) | {"COLUMNS": "160", "LINES": "50"},
+        env=_env(),
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -114,7 +115,7 @@ def test_without_a_terminal_plain_lines_and_no_control_characters(pty_run, tmp_p
         if d.name.startswith(("tokenizer-", "tokenize-")):
             shutil.copytree(d, runs / d.name)
     cmd = [_bliss_ray(), "run", str(TINY), "--out", str(tmp_path / "runs"), "--stage", "r0.pretrain"]
-    proc = subprocess.run(cmd, env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=1200)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert not CONTROL.search(out.replace("\n", "")), repr(out[:2000])
