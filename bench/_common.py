@@ -156,7 +156,7 @@ class TreeCpu:
 
     ``by_role`` splits the seconds by what each process was: ``driver`` (this process), Ray's daemons by name
     (``raylet``, ``gcs_server``, ...), and a Ray worker by the last task or actor its process title named
-    (``ray::MapWorker(MapBatches(RayScorer))``, ``ray::ReadParquet->SplitBlocks(4)``, ...; ``ray::IDLE`` if it
+    (``ray::MapWorker(MapBatches(_RayScorer))``, ``ray::ReadParquet->SplitBlocks(4)``, ...; ``ray::IDLE`` if it
     never ran one): where an orchestration's extra CPU goes.
 
         with TreeCpu() as cpu: work()

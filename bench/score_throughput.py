@@ -5,15 +5,18 @@ the demo's proxy (``pythia-tiny-proxy``; ``--arch`` for another)
 
 * bare: ``bliss_ray.scoring.Scorer`` called in this process on blocks of ``4 × batch_seqs`` rows read with
   pyarrow, outputs written as one parquet per input file (what a user without Ray would do);
-* Ray: ``bliss_ray.stages.score.score_pool`` — read_parquet → repartition → shard filter → ``map_batches(Scorer)``
-  on an ``ActorPoolStrategy`` of ``--actors`` actors → partitioned ``write_parquet`` → per-file validation.
+* Ray: ``bliss_ray.stages.score.score_pool`` — read_parquet with the shard filter fused in → repartition (few
+  files) → ``map_batches(Scorer)`` on an ``ActorPoolStrategy`` of ``--actors`` actors → partitioned
+  ``write_parquet`` → per-file validation.
 
 Threads match: the stage gives each actor ``int(2 × data_actor_cpus)`` torch threads, so we set
 ``data_actor_cpus = threads / 2`` (1 actor × 1 thread, ``data_actor_cpus`` = 0.5 as in the demo, against 1
 thread in the bare loop by default). Cores match too: the whole benchmark — this process, and every Ray
-daemon and worker (``pin_cores``) — runs on the same ``--cores`` cores (default 1).
-Without that the stage's read, filter and write tasks, raylet and GCS ran on the machine's other core while the
-bare loop had one: a comparison of 2 cores against 1.
+daemon and worker (``pin_cores``) — runs on the same ``--cores`` cores (default: as many as ``--threads``).
+Without that the stage's read, filter and write tasks, actor start, raylet and GCS ran on the machine's other
+core while the bare loop had one: a comparison of 2 cores against 1 (rows/s ratio 0.45 in the last ``make
+bench``, 2 cores unpinned; 0.24 with both on 1 core, ``--quick`` at a load average of 3–8: the stage's fixed
+start is CPU work, not waiting).
 
 How: each side runs on the BIG input (``--files`` files) and a SMALL one (1/32 of one file: ~140 rows, nearly
 all fixed cost), the four runs alternating. Headline: rows/s of the stage ÷ rows/s of the bare loop on the big
@@ -26,13 +29,14 @@ blind to idle waits) for each side and their ratio.
 Where Ray's extra CPU goes: the big Ray run's CPU-seconds by process (``TreeCpu.by_role``: the driver, the
 scoring actor, the read / shard-filter / write task workers, raylet, GCS, ...) beside the bare loop's, and Ray
 Data's own per-operator remote CPU time (``ds.stats()``, which the stage saves as ``ray_data_stats.txt``). Found
-(``--quick``, 4540 rows, 1 core, load average ≈ 45): the actor's batches cost what the bare loop's scoring does
-(8.5 vs 8.9 CPU-s), and every task body together < 0.3 CPU-s (``ds.stats()``); the rest is fixed: the actor's
-start (8.5 CPU-s: a fresh process imports torch and transformers, which the bare loop's process had, and loads
-the model), Ray worker processes that hosted the read, repartition and write tasks (9 CPU-s, nearly all process
-start and imports: they show as ``ray::IDLE``), the driver's planning, streaming executor and validation (3.4)
-and the daemons (~1). The stage keeps those down by fusing the shard filter into the read tasks and by giving
-the actor a module that imports only the scorer (``stages/_score_actor.py``), not the config and Train layers.
+(``--quick``, 4540 rows, 1 core, load average 3–8): Ray 37 CPU-s against the bare loop's 9. The actor's batches
+took 11 CPU-s (8.3 in the bare loop: blocks now cross the object store); every task body together 0.3 CPU-s
+(``ds.stats()``). The rest is fixed cost: the actor's start, 8.4 CPU-s (a fresh process imports torch and
+transformers, which the bare loop's process had, and loads the model); the worker processes that ran the read,
+repartition and write tasks, 9 CPU-s, nearly all process start and imports (they show as ``ray::IDLE``); the
+driver's planning, streaming executor and validation, 3.9; the daemons, ~2. The stage fuses the shard filter into
+the read tasks (one operator and object-store hop fewer). The actor's imports are torch and transformers, ~10
+CPU-s on this machine; importing it without the stage's config and Train layers saved nothing measurable.
 
 Threads: 1 by default (``--threads``), the same on both sides. On a 2-core machine shared with other users, a
 2-thread OpenMP pool spin-waits through its partner's lost time slices: at load ≈ 10 a bare pythia-tiny step
@@ -159,7 +163,12 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-seqs", type=int, default=64, help="score.batch_seqs")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--cores", type=int, default=1, help="cores for both sides (Ray's daemons and workers too)")
+    p.add_argument(
+        "--cores",
+        type=int,
+        default=None,
+        help="cores for both sides, Ray's daemons and workers too (default: --threads)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.files = 1, 1
@@ -170,7 +179,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     _common.start_ray()
     ray_init_s = time.perf_counter() - t0
-    cores = pin_cores(args.cores)
+    cores = pin_cores(args.cores or args.threads)
 
     inputs = {"small": (files[:1], (0, 32)), "big": (files, None)}
     rows: dict[str, int] = {}

@@ -28,9 +28,9 @@ import ray.data
 from bliss_ray.config import Experiment
 from bliss_ray.data.packing import file_key, shard_of
 from bliss_ray.data.tokens import read_token_table
+from bliss_ray.scoring import Scorer
 from bliss_ray.stages._data_tasks import keep_shard
 from bliss_ray.stages._ray import use_gpu
-from bliss_ray.stages._score_actor import RayScorer
 from bliss_ray.train.precision import inference_dtype, resolve
 
 
@@ -52,6 +52,17 @@ def _partition_complete(part: Path, expected: np.ndarray) -> bool:
     except Exception:  # a file half-written by a killed run
         return False
     return len(got) == len(expected) and np.array_equal(np.sort(got), np.sort(expected))
+
+
+class _RayScorer(Scorer):
+    """The scorer plus the source-file column the partitioned write needs, and an actor census."""
+
+    def __init__(self, census_dir: str, **kwargs):
+        super().__init__(**kwargs)
+        Path(census_dir, str(self.pid)).touch()
+
+    def __call__(self, batch: dict) -> dict:
+        return super().__call__(batch) | {"src": batch["src"]}
 
 
 def score_pool(
@@ -94,7 +105,7 @@ def score_pool(
         if len(todo) < blocks:  # a file is one block: split a few files so every actor gets work
             ds = ds.repartition(blocks)  # (a barrier: many files stream through without it)
         ds = ds.map_batches(
-            RayScorer,
+            _RayScorer,
             fn_constructor_kwargs={
                 "census_dir": str(census),
                 "model_dir": str(model_dir),
