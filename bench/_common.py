@@ -43,15 +43,12 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
-# GPU dense bf16 peaks (FLOP/s, no sparsity) by a substring of torch.cuda.get_device_name().
-GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
-
 
 def gpu_peak(name: str) -> float | None:
-    """Dense bf16 peak of a GPU by name (H100 PCIe is lower than SXM: 756 TFLOPS)."""
-    if "H100" in name and "PCIe" in name:
-        return 756e12
-    return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+    """Dense bf16 peak of a GPU by name: the project's one table, ``bliss_ray.memory.GPU_BF16_PEAK``."""
+    from bliss_ray.memory import gpu_bf16_peak  # here, not at the top: the environment above is set first
+
+    return gpu_bf16_peak(name)
 
 
 def cpu_model() -> str:

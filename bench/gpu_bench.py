@@ -12,7 +12,7 @@ What and how:
 * training MFU (``bench/mfu.py``'s measurement, bf16 autocast, fused AdamW, SDPA attention, seq_len 1024): model
   FLOPs per second by the ledger (3 × forward, paper convention; attention counted as the causal kernels compute
   it, ``bench/_attention.py``, the full-L² MFU recorded beside it) ÷ the device's dense bf16 peak (table in
-  ``_common.GPU_BF16_PEAK``, by ``torch.cuda.get_device_name()``); the achieved bf16 matmul rate is recorded;
+  ``bliss_ray.memory.GPU_BF16_PEAK``, by ``torch.cuda.get_device_name()``); the achieved bf16 matmul rate is recorded;
   every case prints ``torch.cuda.max_memory_allocated`` beside ``bliss_ray.memory.train_step``'s estimate for
   one worker (1 GPU: no DDP buckets; FSDP's sharding needs several GPUs, so it is not measured here), and the
   ledger-count MFU that ``bliss-ray plan`` reads back from the RESULTS.md section (with the planner's device type);
@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
         name = torch.cuda.get_device_name()
         peak = _common.gpu_peak(name)
         if peak is None:
-            raise SystemExit(f"no bf16 peak known for '{name}': add it to _common.GPU_BF16_PEAK")
+            raise SystemExit(f"no bf16 peak known for '{name}': add it to bliss_ray.memory.GPU_BF16_PEAK")
         from bliss_ray.memory import device_of
 
         planner = device_of(name, torch.cuda.get_device_properties(0).total_memory)

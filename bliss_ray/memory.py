@@ -62,16 +62,27 @@ class Device:
     names: tuple[str, ...] = ()  # substrings of torch.cuda.get_device_name() that identify it
 
 
-# Peaks from NVIDIA's data sheets (bf16 as bench/_common.GPU_BF16_PEAK); H100/H200: SXM parts.
+# GPU dense bf16 peaks (FLOP/s, no sparsity, NVIDIA's data sheets; H100/H200: SXM parts) by a substring of
+# torch.cuda.get_device_name(): the one table the planner, the live console's MFU and the benchmarks read.
+GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def gpu_bf16_peak(cuda_name: str) -> float | None:
+    """Dense bf16 peak of a GPU by its CUDA name (H100 PCIe is lower than SXM: 756 TFLOPS), None if unknown."""
+    if "H100" in cuda_name and "PCIe" in cuda_name:
+        return 756e12
+    return next((v for k, v in GPU_BF16_PEAK.items() if k in cuda_name), None)
+
+
 DEVICES: dict[str, Device] = {
     d.name: d
     for d in (
-        Device("A10G-24GB", 22.5, 125e12, 31.2e12, ("A10G",)),  # AWS g5 (cluster/aws.yaml)
-        Device("L4-24GB", 22.5, 121e12, 30.3e12, ("L4",)),  # GCP g2 (cluster/gcp.yaml)
-        Device("A100-40GB", 39.6, 312e12, 19.5e12, ("A100",)),
-        Device("A100-80GB", 79.3, 312e12, 19.5e12, ("A100",)),
-        Device("H100-80GB", 79.6, 989e12, 67e12, ("H100",)),
-        Device("H200-141GB", 140.4, 989e12, 67e12, ("H200",)),
+        Device("A10G-24GB", 22.5, GPU_BF16_PEAK["A10G"], 31.2e12, ("A10G",)),  # AWS g5 (cluster/aws.yaml)
+        Device("L4-24GB", 22.5, GPU_BF16_PEAK["L4"], 30.3e12, ("L4",)),  # GCP g2 (cluster/gcp.yaml)
+        Device("A100-40GB", 39.6, GPU_BF16_PEAK["A100"], 19.5e12, ("A100",)),
+        Device("A100-80GB", 79.3, GPU_BF16_PEAK["A100"], 19.5e12, ("A100",)),
+        Device("H100-80GB", 79.6, GPU_BF16_PEAK["H100"], 67e12, ("H100",)),
+        Device("H200-141GB", 140.4, GPU_BF16_PEAK["H200"], 67e12, ("H200",)),
         Device("CPU", None),
     )
 }

@@ -23,8 +23,6 @@ import psutil
 import ray
 
 BOARD_NAME = "bliss_ray_progress"
-# Dense bf16 peak FLOP/s by device name (vendor data sheets; SXM parts): MFU is printed only where one is known.
-GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -112,10 +110,10 @@ def device_peak_flops() -> tuple[str, float | None]:
 
     if not torch.cuda.is_available():
         return "cpu", None
+    from bliss_ray.memory import gpu_bf16_peak
+
     name = torch.cuda.get_device_name()
-    if "H100" in name and "PCIe" in name:
-        return name, 756e12
-    return name, next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+    return name, gpu_bf16_peak(name)  # MFU is printed only where the peak is known
 
 
 def memory_gb() -> float:
