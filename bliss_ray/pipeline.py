@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from bliss_ray.config import Experiment, identity
 from bliss_ray.data.corpus import filesystem, resolve_files
+from bliss_ray.status import write_json
 
 log = logging.getLogger("bliss_ray")
 
@@ -169,9 +169,7 @@ class Run:
                 t0 = time.perf_counter()
                 out = runner(self, st, d)
                 out = {"stage": st.key, "kind": st.kind, "round": st.round, "seconds": time.perf_counter() - t0, **out}
-                tmp = d / "outputs.json.tmp"
-                tmp.write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
-                os.replace(tmp, d / "outputs.json")
+                write_json(d / "outputs.json", out)
                 (d / "_SUCCESS").write_text("")
                 finished(out)
             results[st.key] = out

@@ -22,7 +22,8 @@ from pathlib import Path
 RUNNING, FAILED, SUCCESS = "_RUNNING.json", "_FAILED.json", "_SUCCESS"
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj) -> None:
+    """Write a stage file whole or not at all (temp file + rename): readers never see half a JSON."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
@@ -30,11 +31,11 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def mark_running(d: Path) -> None:
     (d / FAILED).unlink(missing_ok=True)
-    _write_json(d / RUNNING, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+    write_json(d / RUNNING, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
 
 
 def mark_failed(d: Path, reason: str, log_path: str | None) -> None:
-    _write_json(d / FAILED, {"reason": reason, "log": log_path, "failed": time.time()})
+    write_json(d / FAILED, {"reason": reason, "log": log_path, "failed": time.time()})
     (d / RUNNING).unlink(missing_ok=True)
 
 

@@ -7,7 +7,6 @@ Ray Data's read/write tasks and hangs forever without an error (../shared/docs/s
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -149,9 +148,3 @@ def copy_checkpoint(result: ray.train.Result, dest: Path) -> Path:
     with result.checkpoint.as_directory() as d:
         shutil.copytree(d, dest, dirs_exist_ok=True)
     return dest
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)

@@ -18,7 +18,8 @@ import numpy as np
 import ray
 import torch
 
-from bliss_ray.stages._ray import QUIET_ENV, use_gpu, write_json
+from bliss_ray.stages._ray import QUIET_ENV, use_gpu
+from bliss_ray.status import write_json
 from bliss_ray.train.precision import inference_dtype, resolve
 
 

@@ -58,10 +58,10 @@ from bliss_ray.stages._ray import (
     scaling_config,
     storage_path,
     use_gpu,
-    write_json,
 )
 from bliss_ray.stages._ray import torch_threads as threads_for
 from bliss_ray.stages.steps import _pool_files, _pool_rows, _shard, _vocab
+from bliss_ray.status import write_json
 from bliss_ray.train.checkpoint import read_state, write_metrics
 from bliss_ray.train.host_memory import retain_freed_memory
 from bliss_ray.train.schedule import round_peak_lr, wsd_lr

@@ -24,6 +24,7 @@ from bliss_ray.data.tokenizer import load_tokenizer, train_bpe
 from bliss_ray.data.tokens import TokenArray
 from bliss_ray.models.lm import arch_from_preset, padded_vocab
 from bliss_ray.stages import _ray
+from bliss_ray.status import write_json
 
 log = logging.getLogger("bliss_ray")
 
@@ -78,7 +79,7 @@ def select_stage(run, st, d: Path) -> dict:
     seed = exp.selection.seed + 1000 * r  # a different random draw each round
     chosen, m = select_round(row_ids, domains, values, rule, exp.selection.keep_frac, seed, tau, round=r)
     pq.write_table(pa.table({"row_id": pa.array(chosen, pa.int64())}), d / "selected.parquet")
-    _ray.write_json(d / "manifest.json", m)
+    write_json(d / "manifest.json", m)
     return {"selected": len(chosen), "pool_size": m["pool_size"], "method": rule}
 
 
