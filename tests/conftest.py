@@ -22,6 +22,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# the local S3 server (moto) takes any key; set before Ray starts so its workers inherit them, and never ask an
+# instance-metadata endpoint for credentials (there is no network)
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +48,50 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A local S3-compatible server (moto, in this process, bound to 127.0.0.1 only) and an empty bucket: the URI
+    of its root with the store options (endpoint, region) in the query, as a run root on a cluster would carry."""
+    import socket
+    import uuid
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    bucket = f"bliss-{uuid.uuid4().hex[:8]}"
+    options = f"region=us-east-1&endpoint_override=http://127.0.0.1:{port}&scheme=http"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}?{options}&allow_bucket_creation=true")
+    fs.create_dir(bucket)
+    yield f"s3://{bucket}?{options}"
+    server.stop()
+
+
+def micro_lm_spec(stage: str, tokenizer_dir: str, data_dir: str, train: dict, vocab: int, seq_len: int):
+    """A Train-stage spec for the 2-layer ``pythia-micro`` LM from scratch on one thread: the Ray Train tests'
+    model (``train``: the TrainConfig fields)."""
+    from bliss_ray.models.lm import arch_from_preset
+    from bliss_ray.stages.train_lm import LMTrainSpec
+
+    return LMTrainSpec(
+        stage=stage,
+        arch=arch_from_preset("pythia-micro", vocab),
+        seq_len=seq_len,
+        tokenizer_dir=tokenizer_dir,
+        data_dir=data_dir,
+        init_dir=None,
+        start_step=0,
+        train=train,
+        round_index=0,
+        seed=0,
+        threads=1,
+    )
 
 
 def load_tiny(**overrides):

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from bliss_ray.config import ResourcesConfig
 from bliss_ray.data.tokenizer import train_bpe
-from bliss_ray.models.lm import arch_from_preset
 from bliss_ray.train.checkpoint import read_metrics
+from tests.conftest import micro_lm_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -35,8 +35,6 @@ def data(tmp_path_factory):
 
 
 def _spec(data, stage: str, steps: int, micro: int, ckpt_every: int = 10, decay: int = 0):
-    from bliss_ray.stages.train_lm import LMTrainSpec
-
     train = {
         "steps": steps,
         "warmup_steps": 1,
@@ -46,19 +44,7 @@ def _spec(data, stage: str, steps: int, micro: int, ckpt_every: int = 10, decay:
         "global_batch_seqs": 8,
         "ckpt_every_steps": ckpt_every,
     }
-    return LMTrainSpec(
-        stage=stage,
-        arch=arch_from_preset("pythia-micro", VOCAB),
-        seq_len=SEQ_LEN,
-        tokenizer_dir=str(data / "tok"),
-        data_dir=str(data / "arr"),
-        init_dir=None,
-        start_step=0,
-        train=train,
-        round_index=0,
-        seed=0,
-        threads=1,
-    )
+    return micro_lm_spec(stage, str(data / "tok"), str(data / "arr"), train, VOCAB, SEQ_LEN)
 
 
 def _run(data, tmp_path, name, workers, parallelism, steps=4, micro=4, **kw):

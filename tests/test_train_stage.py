@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from bliss_ray.config import ResourcesConfig
 from bliss_ray.data.tokens import TokenArray
-from bliss_ray.models.lm import arch_from_preset, load_lm
+from bliss_ray.models.lm import load_lm
 from bliss_ray.train.checkpoint import read_metrics
+from tests.conftest import micro_lm_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -34,8 +35,6 @@ def data(tiny_run, tmp_path_factory):
 
 
 def _lm_spec(data, stage, steps, micro, ckpt_every=10):
-    from bliss_ray.stages.train_lm import LMTrainSpec
-
     run, arr, tok, _ = data
     train = run.exp.pretrain.model_dump() | {
         "steps": steps,
@@ -45,19 +44,7 @@ def _lm_spec(data, stage, steps, micro, ckpt_every=10):
         "ckpt_every_steps": ckpt_every,
         "warmup_steps": 1,
     }
-    return LMTrainSpec(
-        stage=stage,
-        arch=arch_from_preset("pythia-micro", 2048),
-        seq_len=64,
-        tokenizer_dir=tok,
-        data_dir=str(arr),
-        init_dir=None,
-        start_step=0,
-        train=train,
-        round_index=0,
-        seed=0,
-        threads=1,
-    )
+    return micro_lm_spec(stage, tok, str(arr), train, 2048, 64)
 
 
 def test_lm_training_1_vs_2_workers_same_losses(data, tmp_path):
