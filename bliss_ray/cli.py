@@ -107,7 +107,8 @@ def cmd_status(args) -> int:
     from bliss_ray.status import show
 
     try:
-        return show(Path(args.run_dir), watch=args.watch, every_s=args.every)
+        exp = load_experiment(args.config, args.set) if args.config else None
+        return show(Path(args.run_dir), watch=args.watch, every_s=args.every, exp=exp)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", help="a run directory, e.g. runs/demo")
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     p.add_argument("--every", type=float, default=5.0, help="seconds between refreshes with --watch")
+    p.add_argument("--config", help="the plan of this config, not of the experiment launched last in RUN_DIR")
+    p.add_argument("--set", action="append", default=[], help="override with --config: key=value (repeatable)")
     p.set_defaults(fn=cmd_status)
     with_config(sub.add_parser("validate", help="validate a config")).set_defaults(fn=cmd_validate)
     p = with_config(sub.add_parser("flops", help="print the FLOPs ledger of a config"))

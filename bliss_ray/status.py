@@ -4,11 +4,13 @@ A stage directory tells its own state: ``_SUCCESS`` (done; ``outputs.json`` has 
 ``_RUNNING.json`` (the pid and host of the driver running it: a dead pid on this host means interrupted),
 ``_FAILED.json`` (the reason and where the traceback is). The pipeline writes the markers
 (``bliss_ray.console.StageConsole``); this module only reads files, so it works while a run is going and without
-Ray. The plan and identities come from the run's ``experiment.json``, so a stage that the current settings would
-rerun shows as pending.
+Ray. The plan and identities come from the run's ``experiment.json`` (the experiment launched last in that
+directory), or from ``--config`` when several experiments share the directory (BLISS and its random baseline share
+round 0), so a stage that those settings would rerun shows as pending.
 
     bliss-ray status runs/demo            # one table
     bliss-ray status runs/demo --watch    # refreshed every few seconds until interrupted
+    bliss-ray status runs/demo --config experiments/demo.yaml --set selection.method=random
 """
 
 from __future__ import annotations
@@ -129,8 +131,9 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def stage_states(run_dir: Path) -> list[dict]:
-    """One dict per planned stage: key, kind, identity, state, seconds, headline, error, log."""
+def stage_states(run_dir: Path, exp=None) -> list[dict]:
+    """One dict per stage of ``exp``'s plan (default: the experiment launched last in ``run_dir``): key, kind,
+    identity, state, seconds, headline, error, log."""
     from bliss_ray.config import parse_experiment
     from bliss_ray.pipeline import Run
 
@@ -138,7 +141,7 @@ def stage_states(run_dir: Path) -> list[dict]:
     exp_file = run_dir / "experiment.json"
     if not exp_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no experiment.json)")
-    exp = parse_experiment(json.loads(exp_file.read_text()))
+    exp = exp or parse_experiment(json.loads(exp_file.read_text()))
     run = Run(exp, run_dir.parent)
     rows = []
     for st in run.stages:
@@ -180,14 +183,14 @@ def format_status(run_dir: Path, rows: list[dict]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def show(run_dir: Path, watch: bool = False, every_s: float = 5.0, stream=None) -> int:
+def show(run_dir: Path, watch: bool = False, every_s: float = 5.0, stream=None, exp=None) -> int:
     """Print the status table (``watch``: redraw every ``every_s`` seconds until Ctrl-C). Exit code 1 if a
     stage failed."""
     import sys
 
     stream = stream or sys.stdout
     while True:
-        rows = stage_states(run_dir)
+        rows = stage_states(run_dir, exp)
         text = format_status(run_dir, rows)
         if watch and stream.isatty():
             stream.write("\x1b[H\x1b[2J")  # clear the screen: a terminal's redraw, never written to files

@@ -31,7 +31,7 @@ def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_status_of_a_finished_run(tiny_run):
     run, _ = tiny_run
-    rows = stage_states(run.root)
+    rows = stage_states(run.root, run.exp)  # other tests launch experiments into the same directory
     assert [r["key"] for r in rows] == [s.key for s in run.stages]
     assert {r["state"] for r in rows} == {"done"}
     assert all(r["identity"] == run.ids[r["key"]] and r["seconds"] is not None for r in rows)
@@ -39,7 +39,7 @@ def test_status_of_a_finished_run(tiny_run):
     assert "loss" in by_key["r0.pretrain"]["headline"] and "after decay" in by_key["r0.pretrain"]["headline"]
     assert "upper loss" in by_key["r1.bilevel"]["headline"]
     assert "shares" in by_key["r1.select"]["headline"]
-    proc = _cli("status", str(run.root))
+    proc = _cli("status", str(run.root), "--config", str(TINY))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].endswith(f"{len(rows)} done")
 

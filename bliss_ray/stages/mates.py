@@ -179,7 +179,8 @@ def probe_stage(run, st, d: Path) -> dict:
         "target_step": step,
         "reference_seqs": n_ref,
         "reference_tokens": info["reference_tokens"],
-        "reference_batches": info["reference_batches"],  # (rows, tokens) per batch: the FLOPs ledger's input
+        # [rows, tokens] per batch, the FLOPs ledger's input; lists, so the result equals its outputs.json
+        "reference_batches": [list(b) for b in info["reference_batches"]],
         "candidates_from": f"round {r} pool shard (seeded sample)",
         "actors": n_actors,
         "probe_seconds": seconds,  # probing proper, after the first actor loaded the checkpoint
