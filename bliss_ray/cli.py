@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from bliss_ray import storage
 from bliss_ray.config import GPU_TYPES, ConfigError, load_experiment
 
 
@@ -78,7 +79,8 @@ def cmd_run(args) -> int:
     _offline_unless_hub_needed(exp)
     if not args.no_plan_check:
         _check_plan(exp)
-    run = Run(exp, Path(args.out))
+    storage.check_writable(args.out)  # an unreachable or read-only store fails here, before any compute
+    run = Run(exp, args.out)
     log_path = run.root / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     stream, restore = route_logs(log_path, args.verbose)
     tracking: list = []  # filled inside the try: a tracker that cannot start is reported like any failure
@@ -98,8 +100,9 @@ def cmd_run(args) -> int:
         if not ray_was_up and ray.is_initialized():
             ray.shutdown()  # now, while its last streamed worker lines still go to the log, not at exit
         restore()
+        run.sync_side_files()  # a remote run's log and TensorBoard files, into the store
     report = results.get("report", {}).get("report")
-    console.line(f"run directory: {run.root}" + (f"\nreport: {report}" if report else "") + f"\nlogs: {log_path}")
+    console.line(f"run directory: {run.store}" + (f"\nreport: {report}" if report else "") + f"\nlogs: {log_path}")
     return 0
 
 
@@ -108,7 +111,7 @@ def cmd_status(args) -> int:
 
     try:
         exp = load_experiment(args.config, args.set) if args.config else None
-        return show(Path(args.run_dir), watch=args.watch, every_s=args.every, exp=exp)
+        return show(args.run_dir, watch=args.watch, every_s=args.every, exp=exp)  # a path or a store URI
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -138,7 +141,7 @@ def cmd_flops(args) -> int:
 def cmd_report(args) -> int:
     from bliss_ray.report.build import build_report
 
-    path = build_report([Path(p) for p in args.run_dirs], Path(args.out))
+    path = build_report(args.run_dirs, Path(args.out))  # local paths or store URIs
     print(f"report: {path}")
     return 0
 
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.fn(args)
-    except ConfigError as e:
+    except (ConfigError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -248,7 +248,12 @@ class ResourcesConfig(_Strict):
     storage_path: str | None = None
     """Where Ray Train/Tune keep checkpoints (``s3://…`` on clusters); None: ``<run dir>/_ray``."""
     max_failures: int = Field(2, ge=-1)
-    worker_start_timeout_s: float = Field(120.0, gt=0)
+    worker_start_timeout_s: float = Field(600.0, gt=0)
+    """How long a Train worker group waits for its nodes before the attempt fails: long enough for an autoscaler
+    to start a cold GPU node (image pull, boot: several minutes)."""
+    controller_failure_limit: int = Field(3, ge=1)
+    """Worker-group attempts (start timeouts, lost nodes) before a Train stage fails: with the start timeout,
+    the bound on waiting for a request that never fits (3 × 600 s by default)."""
     compile: bool = False
     """torch.compile the model in training (off by default on CPU)."""
     dashboard: bool = False

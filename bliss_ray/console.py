@@ -114,6 +114,7 @@ class _View:
     def __init__(self, console: StageConsole, key: str, kind: str):
         self.console, self.key, self.t0 = console, key, time.monotonic()
         self.rate, self.last_line = _Rate(), 0.0
+        self.unprinted: str | None = None  # a plain progress line not yet printed
         self.bar = None
         if console.tty:
             fmt = "  {desc} [{elapsed}]{postfix}"  # until rank 0's first record says how many steps there are
@@ -147,16 +148,20 @@ class _View:
             self.bar.total = rec["total_steps"]
             self.bar.n = rec["done_steps"]
             self.bar.set_postfix_str(text, refresh=True)
-        elif self.last_line == 0.0 or time.monotonic() - self.last_line >= self.console.interval_s:
-            self._plain(f"{self.key} step {rec['done_steps']}/{rec['total_steps']}  {text}")
+        else:
+            self.unprinted = f"{self.key} step {rec['done_steps']}/{rec['total_steps']}  {text}"
+            if self.last_line == 0.0 or time.monotonic() - self.last_line >= self.console.interval_s:
+                self._plain(self.unprinted)
 
     def _plain(self, text: str) -> None:
-        self.last_line = time.monotonic()
+        self.last_line, self.unprinted = time.monotonic(), None
         self.console.line(f"      {text}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        elif self.unprinted:  # the last state between two periodic lines: a finished stage shows where it ended
+            self._plain(self.unprinted)
 
 
 class StageConsole:
@@ -198,11 +203,13 @@ class StageConsole:
         self.line(f"skip {st.key:<15} done earlier ({d.name})")
 
     @contextlib.contextmanager
-    def stage(self, st, d: Path) -> Iterator[Callable[[dict], None]]:
-        """Around one stage's run; call the yielded function with its outputs once they are written."""
+    def stage(self, st, d: Path, loc: str | None = None) -> Iterator[Callable[[dict], None]]:
+        """Around one stage's run in its local directory ``d`` whose location in the store is ``loc`` (default:
+        ``d``; where the status markers go); call the yielded function with its outputs once they are written."""
         t0 = time.monotonic()
+        loc = loc or d
         self.line(f"start {st.key:<14} {WHAT.get(st.kind, st.kind)}")
-        mark_running(d)
+        mark_running(loc)
         self._each_tracker("stage_start", st.key, st.kind, d)
         view = _View(self, st.key, st.kind)
         stop = threading.Event()
@@ -215,7 +222,7 @@ class StageConsole:
             self._finish(watcher, stop, view)
             reason = reason_of(e)
             log.error("stage %s failed: %s\n%s", st.key, reason, "".join(traceback.format_exception(e)))
-            mark_failed(d, reason, self.log_path)
+            mark_failed(loc, reason, self.log_path)
             self.failed = st.key
             self._each_tracker("stage_failed", st.key)
             where = f"; details: {self.log_path}" if self.log_path else ""
@@ -225,10 +232,10 @@ class StageConsole:
             self._finish(watcher, stop, view)
             raise
         self._finish(watcher, stop, view)
-        clear_running(d)
+        clear_running(loc)
         self._each_tracker("stage_end", st.key, st.kind, st.round, result, d)
         try:
-            summary = headline(st.kind, result, d)
+            summary = headline(st.kind, result, loc)
         except Exception:  # outputs of an older layout: the stage is done all the same
             log.exception("headline of %s", st.key)
             summary = ""

@@ -9,8 +9,13 @@
 Each stage writes into ``<out>/<experiment>/<key>-<identity>/``: ``config.json`` (the settings that define it),
 its outputs, ``outputs.json`` and finally ``_SUCCESS``. The identity hashes the stage's own settings and its
 inputs' identities, never ``resources``: rerunning a finished experiment is a no-op, changing one setting reruns
-exactly the stages downstream of it, and an interrupted stage resumes in the same directory (Ray Train picks up
-its checkpoints there).
+exactly the stages downstream of it, and an interrupted stage resumes (Ray Train picks up its checkpoints).
+
+``<out>`` is a local path or an object-store URI (``s3://bucket/runs?region=…``; ``bliss_ray.storage``). With a URI
+the store is the only source of truth: a stage works in a node-local directory (``Run.dir``), its outputs are
+uploaded, then ``outputs.json`` and ``_SUCCESS`` are written to the store, and the local copy is deleted; inputs
+come from the store (``Run.input``: a node-local copy keyed by location). So a fresh driver with an empty disk
+skips every finished stage.
 
     from bliss_ray.pipeline import Run
     Run(load_experiment("experiments/demo.yaml"), Path("runs")).execute()
@@ -18,16 +23,18 @@ its checkpoints there).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bliss_ray import storage
 from bliss_ray.config import Experiment, identity
-from bliss_ray.data.corpus import filesystem, resolve_files
-from bliss_ray.status import write_json
+from bliss_ray.data.corpus import resolve_files
 
 log = logging.getLogger("bliss_ray")
 
@@ -101,18 +108,28 @@ def pool_fingerprint(exp: Experiment) -> str:
     """Identity of the pool's bytes: content hashes for local files, (path, size) for remote ones."""
     parts = []
     for f in resolve_files(exp.data.pool):
-        fs, p = filesystem(f)
+        fs, p = storage.resolve(f)
         info = fs.get_file_info(p)
-        parts.append([Path(f).name, info.size, info.mtime_ns if not f.startswith(("s3://", "gs://")) else None])
+        parts.append([storage.name(f), info.size, info.mtime_ns if not f.startswith(("s3://", "gs://")) else None])
     return identity(parts)
 
 
 class Run:
-    """One experiment's run directory and the execution of its stages."""
+    """One experiment's run directory and the execution of its stages.
 
-    def __init__(self, exp: Experiment, out_root: Path):
+    ``store``: where the run lives (a local path or a URI). ``root``: this driver's local directory for it; the
+    same directory as ``store`` for a local run, a node-local working copy for a remote one (console log,
+    TensorBoard files and stage work in progress, uploaded as they finish)."""
+
+    def __init__(self, exp: Experiment, out_root: str | Path):
         self.exp = exp
-        self.root = Path(out_root).resolve() / exp.name  # absolute: Ray workers run in other directories
+        out = str(out_root) if storage.is_remote(out_root) else str(Path(out_root).resolve())  # absolute for workers
+        self.store = storage.join(out, exp.name)
+        self.remote = storage.is_remote(out)
+        if self.remote:
+            self.root = storage.cache_root() / "runs" / hashlib.sha256(self.store.encode()).hexdigest()[:12]
+        else:
+            self.root = Path(self.store)
         self.stages = plan(exp)
         self.by_key = {s.key: s for s in self.stages}
         self.ids: dict[str, str] = {}
@@ -122,13 +139,23 @@ class Run:
             self.ids[s.key] = identity(s.key, own, extra.get(s.key), [self.ids[d] for d in s.deps])
 
     def dir(self, key: str) -> Path:
+        """The stage's local working directory (for a local run: its directory in the store)."""
         return self.root / f"{key}-{self.ids[key]}"
 
+    def uri(self, key: str, *sub: str) -> str:
+        """The location of the stage's directory (or of ``sub`` in it) in the store: what workers are given."""
+        return storage.join(self.store, f"{key}-{self.ids[key]}", *sub)
+
+    def input(self, key: str, *sub: str) -> Path:
+        """A local directory with a finished stage's ``sub`` directory: in place for a local run, else a node-local
+        copy from the store (made once per node)."""
+        return storage.local_copy(self.uri(key, *sub))
+
     def done(self, key: str) -> bool:
-        return (self.dir(key) / "_SUCCESS").exists()
+        return storage.exists(self.uri(key, "_SUCCESS"))
 
     def outputs(self, key: str) -> dict:
-        return json.loads((self.dir(key) / "outputs.json").read_text())
+        return storage.read_json(self.uri(key, "outputs.json"))
 
     def select_until(self, until: str | None) -> list[Stage]:
         if until is None:
@@ -150,7 +177,7 @@ class Run:
         console = console or default_console(self)
         results = {}
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "experiment.json").write_text(self.exp.model_dump_json(indent=2))
+        storage.write_bytes(storage.join(self.store, "experiment.json"), self.exp.model_dump_json(indent=2).encode())
         for st in self.select_until(until):
             d = self.dir(st.key)
             if self.done(st.key):
@@ -165,15 +192,34 @@ class Run:
                 "settings": {s: _section(self.exp, s) for s in st.settings},
             }
             (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-            with console.stage(st, d) as finished:
+            with console.stage(st, d, self.uri(st.key)) as finished:
                 t0 = time.perf_counter()
                 out = runner(self, st, d)
                 out = {"stage": st.key, "kind": st.kind, "round": st.round, "seconds": time.perf_counter() - t0, **out}
-                write_json(d / "outputs.json", out)
-                (d / "_SUCCESS").write_text("")
+                self._publish(st.key, out)
                 finished(out)
+            if self.remote:
+                shutil.rmtree(d, ignore_errors=True)  # the store holds it now; later readers use Run.input
             results[st.key] = out
+            self.sync_side_files()
         return results
+
+    def _publish(self, key: str, out: dict) -> None:
+        """Everything the stage wrote locally into the store, then ``outputs.json``, then ``_SUCCESS`` last: the
+        marker vouches only for files already there."""
+        d = self.dir(key)
+        if self.remote:
+            storage.upload(d, self.uri(key))
+        storage.write_json(self.uri(key, "outputs.json"), out)
+        storage.write_bytes(self.uri(key, "_SUCCESS"), b"")
+
+    def sync_side_files(self) -> None:
+        """The console log and TensorBoard files of a remote run, copied to the store (a fresh head sees them)."""
+        if not self.remote:
+            return
+        for sub in ("logs", "tb"):
+            if (self.root / sub).is_dir():
+                storage.upload(self.root / sub, storage.join(self.store, sub))
 
 
 def default_console(run: Run):

@@ -21,28 +21,26 @@ import socket
 import time
 from pathlib import Path
 
+from bliss_ray import storage
+
 RUNNING, FAILED, SUCCESS = "_RUNNING.json", "_FAILED.json", "_SUCCESS"
 
 
-def write_json(path: Path, obj) -> None:
-    """Write a stage file whole or not at all (temp file + rename): readers never see half a JSON."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+def mark_running(d: str | Path) -> None:
+    """Markers live with the stage in the store (``d``: its location), so ``status`` on another machine sees them."""
+    storage.remove(storage.join(d, FAILED))
+    storage.write_json(
+        storage.join(d, RUNNING), {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    )
 
 
-def mark_running(d: Path) -> None:
-    (d / FAILED).unlink(missing_ok=True)
-    write_json(d / RUNNING, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+def mark_failed(d: str | Path, reason: str, log_path: str | None) -> None:
+    storage.write_json(storage.join(d, FAILED), {"reason": reason, "log": log_path, "failed": time.time()})
+    storage.remove(storage.join(d, RUNNING))
 
 
-def mark_failed(d: Path, reason: str, log_path: str | None) -> None:
-    write_json(d / FAILED, {"reason": reason, "log": log_path, "failed": time.time()})
-    (d / RUNNING).unlink(missing_ok=True)
-
-
-def clear_running(d: Path) -> None:
-    (d / RUNNING).unlink(missing_ok=True)
+def clear_running(d: str | Path) -> None:
+    storage.remove(storage.join(d, RUNNING))
 
 
 def _alive(pid: int) -> bool:
@@ -55,19 +53,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read(path: Path) -> dict | None:
+def _read(loc: str | Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return storage.read_json(loc)
     except (OSError, ValueError):
         return None
 
 
-def last_metrics(d: Path, phase: str | None = None) -> dict:
+def last_metrics(d: str | Path, phase: str | None = None) -> dict:
     """The last per-step record of a Train stage's ``metrics.jsonl`` (of ``phase`` when given), or {}."""
-    try:
-        lines = (d / "metrics.jsonl").read_text().splitlines()
-    except OSError:
+    data = storage.read_bytes(storage.join(d, "metrics.jsonl"))
+    if data is None:
         return {}
+    lines = data.decode().splitlines()
     for line in reversed(lines):
         rec = json.loads(line) if line.strip() else {}
         if rec and (phase is None or rec.get("phase") == phase) and "skipped_step" not in rec:
@@ -79,7 +77,7 @@ def _num(x, fmt: str = ".4g") -> str:
     return "?" if x is None else format(x, fmt)
 
 
-def headline(kind: str, out: dict, d: Path) -> str:
+def headline(kind: str, out: dict, d: str | Path) -> str:
     """One line of what a finished stage produced (losses, rows, selection shares...)."""
     if kind == "tokenizer":
         return f"vocab {out.get('vocab_size')}"
@@ -90,7 +88,7 @@ def headline(kind: str, out: dict, d: Path) -> str:
         )
     if kind == "select":
         text = f"{out.get('selected')}/{out.get('pool_size')} rows ({out.get('method')})"
-        shares = (_read(d / "manifest.json") or {}).get("domain_share") or {}
+        shares = (_read(storage.join(d, "manifest.json")) or {}).get("domain_share") or {}
         top = sorted(shares.items(), key=lambda kv: -kv[1]["selected"])[:3]
         if top:
             text += "; shares " + ", ".join(f"{k} {v['selected']:.2f} (pool {v['pool']:.2f})" for k, v in top)
@@ -131,26 +129,26 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def stage_states(run_dir: Path, exp=None) -> list[dict]:
+def stage_states(run_dir: str | Path, exp=None) -> list[dict]:
     """One dict per stage of ``exp``'s plan (default: the experiment launched last in ``run_dir``): key, kind,
     identity, state, seconds, headline, error, log."""
     from bliss_ray.config import parse_experiment
     from bliss_ray.pipeline import Run
 
-    run_dir = Path(run_dir).resolve()
-    exp_file = run_dir / "experiment.json"
-    if not exp_file.is_file():
+    run_dir = str(run_dir) if storage.is_remote(run_dir) else str(Path(run_dir).resolve())
+    recorded = storage.read_json(storage.join(run_dir, "experiment.json"))
+    if recorded is None:
         raise FileNotFoundError(f"{run_dir} is not a run directory (no experiment.json)")
-    exp = exp or parse_experiment(json.loads(exp_file.read_text()))
-    run = Run(exp, run_dir.parent)
+    exp = exp or parse_experiment(recorded)
+    run = Run(exp, storage.parent(run_dir))
     rows = []
     for st in run.stages:
-        d = run.dir(st.key)
+        d = run.uri(st.key)
         row = {"key": st.key, "kind": st.kind, "identity": run.ids[st.key], "state": "pending", "seconds": None}
         row |= {"headline": "", "error": None, "log": None}
-        running, failed = _read(d / RUNNING), _read(d / FAILED)
-        if (d / SUCCESS).exists():
-            out = _read(d / "outputs.json") or {}
+        running, failed = _read(storage.join(d, RUNNING)), _read(storage.join(d, FAILED))
+        if storage.exists(storage.join(d, SUCCESS)):
+            out = _read(storage.join(d, "outputs.json")) or {}
             try:
                 text = headline(st.kind, out, d)
             except (KeyError, TypeError, ValueError):  # outputs of an older layout
@@ -162,7 +160,7 @@ def stage_states(run_dir: Path, exp=None) -> list[dict]:
             here = running.get("host") == socket.gethostname()
             row["state"] = "interrupted" if here and not _alive(int(running["pid"])) else "running"
             row["seconds"] = time.time() - float(running["started"])
-        elif d.exists():
+        elif storage.exists(d):
             row["state"] = "interrupted"  # started before markers existed, or killed between writes
         rows.append(row)
     return rows

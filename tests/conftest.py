@@ -100,12 +100,36 @@ def load_tiny(**overrides):
     return load_experiment(REPO / "experiments" / "tiny.yaml", overrides)
 
 
+def private_ray_env() -> dict:
+    """The environment of a ``bliss-ray`` subprocess: offline, with a private short Ray temp dir (it starts its own
+    embedded Ray; unix socket paths stay under 107 bytes)."""
+    ray_tmp = tempfile.mkdtemp(prefix="brc_", dir="/tmp")
+    return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_TMPDIR": ray_tmp}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(ray_local, tmp_path_factory):
-    """The tiny BLISS pipeline run once per session; several tests read its outputs."""
+    """The tiny BLISS pipeline, run once per session as a user runs it: ``bliss-ray run experiments/tiny.yaml`` in a
+    pseudo-terminal (``script(1)`` records what the terminal showed, in ``<out>/typescript``, for
+    test_console_e2e). Several tests read its outputs; ``results`` are the stages' ``outputs.json``."""
+    import subprocess
+    import sys
+
     from bliss_ray.pipeline import Run
 
     out = tmp_path_factory.mktemp("runs")
+    bliss_ray = Path(sys.executable).with_name("bliss-ray")
+    cmd = f"{bliss_ray} run {REPO / 'experiments' / 'tiny.yaml'} --out {out}"
+    proc = subprocess.run(
+        ["script", "-q", "-e", "-f", "-c", cmd, str(out / "typescript")],
+        env=private_ray_env(),
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=1400,
+    )
+    screen = (out / "typescript").read_bytes().decode(errors="replace")
+    assert proc.returncode == 0, screen[-3000:]
     run = Run(load_tiny(), out)
-    results = run.execute()
-    return run, results
+    return run, {st.key: run.outputs(st.key) for st in run.stages}

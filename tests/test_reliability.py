@@ -130,19 +130,41 @@ def test_unschedulable_request_fails_fast_with_a_clear_error(ray_local, data, tm
     assert time.perf_counter() - t0 < 5
 
 
+def test_requests_are_checked_against_the_autoscalers_ceiling_not_what_is_up_now(monkeypatch):
+    """On an autoscaling cluster (it publishes the most it can grow to) a GPU request waits for a GPU node that
+    is not up yet, ``use_gpu: null`` means GPUs, and a request above the ceiling fails at once naming it."""
+    from bliss_ray.stages import _ray
+
+    monkeypatch.setattr(_ray.ray, "cluster_resources", lambda: {"CPU": 2.0})  # a CPU head, no GPU node up yet
+    monkeypatch.setattr(_ray, "cluster_ceiling", lambda: {"CPU": 66.0, "GPU": 8.0})
+    _ray.check_fits({"CPU": 1, "GPU": 1}, 8)
+    assert _ray.use_gpu(ResourcesConfig(use_gpu=None))
+    with pytest.raises(RuntimeError, match=r"autoscaler can provide at most 8 GPU but .* 16 workers × 1 GPU = 16"):
+        _ray.check_fits({"CPU": 1, "GPU": 1}, 16)
+    monkeypatch.setattr(_ray, "cluster_ceiling", lambda: {"CPU": -1, "GPU": 0})  # unbounded CPUs, never a GPU
+    _ray.check_fits({"CPU": 4}, 100)
+    assert not _ray.use_gpu(ResourcesConfig(use_gpu=None))
+    monkeypatch.setattr(_ray, "cluster_ceiling", lambda: None)  # a fixed cluster: what is up is all there is
+    with pytest.raises(RuntimeError, match=r"the Ray cluster has 2 CPU but .* = 4"):
+        _ray.check_fits({"CPU": 1}, 4)
+
+
 def test_unschedulable_request_on_an_autoscaling_cluster_times_out(tmp_path):
-    """Scenario 8 where no pre-check is possible (an autoscaler might add GPUs): Ray Train's worker-group start
-    timeout and our finite controller failure limit turn the wait into an error in bounded time. Runs in its
-    own Ray (the timeout must be set before ray.init) with a 5 s start timeout: 3 attempts ≈ 30 s."""
+    """Scenario 8 on an autoscaling cluster whose ceiling allows the request (here a published ceiling of 8 GPUs
+    that no node ever provides): Ray Train's worker-group start timeout and our finite controller failure limit
+    turn the wait into an error in bounded time. Runs in its own Ray (the timeout must be set before ray.init)
+    with a 5 s start timeout: 3 attempts ≈ 30 s."""
     code = f"""
 import json, os, sys, time
-os.environ.update(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5", BLISS_AUTOSCALING="1", RAY_AUTH_MODE="disabled")
+os.environ.update(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5", RAY_AUTH_MODE="disabled")
 sys.path.insert(0, {str(REPO)!r})
 import ray, ray.train
 from ray.train.torch import TorchTrainer
 from bliss_ray.config import ResourcesConfig
+from bliss_ray.stages import _ray
 from bliss_ray.stages._ray import ensure_ray, run_config, scaling_config
-ensure_ray(ResourcesConfig(num_cpus=2), quiet=True)
+_ray.cluster_ceiling = lambda: {{"CPU": 16, "GPU": 8}}  # what an autoscaler would publish
+ensure_ray(ResourcesConfig(num_cpus=2, worker_start_timeout_s=5), quiet=True)
 t0 = time.perf_counter()
 try:
     TorchTrainer(lambda c: None, scaling_config=scaling_config(ResourcesConfig(use_gpu=True), 1),

@@ -28,9 +28,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from bliss_ray import storage
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = {"pool": "data/corpus/pool-*.parquet", "reference": "data/corpus/reference.parquet"}
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://")
 
 
 @dataclass
@@ -49,13 +50,6 @@ class Rows:
         return len(self.ids)
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and in-filesystem path for a local path or a remote URI."""
-    if uri.startswith(REMOTE_SCHEMES):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
 def resolve_files(patterns: list[str]) -> list[str]:
     """Expand ``bundled:NAME``, directories and globs into a sorted, de-duplicated list of file URIs/paths."""
     out: list[str] = []
@@ -63,8 +57,10 @@ def resolve_files(patterns: list[str]) -> list[str]:
         if pat.startswith("bundled:"):  # bundled:pool, bundled:reference, or bundled:<file glob> in data/corpus
             name = pat.split(":", 1)[1]
             pat = str(REPO_ROOT / BUNDLED.get(name, f"data/corpus/{name}.parquet"))
-        fs, path = filesystem(pat)
-        scheme = pat.split("://", 1)[0] + "://" if pat.startswith(REMOTE_SCHEMES) else ""
+        fs, path = storage.resolve(pat)
+        remote = storage.is_remote(pat)
+        scheme = pat.split("://", 1)[0] + "://" if remote else ""
+        query = "?" + pat.partition("?")[2] if remote and "?" in pat else ""  # store options stay with every file
         if any(ch in path for ch in "*?["):
             base = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
@@ -78,18 +74,18 @@ def resolve_files(patterns: list[str]) -> list[str]:
             raise FileNotFoundError(f"no such file or directory: {pat}")
         if not found:
             raise FileNotFoundError(f"pattern matched no files: {pat}")
-        out += [scheme + p for p in found]
+        out += [scheme + p + query for p in found]
     return sorted(set(out))
 
 
 def detect_format(path: str, declared: str = "auto") -> str:
     if declared != "auto":
         return declared
-    name = path.lower()
+    name = storage.name(path).lower()  # without a URI's store options
     if any(name.endswith(s) for s in (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")):
         return "jsonl"
     if name.endswith(".parquet"):
-        fs, p = filesystem(path)
+        fs, p = storage.resolve(path)
         with fs.open_input_file(p) as f:
             names = pq.read_schema(f).names
         return "parquet_tokens" if "input_ids" in names else "parquet_text"
@@ -97,7 +93,7 @@ def detect_format(path: str, declared: str = "auto") -> str:
 
 
 def _open_text_stream(path: str):
-    fs, p = filesystem(path)
+    fs, p = storage.resolve(path)
     compression = "gzip" if p.endswith(".gz") else "zstd" if p.endswith(".zst") else None
     return fs.open_input_stream(p, compression=compression)
 
@@ -107,7 +103,7 @@ def check_file(path: str, fmt: str) -> str | None:
     compressed stream decodes (a truncated .gz/.zst only fails at its end)."""
     try:
         if fmt.startswith("parquet"):
-            fs, p = filesystem(path)
+            fs, p = storage.resolve(path)
             with fs.open_input_file(p) as f:
                 meta = pq.read_metadata(f)
                 for i in range(meta.num_row_groups):  # a truncated body can keep a valid-looking footer
@@ -198,7 +194,7 @@ def _read_jsonl(path: str, cfg, file_index: int) -> tuple[Rows, list[dict]]:
 
 
 def _read_parquet(path: str, fmt: str, cfg, file_index: int, vocab_size: int | None) -> tuple[Rows, list[dict]]:
-    fs, p = filesystem(path)
+    fs, p = storage.resolve(path)
     with fs.open_input_file(p) as f:
         table = pq.read_table(f)
     n = table.num_rows

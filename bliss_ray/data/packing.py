@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -89,4 +88,5 @@ def shard_of(row_ids: np.ndarray, n_shards: int) -> np.ndarray:
 
 def file_key(path: str) -> str:
     """An input file's filesystem-safe key: the stem of its tokenized output and of its scores' partition."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).name.split(".")[0])
+    name = path.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]  # a store URI's options are not part of its name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name.split(".")[0])

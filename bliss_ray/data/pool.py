@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from bliss_ray import storage
 from bliss_ray.data.packing import shard_of
 from bliss_ray.data.tokens import read_token_table
 from bliss_ray.selection import manifest, num_selected, select
@@ -48,7 +49,7 @@ def pool_rows(files: list[str], shard: tuple[int, int] | None) -> tuple[np.ndarr
     return row_ids, categorical
 
 
-def score_column(score_dir: str | Path, row_ids: np.ndarray) -> np.ndarray:
+def score_column(score_dir: str | Path, row_ids: np.ndarray) -> np.ndarray:  # score_dir: a path or store URI
     """The fp32 logit of each pool row, NaN where it has no valid score (missing, or ``ok`` false); scored rows
     outside ``row_ids`` (another shard) are ignored. Streams the hive-partitioned score files batch by batch into
     one preallocated column: the driver holds the pool's row ids, this column and, only when the ids are not
@@ -63,13 +64,15 @@ def score_column(score_dir: str | Path, row_ids: np.ndarray) -> np.ndarray:
     if not len(row_ids):
         return values
     # file by file, not Dataset.to_batches: the scanner's readahead buffered ~180 MB of decoded files at 10 M rows
-    for path in pads.dataset(str(score_dir), format="parquet", partitioning="hive").files:
-        for batch in pq.ParquetFile(path).iter_batches(columns=["row_id", "logit", "ok"], use_threads=False):
-            ok = batch.column("ok").to_numpy(zero_copy_only=False)
-            ids, logits = batch.column("row_id").to_numpy()[ok], batch.column("logit").to_numpy()[ok]
-            pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
-            hit = sorted_ids[pos] == ids
-            values[pos[hit] if order is None else order[pos[hit]]] = logits[hit]
+    fs, root = storage.resolve(score_dir)
+    for path in pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive").files:
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["row_id", "logit", "ok"], use_threads=False):
+                ok = batch.column("ok").to_numpy(zero_copy_only=False)
+                ids, logits = batch.column("row_id").to_numpy()[ok], batch.column("logit").to_numpy()[ok]
+                pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+                hit = sorted_ids[pos] == ids
+                values[pos[hit] if order is None else order[pos[hit]]] = logits[hit]
     pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages that selection cannot use
     return values
 

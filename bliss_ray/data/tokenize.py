@@ -21,8 +21,6 @@ execution details).
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bliss_ray import storage
 from bliss_ray.data.corpus import read_file
 from bliss_ray.data.packing import file_key, pack_documents
 from bliss_ray.data.tokens import packed_schema
@@ -59,10 +58,10 @@ class FileStats:
             )
 
 
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+def _write_parquet(table: pa.Table, loc: str) -> None:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(loc, buf.getvalue().to_pybytes())  # whole or not at all, locally and on object stores
 
 
 def output_name(path: str, file_index: int) -> str:
@@ -70,14 +69,13 @@ def output_name(path: str, file_index: int) -> str:
 
 
 def tokenize_file(path: str, file_index: int, fmt: str, data_cfg, tokenizer, out_dir: str | Path) -> dict:
-    """Process one file into ``out_dir``; returns its stats (re-read from disk if the file was already done)."""
-    out = Path(out_dir)
+    """Process one file into ``out_dir`` (a local path or a store URI); returns its stats (re-read from the
+    store if the file was already done)."""
     name = output_name(path, file_index)
-    marker = out / "stats" / f"{name}.json"
-    if marker.exists():
-        return json.loads(marker.read_text())
-    for sub in ("packed", "quarantine", "stats"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    marker = storage.join(out_dir, "stats", f"{name}.json")
+    done = storage.read_json(marker)
+    if done is not None:
+        return done
     # already-tokenized rows with an id the model could not embed are quarantined by the reader
     rows, bad = read_file(path, fmt, data_cfg, file_index, vocab_size=len(tokenizer))
     if rows.tokens is not None:
@@ -98,9 +96,10 @@ def tokenize_file(path: str, file_index: int, fmt: str, data_cfg, tokenizer, out
         schema=packed_schema(data_cfg.seq_len),
     )
     if len(packed):  # no empty file for later stages to special-case
-        _atomic_parquet(table, out / "packed" / f"{name}.parquet")
+        _write_parquet(table, storage.join(out_dir, "packed", f"{name}.parquet"))
     if bad:
-        _atomic_parquet(pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA), out / "quarantine" / f"{name}.parquet")
+        quarantine = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
+        _write_parquet(quarantine, storage.join(out_dir, "quarantine", f"{name}.parquet"))
     domain_counts: dict[str, int] = {}
     for d in packed.domains:
         domain_counts[d] = domain_counts.get(d, 0) + 1
@@ -115,9 +114,7 @@ def tokenize_file(path: str, file_index: int, fmt: str, data_cfg, tokenizer, out
         domain_counts,
     )
     stats.check()
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(stats)))
-    os.replace(tmp, marker)  # written last: the file is done
+    storage.write_json(marker, asdict(stats))  # written last: the file is done
     return asdict(stats)
 
 

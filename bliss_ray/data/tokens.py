@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from bliss_ray.data.corpus import filesystem
+from bliss_ray import storage
 from bliss_ray.data.packing import shard_of
 
 
@@ -43,7 +43,7 @@ def packed_schema(seq_len: int) -> pa.Schema:
 
 
 def read_token_table(path: str, columns: list[str] | None = None, filters=None) -> pa.Table:
-    fs, p = filesystem(path)
+    fs, p = storage.resolve(path)
     with fs.open_input_file(p) as f:
         return pq.read_table(f, columns=columns, filters=filters)
 

@@ -17,7 +17,7 @@ from bliss_ray.config import parse_experiment
 from bliss_ray.evaluation.harness import PAPER_NOTE
 from bliss_ray.flops import format_ledger, ledger, totals
 from bliss_ray.report import figures
-from bliss_ray.report.collect import Variant, find_variants, seed_groups
+from bliss_ray.report.collect import Variant, find_variants, local_view, seed_groups
 from bliss_ray.selection import jaccard
 
 
@@ -177,8 +177,11 @@ def _selection_tables(variants: list[Variant]) -> list[str]:
     return lines
 
 
-def build_report(roots: list[Path], out: Path) -> Path:
+def build_report(roots: list[str | Path], out: Path) -> Path:
+    """The report of the run roots (local paths or store URIs) into the local directory ``out``."""
     from bliss_ray.report.sweeps import build_sweep_report, is_sweep_dir
+
+    roots = [local_view(r) for r in roots]
 
     if any(is_sweep_dir(Path(r)) for r in roots):  # a `bliss-ray sweep` output: ablation tables, not a pipeline run
         return build_sweep_report([Path(r) for r in roots if is_sweep_dir(Path(r))], out)

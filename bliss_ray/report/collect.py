@@ -8,12 +8,14 @@ manifests and selected row ids. Several variants may share one root (e.g. ``--se
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from bliss_ray import storage
 from bliss_ray.train.checkpoint import read_metrics
 
 _IDENTITY_FREE = {"name", "label", "resources", "flops", "eval"}
@@ -92,6 +94,22 @@ def _comparable(variants: list[Variant]) -> list[dict]:
     flat = [{k: v for k, v in _flatten(v.exp).items() if k.split(".")[0] not in _IDENTITY_FREE} for v in variants]
     common = set.intersection(*(set(f) for f in flat)) if flat else set()
     return [{k: v for k, v in f.items() if k in common} for f in flat]
+
+
+# what a report reads from a run; models, token arrays, pools and checkpoints stay in the store
+_REPORT_FILES = {"experiment.json", "outputs.json", "_SUCCESS", "metrics.jsonl", "manifest.json", "selected.parquet"}
+
+
+def local_view(root: str | Path) -> Path:
+    """A run root as a local directory: itself when local; for a store URI, a temporary copy of only the files
+    a report reads (``bliss-ray report s3://bucket/runs/demo``)."""
+    if not storage.is_remote(root):
+        return Path(root)
+    dest = Path(tempfile.mkdtemp(prefix="bliss_report_")) / storage.name(root)
+    n = storage.download_files(root, dest, lambda rel: rel.rsplit("/", 1)[-1] in _REPORT_FILES)
+    if n == 0:
+        raise FileNotFoundError(f"no run files under {root}")
+    return dest
 
 
 def find_variants(roots: list[Path]) -> list[Variant]:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import ray
 import ray.train
+import torch
 
+from bliss_ray import storage
 from bliss_ray.config import ResourcesConfig
 from bliss_ray.train.host_memory import worker_env
 
-# Unschedulable worker groups (e.g. GPUs on a CPU-only cluster) retry forever with Ray's defaults; these make
-# them fail with a clear error in bounded time instead (ray.md §3.4 #12).
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 # keep worker logs readable: no per-save progress bars, no tokenizer fork warnings
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
@@ -69,16 +69,30 @@ def _local_dashboard() -> dict:
     return {"include_dashboard": None, "dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
+def cluster_ceiling() -> dict[str, float] | None:
+    """The most of each resource the cluster can ever have: what its autoscaler publishes (the launcher's or
+    KubeRay's ``max_workers`` × node types; a negative amount is unbounded), or None on a fixed cluster (``ray
+    start`` by hand, the embedded local Ray), where what is up now is all there will be (cluster.md §2.4)."""
+    return ray._private.state.state.get_max_resources_from_cluster_config()
+
+
 def cluster_has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+    """Whether GPUs are up now or an autoscaler can start some: ``use_gpu: null`` means GPUs if ever possible."""
+    ceiling = cluster_ceiling() or {}
+    return ray.cluster_resources().get("GPU", 0) > 0 or ceiling.get("GPU", 0) != 0
 
 
 def use_gpu(res: ResourcesConfig) -> bool:
     return cluster_has_gpus() if res.use_gpu is None else res.use_gpu
 
 
-def torch_threads(res: ResourcesConfig, workers: int) -> int:
-    return res.torch_threads or max(1, (os.cpu_count() or 1) // workers)
+def set_worker_threads(threads: int | None) -> int:
+    """Inside a Train worker: ``resources.torch_threads``, else this node's cores ÷ the workers on this node (the
+    driver's core count says nothing about a worker node's)."""
+    local = ray.train.get_context().get_local_world_size()
+    n = threads or max(1, (os.cpu_count() or 1) // max(1, local))
+    torch.set_num_threads(n)
+    return n
 
 
 def scaling_config(res: ResourcesConfig, workers: int) -> ray.train.ScalingConfig:
@@ -89,21 +103,24 @@ def scaling_config(res: ResourcesConfig, workers: int) -> ray.train.ScalingConfi
 
 
 def check_fits(per_worker: dict, workers: int) -> None:
-    """Fail fast when a request can never be scheduled on a fixed cluster (no autoscaler knows more nodes)."""
-    total = ray.cluster_resources()
-    autoscaling = os.environ.get("BLISS_AUTOSCALING") == "1"
+    """Fail fast, naming the resource, when a request can never be scheduled: more than a fixed cluster has, or
+    more than an autoscaling cluster can grow to. A request within an autoscaler's ceiling waits for nodes
+    (bounded by ``resources.worker_start_timeout_s`` × ``resources.controller_failure_limit``)."""
+    ceiling = cluster_ceiling()
+    have = ray.cluster_resources() if ceiling is None else ceiling
+    what = "the Ray cluster has" if ceiling is None else "the cluster's autoscaler can provide at most"
     for key, amount in per_worker.items():
-        need = amount * workers
-        if not autoscaling and need > total.get(key, 0) + 1e-9:
+        need, most = amount * workers, have.get(key, 0)
+        if (ceiling is None or most >= 0) and need > most + 1e-9:
             raise RuntimeError(
-                f"the Ray cluster has {total.get(key, 0):g} {key} but the stage asks for {workers} workers × "
-                f"{amount:g} {key} = {need:g}; lower resources.train_workers / resources.cpus_per_worker, set "
-                f"resources.use_gpu=false, or export BLISS_AUTOSCALING=1 on an autoscaling cluster"
+                f"{what} {most:g} {key} but the stage asks for {workers} workers × {amount:g} {key} = {need:g}; "
+                f"lower resources.train_workers / resources.cpus_per_worker, or set resources.use_gpu=false"
             )
 
 
-def storage_path(res: ResourcesConfig, run_dir: Path) -> str:
-    return res.storage_path or str((run_dir / "_ray").resolve())
+def storage_path(res: ResourcesConfig, run_store: str) -> str:
+    """Where Train keeps checkpoints: ``resources.storage_path``, else the run's own store (``<run>/_ray``)."""
+    return res.storage_path or storage.join(run_store, "_ray")
 
 
 def run_config(name: str, storage: str, res: ResourcesConfig) -> ray.train.RunConfig:
@@ -113,7 +130,9 @@ def run_config(name: str, storage: str, res: ResourcesConfig) -> ray.train.RunCo
     return ray.train.RunConfig(
         name=name,
         storage_path=storage,
-        failure_config=ray.train.FailureConfig(max_failures=res.max_failures, controller_failure_limit=3),
+        failure_config=ray.train.FailureConfig(
+            max_failures=res.max_failures, controller_failure_limit=res.controller_failure_limit
+        ),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         worker_runtime_env={"env_vars": env} if env else None,
     )
@@ -125,19 +144,18 @@ def report(metrics: dict, ckpt_dir: Path | None) -> None:
     ray.train.report(metrics, checkpoint=ckpt)
 
 
-def gc_orphan_checkpoints(storage: str, name: str) -> list[str]:
+def gc_orphan_checkpoints(train_storage: str, name: str) -> list[str]:
     """Delete checkpoint dirs that Train never registered (left behind when a worker dies right after
-    uploading; ray.md §3.4 #1, issue #41700). Only for local storage. Returns the removed paths."""
-    run = Path(storage) / name
-    snapshot = run / "checkpoint_manager_snapshot.json"
-    if storage.startswith(("s3://", "gs://")) or not snapshot.exists():
+    uploading; ray.md §3.4 #1, issue #41700), locally or in an object store. Returns the removed locations."""
+    run = storage.join(train_storage, name)
+    snapshot = storage.read_bytes(storage.join(run, "checkpoint_manager_snapshot.json"))
+    if snapshot is None:
         return []
-    text = snapshot.read_text()
-    removed = []
-    for d in run.glob("checkpoint_*"):
-        if d.is_dir() and d.name not in text:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(str(d))
+    text = snapshot.decode()
+    removed = [d for d in storage.listdir(run, dirs=True) if storage.name(d).startswith("checkpoint_")]
+    removed = [d for d in removed if storage.name(d) not in text]
+    for d in removed:
+        storage.remove(d)
     return removed
 
 

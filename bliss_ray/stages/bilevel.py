@@ -33,8 +33,15 @@ from bliss_ray.models.lm import load_lm, save_lm
 from bliss_ray.models.score import ScoreModel
 from bliss_ray.stages import _faults
 from bliss_ray.stages._progress import StepReporter
-from bliss_ray.stages._ray import copy_checkpoint, gc_orphan_checkpoints, report, run_config, scaling_config
-from bliss_ray.stages._ray import torch_threads as threads_for
+from bliss_ray.stages._ray import (
+    copy_checkpoint,
+    gc_orphan_checkpoints,
+    report,
+    run_config,
+    scaling_config,
+    set_worker_threads,
+)
+from bliss_ray.storage import local_copy
 from bliss_ray.train.checkpoint import assert_finite, read_metrics, write_metrics
 
 STATE = "bilevel_state.pt"
@@ -44,7 +51,7 @@ STATE = "bilevel_state.pt"
 class BilevelSpec:
     stage: str
     settings: dict  # BilevelSettings fields
-    proxy_dir: str  # warmed-up proxy (HF dir)
+    proxy_dir: str  # warmed-up proxy (HF dir); every *_dir is a location, read through storage.local_copy
     target_dir: str | None  # target checkpoint for the KL term (None when γ = 0)
     score_dir: str | None  # previous round's score model to inherit, or None
     score_init: str  # "proxy_warmup" | "random"
@@ -52,7 +59,7 @@ class BilevelSpec:
     train_dir: str  # TokenArray of the round's pool shard
     reference_dir: str  # TokenArray of the reference set
     seed: int
-    threads: int
+    threads: int | None  # torch threads per worker; None: the node's cores ÷ its workers (set in the worker)
     ckpt_every_steps: int
 
 
@@ -80,25 +87,25 @@ def _save(state: BilevelState, d: Path, resumed_from: list[int]) -> None:
 def _worker(loop_config: dict) -> None:
     spec: BilevelSpec = loop_config["spec"]
     s = BilevelSettings(**spec.settings)
-    torch.set_num_threads(spec.threads)
+    set_worker_threads(spec.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
-    train = TokenArray.open(spec.train_dir)
-    reference = TokenArray.open(spec.reference_dir)
+    train = TokenArray.open(local_copy(spec.train_dir))
+    reference = TokenArray.open(local_copy(spec.reference_dir))
 
     ckpt = ray.train.get_checkpoint()
     resume = Path(ckpt.to_directory(tempfile.mkdtemp(prefix="resume_"))) if ckpt is not None else None
-    proxy = load_lm(resume / "proxy" if resume else spec.proxy_dir)
+    proxy = load_lm(resume / "proxy" if resume else local_copy(spec.proxy_dir))
     if resume:
         score = ScoreModel.load(resume / "score_model")
     elif spec.score_dir:
-        score = ScoreModel.load(spec.score_dir)  # inherit the previous round's score model
+        score = ScoreModel.load(local_copy(spec.score_dir))  # inherit the previous round's score model
     else:
         score = ScoreModel.from_proxy(
             proxy, spec.use_sigmoid, copy_trunk=spec.score_init == "proxy_warmup", seed=spec.seed
         )
-    target = load_lm(spec.target_dir) if spec.target_dir and s.gamma > 0 else None
+    target = load_lm(local_copy(spec.target_dir)) if spec.target_dir and s.gamma > 0 else None
     proxy.to(device).train()
     score.to(device).train()
     if target is not None:
@@ -163,7 +170,7 @@ def run(
 ) -> dict:
     """Fit the stage's TorchTrainer. ``name`` (default: the stage directory's) is the Train run to resume;
     ``callbacks`` (Ray Train ``UserCallback``s) see every report, e.g. a sweep forwarding rank-0 metrics to Tune."""
-    spec = dataclasses.replace(spec, threads=threads_for(res, workers))
+    spec = dataclasses.replace(spec, threads=res.torch_threads)
     name = name or out_dir.name
     config = dataclasses.replace(run_config(name, storage, res), callbacks=callbacks or [])
     result = TorchTrainer(

@@ -18,8 +18,9 @@ import numpy as np
 import ray
 import torch
 
+from bliss_ray import storage
 from bliss_ray.stages._ray import QUIET_ENV, use_gpu
-from bliss_ray.status import write_json
+from bliss_ray.storage import local_copy
 from bliss_ray.train.precision import inference_dtype, resolve
 
 
@@ -67,6 +68,8 @@ def _evaluate(
     torch.set_num_threads(threads)
     from bliss_ray.evaluation.harness import evaluate_checkpoint
 
+    model_dir, reference_dir = str(local_copy(model_dir)), str(local_copy(reference_dir))  # this node's copies
+
     out = evaluate_checkpoint(
         model_dir, tasks, limit=limit, batch_size=batch_size, device=device, dtype=dtype, bootstrap_iters=bootstrap
     )
@@ -82,22 +85,21 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
     task = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_retries=2)(_evaluate)
     refs, rows = [], []
     for key in keys:
-        stage_dir = run.dir(key)
-        model_dir = stage_dir / "decay" if (stage_dir / "decay").exists() else stage_dir / "state" / "model"
+        model_dir = run.uri(key, "decay") if storage.exists(run.uri(key, "decay")) else run.uri(key, "state", "model")
         out = run.outputs(key)
         rows.append(
             {
                 "stage": key,
                 "round": out["round"],
-                "model_dir": str(model_dir),
+                "model_dir": model_dir,
                 "steps": out["end_step"],
                 "tokens": out["end_step"] * out["tokens_per_step"],
             }
         )
         refs.append(
             task.remote(
-                str(model_dir),
-                str(run.dir("tokenize") / "reference" / "array"),
+                model_dir,
+                run.uri("tokenize", "reference", "array"),
                 e.tasks,
                 e.limit,
                 e.batch_size,
@@ -109,7 +111,7 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
         )
     (d / "results").mkdir(exist_ok=True)
     for row, result in zip(rows, ray.get(refs), strict=True):
-        write_json(d / "results" / f"{row['stage']}.json", result)
+        storage.write_json(d / "results" / f"{row['stage']}.json", result)
         avg = result.get("paper_average") or {}
         row |= {
             "paper_average": avg.get("value"),

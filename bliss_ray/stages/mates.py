@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -47,21 +46,23 @@ import torch
 from ray.train.torch import TorchTrainer, get_device
 from ray.util import ActorPool
 
+from bliss_ray import storage
 from bliss_ray.data.tokens import TokenArray
 from bliss_ray.mates.influence import influence_arch, train_influence_model
 from bliss_ray.stages._ray import (
     check_fits,
+    cluster_ceiling,
     copy_checkpoint,
     gc_orphan_checkpoints,
     report,
     run_config,
     scaling_config,
+    set_worker_threads,
     storage_path,
     use_gpu,
 )
-from bliss_ray.stages._ray import torch_threads as threads_for
-from bliss_ray.stages.steps import _pool_files, _pool_rows, _shard, _vocab
-from bliss_ray.status import write_json
+from bliss_ray.stages.steps import _pool_rows, _shard, _share_array, _vocab
+from bliss_ray.storage import local_copy
 from bliss_ray.train.checkpoint import read_state, write_metrics
 from bliss_ray.train.host_memory import retain_freed_memory
 from bliss_ray.train.schedule import round_peak_lr, wsd_lr
@@ -80,9 +81,15 @@ class _ProbeActor:
         torch.set_num_threads(1)  # one core per actor: the pool, not the actor, is the parallelism
         device = "cuda" if torch.cuda.is_available() else "cpu"
         retain_freed_memory(torch.device(device))
-        self.tokens = TokenArray.open(cand_dir).tokens  # (N, L) memmap of the candidates
+        self.tokens = TokenArray.open(local_copy(cand_dir)).tokens  # (N, L) memmap of the candidates
         self.prober = Prober(
-            state_dir, ref_ids, ref_mask, lr, grad_clip=grad_clip, device=device, reference_batch_seqs=REF_BATCH
+            local_copy(state_dir),
+            ref_ids,
+            ref_mask,
+            lr,
+            grad_clip=grad_clip,
+            device=device,
+            reference_batch_seqs=REF_BATCH,
         )
 
     def info(self) -> dict:
@@ -100,12 +107,11 @@ class _ProbeActor:
 
 
 def _capacity(per_actor: dict) -> int:
-    """How many actors of this size the cluster can hold at once (no limit on an autoscaling cluster): asking
+    """How many actors of this size the cluster can hold at once (on an autoscaling cluster: at its ceiling): asking
     for more would leave some pending forever with chunks queued on them."""
-    if os.environ.get("BLISS_AUTOSCALING") == "1":
-        return 1 << 30
-    total = ray.cluster_resources()
-    return int(min(total.get(k, 0) // v for k, v in per_actor.items()))
+    ceiling = cluster_ceiling()
+    total = ray.cluster_resources() if ceiling is None else ceiling
+    return int(min(1 << 30 if total.get(k, 0) < 0 else total.get(k, 0) // v for k, v in per_actor.items()))
 
 
 def probe_lr(run, r: int, step: int) -> float:
@@ -119,13 +125,14 @@ def probe_lr(run, r: int, step: int) -> float:
 
 def probe_stage(run, st, d: Path) -> dict:
     exp, r, m, res = run.exp, st.round, run.exp.mates, run.exp.resources
-    state_dir = run.dir(f"r{r - 1}.pretrain") / "state"
-    step = int(read_state(state_dir)["step"])
+    state_dir = run.uri(f"r{r - 1}.pretrain", "state")
+    step = int(read_state(run.input(f"r{r - 1}.pretrain", "state"))["step"])
     lr = probe_lr(run, r, step)
     shard_ids, _ = _pool_rows(run, _shard(run, r))
     keep = np.random.default_rng([exp.seed, r, 2]).choice(shard_ids, min(m.probes, len(shard_ids)), replace=False)
-    cand = TokenArray.build(_pool_files(run), d / "candidates", keep_ids=keep)  # rows in pool order
-    ref = TokenArray.open(run.dir("tokenize") / "reference" / "array")
+    cand_dir = _share_array(run, st, d, "candidates", keep)  # rows in pool order
+    cand = TokenArray.open(local_copy(cand_dir))
+    ref = TokenArray.open(run.input("tokenize", "reference", "array"))
     n_ref = min(m.reference_seqs, len(ref))
     ref_ids = np.array(ref.tokens[:n_ref])  # (R, L)
     ref_mask = None if ref.loss_mask is None else np.array(ref.loss_mask[:n_ref])
@@ -144,7 +151,7 @@ def probe_stage(run, st, d: Path) -> dict:
             num_gpus=1 if gpu else 0,
             max_restarts=res.max_failures,
             max_task_retries=res.max_failures,  # a probe chunk is idempotent: retrying it is always safe
-        ).remote(str(state_dir), str(d / "candidates"), ref_ids, ref_mask, lr, exp.pretrain.grad_clip)
+        ).remote(state_dir, cand_dir, ref_ids, ref_mask, lr, exp.pretrain.grad_clip)
         for _ in range(n_actors)
     ]
     try:
@@ -165,7 +172,7 @@ def probe_stage(run, st, d: Path) -> dict:
         raise AssertionError(f"probing: {len(cand)} candidates but {len(table)} probe results")
     pq.write_table(table, d / "probes.parquet")
     shutil.rmtree(chunks_dir)
-    shutil.rmtree(d / "candidates")
+    storage.remove(cand_dir)
     loss = table.column("loss").to_numpy()
     finite = np.isfinite(loss)
     probed = sum(len(cand.row_ids[c * PROBES_PER_CHUNK : (c + 1) * PROBES_PER_CHUNK]) for c in todo)
@@ -204,17 +211,18 @@ class InfluenceSpec:
     heldout_frac: float
     pretrained_dir: str | None
     seed: int
-    threads: int
+    threads: int | None  # torch threads per worker; None: the node's cores ÷ its workers (set in the worker)
 
 
 def _influence_worker(loop_config: dict) -> None:
     spec: InfluenceSpec = loop_config["spec"]
-    torch.set_num_threads(spec.threads)
+    set_worker_threads(spec.threads)
     if ray.train.get_checkpoint() is not None:  # the final checkpoint is registered: nothing left to do
         report({"resumed": 1}, None)
         return
-    arr = TokenArray.open(spec.data_dir)
-    probes = pq.read_table(spec.probes_path)
+    arr = TokenArray.open(local_copy(spec.data_dir))
+    fs, probes_path = storage.resolve(spec.probes_path)
+    probes = pq.read_table(probes_path, filesystem=fs)
     by_id = dict(zip(probes.column("row_id").to_numpy().tolist(), probes.column("loss").to_numpy(), strict=True))
     losses = np.array([by_id[int(i)] for i in arr.row_ids])  # (N,) aligned with the array's rows
     history = []
@@ -251,22 +259,21 @@ def _influence_worker(loop_config: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fit.model.save(Path(tmp) / "influence_model")
         write_metrics(Path(tmp) / "metrics.jsonl", history)
-        write_json(Path(tmp) / "summary.json", summary)
+        storage.write_json(Path(tmp) / "summary.json", summary)
         report({"final": 1, **summary}, Path(tmp))
 
 
 def influence_stage(run, st, d: Path) -> dict:
     exp, r, m, res = run.exp, st.round, run.exp.mates, run.exp.resources
-    probes_path = run.dir(f"r{r}.probe") / "probes.parquet"
-    probes = pq.read_table(probes_path)
+    probes_path = run.uri(f"r{r}.probe", "probes.parquet")
+    probes = pq.read_table(run.input(f"r{r}.probe") / "probes.parquet")
     loss = probes.column("loss").to_numpy()
     row_ids = probes.column("row_id").to_numpy()[np.isfinite(loss)]  # a non-finite probe has no target
-    data_dir = d / "train_data"
-    TokenArray.build(_pool_files(run), data_dir, keep_ids=row_ids)
+    data_dir = _share_array(run, st, d, "train_data", row_ids)
     spec = InfluenceSpec(
         stage=st.key,
-        data_dir=str(data_dir),
-        probes_path=str(probes_path),
+        data_dir=data_dir,
+        probes_path=probes_path,
         arch=m.influence_arch,
         vocab_size=_vocab(run, "target"),
         lr=m.influence_lr,
@@ -276,18 +283,18 @@ def influence_stage(run, st, d: Path) -> dict:
         heldout_frac=m.influence_heldout_frac,
         pretrained_dir=m.pretrained_bert,
         seed=exp.seed,
-        threads=threads_for(res, 1),
+        threads=res.torch_threads,
     )
-    storage = storage_path(res, run.root)
+    train_storage = storage_path(res, run.store)
     t0 = time.perf_counter()
     result = TorchTrainer(
         _influence_worker,
         train_loop_config={"spec": spec},
         scaling_config=scaling_config(res, 1),
-        run_config=run_config(d.name, storage, res),
+        run_config=run_config(d.name, train_storage, res),
     ).fit()
-    gc_orphan_checkpoints(storage, d.name)
+    gc_orphan_checkpoints(train_storage, d.name)
     copy_checkpoint(result, d)
-    shutil.rmtree(data_dir)
+    storage.remove(data_dir)
     summary = json.loads((d / "summary.json").read_text())
     return summary | {"probes_used": len(row_ids), "train_seconds": time.perf_counter() - t0, "train_run": result.path}

@@ -16,7 +16,7 @@ every row ends up scored exactly once.
 
 from __future__ import annotations
 
-import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -25,12 +25,14 @@ import pyarrow.dataset as pads
 import ray
 import ray.data
 
+from bliss_ray import storage
 from bliss_ray.config import Experiment
 from bliss_ray.data.packing import file_key, shard_of
 from bliss_ray.data.tokens import read_token_table
 from bliss_ray.scoring import Scorer
 from bliss_ray.stages._data_tasks import keep_shard
 from bliss_ray.stages._ray import use_gpu
+from bliss_ray.storage import local_copy
 from bliss_ray.train.precision import inference_dtype, resolve
 
 
@@ -46,9 +48,10 @@ def _expected_ids(path: str, shard: tuple[int, int] | None) -> np.ndarray:
     return ids if shard is None else ids[shard_of(ids, shard[1]) == shard[0]]
 
 
-def _partition_complete(part: Path, expected: np.ndarray) -> bool:
+def _partition_complete(part: str, expected: np.ndarray) -> bool:
+    fs, p = storage.resolve(part)
     try:
-        got = pads.dataset(str(part), format="parquet").to_table(columns=["row_id"]).column("row_id").to_numpy()
+        got = pads.dataset(p, filesystem=fs, format="parquet").to_table(columns=["row_id"])["row_id"].to_numpy()
     except Exception:  # a file half-written by a killed run
         return False
     return len(got) == len(expected) and np.array_equal(np.sort(got), np.sort(expected))
@@ -57,9 +60,9 @@ def _partition_complete(part: Path, expected: np.ndarray) -> bool:
 class _RayScorer(Scorer):
     """The scorer plus the source-file column the partitioned write needs, and an actor census."""
 
-    def __init__(self, census_dir: str, **kwargs):
-        super().__init__(**kwargs)
-        Path(census_dir, str(self.pid)).touch()
+    def __init__(self, census_dir: str, model_dir: str, **kwargs):
+        super().__init__(model_dir=str(local_copy(model_dir)), **kwargs)
+        storage.write_bytes(storage.join(census_dir, f"{socket.gethostname()}-{self.pid}"), b"")
 
     def __call__(self, batch: dict) -> dict:
         return super().__call__(batch) | {"src": batch["src"]}
@@ -67,29 +70,29 @@ class _RayScorer(Scorer):
 
 def score_pool(
     exp: Experiment,
-    model_dir: Path,
+    model_dir: str,
     pool_files: list[str],
     shard: tuple[int, int] | None,
-    out_dir: Path,
+    out: str | Path,
     kind: str = "bliss",
+    work_dir: Path | None = None,
 ) -> dict:
+    """Score into ``out`` (the stage's location: scores, markers and the actor census go straight to the store);
+    ``work_dir`` (default: ``out`` itself, when local) gets the local files (Ray Data's stats)."""
     res = exp.resources
-    scores_dir, done_dir, census = out_dir / "scores", out_dir / "_done", out_dir / "_actors"
-    for d in (scores_dir, done_dir, census):
-        d.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(work_dir or out)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    scores_dir, done_dir, census = (storage.join(out, sub) for sub in ("scores", "_done", "_actors"))
     expected = {f: _expected_ids(f, shard) for f in pool_files}
     todo = []
     for f in pool_files:  # validate what a previous (possibly killed) run left behind
-        part, done = scores_dir / f"src={file_key(f)}", done_dir / file_key(f)
-        if done.exists():
+        part, done = storage.join(scores_dir, f"src={file_key(f)}"), storage.join(done_dir, file_key(f))
+        if storage.exists(done):
             continue
-        if len(expected[f]) == 0:  # no row of this file is in the shard: nothing to score, no partition written
-            done.touch()
+        if len(expected[f]) == 0 or _partition_complete(part, expected[f]):  # no row in the shard, or all scored
+            storage.write_bytes(done, b"")
             continue
-        if part.exists() and _partition_complete(part, expected[f]):
-            done.touch()
-            continue
-        shutil.rmtree(part, ignore_errors=True)
+        storage.remove(part)
         todo.append(f)
     t0 = time.perf_counter()
     rows_todo = int(sum(len(expected[f]) for f in todo))
@@ -97,7 +100,10 @@ def score_pool(
         gpu = use_gpu(res)
         lo, hi = res.data_actors
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ds = ray.data.read_parquet(todo, columns=["row_id", "input_ids"], include_paths=True)
+        # Ray Data gets the store's filesystem and plain paths: it would read a URI's query string as part of a path
+        fs = storage.resolve(todo[0])[0]
+        paths = [storage.resolve(f)[1] for f in todo]
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=["row_id", "input_ids"], include_paths=True)
         # the shard filter has the read's resources, so Ray Data fuses it into the read tasks: no operator, tasks
         # and object-store hop of its own, and the repartition below moves only this round's shard
         ds = ds.map_batches(keep_shard, fn_kwargs={"shard": shard}, batch_format="numpy")
@@ -107,8 +113,8 @@ def score_pool(
         ds = ds.map_batches(
             _RayScorer,
             fn_constructor_kwargs={
-                "census_dir": str(census),
-                "model_dir": str(model_dir),
+                "census_dir": census,
+                "model_dir": model_dir,
                 "kind": kind,
                 "batch_seqs": exp.score.batch_seqs,
                 "dtype": scoring_dtype(exp, gpu),
@@ -120,14 +126,16 @@ def score_pool(
             num_cpus=res.data_actor_cpus,
             num_gpus=1 if gpu else 0,
         )
-        ds.write_parquet(str(scores_dir), partition_cols=["src"])
-        (out_dir / "ray_data_stats.txt").write_text(ds.stats())  # per-operator wall and CPU time: where it went
+        out_fs, out_path = storage.resolve(scores_dir)
+        ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["src"])
+        (work_dir / "ray_data_stats.txt").write_text(ds.stats())  # per-operator wall and CPU time: where it went
         for f in todo:
-            if not _partition_complete(scores_dir / f"src={file_key(f)}", expected[f]):
+            if not _partition_complete(storage.join(scores_dir, f"src={file_key(f)}"), expected[f]):
                 raise AssertionError(f"scoring: the output for {f} does not hold each of its rows exactly once")
-            (done_dir / file_key(f)).touch()
+            storage.write_bytes(storage.join(done_dir, file_key(f)), b"")
     elapsed = time.perf_counter() - t0
-    table = pads.dataset(str(scores_dir), format="parquet", partitioning="hive").to_table(columns=["row_id", "ok"])
+    fs, root = storage.resolve(scores_dir)
+    table = pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive").to_table(columns=["row_id", "ok"])
     ok = table.column("ok").to_numpy(zero_copy_only=False)
     rows_in = int(sum(len(v) for v in expected.values()))
     if len(ok) != rows_in:
@@ -142,6 +150,6 @@ def score_pool(
         "seconds": elapsed,
         "rows_per_s": rows_todo / elapsed if todo and elapsed > 0 else None,
         "tokens_per_s": rows_todo * seq_len / elapsed if todo and elapsed > 0 else None,
-        "actors_used": len(list(census.iterdir())),
+        "actors_used": len(storage.listdir(census)),
         "actor_pool": list(res.data_actors),
     }

@@ -1,9 +1,10 @@
 """What each pipeline stage does: the glue between ``pipeline.plan`` and the stage modules.
 
-Every function takes the ``Run`` (to find its inputs' directories), the ``Stage`` and its own output directory,
-does its work and returns a small JSON-able dict of outputs. Ray starts lazily, once per process. What a stage
-computes lives in the Ray-free layer (e.g. ``data/pool.py`` for selection); this module only finds inputs and
-maps config to arguments.
+Every function takes the ``Run`` (to find its inputs), the ``Stage`` and its own local output directory, does its
+work and returns a small JSON-able dict of outputs. Ray starts lazily, once per process. What a stage computes
+lives in the Ray-free layer (e.g. ``data/pool.py`` for selection); this module only finds inputs and maps config
+to arguments. Workers on other nodes are given store locations (``Run.uri``), never a path on this node: they
+read them through ``storage.local_copy`` and write them through ``bliss_ray.storage``.
 """
 
 from __future__ import annotations
@@ -18,19 +19,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bliss_ray import storage
 from bliss_ray.data.corpus import iter_texts, resolve_files
 from bliss_ray.data.pool import pool_rows, score_column, select_round
 from bliss_ray.data.tokenizer import load_tokenizer, train_bpe
 from bliss_ray.data.tokens import TokenArray
 from bliss_ray.models.lm import arch_from_preset, padded_vocab
 from bliss_ray.stages import _ray
-from bliss_ray.status import write_json
 
 log = logging.getLogger("bliss_ray")
 
 
 def _pool_files(run) -> list[str]:
-    return sorted(str(p) for p in (run.dir("tokenize") / "pool" / "packed").glob("*.parquet"))
+    """Locations of the packed pool's files in the store (read in place by Ray Data and the driver)."""
+    return storage.listdir(run.uri("tokenize", "pool", "packed"), ".parquet")
 
 
 def _shard(run, r: int) -> tuple[int, int] | None:
@@ -40,7 +42,7 @@ def _shard(run, r: int) -> tuple[int, int] | None:
 
 def _vocab(run, which: str) -> int:
     m = getattr(run.exp.models, which)
-    return m.vocab_size or padded_vocab(len(load_tokenizer(run.dir("tokenizer") / "tokenizer")))
+    return m.vocab_size or padded_vocab(len(load_tokenizer(run.input("tokenizer", "tokenizer"))))
 
 
 def tokenizer_stage(run, st, d: Path) -> dict:
@@ -60,8 +62,8 @@ def tokenize_stage(run, st, d: Path) -> dict:
     from bliss_ray.stages.tokenize import build_reference, tokenize_pool
 
     _ray.ensure_ray(run.exp.resources)
-    tok_dir = run.dir("tokenizer") / "tokenizer"
-    return tokenize_pool(run.exp, tok_dir, d) | build_reference(run.exp, tok_dir, d)
+    pool = tokenize_pool(run.exp, run.uri("tokenizer", "tokenizer"), run.uri(st.key))
+    return pool | build_reference(run.exp, run.input("tokenizer", "tokenizer"), d)
 
 
 def _pool_rows(run, shard) -> tuple[np.ndarray, pd.Categorical]:
@@ -73,23 +75,33 @@ def select_stage(run, st, d: Path) -> dict:
     exp, r = run.exp, st.round
     row_ids, domains = _pool_rows(run, _shard(run, r))
     method = "random" if r == 0 else exp.selection.method
-    values = score_column(run.dir(f"r{r}.score") / "scores", row_ids) if method in ("bliss", "mates") else None
+    values = score_column(run.uri(f"r{r}.score", "scores"), row_ids) if method in ("bliss", "mates") else None
     rule = {"bliss": exp.selection.rule, "mates": "mates", "random": "random"}[method]
     tau = exp.mates.temperature if method == "mates" else exp.selection.temperature
     seed = exp.selection.seed + 1000 * r  # a different random draw each round
     chosen, m = select_round(row_ids, domains, values, rule, exp.selection.keep_frac, seed, tau, round=r)
     pq.write_table(pa.table({"row_id": pa.array(chosen, pa.int64())}), d / "selected.parquet")
-    write_json(d / "manifest.json", m)
+    storage.write_json(d / "manifest.json", m)
     return {"selected": len(chosen), "pool_size": m["pool_size"], "method": rule}
 
 
-def _selected_array(run, r: int, d: Path) -> Path:
-    keep = pq.read_table(run.dir(f"r{r}.select") / "selected.parquet").column("row_id").to_numpy()
-    TokenArray.build(_pool_files(run), d / "data", keep_ids=keep)
-    return d / "data"
+def _selected_array(run, st, r: int, d: Path) -> str:
+    """The round's selected rows as a token array, where the Train workers can read it: built here, and in the
+    store under the stage's ``data/`` when the run is remote (the stage removes it when training ends)."""
+    keep = pq.read_table(run.input(f"r{r}.select") / "selected.parquet").column("row_id").to_numpy()
+    return _share_array(run, st, d, "data", keep)
 
 
-def _train_spec(run, st, d: Path, which: str, data_dir: Path, init_dir, start_step: int, round_index: int):
+def _share_array(run, st, d: Path, sub: str, keep: np.ndarray) -> str:
+    TokenArray.build(_pool_files(run), d / sub, keep_ids=keep)
+    if not run.remote:
+        return str(d / sub)
+    storage.upload(d / sub, run.uri(st.key, sub))
+    shutil.rmtree(d / sub)
+    return run.uri(st.key, sub)
+
+
+def _train_spec(run, st, d: Path, which: str, data_dir: str, init_dir, start_step: int, round_index: int):
     from bliss_ray.stages.train_lm import LMTrainSpec
 
     exp = run.exp
@@ -99,8 +111,8 @@ def _train_spec(run, st, d: Path, which: str, data_dir: Path, init_dir, start_st
         stage=st.key,
         arch=arch_from_preset(model.arch, _vocab(run, "proxy" if which == "warmup" else "target")),
         seq_len=exp.data.seq_len,
-        tokenizer_dir=str(run.dir("tokenizer") / "tokenizer"),
-        data_dir=str(data_dir),
+        tokenizer_dir=run.uri("tokenizer", "tokenizer"),
+        data_dir=data_dir,
         init_dir=init_dir,
         start_step=start_step,
         train=train.model_dump(),
@@ -114,12 +126,12 @@ def warmup_stage(run, st, d: Path) -> dict:
     from bliss_ray.stages import train_lm
 
     _ray.ensure_ray(run.exp.resources)
-    data = _selected_array(run, 0, d)
+    data = _selected_array(run, st, 0, d)
     spec = _train_spec(run, st, d, "warmup", data, None, 0, 0)
     spec.train["decay_steps"] = 0  # the proxy keeps its un-decayed state
     res = run.exp.resources
-    out = train_lm.run(spec, d, res, _ray.storage_path(res, run.root), res.train_workers)
-    shutil.rmtree(data)
+    out = train_lm.run(spec, d, res, _ray.storage_path(res, run.store), res.train_workers)
+    storage.remove(data)
     return out
 
 
@@ -128,11 +140,13 @@ def pretrain_stage(run, st, d: Path) -> dict:
 
     exp, r = run.exp, st.round
     _ray.ensure_ray(exp.resources)
-    data = _selected_array(run, r, d)
-    init = str(run.dir(f"r{r - 1}.pretrain") / "state") if r > 0 else None
+    data = _selected_array(run, st, r, d)
+    init = run.uri(f"r{r - 1}.pretrain", "state") if r > 0 else None
     spec = _train_spec(run, st, d, "pretrain", data, init, r * exp.pretrain.steps, r)
-    out = train_lm.run(spec, d, exp.resources, _ray.storage_path(exp.resources, run.root), exp.resources.train_workers)
-    shutil.rmtree(data)
+    out = train_lm.run(
+        spec, d, exp.resources, _ray.storage_path(exp.resources, run.store), exp.resources.train_workers
+    )
+    storage.remove(data)
     return out | {
         "end_step": (r + 1) * exp.pretrain.steps,
         "tokens_per_step": exp.pretrain.global_batch_seqs * exp.data.seq_len,
@@ -153,26 +167,25 @@ def bilevel_stage(run, st, d: Path, launch=None) -> dict:
     need = b.outer_steps * per_step * b.micro_batch_seqs * res.bilevel_workers
     shard_ids, _ = _pool_rows(run, _shard(run, r))
     keep = np.random.default_rng([exp.seed, r]).choice(shard_ids, min(need, len(shard_ids)), replace=False)
-    train_dir = d / "train_data"
-    TokenArray.build(_pool_files(run), train_dir, keep_ids=keep)
+    train_dir = _share_array(run, st, d, "train_data", keep)
     settings = {k: v for k, v in b.model_dump().items() if k in BilevelSettings.__dataclass_fields__}
     inherit = b.score_carry == "inherit" and r > 1
     spec = bilevel.BilevelSpec(
         stage=st.key,
         settings=settings,
-        proxy_dir=str(run.dir("warmup") / "state" / "model"),
-        target_dir=str(run.dir(f"r{r - 1}.pretrain") / "state" / "model") if b.gamma > 0 else None,
-        score_dir=str(run.dir(f"r{r - 1}.bilevel") / "score_model") if inherit else None,
+        proxy_dir=run.uri("warmup", "state", "model"),
+        target_dir=run.uri(f"r{r - 1}.pretrain", "state", "model") if b.gamma > 0 else None,
+        score_dir=run.uri(f"r{r - 1}.bilevel", "score_model") if inherit else None,
         score_init=b.score_init,
         use_sigmoid=b.use_sigmoid,
-        train_dir=str(train_dir),
-        reference_dir=str(run.dir("tokenize") / "reference" / "array"),
+        train_dir=train_dir,
+        reference_dir=run.uri("tokenize", "reference", "array"),
         seed=exp.seed,
         threads=1,
         ckpt_every_steps=b.ckpt_every_steps,
     )
-    out = (launch or bilevel.run)(spec, d, res, _ray.storage_path(res, run.root), res.bilevel_workers)
-    shutil.rmtree(train_dir)
+    out = (launch or bilevel.run)(spec, d, res, _ray.storage_path(res, run.store), res.bilevel_workers)
+    storage.remove(train_dir)
     return out | {"train_rows": len(keep)}
 
 
@@ -182,10 +195,10 @@ def score_stage(run, st, d: Path) -> dict:
     _ray.ensure_ray(run.exp.resources)
     r = st.round
     if run.exp.selection.method == "mates":
-        model_dir, kind = run.dir(f"r{r}.influence") / "influence_model", "mates"
+        model_dir, kind = run.uri(f"r{r}.influence", "influence_model"), "mates"
     else:
-        model_dir, kind = run.dir(f"r{r}.bilevel") / "score_model", "bliss"
-    return score_pool(run.exp, model_dir, _pool_files(run), _shard(run, r), d, kind=kind)
+        model_dir, kind = run.uri(f"r{r}.bilevel", "score_model"), "bliss"
+    return score_pool(run.exp, model_dir, _pool_files(run), _shard(run, r), run.uri(st.key), kind, work_dir=d)
 
 
 def evaluate_stage(run, st, d: Path) -> dict:
@@ -198,8 +211,8 @@ def evaluate_stage(run, st, d: Path) -> dict:
 def report_stage(run, st, d: Path) -> dict:
     from bliss_ray.report.build import build_report
 
-    path = build_report([run.root], d)
-    return {"report": str(path)}
+    path = build_report([run.store], d)
+    return {"report": storage.join(run.uri(st.key), path.name)}
 
 
 def probe_stage(run, st, d: Path) -> dict:

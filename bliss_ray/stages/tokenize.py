@@ -21,11 +21,13 @@ import numpy as np
 import ray
 import ray.data
 
+from bliss_ray import storage
 from bliss_ray.config import Experiment
 from bliss_ray.data.corpus import check_file, detect_format, iter_texts, resolve_files
 from bliss_ray.data.tokenize import cloze_rows, tokenize_file
 from bliss_ray.data.tokenizer import load_tokenizer
 from bliss_ray.data.tokens import TokenArray, read_token_table
+from bliss_ray.storage import local_copy
 
 
 class _FileTokenizer:
@@ -33,7 +35,7 @@ class _FileTokenizer:
 
     def __init__(self, tokenizer_dir: str, data_cfg, fmt: str, out_dir: str):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.tokenizer = load_tokenizer(local_copy(tokenizer_dir))
         self.data_cfg, self.fmt, self.out_dir = data_cfg, fmt, out_dir
 
     def __call__(self, batch: dict) -> dict:
@@ -50,8 +52,9 @@ def _preflight(files: list[str], fmt: str) -> dict[str, str]:
     return {f: why for f, why in ray.get([check.remote(f) for f in files]) if why}
 
 
-def tokenize_pool(exp: Experiment, tokenizer_dir: Path, out_dir: Path) -> dict:
-    """Tokenize + pack every pool file; enforce rows in = rows out + rows quarantined and the bad-row budget."""
+def tokenize_pool(exp: Experiment, tokenizer_dir: str, out_dir: str) -> dict:
+    """Tokenize + pack every pool file into ``out_dir``'s ``pool/`` (locations: the actors write to the store);
+    enforce rows in = rows out + rows quarantined and the bad-row budget."""
     d, res = exp.data, exp.resources
     files = resolve_files(d.pool)
     bad_files = _preflight(files, d.pool_format)
@@ -61,7 +64,7 @@ def tokenize_pool(exp: Experiment, tokenizer_dir: Path, out_dir: Path) -> dict:
             f"pre-flight: {len(bad_files)} unreadable pool file(s) (data.corrupt_files=fail):\n" + listing
         )
     todo = [{"path": f, "index": i} for i, f in enumerate(files) if f not in bad_files]  # indexes stay stable
-    pool_dir = out_dir / "pool"
+    pool_dir = storage.join(out_dir, "pool")
     ray.data.DataContext.get_current().enable_progress_bars = False
     lo, hi = res.data_actors
     stats = (
@@ -69,10 +72,10 @@ def tokenize_pool(exp: Experiment, tokenizer_dir: Path, out_dir: Path) -> dict:
         .map_batches(
             _FileTokenizer,
             fn_constructor_kwargs={
-                "tokenizer_dir": str(tokenizer_dir),
+                "tokenizer_dir": tokenizer_dir,
                 "data_cfg": d,
                 "fmt": d.pool_format,
-                "out_dir": str(pool_dir),
+                "out_dir": pool_dir,
             },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=min(hi, max(1, len(todo)))),
@@ -88,7 +91,7 @@ def tokenize_pool(exp: Experiment, tokenizer_dir: Path, out_dir: Path) -> dict:
     if rows_in and quarantined / rows_in > d.max_bad_frac:
         raise RuntimeError(
             f"tokenize: {quarantined}/{rows_in} rows ({quarantined / rows_in:.1%}) were quarantined, more than "
-            f"data.max_bad_frac={d.max_bad_frac:.1%}; see {pool_dir / 'quarantine'} for ids and reasons"
+            f"data.max_bad_frac={d.max_bad_frac:.1%}; see {storage.join(pool_dir, 'quarantine')} for ids and reasons"
         )
     domains: dict[str, int] = {}
     for s in stats:

@@ -31,8 +31,15 @@ from bliss_ray.flops import forward_flops_per_token
 from bliss_ray.models.lm import LMArch, build_lm, save_lm, set_activation_checkpointing
 from bliss_ray.stages import _faults
 from bliss_ray.stages._progress import StepReporter
-from bliss_ray.stages._ray import copy_checkpoint, gc_orphan_checkpoints, report, run_config, scaling_config
-from bliss_ray.stages._ray import torch_threads as threads_for
+from bliss_ray.stages._ray import (
+    copy_checkpoint,
+    gc_orphan_checkpoints,
+    report,
+    run_config,
+    scaling_config,
+    set_worker_threads,
+)
+from bliss_ray.storage import local_copy
 from bliss_ray.train import fsdp
 from bliss_ray.train.checkpoint import (
     STATE_FILE,
@@ -54,14 +61,14 @@ class LMTrainSpec:
     stage: str
     arch: LMArch
     seq_len: int
-    tokenizer_dir: str
+    tokenizer_dir: str  # locations (local paths or store URIs), read through storage.local_copy on each node
     data_dir: str
     init_dir: str | None  # previous round's state/ (continue) or None (random init)
     start_step: int  # global step at which this stage starts (round r·steps for the target)
     train: dict  # TrainConfig fields
     round_index: int
     seed: int
-    threads: int
+    threads: int | None  # torch threads per worker; None: the node's cores ÷ its workers (set in the worker)
     compile: bool = False  # torch.compile the model (resources.compile; off by default on CPU)
     precision: str = "auto"  # resources.precision
     parallelism: str = "ddp"  # resources.parallelism: "fsdp" shards on 2+ workers (bliss_ray.train.fsdp)
@@ -73,11 +80,11 @@ def _worker(loop_config: dict) -> None:
     spec: LMTrainSpec = loop_config["spec"]
     progress: StepReporter = loop_config["progress"]
     t = TrainConfig(**spec.train)
-    torch.set_num_threads(spec.threads)
+    set_worker_threads(spec.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tokenizer = load_tokenizer(spec.tokenizer_dir)
-    tokens = TokenArray.open(spec.data_dir).tokens
+    tokenizer = load_tokenizer(local_copy(spec.tokenizer_dir))
+    tokens = TokenArray.open(local_copy(spec.data_dir)).tokens
     end_step = spec.start_step + t.steps
     peak = round_peak_lr(t.lr, t.lr_round_factor, spec.round_index)
 
@@ -87,7 +94,7 @@ def _worker(loop_config: dict) -> None:
     if ckpt is not None:
         source = ckpt.to_directory(tempfile.mkdtemp(prefix="resume_"))
     elif spec.init_dir is not None:
-        source = spec.init_dir
+        source = local_copy(spec.init_dir)
     dcp_dir = Path(source) / "dcp" if source is not None and (Path(source) / "dcp").is_dir() else None
     if dcp_dir is not None:  # a sharded mid-run checkpoint: weights and AdamW state come from its shards below
         model, state = build_lm(spec.arch, spec.seq_len, eos_token_id=tokenizer.eos_token_id), read_state(source)
@@ -256,7 +263,7 @@ def run(spec: LMTrainSpec, out_dir: Path, res: ResourcesConfig, storage: str, wo
     """Run the stage on Ray Train and copy the final checkpoint to ``out_dir`` (state/, decay/, metrics.jsonl)."""
     spec = dataclasses.replace(
         spec,
-        threads=threads_for(res, workers),
+        threads=res.torch_threads,
         compile=res.compile,
         precision=res.precision,
         parallelism=res.parallelism,

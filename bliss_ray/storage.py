@@ -1,0 +1,223 @@
+"""One storage layer for run roots: local paths and object-store URIs (``s3://``, ``gs://``, …) via pyarrow.fs.
+
+A *location* is a string: a local path or a URI that ``pyarrow.fs.FileSystem.from_uri`` understands. Store options
+ride in the URI's query string (``s3://bkt/runs?region=us-east-1&endpoint_override=http://127.0.0.1:9000``), so a
+worker on another node resolves the same store from the location alone, with no environment to forward.
+Credentials come only from the environment or the instance/workload identity; nothing here writes them anywhere.
+
+Why pyarrow.fs and not fsspec (docs/design.md, "Storage"): Ray Train, Tune and Data resolve their storage with it,
+it ships S3, GCS, Azure and HDFS in the pyarrow wheel we already pin, and ``copy_files`` is a threaded C++ bulk
+copy. Single-object writes are atomic on object stores, so a marker (``_SUCCESS``) written last is what readers
+trust; local writes go through a temporary file and ``os.replace`` for the same guarantee.
+
+    from bliss_ray import storage
+    storage.write_json(storage.join(root, "r0.select-ab12", "outputs.json"), {...})
+    local = storage.local_copy(storage.join(root, "tokenizer-cd34", "tokenizer"))  # node-local cache
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """A store that cannot be reached, read or written, named by its location."""
+
+
+def is_remote(loc: str | Path) -> bool:
+    return "://" in str(loc) and not str(loc).startswith("file://")
+
+
+def join(loc: str | Path, *parts: str) -> str:
+    """``loc/part/…``, keeping a URI's query string (store options) at the end."""
+    base, _, query = str(loc).partition("?")
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)]) + (f"?{query}" if query else "")
+
+
+def name(loc: str | Path) -> str:
+    return str(loc).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(loc: str | Path) -> str:
+    base, _, query = str(loc).partition("?")
+    return base.rstrip("/").rsplit("/", 1)[0] + (f"?{query}" if query else "")
+
+
+@functools.lru_cache(maxsize=32)
+def _remote_fs(scheme_and_query: str) -> pafs.FileSystem:
+    # one client per (scheme, bucket, options): creating an S3 client per call costs milliseconds and sockets
+    return pafs.FileSystem.from_uri(scheme_and_query)[0]
+
+
+def resolve(loc: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the in-filesystem path of a location."""
+    loc = str(loc)
+    if not is_remote(loc):
+        return pafs.LocalFileSystem(), str(Path(loc.removeprefix("file://")).resolve())
+    base, _, query = loc.partition("?")
+    scheme, rest = base.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    fs = _remote_fs(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))
+    return fs, rest.rstrip("/")
+
+
+def exists(loc: str | Path) -> bool:
+    fs, p = resolve(loc)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def read_bytes(loc: str | Path) -> bytes | None:
+    """The object's bytes, or None when it does not exist."""
+    fs, p = resolve(loc)
+    try:
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def read_json(loc: str | Path):
+    data = read_bytes(loc)
+    return None if data is None else json.loads(data)
+
+
+def write_bytes(loc: str | Path, data: bytes) -> None:
+    """Write one file atomically: readers see the old content or the new, never a part."""
+    fs, p = resolve(loc)
+    if not is_remote(loc):
+        path = Path(p)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(p) as f:  # one PUT: atomic on S3 and GCS
+        f.write(data)
+
+
+def write_json(loc: str | Path, obj) -> None:
+    write_bytes(loc, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def listdir(loc: str | Path, suffix: str = "", dirs: bool = False) -> list[str]:
+    """Locations of the files (``dirs``: directories) directly under ``loc`` whose names end with ``suffix``,
+    sorted; [] if none."""
+    fs, p = resolve(loc)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    kind = pafs.FileType.Directory if dirs else pafs.FileType.File
+    names = sorted(i.base_name for i in infos if i.type == kind and i.base_name.endswith(suffix))
+    return [join(loc, n) for n in names]
+
+
+def remove(loc: str | Path) -> None:
+    """Delete a file or a directory tree; nothing if it is absent."""
+    fs, p = resolve(loc)
+    kind = fs.get_file_info(p).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+def _copy(src_fs, src: str, dst_fs, dst: str) -> None:
+    dst_fs.create_dir(dst, recursive=True)
+    # S3 destinations with threads deadlock in some arrow builds (apache/arrow#32372); Ray Train does the same
+    threads = not isinstance(dst_fs, pafs.S3FileSystem)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs, use_threads=threads)
+
+
+def upload(local_dir: str | Path, loc: str | Path) -> None:
+    """Copy a local directory tree to a location (no-op when they are the same directory)."""
+    fs, p = resolve(loc)
+    src = str(Path(local_dir).resolve())
+    if not is_remote(loc) and src == p:
+        return
+    _copy(pafs.LocalFileSystem(), src, fs, p)
+
+
+def download(loc: str | Path, local_dir: str | Path) -> None:
+    fs, p = resolve(loc)
+    _copy(fs, p, pafs.LocalFileSystem(), str(Path(local_dir).resolve()))
+
+
+def download_files(loc: str | Path, local_dir: str | Path, keep) -> int:
+    """Copy the files under ``loc`` whose path relative to it passes ``keep(rel)`` into ``local_dir``, keeping
+    their relative paths (a light local view of a run: its JSON and metrics, not its models). Returns the count."""
+    fs, root = resolve(loc)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    n = 0
+    for info in infos:
+        rel = info.path[len(root) :].lstrip("/")
+        if info.type != pafs.FileType.File or not keep(rel):
+            continue
+        dest = Path(local_dir) / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as f:
+            dest.write_bytes(f.read())
+        n += 1
+    return n
+
+
+def check_writable(loc: str | Path) -> None:
+    """Fail before compute when ``loc`` cannot be written, naming it and what failed (a probe object, removed)."""
+    probe = join(loc, f".bliss_write_check-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"ok")
+        if read_bytes(probe) != b"ok":
+            raise StorageError(f"{loc}: a file written there reads back differently")
+        remove(probe)
+    except StorageError:
+        raise
+    except Exception as e:
+        raise StorageError(f"run root {loc} is not writable: {type(e).__name__}: {e}") from e
+
+
+def cache_root() -> Path:
+    """This node's cache of remote inputs (``BLISS_CACHE_DIR``, else the temp dir). Never the source of truth."""
+    return Path(os.environ.get("BLISS_CACHE_DIR") or Path(tempfile.gettempdir()) / "bliss_ray_cache")
+
+
+def local_copy(loc: str | Path) -> Path:
+    """A local directory with the contents of ``loc``: ``loc`` itself when it is local, else a node-local copy.
+
+    The copy is keyed by the location (stage directories are identity-addressed, so a location's content never
+    changes once its stage is done), built once per node under a file lock (several workers of one node ask at
+    once), and verified against the sizes recorded when it was built; a copy that fails the check is rebuilt.
+    """
+    if not is_remote(loc):
+        return Path(resolve(loc)[1])
+    key = name(loc) + "-" + hashlib.sha256(str(loc).encode()).hexdigest()[:12]
+    dest = cache_root() / key
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _verified(dest):
+            return dest
+        shutil.rmtree(dest, ignore_errors=True)
+        if not exists(loc):
+            raise StorageError(f"{loc}: nothing there to copy (a stage that never finished?)")
+        download(loc, dest)
+        sizes = {str(p.relative_to(dest)): p.stat().st_size for p in dest.rglob("*") if p.is_file()}
+        (dest.parent / f"{key}.sizes.json").write_text(json.dumps(sizes))
+    return dest
+
+
+def _verified(dest: Path) -> bool:
+    record = dest.parent / f"{dest.name}.sizes.json"
+    if not (dest.is_dir() and record.exists()):
+        return False
+    sizes = json.loads(record.read_text())
+    return all((dest / rel).is_file() and (dest / rel).stat().st_size == n for rel, n in sizes.items())

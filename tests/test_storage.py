@@ -1,0 +1,75 @@
+"""The storage layer on a local directory and on a local S3-compatible server (moto, loopback only).
+
+.venv/bin/python -m pytest tests/test_storage.py -q
+"""
+
+import pytest
+
+from bliss_ray import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path, s3_bucket):
+    return str(tmp_path / "store") if request.param == "local" else storage.join(s3_bucket, "store")
+
+
+def test_join_keeps_store_options_at_the_end():
+    uri = "s3://bkt/runs?region=us-east-1&endpoint_override=http://127.0.0.1:9"
+    assert storage.join(uri, "demo", "r0.select-ab") == (
+        "s3://bkt/runs/demo/r0.select-ab?region=us-east-1&endpoint_override=http://127.0.0.1:9"
+    )
+    assert storage.name(storage.join(uri, "x")) == "x"
+    assert storage.is_remote(uri) and not storage.is_remote("/tmp/runs") and not storage.is_remote("file:///tmp")
+
+
+def test_write_read_list_remove(root):
+    assert storage.read_bytes(storage.join(root, "a", "missing.json")) is None
+    assert storage.listdir(storage.join(root, "nothing")) == []
+    storage.write_json(storage.join(root, "a", "x.json"), {"rows": 3})
+    storage.write_bytes(storage.join(root, "a", "y.parquet"), b"PAR1")
+    assert storage.read_json(storage.join(root, "a", "x.json")) == {"rows": 3}
+    assert [storage.name(p) for p in storage.listdir(storage.join(root, "a"), ".parquet")] == ["y.parquet"]
+    assert storage.exists(storage.join(root, "a")) and storage.exists(storage.join(root, "a", "x.json"))
+    storage.remove(storage.join(root, "a"))
+    assert not storage.exists(storage.join(root, "a", "x.json"))
+
+
+def test_upload_then_local_copy_is_cached_verified_and_rebuilt(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLISS_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"x" * 100)
+    (src / "sub" / "b.txt").write_text("hello")
+    dest = storage.join(root, "stage-1234")
+    storage.upload(src, dest)
+    local = storage.local_copy(dest)
+    assert (local / "a.bin").read_bytes() == b"x" * 100 and (local / "sub" / "b.txt").read_text() == "hello"
+    if not storage.is_remote(root):
+        assert local == src.parent / "store" / "stage-1234"  # a local location is used in place, never copied
+        return
+    assert local.is_relative_to(tmp_path / "cache")
+    (local / "a.bin").write_bytes(b"x")  # a damaged cache entry (wrong size) is detected and rebuilt
+    assert (storage.local_copy(dest) / "a.bin").read_bytes() == b"x" * 100
+
+
+def test_a_missing_location_and_an_unwritable_root_fail_naming_the_location(s3_bucket, tmp_path):
+    with pytest.raises(storage.StorageError, match="nothing there"):
+        storage.local_copy(storage.join(s3_bucket, "never-written"))
+    no_bucket = s3_bucket.replace("s3://", "s3://no-such-bucket-", 1).split("?")[0] + "?" + s3_bucket.split("?")[1]
+    with pytest.raises(storage.StorageError, match="no-such-bucket"):
+        storage.check_writable(storage.join(no_bucket, "runs"))
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(storage.StorageError, match=str(blocked)):
+        storage.check_writable(blocked / "runs")
+
+
+def test_names_and_file_keys_of_uris_ignore_the_store_options():
+    from bliss_ray.data.packing import file_key
+
+    uri = "s3://bkt/pool/00001-pool-00001.parquet?region=us-east-1&endpoint_override=http://127.0.0.1:9"
+    assert storage.name(uri) == "00001-pool-00001.parquet" and file_key(uri) == "00001-pool-00001"
+    assert storage.parent(uri) == "s3://bkt/pool?region=us-east-1&endpoint_override=http://127.0.0.1:9"
+    from bliss_ray.data.corpus import detect_format
+
+    assert detect_format("s3://bkt/docs.jsonl.gz?region=us-east-1&endpoint_override=http://127.0.0.1:9") == "jsonl"

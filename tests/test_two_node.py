@@ -1,0 +1,189 @@
+"""A two-node Ray cluster whose worker node cannot see the driver's files, with the run root in a local S3 server.
+
+The head (0 CPUs: it hosts only Ray's own services and the driver) and a worker node that runs every task, actor
+and Train worker. The worker node lives in its own mount namespace (``unshare --mount``) with a tmpfs over the
+test's temporary directory, where the driver's run directory and node cache are: a driver-local path handed to
+a worker fails there with FileNotFoundError. The pool and reference files are in the bucket too (a cluster's
+inputs are). The driver is ``bliss-ray run`` in a subprocess (this session's own Ray stays as it is).
+
+    .venv/bin/python -m pytest tests/test_two_node.py -q
+"""
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bliss_ray import storage
+from tests.conftest import REPO
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_marked(mark: str) -> None:
+    """SIGKILL every process whose command line names ``mark`` (a node's private temp dir): a killed raylet's
+    agents are re-parented to init and ignore SIGTERM (cluster.md §3.2). Never ``ray stop``."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if mark in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+class Cluster:
+    """A head node and worker nodes on 127.0.0.1, each with its own short temp dir; ``stop`` kills them all."""
+
+    def __init__(self, root: Path, hidden: Path):
+        self.root, self.hidden, self.port = root, hidden, _free_port()
+        self.env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.marks: list[str] = []
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _temp(self, name: str) -> str:
+        path = f"/tmp/{name}{self.port}"  # short: unix socket paths must stay under 107 bytes
+        self.marks.append(path)
+        return path
+
+    def start_head(self) -> None:
+        cmd = [RAY, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--num-cpus=0"]
+        cmd += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self._temp('rh')}"]
+        subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=120)
+
+    def start_worker(self, n: int) -> subprocess.Popen:
+        """A worker node in its own mount namespace: the test's temp dir (the driver's files) is an empty tmpfs."""
+        temp, spill, cache = self._temp(f"rw{n}_"), f"/var/tmp/rs{n}_{self.port}", f"/var/tmp/rc{n}_{self.port}"
+        ray = f"exec {RAY} start --address={self.address} --node-ip-address=127.0.0.1 --num-cpus=4 "
+        ray += f"--temp-dir={temp} --object-spilling-directory={spill} --block"
+        script = f"mount -t tmpfs tmpfs {self.hidden} && mkdir -p {spill} {cache} && {ray}"
+        env = self.env | {"BLISS_CACHE_DIR": cache}
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.marks += [spill, cache]
+        return proc
+
+    def wait_for_cpus(self, cpus: float, timeout_s: float = 120) -> None:
+        code = (
+            f"import ray, time; ray.init(address={self.address!r}, log_to_driver=False)\n"
+            "t = time.time()\n"
+            f"while ray.cluster_resources().get('CPU', 0) < {cpus} and time.time() - t < {timeout_s}:\n"
+            "    time.sleep(0.5)\n"
+            "print(ray.cluster_resources().get('CPU', 0))"
+        )
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=300)
+        assert out.stdout.strip().endswith(str(float(cpus))), out.stdout[-1000:] + out.stderr[-2000:]
+
+    def stop(self) -> None:
+        for mark in self.marks:
+            _kill_marked(mark)
+        for mark in self.marks:
+            shutil.rmtree(mark, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) for a worker node with its own mount namespace")
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"this machine refuses unshare --mount: {probe.stderr.strip()}")
+    c = Cluster(tmp_path, tmp_path)
+    try:
+        c.start_head()
+        c.start_worker(1)
+        c.wait_for_cpus(4)
+        yield c
+    finally:
+        c.stop()
+
+
+def _experiment(tmp_path: Path, bucket: str) -> Path:
+    """experiments/tiny.yaml with its pool and reference in the bucket and a short evaluation."""
+    inputs = storage.join(bucket, "inputs")
+    for name in ("pool-00000.parquet", "pool-00001.parquet", "reference.parquet"):
+        storage.write_bytes(storage.join(inputs, name), (REPO / "data" / "corpus" / name).read_bytes())
+    exp = yaml.safe_load((REPO / "experiments" / "tiny.yaml").read_text())
+    exp["data"] |= {
+        "pool": [storage.join(inputs, "pool-00000.parquet"), storage.join(inputs, "pool-00001.parquet")],
+        "reference": [storage.join(inputs, "reference.parquet")],
+    }
+    exp["eval"] |= {"tasks": ["bliss_ref_cloze"], "limit": 10}
+    path = tmp_path / "two_node.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def _run(config: Path, out: str, address: str, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"BLISS_CACHE_DIR": str(cache), "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "bliss_ray.cli", "run", str(config), "--out", out]
+    cmd += ["--set", f"resources.ray_address={address}", "--no-plan-check", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_two_nodes_sharing_only_a_bucket_run_resume_and_report(cluster, s3_bucket, tmp_path):
+    from bliss_ray.config import load_experiment
+    from bliss_ray.pipeline import Run
+
+    config = _experiment(tmp_path, s3_bucket)
+    out = storage.join(s3_bucket, "runs")
+    t0 = time.perf_counter()
+    first = _run(config, out, cluster.address, tmp_path / "driver1")
+    first_s = time.perf_counter() - t0
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    run = Run(load_experiment(config), out)
+    for st in run.stages:  # every stage finished, in the bucket
+        assert storage.exists(run.uri(st.key, "_SUCCESS")), st.key
+    assert storage.exists(run.uri("r1.pretrain", "decay", "model.safetensors"))
+    # the driver's disk holds no stage output: only its console log and TensorBoard files (also in the bucket)
+    driver_runs = tmp_path / "driver1" / "runs"
+    left = [p.relative_to(driver_runs) for p in driver_runs.glob("*/*") if p.name not in ("logs", "tb")]
+    assert left == []
+    assert storage.listdir(storage.join(run.store, "logs"), ".log")
+
+    # a new head: no local trace of the first driver; the same command recomputes nothing
+    shutil.rmtree(tmp_path / "driver1")
+    t0 = time.perf_counter()
+    again = _run(config, out, cluster.address, tmp_path / "driver2")
+    again_s = time.perf_counter() - t0
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    console = again.stdout + again.stderr
+    assert not re.findall(r"^\S+ start ", console, re.M), console[-3000:]
+    assert len(re.findall(r"^\S+ skip ", console, re.M)) == len(run.stages), console[-3000:]
+    assert again_s < first_s / 3, (again_s, first_s)
+
+    report = subprocess.run(
+        [sys.executable, "-m", "bliss_ray.cli", "report", run.store, "--out", str(tmp_path / "report")],
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| bliss (" in (tmp_path / "report" / "report.md").read_text()
