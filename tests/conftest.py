@@ -17,6 +17,7 @@ os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="brt_", dir="/tmp"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private single-process test cluster
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as bliss_ray's ensure_ray sets it
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

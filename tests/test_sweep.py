@@ -1,9 +1,7 @@
 """Ray Tune sweeps (bliss_ray.sweep): validation before compute (including the rules that keep a ranking about data
-selection), the objective and results files, the tiny Table-2 sweep end to end on the session's Ray (cut to 2
-whole-pipeline trials), and killing the sweep driver mid-sweep then resuming it with the same command. The sweep
+selection), the objective and results files, and the tiny Table-2 sweep end to end through ``bliss-ray sweep``
+(cut to 2 whole-pipeline trials), its driver killed mid-sweep and resumed with the same command. The sweep
 report's arithmetic is tested on synthetic frames in tests/test_report.py.
-
-The Ray tests share one output root, so the setup stages (tokenizer … r0.pretrain) are computed once for both.
 
     .venv/bin/python -m pytest tests/test_sweep.py -q                 # everything (a few minutes on 2 cores)
     .venv/bin/python -m pytest tests/test_sweep.py -q -m "not ray"   # validation + results only (seconds)
@@ -225,55 +223,7 @@ def test_results_keep_final_metrics_and_a_failed_trial_fails_the_sweep(tmp_path)
     assert list(curves["step"]) == [4, 4]  # no metrics.jsonl here: the per-checkpoint reports Tune kept
 
 
-# ---- Ray: the tiny Table-2 sweep, then kill-and-resume ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sweep_out(tmp_path_factory):
-    """One output root for the Ray tests: the setup stages computed by the first are reused by the second."""
-    return tmp_path_factory.mktemp("sweeps")
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(1500)
-def test_tiny_table2_sweep_ranks_proxies_by_the_target_after_selection(ray_local, sweep_out, tmp_path):
-    """The shipped tiny Table 2 cut to what CI affords: both proxies (sigmoid on), one seed, so 2 trials of the
-    whole pipeline. Each is scored by its target after selection at equal target tokens; the report says that one
-    seed cannot tell a difference from noise and where downstream accuracy sits against chance."""
-    from bliss_ray.report.build import build_report
-    from bliss_ray.sweep import run_sweep
-
-    tree = yaml.safe_load(TABLE2.read_text())
-    tree["space"].pop("bilevel.use_sigmoid")
-    tree["labels"].pop("bilevel.use_sigmoid")
-    tree.pop("seeds")  # the base seed: the setup stages are shared with the kill test below
-    tree["base"] = str(REPO / "experiments" / "tiny.yaml")
-    path = tmp_path / "table2.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    storage = sweep_out / "storage"
-    t0 = time.perf_counter()
-    result = Path(run_sweep(path, storage=str(storage), out=sweep_out))
-    print(f"tiny table-2 sweep (2 full trials): {time.perf_counter() - t0:.0f} s")
-    df = pd.read_parquet(result)
-    assert len(df) == 2 and set(df["status"]) == {"ok"} and df["variant_key"].nunique() == 2
-    assert np.isfinite(df["reference_loss"]).all() and (df["final"] == 1).all()
-    assert set(df["target_tokens"]) == {((1 + 1) * 6 + 4) * 8 * 64}  # tiny: 2 × 6 steps + 4 decay, 8 × 64 tokens
-    assert set(df["target_steps"]) == {12} and set(df["objective_stage"]) == {"r1.bilevel"}
-    assert set(df["paper_average_chance"]) == {0.25}  # sciq_local is the tiny eval's one paper task (4 choices)
-    assert (df["training_iteration"] >= 2).all()  # Train's rank-0 reports reached Tune before the final one
-    for tid in df["trial_id"]:  # each trial's Train run is named from its trial id, under the sweep's storage
-        assert (storage / "table2_proxy_sigmoid_tiny-train" / tid / f"{tid}-r1.bilevel").is_dir()
-        assert any((storage / "table2_proxy_sigmoid_tiny-train" / tid).glob("r1.pretrain-*"))  # the target, too
-        tokenize = next((sweep_out / "table2_proxy_sigmoid_tiny" / tid / "tiny").glob("tokenize-*"))
-        assert tokenize.is_symlink()  # shared setup stages were computed once, before Tune
-    text = build_report([sweep_out / "table2_proxy_sigmoid_tiny"], sweep_out / "report").read_text()
-    assert "`reference_loss` = the target's reference-set loss of its final checkpoint, after selection" in text
-    assert "target trained on 8,192 tokens in every trial" in text and "does not answer" not in text
-    ablation = text.split("### Ablation table")[1].split("###")[0]
-    table = [line for line in ablation.splitlines() if line.startswith("| proxy ")]
-    assert len(table) == 2 and all("n = 1: noise unknown" in line and "chance 0.25)" in line for line in table)
-    assert "**One seed per variant" in ablation
-    assert (sweep_out / "report" / "table2_proxy_sigmoid_tiny_curves.png").is_file()
+# ---- Ray: the tiny Table-2 sweep, killed mid-sweep, resumed, ranked ---------------------------------------------
 
 
 def _states(exp_dir: Path) -> dict[str, str]:
@@ -304,25 +254,32 @@ def _rows(exp_dir: Path, tid: str) -> list[dict]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(1500)
-def test_killed_sweep_resumes_with_the_same_command(sweep_out, tmp_path):
-    """Reliability scenario 7. SIGKILL the driver (its whole process group: Ray goes too) once trial 1 finished
-    and trial 2's Train run has a checkpoint with steps left; rerun: Tuner.restore finishes trial 2 from that
-    checkpoint and keeps trial 1; a third run is a no-op."""
+def test_tiny_table2_sweep_survives_a_killed_driver_and_ranks_proxies_by_the_target(tmp_path):
+    """The shipped tiny Table 2 cut to what CI affords: both proxies (sigmoid on), one seed, so 2 trials of the whole
+    pipeline, run by ``bliss-ray sweep`` as a user runs it. Reliability scenario 7 on the way: SIGKILL the driver
+    (its whole process group: Ray goes too) once trial 1 finished and trial 2's bilevel Train run has a checkpoint
+    with steps left; the same command restores (Tuner.restore), keeps trial 1 and finishes trial 2 from that
+    checkpoint; a third run is a no-op. Then the result: each trial is scored by its target after selection at
+    equal target tokens; the report says that one seed cannot tell a difference from noise and where downstream
+    accuracy sits against chance."""
+    from bliss_ray.report.build import build_report
+
     tree = yaml.safe_load(TABLE2.read_text())
-    tree.update(name="kill_resume", base=str(REPO / "experiments" / "tiny.yaml"), stage="bilevel", metric="upper_loss")
+    tree["space"].pop("bilevel.use_sigmoid")
+    tree["labels"].pop("bilevel.use_sigmoid")
     tree.pop("seeds")
-    tree["space"] = {"bilevel.use_sigmoid": {"grid": [True, False]}}
-    tree["labels"] = {}
-    tree["overrides"] |= {"bilevel.outer_steps": 24, "bilevel.ckpt_every_steps": 2}  # a kill window of ~20 steps
-    sweep = tmp_path / "kill_resume.yaml"
+    tree["base"] = str(REPO / "experiments" / "tiny.yaml")
+    tree["overrides"] |= {"bilevel.outer_steps": 12, "bilevel.ckpt_every_steps": 2}  # a kill window of ~8 steps
+    outer_steps = tree["overrides"]["bilevel.outer_steps"]
+    sweep = tmp_path / "table2.yaml"
     sweep.write_text(yaml.safe_dump(tree))
-    storage = sweep_out / "storage"
-    exp_dir, train = storage / "kill_resume", storage / "kill_resume-train"
+    out, storage = tmp_path / "runs", tmp_path / "storage"
+    name = tree["name"]
+    exp_dir, train = storage / name, storage / f"{name}-train"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the session's Ray
     env |= {"RAY_TMPDIR": tempfile.mkdtemp(prefix="brk_", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
     env |= {"TUNE_GLOBAL_CHECKPOINT_S": "1"}  # save the experiment state every second: the kill point is seen early
-    cmd = [sys.executable, "-m", "bliss_ray.cli", "sweep", str(sweep), "--storage", str(storage)]
-    cmd += ["--out", str(sweep_out)]
+    cmd = [sys.executable, "-m", "bliss_ray.cli", "sweep", str(sweep), "--storage", str(storage), "--out", str(out)]
     log = tmp_path / "driver.log"
 
     def run(tag: str) -> float:
@@ -347,9 +304,9 @@ def test_killed_sweep_resumes_with_the_same_command(sweep_out, tmp_path):
                 snapshot = train / rest[0] / f"{rest[0]}-r1.bilevel" / "checkpoint_manager_snapshot.json"
                 # Train registered a checkpoint and has steps left: Tune's rows lag Train's, so a kill decided
                 # on them alone can land after the Train run finished, leaving the resume nothing to do
-                if 0 < _train_step(snapshot) <= tree["overrides"]["bilevel.outer_steps"] - 4:
+                if 0 < _train_step(snapshot) <= outer_steps - 4:
                     break
-            assert time.perf_counter() - t0 < 900, "no kill point reached:\n" + log.read_text()[-4000:]
+            assert time.perf_counter() - t0 < 1200, "no kill point reached:\n" + log.read_text()[-4000:]
             time.sleep(0.5)
     finally:
         if driver.poll() is None:
@@ -359,26 +316,45 @@ def test_killed_sweep_resumes_with_the_same_command(sweep_out, tmp_path):
     finished, interrupted = done[0], rest[0]
     kept = (exp_dir / f"trial_{finished}" / "result.json").read_bytes()
     before = [r["step"] for r in _rows(exp_dir, interrupted) if not r["final"]]  # Tune rewrites this file on restore
-    assert max(before) < tree["overrides"]["bilevel.outer_steps"], f"killed too late to test a resume: {before}"
-    success = next((sweep_out / "kill_resume" / finished / "tiny").glob("r1.bilevel-*/_SUCCESS")).stat().st_mtime_ns
+    assert max(before) < outer_steps, f"killed too late to test a resume: {before}"
+    success = next((out / name / finished / "tiny").glob("r1.bilevel-*/_SUCCESS")).stat().st_mtime_ns
 
     resume = run("resume")
     states = _states(exp_dir)
     assert sorted(states) == sorted([finished, interrupted]) and set(states.values()) == {"TERMINATED"}
-    df = pd.read_parquet(exp_dir / "sweep_results.parquet")
-    assert len(df) == 2 and df["variant_key"].nunique() == 2 and set(df["status"]) == {"ok"}
     assert (exp_dir / f"trial_{finished}" / "result.json").read_bytes() == kept  # not re-run
-    again = next((sweep_out / "kill_resume" / finished / "tiny").glob("r1.bilevel-*/_SUCCESS")).stat().st_mtime_ns
+    again = next((out / name / finished / "tiny").glob("r1.bilevel-*/_SUCCESS")).stat().st_mtime_ns
     assert again == success
     after = [r["step"] for r in _rows(exp_dir, interrupted) if r["timestamp"] >= killed_at and not r["final"]]
     assert before and after and min(after) > min(before), (before, after)  # went on from a checkpoint, not step 0
-    assert max(after) == tree["overrides"]["bilevel.outer_steps"]
+    assert max(after) == outer_steps
 
     rows = {t: _rows(exp_dir, t) for t in states}
     noop = run("no-op")
     assert _states(exp_dir) == states and {t: _rows(exp_dir, t) for t in states} == rows
     resumed, noop_log = log.read_text().split("==== resume")[1].split("==== no-op")
     assert "(Tuner.restore)" in resumed and "Started a local Ray" not in noop_log and "nothing to run" in noop_log
-    assert sorted(p.name for p in (sweep_out / "kill_resume").iterdir() if p.is_dir()) == sorted(states)
+    assert sorted(p.name for p in (out / name).iterdir() if p.is_dir()) == sorted(states)
     print(f"kill test: first run until kill {first_run:.0f} s, resume {resume:.0f} s, no-op {noop:.0f} s")
     print(f"steps reported by the interrupted trial before the kill {before}, after the resume {after}")
+
+    df = pd.read_parquet(exp_dir / "sweep_results.parquet")
+    assert len(df) == 2 and set(df["status"]) == {"ok"} and df["variant_key"].nunique() == 2
+    assert np.isfinite(df["reference_loss"]).all() and (df["final"] == 1).all()
+    assert set(df["target_tokens"]) == {((1 + 1) * 6 + 4) * 8 * 64}  # tiny: 2 × 6 steps + 4 decay, 8 × 64 tokens
+    assert set(df["target_steps"]) == {12} and set(df["objective_stage"]) == {"r1.bilevel"}
+    assert set(df["paper_average_chance"]) == {0.25}  # sciq_local is the tiny eval's one paper task (4 choices)
+    assert (df["training_iteration"] >= 2).all()  # Train's rank-0 reports reached Tune before the final one
+    for tid in df["trial_id"]:  # each trial's Train run is named from its trial id, under the sweep's storage
+        assert (train / tid / f"{tid}-r1.bilevel").is_dir()
+        assert any((train / tid).glob("r1.pretrain-*"))  # the target, too
+        tokenize = next((out / name / tid / "tiny").glob("tokenize-*"))
+        assert tokenize.is_symlink()  # shared setup stages were computed once, before Tune
+    text = build_report([out / name], tmp_path / "report").read_text()
+    assert "`reference_loss` = the target's reference-set loss of its final checkpoint, after selection" in text
+    assert "target trained on 8,192 tokens in every trial" in text and "does not answer" not in text
+    ablation = text.split("### Ablation table")[1].split("###")[0]
+    table = [line for line in ablation.splitlines() if line.startswith("| proxy ")]
+    assert len(table) == 2 and all("n = 1: noise unknown" in line and "chance 0.25)" in line for line in table)
+    assert "**One seed per variant" in ablation
+    assert (tmp_path / "report" / f"{name}_curves.png").is_file()

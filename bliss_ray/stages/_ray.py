@@ -31,6 +31,9 @@ def ensure_ray(res: ResourcesConfig, quiet: bool = False) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(res.worker_start_timeout_s)))
+    # Train's controller notices that the workers finished at its next poll (default every 2 s): every stage's
+    # end waited ~2 s for it (measured: a no-op fit 14.1 s → 12.2 s)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     kwargs: dict = {"include_dashboard": False, "log_to_driver": not quiet}
     address = res.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else None)  # inside `ray job submit`
     if address in (None, "local"):
