@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make demo   set up .venv and run the whole BLISS pipeline on the bundled corpus (embedded local Ray), then the
 #               random baseline on the same schedule (round 0 is shared); the second report compares both
-#   make test   set up .venv and run the test suite (what .ci/run calls)
+#   make test   set up .venv and run the test suite (what .ci/run calls; `make test-extended`: the long
+#               reliability scenarios that do not fit CI's 30 minutes)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup demo test test-fast bench lint clean-runs
+.PHONY: setup demo test test-extended test-fast bench lint clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +32,10 @@ demo: setup
 	$(BIN)/bliss-ray run experiments/demo.yaml --set selection.method=random
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not extended" tests
+
+test-extended: setup
+	$(BIN)/python -m pytest -q -m extended tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not ray and not slow" tests

@@ -142,6 +142,8 @@ def _leftovers(tmp: str) -> list[int]:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+# extended: in CI, test_reliability checks requests against an autoscaler's ceiling and the bounded wait
+@pytest.mark.extended
 def test_autoscaler_adds_workers_for_the_scoring_pool_and_removes_them_when_idle():
     tmp = tempfile.mkdtemp(prefix="bra_", dir="/tmp")  # short: unix socket paths
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the session's Ray

@@ -85,6 +85,8 @@ def test_fsdp_trains_as_ddp_and_as_one_worker(ray_local, data, tmp_path):
 
 
 @pytest.mark.timeout(1200)
+# extended: in CI, test_train_stage's killed DDP worker covers resume; this one the sharded (DCP) path
+@pytest.mark.extended
 def test_killed_fsdp_worker_resumes_from_the_sharded_checkpoint(ray_local, data, tmp_path, monkeypatch):
     """SIGKILL rank 1 while it fetches step 6's batches: Ray Train restarts both workers from the last registered
     checkpoint (DCP shards of step 4, or 2), which every rank reads back. The run ends at exactly step 8 with each

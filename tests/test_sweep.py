@@ -254,6 +254,8 @@ def _rows(exp_dir: Path, tid: str) -> list[dict]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(1500)
+# extended (6 min): sweep validation, objective, results and report arithmetic are tested without Ray in CI
+@pytest.mark.extended
 def test_tiny_table2_sweep_survives_a_killed_driver_and_ranks_proxies_by_the_target(tmp_path):
     """The shipped tiny Table 2 cut to what CI affords: both proxies (sigmoid on), one seed, so 2 trials of the whole
     pipeline, run by ``bliss-ray sweep`` as a user runs it. Reliability scenario 7 on the way: SIGKILL the driver

@@ -47,6 +47,8 @@ def _lm_spec(data, stage, steps, micro, ckpt_every=10):
     return micro_lm_spec(stage, tok, str(arr), train, 2048, 64)
 
 
+# extended: in CI, test_fsdp's one worker = 2 DDP workers = 2 FSDP workers covers DDP parity
+@pytest.mark.extended
 def test_lm_training_1_vs_2_workers_same_losses(data, tmp_path):
     """Same global batch (8 rows): 1 worker × 2 micro-batches of 4 vs 2 workers × 1 micro-batch of 4 (DDP).
     The rows are identical by construction; only float32 summation order differs (gradient accumulation vs
