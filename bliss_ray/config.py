@@ -211,6 +211,10 @@ class EvalConfig(_Strict):
     """Evaluate every round's decay branch (needed for accuracy-vs-steps curves); else only the last."""
     bootstrap_iters: int = Field(1000, ge=0)
     """Bootstrap resamples for perplexity standard errors (the paper: 100000; accuracies use closed forms)."""
+    offline: bool | Literal["auto"] = "auto"
+    """Evaluate without the Hugging Face hub. ``auto``: offline exactly when every task reads data the node has (the
+    ``*_local`` tasks, from ``eval_data fetch`` or the cluster image, and ``bliss_ref_cloze``); with a hub task (the
+    paper's, on clusters) the evaluation tasks may download datasets."""
 
 
 class FlopsConfig(_Strict):

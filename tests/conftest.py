@@ -53,25 +53,12 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def s3_bucket():
-    """A local S3-compatible server (moto, in this process, bound to 127.0.0.1 only) and an empty bucket: the URI
-    of its root with the store options (endpoint, region) in the query, as a run root on a cluster would carry."""
-    import socket
-    import uuid
+    """A local S3-compatible server (moto, bound to 127.0.0.1 only) and an empty bucket: the URI of its root with
+    the store options in the query (``bliss_ray.testing.local_s3_bucket``)."""
+    from bliss_ray.testing import local_s3_bucket
 
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    bucket = f"bliss-{uuid.uuid4().hex[:8]}"
-    options = f"region=us-east-1&endpoint_override=http://127.0.0.1:{port}&scheme=http"
-    fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}?{options}&allow_bucket_creation=true")
-    fs.create_dir(bucket)
-    yield f"s3://{bucket}?{options}"
-    server.stop()
+    with local_s3_bucket() as bucket:
+        yield bucket
 
 
 def micro_lm_spec(stage: str, tokenizer_dir: str, data_dir: str, train: dict, vocab: int, seq_len: int):

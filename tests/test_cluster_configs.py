@@ -641,3 +641,17 @@ def test_wrong_dockerfile_base_is_rejected(tmp_path: Path) -> None:
     assert any("2.61.0" in e for e in ray_version_errors([], [], [broken]))
     broken.write_text("FROM rayproject/ray:2.58.0-py311-gpu\n")
     assert any("2.58.0" in e for e in ray_version_errors([], [], [broken]))
+
+
+def test_sweep_manifest_gpu_ceiling_holds_its_concurrent_trials() -> None:
+    """The RayJob's GPU worker group can grow to what the sweep runs at once: max_concurrent_trials × the GPUs one
+    trial's Train stage takes (its base preset's workers, one GPU each). Fewer would leave a trial pending."""
+    from bliss_ray.config import load_experiment
+
+    doc = load_yaml(RAYJOB_YAML)
+    sweep = load_yaml(REPO / doc["spec"]["entrypoint"].split()[2])
+    base = load_experiment(REPO / sweep["base"], sweep.get("overrides", {}))
+    per_trial = max(base.resources.train_workers, base.resources.bilevel_workers)
+    group = _gpu_group(doc)
+    per_pod = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert group["maxReplicas"] * per_pod >= sweep["max_concurrent_trials"] * per_trial

@@ -326,3 +326,11 @@ def test_dataset_dir_errors_point_to_fetch(monkeypatch, tmp_path):
         eval_data.dataset_dir("sciq", "none")
     with pytest.raises(KeyError):
         eval_data.dataset_dir("logiqa", "none")
+
+
+def test_offline_is_a_setting_auto_means_no_task_needs_the_hub():
+    from bliss_ray.evaluation.harness import evaluates_offline
+
+    assert evaluates_offline(["bliss_ref_cloze", "sciq_local", "bliss_paper_local"], "auto")
+    assert not evaluates_offline(["bliss_ref_cloze", "sciq"], "auto")  # a hub task: its dataset downloads
+    assert evaluates_offline(["sciq"], True) and not evaluates_offline(["sciq_local"], False)

@@ -61,6 +61,11 @@ PAPER_NOTE = (
 _LOCAL_TO_HUB = {v: k for k, v in LOCAL_PAPER_TASKS.items() if v}
 
 
+def evaluates_offline(tasks: list[str], setting: bool | str) -> bool:
+    """``eval.offline``: True/False as given; ``auto`` = offline when no task needs the hub."""
+    return all(t in LOCAL_TASKS for t in tasks) if setting == "auto" else bool(setting)
+
+
 def _source(task: str) -> str:
     if task == REF_CLOZE_TASK:
         return SOURCE_REFERENCE

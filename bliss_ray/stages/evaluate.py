@@ -19,6 +19,7 @@ import ray
 import torch
 
 from bliss_ray import storage
+from bliss_ray.evaluation.harness import evaluates_offline
 from bliss_ray.stages._ray import QUIET_ENV, use_gpu
 from bliss_ray.storage import local_copy
 from bliss_ray.train.precision import inference_dtype, resolve
@@ -54,17 +55,16 @@ def _evaluate(
     threads: int,
     device: str,
     dtype: str = "float32",
+    offline: bool = True,
 ) -> dict:
-    os.environ.update(
-        QUIET_ENV
-        | {
-            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
-            # lm-eval's bootstrap forks a multiprocessing pool: in a threaded Ray worker
-            # that can deadlock (observed); one process is enough for our resamples
-            "DISABLE_MULTIPROC": "1",
-        }
-    )
+    # lm-eval's bootstrap forks a multiprocessing pool: in a threaded Ray worker that can deadlock (observed); one
+    # process is enough for our resamples
+    os.environ.update(QUIET_ENV | {"DISABLE_MULTIPROC": "1"})
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # eval.offline decides, not the worker's inherited env
+        if offline:
+            os.environ[key] = "1"
+        else:
+            os.environ.pop(key, None)
     torch.set_num_threads(threads)
     from bliss_ray.evaluation.harness import evaluate_checkpoint
 
@@ -107,6 +107,7 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
                 max(1, int(cpus)),
                 "cuda" if gpu else "cpu",
                 inference_dtype(resolve(exp.resources.precision, "cuda" if gpu else "cpu")),
+                evaluates_offline(e.tasks, e.offline),
             )
         )
     (d / "results").mkdir(exist_ok=True)
