@@ -43,20 +43,19 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from bliss_ray.config import ConfigError
 from bliss_ray.pipeline import Run
+from bliss_ray.storage import join as join_uri
+from bliss_ray.storage import read_bytes, write_bytes
 from bliss_ray.sweep_spec import (
     FINAL_METRICS,
     Domain,
     Sweep,
     SweepSpec,
-    join_uri,
     load_sweep,
     objective,
     points,
-    read_bytes,
     sweep_json,
     trial_run,
     variant_label,
-    write_bytes,
 )
 
 log = logging.getLogger("bliss_ray")

@@ -26,12 +26,12 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow.fs as pafs
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bliss_ray.config import ConfigError, Experiment, load_experiment
 from bliss_ray.pipeline import Run, plan
+from bliss_ray.storage import join as storage_join
 
 REPO = Path(__file__).resolve().parents[1]
 # The final metrics each objective reports, and the direction in which they improve. Proxy-level metrics are
@@ -339,29 +339,9 @@ def trial_run(sweep: Sweep, config: dict, trial_id: str, out: Path, storage: str
     spec = sweep.spec
     point = {k: config[k] for k in spec.space if k in config}
     seed = config.get("seed", spec.seeds[0] if spec.seeds else None)
-    extra = {"label": variant_label(spec, point), "resources.storage_path": join_uri(storage, trial_id)}
+    extra = {"label": variant_label(spec, point), "resources.storage_path": storage_join(storage, trial_id)}
     extra |= {"seed": seed} if seed is not None else {}
     return Run(sweep.experiment(point, extra), out / spec.name / trial_id)
-
-
-def join_uri(uri: str, *parts: str) -> str:
-    base, _, query = uri.partition("?")  # keep s3 options such as ?endpoint_override=… at the end
-    return "/".join([base.rstrip("/"), *parts]) + (f"?{query}" if query else "")
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    fs, p = pafs.FileSystem.from_uri(uri)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(data)
-
-
-def read_bytes(uri: str) -> bytes | None:
-    fs, p = pafs.FileSystem.from_uri(uri)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(p) as f:
-        return f.read()
 
 
 def sweep_json(sweep: Sweep) -> bytes:
