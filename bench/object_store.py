@@ -64,7 +64,8 @@ def main(argv=None) -> dict:
     write_json("object_store", result)
     if args.results_md:
         body = "\n".join([f"Command: `{_common.command()}`", "", "```", *lines, "```"])
-        _common.set_section(args.results_md, "object_store", body, "Object-store run root vs local disk (issue 13)")
+        title = "Object-store run root vs local disk (bench/object_store.py, not in make bench)"
+        _common.set_section(args.results_md, "object_store", body, title)
     return result
 
 

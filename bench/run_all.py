@@ -4,8 +4,9 @@ Runs, each in its own process (its own Ray instance, thread pools and peak RSS),
 train_overhead.py, hypergrad.py, score_throughput.py, mfu.py, scaling.py — each prints one line per ratio and
 writes ``bench/out/<name>.json``. RESULTS.md then gets a summary table (ratio, goal, verdict), the machine
 (cores, CPU model, GPU or none, load average), the date, and per benchmark the exact command and its printed
-lines. The GPU section (filled by ``bench/gpu.sh`` on a GPU machine) and the soak section (``bench/soak.py
---results-md bench/RESULTS.md``) are kept as they are, or say that they were not run.
+lines. The GPU section (filled by ``bench/gpu.sh`` on a GPU machine), the soak section (``bench/soak.py
+--results-md bench/RESULTS.md``) and the object-store section (``bench/object_store.py --results-md …``) are kept
+as they are, or say that they were not run.
 
 Budget: < 15 min on 2 quiet cores. On a machine shared with other users, wall times stretch; the ratios are
 still measured against same-run, interleaved baselines.
@@ -208,6 +209,13 @@ def render(results: dict, started: dict, total_s: float, old: str, kept: dict[st
     out += ["", "## GPU", "", *_common.section_markers("gpu")[:1], gpu, _common.section_markers("gpu")[1]]
     out += ["", "## Soak (bench/soak.py, not in make bench)", "", _common.section_markers("soak")[0], soak]
     out += [_common.section_markers("soak")[1], ""]
+    store = (
+        get_section(old, "object_store")
+        or "Not run in this session (`.venv/bin/python bench/object_store.py --results-md bench/RESULTS.md`)."
+    )
+    begin, end = _common.section_markers("object_store")
+    out += ["## Object-store run root vs local disk (bench/object_store.py, not in make bench)", "", begin, store, end]
+    out += [""]
     return "\n".join(out)
 
 
