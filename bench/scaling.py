@@ -90,8 +90,9 @@ def _experiment(pool_dir: Path, keep_frac: float = 0.2):
 
 
 def _run_stand_in(exp, dirs: dict[str, Path]):
-    """What ``select_stage`` reads from a ``pipeline.Run``: the experiment and each stage's directory."""
-    return NS(exp=exp, dir=lambda key: dirs[key])
+    """What ``select_stage`` reads from a local ``pipeline.Run``: the experiment and each stage's location (its
+    local directory, which is also its input copy)."""
+    return NS(exp=exp, dir=lambda key: dirs[key], uri=lambda key, *sub: str(dirs[key].joinpath(*sub)))
 
 
 def child_path(work: Path, tok_dir: Path, model_dir: Path) -> dict:
