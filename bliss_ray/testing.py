@@ -16,15 +16,20 @@ import uuid
 from collections.abc import Iterator
 
 
+def use_fake_aws_credentials() -> None:
+    """moto takes any key; never ask an instance-metadata endpoint for credentials (there is no network). Call it
+    before Ray starts, so its workers inherit the variables."""
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
 @contextlib.contextmanager
 def local_s3_bucket() -> Iterator[str]:
     import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer
 
-    # moto takes any key; never ask an instance-metadata endpoint for credentials (there is no network)
-    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    use_fake_aws_credentials()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

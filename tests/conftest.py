@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bliss_ray.testing import use_fake_aws_credentials
+
 # Before anything imports Ray or transformers: isolation and no network.
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="brt_", dir="/tmp"))  # short: unix socket paths
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private single-process test cluster
@@ -23,11 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# the local S3 server (moto) takes any key; set before Ray starts so its workers inherit them, and never ask an
-# instance-metadata endpoint for credentials (there is no network)
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+use_fake_aws_credentials()  # for the local S3 server, before Ray starts: its workers inherit them
 
 REPO = Path(__file__).resolve().parents[1]
 

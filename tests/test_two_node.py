@@ -49,8 +49,8 @@ def _kill_marked(mark: str) -> None:
 class Cluster:
     """A head node and worker nodes on 127.0.0.1, each with its own short temp dir; ``stop`` kills them all."""
 
-    def __init__(self, root: Path, hidden: Path):
-        self.root, self.hidden, self.port = root, hidden, _free_port()
+    def __init__(self, hidden: Path):
+        self.hidden, self.port = hidden, _free_port()
         self.env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
         self.marks: list[str] = []
@@ -108,7 +108,7 @@ def cluster(tmp_path):
     probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"this machine refuses unshare --mount: {probe.stderr.strip()}")
-    c = Cluster(tmp_path, tmp_path)
+    c = Cluster(tmp_path)
     try:
         c.start_head()
         c.start_worker(1)
