@@ -46,6 +46,13 @@ class DataConfig(_Strict):
     corrupt_files: Literal["fail", "skip"] = "fail"
     """What a pre-flight check does with unreadable files: stop, or skip them and record it in the manifest."""
     max_reference_seqs: int = Field(512, gt=0)
+    """Rows of each part of the reference set: the selection part (the upper level, MATES's probing) and the
+    held-out evaluation part (the evaluate stage's reference loss), each a seeded subset when larger."""
+    reference_eval_frac: float = Field(0.5, ge=0.0, lt=1.0)
+    """Reference documents held out for evaluation (reference loss, ``bliss_ref_cloze``); selection never sees
+    them. 0: no split (evaluation uses the selection rows)."""
+    reference_split_seed: int = 0
+    """Seed of that split; apart from ``seed``, so all seeds and methods are measured on the same documents."""
 
 
 class TokenizerConfig(_Strict):
@@ -84,6 +91,10 @@ class TrainConfig(_Strict):
     """Linear LR warm-up at the very start (counted in global steps across rounds)."""
     decay_steps: int = Field(0, ge=0)
     """Length of the decay branch kept for evaluation (paper: 200); 0 = none. The main run never decays."""
+    eval_branches: int = Field(0, ge=0)
+    """Extra decay branches inside each round, at evenly spaced stable steps strictly between its start and end
+    (``train.schedule.branch_steps``: 60 steps, 2 branches → steps 20 and 40 of the round), each evaluated like
+    the round's final one: more checkpoints per curve. Target pretraining only; needs ``decay_steps`` > 0."""
     lr: float = Field(1e-3, gt=0)
     lr_round_factor: float = Field(1.0, gt=0, le=1.0)
     """Peak LR of round r is lr·factor^r. MATES: 1.0; the released BLISS code uses 0.5."""
@@ -112,7 +123,7 @@ class BilevelConfig(_Strict):
     z_init: Literal["zero", "constant", "grad"] = "zero"
     """``zero``: the textbook Richardson start (default); ``constant``: 1/numel per tensor (the released code, whose
     first c_i then carry a term ⟨∇CE_i, 1/numel⟩ unrelated to the reference set: on the demo it made the selection
-    erratic across seeds, docs/demo_results.md); ``grad``: start at ∇f."""
+    erratic across seeds, docs/design.md); ``grad``: start at ∇f."""
     z_clip: float | None = 1.0
     """Per-tensor norm clip of each Richardson update (released code: 1.0); None disables."""
     proxy_lr: float = Field(1e-5, gt=0)
@@ -166,6 +177,9 @@ class SelectionConfig(_Strict):
 class ScheduleConfig(_Strict):
     rounds: int = Field(2, ge=0)
     """R: selection rounds after the random round 0 (paper: 4)."""
+    final_extra_steps: int = Field(0, ge=0)
+    """Target steps added to the last round's pretraining: a FLOPs-matched baseline trains longer on its own
+    selection (``bliss-ray compare`` sets it so that random's total FLOPs equal BLISS's)."""
     pool_sharding: Literal["disjoint", "shared"] = "disjoint"
     """``disjoint``: round r selects from its own shard of the pool (paper); ``shared``: every round uses it all."""
 
@@ -309,10 +323,11 @@ class Experiment(_Strict):
     flops: FlopsConfig = FlopsConfig()
     label: str | None = None
     """How reports name this variant (default: the selection method and what differs); not part of identities."""
-    tracking: list[Literal["tensorboard", "mlflow"]] = ["tensorboard"]
+    tracking: list[Literal["tensorboard", "mlflow", "wandb"]] = ["tensorboard"]
     """Where per-step and per-round metrics go besides ``metrics.jsonl``: TensorBoard event files under
-    ``<run>/tb``; MLflow (``MLFLOW_TRACKING_URI``, default ``sqlite:///<run>/mlflow.db``; ``pip install
-    'bliss-ray[tracking]'``). Not part of identities."""
+    ``<run>/tb``; MLflow (``MLFLOW_TRACKING_URI``, default ``sqlite:///<run>/mlflow.db``); Weights & Biases
+    (``WANDB_MODE=offline`` keeps it on the machine, files under ``<run>/wandb``). MLflow and W&B need ``pip install
+    'bliss-ray[tracking]'``. Not part of identities."""
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
@@ -326,6 +341,22 @@ class Experiment(_Strict):
             raise ValueError(
                 f"bilevel.gamma > 0 needs a shared vocabulary, but models.target.vocab_size={target} "
                 f"!= models.proxy.vocab_size={proxy}; set bilevel.gamma=0 (as the paper does for LLaMA)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _eval_branches(self) -> Experiment:
+        p, res = self.pretrain, self.resources
+        if not p.eval_branches:
+            return self
+        if not p.decay_steps:
+            raise ValueError("pretrain.eval_branches > 0 needs pretrain.decay_steps > 0 (each branch decays)")
+        if p.eval_branches >= p.steps:
+            raise ValueError(f"pretrain.eval_branches must be < pretrain.steps ({p.steps}): at most one per step")
+        if res.parallelism == "fsdp" and res.train_workers > 1:
+            raise ValueError(
+                "pretrain.eval_branches is not supported with resources.parallelism fsdp on 2+ train_workers (a "
+                "branch copies, restores and saves the whole unsharded model); use parallelism ddp or no branches"
             )
         return self
 

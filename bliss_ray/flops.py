@@ -14,6 +14,10 @@ behind them, which are not what the pipeline computes.
 Rows follow ``pipeline.plan``: one per stage kind the plan runs, times the number of such stages (the random
 baseline has no warm-up, so it is charged none); a stage kind with no row fails loudly.
 
+Totals are selection + target training: the pretraining row is the stable (never-decaying) run only. The decay
+branches — each round's final one and its ``pretrain.eval_branches`` mid-round ones — are evaluation overhead,
+the same for every method: they have their own row in the ``evaluation`` group, which totals exclude (as Table 1).
+
 Per-stage operation counts for the bilevel step follow our implementation (``bilevel/loop.py``):
 K inner steps (proxy 3F_p, target forward F_tr when γ>0, score forward F_s), the reference gradient 3F_p, the
 outer score forward F_s, ∇g with create_graph 3F_p, Q HVPs at 4F_p each, ghost c_i 3F_p, score backward 2F_s.
@@ -155,12 +159,14 @@ def ledger(
 
     tr_tokens = lambda t: t.steps * t.global_batch_seqs * L  # noqa: E731
     p = exp.pretrain
+    extra = exp.schedule.final_extra_steps  # the last round's extra steps (a FLOPs-matched baseline)
     rows = [
         Row(
             "pretraining",
             "target pretraining",
-            3 * fwd(target) * tr_tokens(p) * n["pretrain"],
-            f"{n['pretrain']} rounds × {p.steps} steps × {p.global_batch_seqs}×{L} tokens",
+            3 * fwd(target) * (tr_tokens(p) * n["pretrain"] + extra * p.global_batch_seqs * L),
+            f"{n['pretrain']} rounds × {p.steps} steps × {p.global_batch_seqs}×{L} tokens"
+            + (f" + {extra} steps in the last round" if extra else ""),
         ),
     ]
     pool_rows = pool_rows_per_round or exp.flops.pool_rows_per_round
@@ -197,12 +203,14 @@ def ledger(
     if n["probe"]:
         rows += _mates_rows(exp, n, pool_rows, fwd, target, reference_batches, convention)
     if p.decay_steps:
+        branches = 1 + p.eval_branches  # per round: the final decay branch and the mid-round ones
+        per_round = f"{branches} branches × " if p.eval_branches else ""
         rows.append(
             Row(
                 "evaluation",
                 "decay branches",
-                3 * fwd(target) * p.decay_steps * p.global_batch_seqs * L * n["pretrain"],
-                f"{p.decay_steps} decay steps per round, for evaluation only",
+                3 * fwd(target) * branches * p.decay_steps * p.global_batch_seqs * L * n["pretrain"],
+                f"{per_round}{p.decay_steps} decay steps per round, for evaluation only (not in the total)",
             )
         )
     return rows

@@ -48,13 +48,16 @@ class Stage:
     settings: tuple[str, ...]  # dotted config sections that change this stage's result
 
 
+SHARDING = ("schedule.rounds", "schedule.pool_sharding")  # what decides a round's shard of the pool
+
+
 def plan(exp: Experiment) -> list[Stage]:
     """The whole data flow of one experiment, in execution order."""
     method, rounds = exp.selection.method, exp.schedule.rounds
     st = [
         Stage("tokenizer", "tokenizer", None, (), ("tokenizer", "data.pool", "data.pool_format", "data.text_column")),
         Stage("tokenize", "tokenize", None, ("tokenizer",), ("data",)),
-        Stage("r0.select", "select", 0, ("tokenize",), ("selection.keep_frac", "selection.seed", "schedule", "seed")),
+        Stage("r0.select", "select", 0, ("tokenize",), ("selection.keep_frac", "selection.seed", *SHARDING, "seed")),
     ]
     if method == "bliss":  # only BLISS has a proxy to warm up
         st.append(Stage("warmup", "warmup", None, ("tokenizer", "r0.select"), ("models.proxy", "warmup", "seed")))
@@ -79,14 +82,17 @@ def plan(exp: Experiment) -> list[Stage]:
             select_deps = (f"r{r}.score", "tokenize")
         else:
             select_deps = ("tokenize",)
+        # the last round's extra steps (a FLOPs-matched baseline) change only that round's pretraining: its
+        # selections and earlier rounds stay shared with the unmatched baseline
+        extra = ("schedule.final_extra_steps",) if r == rounds else ()
         st += [
-            Stage(f"r{r}.select", "select", r, select_deps, ("selection", "mates.temperature", "schedule", "seed")),
+            Stage(f"r{r}.select", "select", r, select_deps, ("selection", "mates.temperature", *SHARDING, "seed")),
             Stage(
                 f"r{r}.pretrain",
                 "pretrain",
                 r,
                 ("tokenizer", f"r{r}.select", prev),
-                ("models.target", "pretrain", "seed"),
+                ("models.target", "pretrain", "seed", *extra),
             ),
         ]
     pretrains = tuple(s.key for s in st if s.kind == "pretrain")

@@ -190,7 +190,8 @@ def proxy_keys(keys) -> list[str]:
 def target_tokens(exp: Experiment) -> int:
     """Tokens the evaluated target checkpoint trained on: every round's pretraining, then the decay branch."""
     p = exp.pretrain
-    return ((exp.schedule.rounds + 1) * p.steps + p.decay_steps) * p.global_batch_seqs * exp.data.seq_len
+    steps = (exp.schedule.rounds + 1) * p.steps + exp.schedule.final_extra_steps + p.decay_steps
+    return steps * p.global_batch_seqs * exp.data.seq_len
 
 
 def paper_tasks(tasks) -> list[str]:

@@ -1,9 +1,11 @@
 """Ray Train stages: 1 vs 2 workers compute the same thing (LM training and one bilevel outer step), and a
-SIGKILLed worker resumes from a checkpoint, ends at the exact step count and equals an uninterrupted run.
+SIGKILLed worker resumes from a checkpoint, ends at the exact step count and equals an uninterrupted run; mid-round
+evaluation branches (``pretrain.eval_branches``) survive a restart and leave the stable run bit for bit unchanged.
 
     .venv/bin/python -m pytest tests/test_train_stage.py -q
 """
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -41,6 +43,7 @@ def _lm_spec(data, stage, steps, micro, ckpt_every=10):
         "micro_batch_seqs": micro,
         "global_batch_seqs": 8,
         "decay_steps": 0,
+        "eval_branches": 0,
         "ckpt_every_steps": ckpt_every,
         "warmup_steps": 1,
     }
@@ -127,6 +130,64 @@ def test_killed_worker_resumes_and_finishes_at_the_exact_step(data, tmp_path, mo
     dirs = sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir())
     assert not orphan.exists(), "gc_orphan_checkpoints left an unregistered checkpoint directory"
     assert dirs and all(d in snapshot for d in dirs), (dirs, snapshot)
+
+
+# extended (~140 s): in CI, test_eval_branches holds the stable state bit-identical across a branch without Ray,
+# and the tiny pipeline evaluates its mid-round branches
+@pytest.mark.extended
+@pytest.mark.timeout(900)  # three short runs, one with a worker-group restart
+def test_mid_round_branches_are_kept_and_leave_the_stable_run_bit_identical(data, tmp_path, monkeypatch):
+    """pretrain.eval_branches=2 in a round of 8 steps from global step 6: 3-step decay branches from the stable
+    state at steps 8 and 11 (train.schedule.branch_steps), saved as branches/8 and branches/11. A SIGKILL inside the
+    branch at 11 (fetching step 12's batches) restarts the group from a checkpoint (step 10 or 8) that carries
+    branches/8: that branch is restored, not recomputed, and the one at 11 is recomputed. Bit for bit: the stage's
+    final stable state and end-of-round decay branch equal the same stage's without branches, and branches/11
+    equals the end-of-round decay branch of the same stage cut at step 11, whose stable weights it differs from."""
+    from bliss_ray.stages import train_lm
+
+    def run(stage: str, steps: int, branches: int):
+        spec = _lm_spec(data, stage, steps, 8, ckpt_every=2)
+        spec.train |= {"decay_steps": 3, "eval_branches": branches}
+        out = tmp_path / stage
+        out.mkdir()
+        result = train_lm.run(dataclasses.replace(spec, start_step=6), out, RES, str(tmp_path / "ray"), 1)
+        return out, result
+
+    ref, ref_result = run("plain", 8, 0)
+    cut, _ = run("cut", 5, 0)  # the same stable run, ending at step 11
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("BLISS_FAULTS", json.dumps({"kill": {"stage": "branched", "step": 12, "once": str(marker)}}))
+    out, result = run("branched", 8, 2)
+    assert marker.exists(), "the fault was not injected"
+    assert result["branch_steps"] == [8, 11] and ref_result["branch_steps"] == []
+    assert sorted(p.name for p in (out / "branches").iterdir()) == ["11", "8"]
+    state = torch.load(out / "state" / "train_state.pt", weights_only=True)
+    assert state["step"] == 14 and len(state["resumed_from"]) == 1 and state["resumed_from"][0] in (8, 10)
+
+    weights = {d: load_file(d / "model.safetensors") for d in (out / "branches" / "8", out / "branches" / "11")}
+    for d in weights:
+        assert all(torch.isfinite(p).all() for p in load_lm(d).parameters())  # an HF directory that loads
+    assert_same_state(weights[out / "branches" / "11"], load_file(cut / "decay" / "model.safetensors"), "branch@11")
+    stable_11 = load_file(cut / "state" / "model" / "model.safetensors")
+    assert any(not torch.equal(v, stable_11[k]) for k, v in weights[out / "branches" / "11"].items())
+    for part in ("state/model", "decay"):
+        assert_same_state(
+            load_file(out / part / "model.safetensors"), load_file(ref / part / "model.safetensors"), part
+        )
+    ref_state = torch.load(ref / "state" / "train_state.pt", weights_only=True)
+    assert_same_state(state["optimizer"], ref_state["optimizer"], "optimizer")
+
+    # metrics: each branch's steps once under its own phase (the carried branch at 8 was not run again), the
+    # stable and decay steps exactly the run's without branches
+    history = _without_timings(read_metrics(out / "metrics.jsonl"))
+    for at in (8, 11):
+        assert [m["step"] for m in history if m["phase"] == f"branch@{at}"] == [at + 1, at + 2, at + 3]
+    cut_decay = [m for m in _without_timings(read_metrics(cut / "metrics.jsonl")) if m["phase"] == "decay"]
+    branch_11 = [m | {"phase": "decay"} for m in history if m["phase"] == "branch@11"]
+    assert branch_11 == cut_decay
+    assert [m for m in history if not m["phase"].startswith("branch@")] == _without_timings(
+        read_metrics(ref / "metrics.jsonl")
+    )
 
 
 def test_bilevel_outer_step_1_vs_2_workers(data, tmp_path):

@@ -162,7 +162,8 @@ def rank_rows(
 
 class Prefetcher:
     """Prepares step s+1's micro-batches on a background thread while step s computes; on CUDA the tensors are
-    pinned so the copy to the device can be ``non_blocking``. Steps must be requested in increasing order."""
+    pinned so the copy to the device can be ``non_blocking``. A step other than the one prefetched (a branch that
+    jumps back, a replay after a restart) is loaded synchronously."""
 
     def __init__(self, load: Callable[[int], list[torch.Tensor]], pin: bool):
         self.load, self.pin = load, pin

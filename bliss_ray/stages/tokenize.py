@@ -3,7 +3,9 @@
 Inputs: the pool / reference files (``data.pool``, ``data.reference``; local, ``s3://``/``gs://`` or bundled) and
 the tokenizer. Outputs: ``pool/packed/*.parquet`` (the packed training rows with their source row ids),
 ``pool/quarantine/*.parquet`` (every rejected row with its id and reason), ``reference/array`` (the reference
-rows, ready for the bilevel stage) and ``manifest.json`` (counts, skipped files, per-domain shares).
+set's selection part, for the bilevel stage and MATES), ``reference/eval_array`` (its held-out evaluation part,
+for the evaluate stage; ``data.reference_eval_frac``) and ``manifest.json`` (counts, skipped files, per-domain
+shares).
 
 The file list streams through a Ray Data actor pool (the tokenizer loads once per actor); each actor processes
 whole files with ``bliss_ray.data.tokenize.tokenize_file``, so a rerun after a crash only processes files whose
@@ -23,8 +25,9 @@ import ray.data
 
 from bliss_ray import storage
 from bliss_ray.config import Experiment
-from bliss_ray.data.corpus import check_file, detect_format, iter_texts, resolve_files
-from bliss_ray.data.tokenize import cloze_rows, tokenize_file
+from bliss_ray.data.corpus import check_file, detect_format, read_file, resolve_files
+from bliss_ray.data.reference_split import cloze_items, eval_doc_ids, split_rows
+from bliss_ray.data.tokenize import tokenize_file
 from bliss_ray.data.tokenizer import load_tokenizer
 from bliss_ray.data.tokens import TokenArray, read_token_table
 from bliss_ray.storage import local_copy
@@ -110,28 +113,91 @@ def tokenize_pool(exp: Experiment, tokenizer_dir: str, out_dir: str) -> dict:
     }
 
 
+def _save_rows(out: Path, row_ids: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "tokens.npy", tokens)
+    np.save(out / "row_ids.npy", row_ids)
+    np.save(out / "loss_mask.npy", mask)
+    (out / "_SUCCESS").write_text(f"{len(row_ids)} rows\n")
+
+
+def _continuation_parts(d, files: list[str], tokenizer, ref_dir: Path) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """Cloze items (one per document, row id = document id) of the selection and evaluation parts."""
+    rows = [read_file(f, d.reference_format, d, i)[0] for i, f in enumerate(files)]
+    rows = [r for r in rows if r.texts]  # pre-tokenized rows have no last word to cut
+    doc_ids = np.concatenate([r.ids for r in rows]) if rows else np.zeros(0, np.int64)
+    texts = np.array([t for r in rows for t in r.texts], dtype=object)
+    held_out = eval_doc_ids(doc_ids, d.reference_eval_frac, d.reference_split_seed)
+    is_eval = np.isin(doc_ids, held_out)
+    sel = cloze_items(doc_ids[~is_eval], list(texts[~is_eval]), tokenizer, d.seq_len, d.max_reference_seqs)
+    ev = cloze_items(doc_ids[is_eval], list(texts[is_eval]), tokenizer, d.seq_len, d.max_reference_seqs)
+    ev = ev if len(held_out) else sel
+    if not len(sel[0]) or not len(ev[0]):
+        raise ValueError(
+            f"no usable cloze items in the reference set's {'selection' if not len(sel[0]) else 'evaluation'} "
+            f"part (data.reference_eval_frac={d.reference_eval_frac})"
+        )
+    _save_rows(ref_dir / "array", *sel)
+    _save_rows(ref_dir / "eval_array", *ev)
+    return doc_ids, held_out, len(sel[0]), len(ev[0]), 0
+
+
+def _passage_parts(
+    d, seed: int, files: list[str], tokenizer, ref_dir: Path
+) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """Packed passage rows of the selection and evaluation parts; rows mixing both parts are dropped."""
+    for i, f in enumerate(files):
+        tokenize_file(f, i, d.reference_format, d, tokenizer, ref_dir)
+    packed = [str(f) for f in sorted((ref_dir / "packed").glob("*.parquet"))]
+    tables = [read_token_table(f, ["row_id", "source_ids"]) for f in packed]
+    row_ids = np.concatenate([t.column("row_id").to_numpy() for t in tables])
+    sources = [np.asarray(s, np.int64) for t in tables for s in t.column("source_ids").to_pylist()]
+    doc_ids = np.concatenate(sources)
+    held_out = eval_doc_ids(doc_ids, d.reference_eval_frac, d.reference_split_seed)
+    sel, ev = split_rows(sources, held_out)
+    if not sel.any() or (len(held_out) and not ev.any()):
+        raise ValueError(
+            f"the reference split (data.reference_eval_frac={d.reference_eval_frac}) left the "
+            f"{'selection' if not sel.any() else 'evaluation'} part without a whole packed row; use more "
+            "reference documents or a lower fraction"
+        )
+    keep = row_ids[sel]
+    if len(keep) > d.max_reference_seqs:  # a fixed, seeded subset
+        keep = np.random.default_rng(seed).choice(keep, d.max_reference_seqs, replace=False)
+    arr = TokenArray.build(packed, ref_dir / "array", keep_ids=keep)
+    keep_eval = row_ids[ev] if len(held_out) else keep
+    if len(keep_eval) > d.max_reference_seqs:  # seeded by the split, so every seed is measured on the same rows
+        rng = np.random.default_rng(d.reference_split_seed)
+        keep_eval = rng.choice(keep_eval, d.max_reference_seqs, replace=False)
+    eval_arr = TokenArray.build(packed, ref_dir / "eval_array", keep_ids=keep_eval)
+    return doc_ids, held_out, len(arr), len(eval_arr), int((~sel & ~ev).sum())
+
+
 def build_reference(exp: Experiment, tokenizer_dir: Path, out_dir: Path) -> dict:
-    """The reference set as a ``TokenArray`` (+ loss mask for continuation items). Small: built on the driver."""
+    """The reference set's selection part (``reference/array``) and held-out evaluation part
+    (``reference/eval_array``) as ``TokenArray``s (+ loss mask for continuation items); see
+    ``bliss_ray.data.reference_split``. Small: built on the driver.
+
+    Next to the evaluation rows (``local_copy`` copies directories, so the evaluate task gets them in one copy):
+    ``eval_doc_ids.npy``, the held-out document ids, and, when there is a split, ``selection_doc_ids.npy``, the
+    documents selection may see, which ``bliss_ref_cloze`` skips."""
     d = exp.data
     tokenizer = load_tokenizer(tokenizer_dir)
     files = resolve_files(d.reference)
     ref_dir = out_dir / "reference"
-    array_dir = ref_dir / "array"
     if d.reference_loss == "continuation":
-        texts = list(iter_texts(files, d.reference_format, d, max_chars=1 << 62))
-        ids, mask = cloze_rows(texts, tokenizer, d.seq_len, d.max_reference_seqs)
-        array_dir.mkdir(parents=True, exist_ok=True)
-        np.save(array_dir / "tokens.npy", ids)
-        np.save(array_dir / "row_ids.npy", np.arange(len(ids), dtype=np.int64))
-        np.save(array_dir / "loss_mask.npy", mask)
-        (array_dir / "_SUCCESS").write_text(f"{len(ids)} rows\n")
-        return {"reference_seqs": len(ids), "reference_loss": "continuation"}
-    for i, f in enumerate(files):
-        tokenize_file(f, i, d.reference_format, d, tokenizer, ref_dir)
-    packed = sorted((ref_dir / "packed").glob("*.parquet"))
-    all_ids = np.concatenate([read_token_table(str(f), ["row_id"]).column("row_id").to_numpy() for f in packed])
-    keep = None
-    if len(all_ids) > d.max_reference_seqs:  # a fixed, seeded subset
-        keep = np.random.default_rng(exp.seed).choice(all_ids, d.max_reference_seqs, replace=False)
-    arr = TokenArray.build([str(f) for f in packed], array_dir, keep_ids=keep)
-    return {"reference_seqs": len(arr), "reference_loss": "passage"}
+        doc_ids, held_out, n_sel, n_eval, dropped = _continuation_parts(d, files, tokenizer, ref_dir)
+    else:
+        doc_ids, held_out, n_sel, n_eval, dropped = _passage_parts(d, exp.seed, files, tokenizer, ref_dir)
+    np.save(ref_dir / "eval_array" / "eval_doc_ids.npy", held_out)
+    # bliss_ref_cloze reads the bundled passages whatever data.reference is: skipping the documents selection may
+    # see (rather than keeping only held-out ones) stays right when the reference set is another corpus
+    if len(held_out):
+        np.save(ref_dir / "eval_array" / "selection_doc_ids.npy", np.setdiff1d(doc_ids, held_out))
+    return {
+        "reference_seqs": n_sel,
+        "reference_eval_seqs": n_eval,
+        "reference_eval_docs": len(held_out),
+        "reference_dropped_seqs": dropped,
+        "reference_loss": d.reference_loss,
+    }

@@ -2,12 +2,16 @@
 
 Inputs: a materialised ``TokenArray`` of training rows, the tokenizer, and optionally the previous round's full
 training state. Outputs (in the stage directory): ``state/`` (HF model + optimizer + step: round r+1 continues
-from it), ``decay/`` (the decay-branch model that evaluation uses, when ``decay_steps`` > 0) and
-``metrics.jsonl``. The worker loop is ``bliss_ray.train.loop.train_lm``; this module only adapts Ray to it.
+from it), ``decay/`` (the decay-branch model that evaluation uses, when ``decay_steps`` > 0), ``branches/<step>/``
+(the models of the mid-round decay branches, ``eval_branches`` of them, each from the stable state at that global
+step) and ``metrics.jsonl`` (branch steps under ``phase: "branch@<step>"``). The worker loop is
+``bliss_ray.train.loop.train_lm``; this module only adapts Ray to it.
 
 Fault tolerance: rank 0 checkpoints every ``ckpt_every_steps``; a restarted worker group resumes from the last
 registered checkpoint (possibly older than the last reported one, ray.md §3.4 #1) and recomputes the batches of
 every later step, so the run ends at exactly ``end_step`` with every step's data seen once after the replay.
+Every checkpoint carries the branch models finished so far (``branches/``); a resumed run restores them and
+computes only the missing ones.
 
     bliss-ray run experiments/demo.yaml --stage r0.pretrain
 """
@@ -41,6 +45,7 @@ from bliss_ray.stages._ray import (
 )
 from bliss_ray.storage import local_copy
 from bliss_ray.train import fsdp
+from bliss_ray.train.branches import stable_state_kept
 from bliss_ray.train.checkpoint import (
     STATE_FILE,
     load_train_state,
@@ -51,7 +56,7 @@ from bliss_ray.train.checkpoint import (
 )
 from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
 from bliss_ray.train.precision import resolve
-from bliss_ray.train.schedule import decay_lr, round_peak_lr, wsd_lr
+from bliss_ray.train.schedule import branch_steps, decay_lr, round_peak_lr, wsd_lr
 
 
 @dataclass
@@ -110,6 +115,16 @@ def _worker(loop_config: dict) -> None:
     # each attempt that resumes appends the step it restarts from, kept in every later checkpoint: the record that
     # a restarted worker group continued from its checkpoint instead of starting over (tests, post-mortems)
     resumed_from = [*state.get("resumed_from", []), step] if resumed else []
+    # finished mid-round branch models (rank 0 keeps them; each checkpoint carries them all as branches/)
+    branch_root = Path(tempfile.mkdtemp(prefix="branches_"))
+    carried = Path(source) / "branches" if resumed else None
+    if carried is not None and carried.is_dir():
+        if rank == 0:
+            shutil.copytree(carried, branch_root, dirs_exist_ok=True)
+        done = {int(p.name) for p in carried.iterdir()}  # every rank reads the same checkpoint: the same branches
+    else:
+        done = set()
+    pending = [s for s in branch_steps(spec.start_step, t.steps, t.eval_branches) if s not in done]
 
     set_activation_checkpointing(model, spec.activation_checkpointing, spec.activation_checkpointing_k)
     sharded = spec.parallelism == "fsdp" and world > 1
@@ -150,7 +165,13 @@ def _worker(loop_config: dict) -> None:
     def log(m: dict) -> None:
         if rank == 0:
             history.append({"phase": phase, **m})
-            progress({"phase": phase, **m})  # live, to the driver's console and TensorBoard
+            # live, to the driver's console and TensorBoard. Not a mid-round branch's steps: the live consumers
+            # take a stage's steps as one series that only grows (a step going back reads as a restart)
+            if not phase.startswith("branch@"):
+                progress({"phase": phase, **m})
+
+    def save_stable(next_step: int, n_skipped: int) -> None:
+        save(next_step, n_skipped, {"branches": branch_root} if t.eval_branches else None)
 
     def save(next_step: int, n_skipped: int, extra_dirs: dict | None = None) -> None:
         if sharded:
@@ -170,9 +191,9 @@ def _worker(loop_config: dict) -> None:
                 )
                 for name, src in (extra_dirs or {}).items():
                     shutil.copytree(src, Path(d) / name)
-            report(
-                {"step": next_step, "phase": phase, **(history[-1] if history else {})}, Path(d) if rank == 0 else None
-            )
+            # the step's own record: a mid-round branch taken at this step has logged after it
+            last = next((m for m in reversed(history) if m["phase"] == phase), {})
+            report({"step": next_step, "phase": phase, **last}, Path(d) if rank == 0 else None)
 
     def save_sharded(next_step: int, n_skipped: int) -> None:
         """Mid-run: every rank writes its DCP shards and reports its directory (Ray merges them into one
@@ -196,6 +217,37 @@ def _worker(loop_config: dict) -> None:
             metrics = {"step": next_step, "phase": phase, **(history[-1] if history else {})}
             report(metrics, Path(d) if rank == 0 or not final else None)
 
+    def decay(at: int) -> None:
+        """``decay_steps`` steps of a decay branch from the stable state at global step ``at``, on the batches
+        the stable run sees from ``at`` on (the Prefetcher serves a step requested out of order by loading it)."""
+        branch_lr = wsd_lr(at - 1, peak, t.warmup_steps)
+        train_lm(
+            model,
+            optimizer,
+            start_step=at,
+            end_step=at + t.decay_steps,
+            lr_at=lambda s: decay_lr(s - at, branch_lr, t.decay_steps),
+            batches_at=batches_at,
+            cfg=dataclasses.replace(loop, ckpt_every_steps=1 << 30),
+            log=log,
+            save=lambda *a: None,
+            loss_hook=_faults.nonfinite_hook(spec.stage),
+        )
+
+    def log_stable(m: dict) -> None:
+        nonlocal phase
+        log(m)
+        if m["step"] not in pending:
+            return
+        # train_lm logs a step after its update and before checkpointing it, so the checkpoint of a branch's step
+        # carries that branch; and the stable run stays one train_lm call (fp16's loss scale carries on)
+        with stable_state_kept(base, optimizer):
+            phase = f"branch@{m['step']}"
+            decay(m["step"])
+            if rank == 0:
+                save_lm(model, branch_root / str(m["step"]), tokenizer)
+        phase = "stable"
+
     if phase == "stable" and step < end_step:
         skipped = train_lm(
             model,
@@ -205,8 +257,8 @@ def _worker(loop_config: dict) -> None:
             lr_at=lambda s: wsd_lr(s, peak, t.warmup_steps),
             batches_at=batches_at,
             cfg=loop,
-            log=log,
-            save=save,
+            log=log_stable,
+            save=save_stable,
             skipped=skipped,
             loss_hook=_faults.nonfinite_hook(spec.stage),
         )
@@ -223,19 +275,7 @@ def _worker(loop_config: dict) -> None:
             if rank == 0:
                 torch.save(stable_optimizer, Path(keep) / "stable_optimizer.pt")
             phase = "decay"
-            branch_lr = wsd_lr(end_step - 1, peak, t.warmup_steps)
-            train_lm(
-                model,
-                optimizer,
-                start_step=end_step,
-                end_step=end_step + t.decay_steps,
-                lr_at=lambda s: decay_lr(s - end_step, branch_lr, t.decay_steps),
-                batches_at=batches_at,
-                cfg=dataclasses.replace(loop, ckpt_every_steps=1 << 30),
-                log=log,
-                save=lambda *a: None,
-                loss_hook=_faults.nonfinite_hook(spec.stage),
-            )
+            decay(end_step)
             with tempfile.TemporaryDirectory() as d:
                 if sharded:
                     fsdp.export_hf(base, Path(d) / "decay", tokenizer)
@@ -244,6 +284,8 @@ def _worker(loop_config: dict) -> None:
                 if rank == 0:
                     stable = torch.load(Path(keep) / "stable_optimizer.pt", weights_only=True)
                     shutil.copytree(Path(keep) / "stable_model", Path(d) / "model")
+                    if t.eval_branches:
+                        shutil.copytree(branch_root, Path(d) / "branches")
                     torch.save(
                         {
                             "optimizer": stable,
@@ -257,10 +299,17 @@ def _worker(loop_config: dict) -> None:
                     )
                     write_metrics(Path(d) / "metrics.jsonl", history)
                 report({"step": end_step, "phase": "done"}, Path(d) if rank == 0 else None)
+    shutil.rmtree(branch_root)
 
 
 def run(spec: LMTrainSpec, out_dir: Path, res: ResourcesConfig, storage: str, workers: int) -> dict:
-    """Run the stage on Ray Train and copy the final checkpoint to ``out_dir`` (state/, decay/, metrics.jsonl)."""
+    """Run the stage on Ray Train and copy the final checkpoint to ``out_dir`` (state/, decay/, branches/,
+    metrics.jsonl). Returns the final step, the Train run's path and the global steps of the branches."""
+    if spec.train.get("eval_branches") and res.parallelism == "fsdp" and workers > 1:
+        raise ValueError(  # the config refuses it too; this guards callers that build a spec themselves
+            "pretrain.eval_branches needs a replicated model: not supported with resources.parallelism fsdp on "
+            "2+ workers"
+        )
     spec = dataclasses.replace(
         spec,
         threads=res.torch_threads,
@@ -289,9 +338,12 @@ def run(spec: LMTrainSpec, out_dir: Path, res: ResourcesConfig, storage: str, wo
     state.mkdir(parents=True)
     for item in ("model", "train_state.pt"):
         shutil.move(str(tmp / item), str(state / item))
-    if (tmp / "decay").exists():
-        shutil.rmtree(out_dir / "decay", ignore_errors=True)
-        shutil.move(str(tmp / "decay"), str(out_dir / "decay"))
+    for item in ("decay", "branches"):
+        shutil.rmtree(out_dir / item, ignore_errors=True)  # a previous attempt's, never mixed with this one's
+        if (tmp / item).exists():
+            shutil.move(str(tmp / item), str(out_dir / item))
     shutil.move(str(tmp / "metrics.jsonl"), str(out_dir / "metrics.jsonl"))
     shutil.rmtree(tmp)
-    return {"final_step": result.metrics.get("step"), "train_run": result.path}
+    branches = out_dir / "branches"
+    steps = sorted(int(p.name) for p in branches.iterdir()) if branches.is_dir() else []
+    return {"final_step": result.metrics.get("step"), "train_run": result.path, "branch_steps": steps}

@@ -3,7 +3,9 @@
 * Target pretraining and proxy warm-up: warmup-stable-decay (WSD). Linear warm-up over the first
   ``warmup_steps`` global steps, then constant at the round's peak; the *decay branch* kept for evaluation
   halves the LR every ``decay_steps/4`` steps, ending at peak/16 (MATES/BLISS: 200 decay steps, a halving every
-  50). The main run never decays, so round r+1 continues from round r's un-decayed state.
+  50). The main run never decays, so round r+1 continues from round r's un-decayed state. Besides the branch at
+  a round's end, ``pretrain.eval_branches`` more branch off inside the round (``branch_steps``), for curves
+  with more evaluated checkpoints than rounds.
 * Bilevel: cosine with linear warm-up (transformers' ``get_cosine_schedule_with_warmup``), as the released code.
 """
 
@@ -25,3 +27,12 @@ def decay_lr(decay_step: int, branch_lr: float, decay_steps: int) -> float:
 def round_peak_lr(lr: float, factor: float, round_index: int) -> float:
     """Peak LR of a round: lr·factor^r (factor 1 = MATES's constant LR, 0.5 = the released BLISS code)."""
     return lr * factor**round_index
+
+
+def branch_steps(start_step: int, steps: int, n: int) -> list[int]:
+    """Global stable steps of a round's ``n`` mid-round decay branches: evenly spaced strictly between the round's
+    start and end, at ``start_step + ⌊k·steps/(n+1)⌋`` for k = 1…n (60 steps, 2 branches: +20 and +40; 6 steps,
+    1 branch: +3). Spacing ≥ 1 needs n < steps."""
+    if not 0 <= n < steps:
+        raise ValueError(f"{n} evaluation branches do not fit strictly inside a round of {steps} steps")
+    return [start_step + k * steps // (n + 1) for k in range(1, n + 1)]

@@ -5,6 +5,9 @@ For each passage of `data/corpus/reference.parquet` (columns `id`, `text`, `doma
 to its last word and the target is " " + that word without its punctuation (as lm-eval's `lambada_openai`:
 context = all words but the last, target = " " + last word). Passages are visited in `id` order and windows are
 taken round-robin across passages, so the item set is deterministic and spread over domains; at most 500 items.
+When `$BLISS_REF_CLOZE_SKIP_IDS` names an `.npy` of passage ids (the evaluate stage sets it to the reference set's
+selection part, see `bliss_ray.data.reference_split`), those passages are skipped, so the cloze is held out from
+selection; unset, every passage is used.
 
 Used by lm-eval through `custom_dataset: !function ref_cloze.load_ref_cloze` in `bliss_ref_cloze.yaml`;
 `python bliss_ray/evaluation/tasks/ref_cloze.py [PARQUET]` prints a few items.
@@ -21,6 +24,7 @@ MAX_ITEMS = 500
 MIN_WORDS = 24  # enough context for the last word to be predictable at all
 MAX_WORDS = 160  # keeps CPU eval cheap and far below the 2048-token window
 MAX_PER_PASSAGE = 8
+SKIP_IDS_ENV = "BLISS_REF_CLOZE_SKIP_IDS"
 # A sentence ends at . ! or ? (optionally followed by closing quotes/brackets) before whitespace or the end.
 _SENT_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s|$)")
 _WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")  # letters, with inner apostrophes/hyphens
@@ -103,18 +107,30 @@ def read_reference(path: Path | None = None) -> list[dict]:
     return table.select(cols).to_pylist()
 
 
+def held_out(rows: list[dict]) -> list[dict]:
+    """The rows whose `id` is not in `$BLISS_REF_CLOZE_SKIP_IDS`'s list (all rows when it is unset)."""
+    path = os.environ.get(SKIP_IDS_ENV)
+    if not path:
+        return rows
+    import numpy as np
+
+    skip = set(np.load(path).tolist())
+    return [r for r in rows if int(r["id"]) not in skip]
+
+
 def load_ref_cloze(**_kwargs):
     """lm-eval `custom_dataset` hook (task metadata arrives as kwargs and is ignored)."""
     import datasets
 
-    items = build_items(read_reference())
+    items = build_items(held_out(read_reference()))
     if not items:
-        raise ValueError(f"no cloze items could be cut from {reference_path()}")
+        skipping = f" after skipping the passages in ${SKIP_IDS_ENV}" if os.environ.get(SKIP_IDS_ENV) else ""
+        raise ValueError(f"no cloze items could be cut from {reference_path()}{skipping}")
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(items)})
 
 
 if __name__ == "__main__":
-    found = build_items(read_reference(Path(sys.argv[1]) if len(sys.argv) > 1 else None))
+    found = build_items(held_out(read_reference(Path(sys.argv[1]) if len(sys.argv) > 1 else None)))
     print(f"{len(found)} items")
     for it in found[:5]:
         print(repr(it["context"][-80:]), "->", repr(it["target"]), it["domain"])
