@@ -5,8 +5,9 @@ writes them here, so the event files land in the run directory whichever node ra
 
     <run>/tb/<stage key>/   per step: loss, lr, grad norm, tokens/s, FLOP/s, memory (warm-up, pretraining with
                             its decay branch as ``decay/…``); upper/lower loss, KL, weight entropy, norms (bilevel)
-    <run>/tb/rounds/        per round: selection domain shares (``selection/share/<domain>``) and evaluation
-                            results (``eval/<task>``, ``eval/reference_loss``, ``eval/paper_average``)
+    <run>/tb/rounds/        per round: selection domain shares (``selection/share/<domain>``, step = round); per
+                            evaluated checkpoint (step = target steps): ``eval/<task>``, ``eval/reference_loss``
+                            (held-out part of the reference set), ``eval/paper_average``
 
 ``tensorboard --logdir runs/<experiment>/tb`` shows the whole experiment. A stage whose workers restart replays
 steps from its last checkpoint: the writer is reopened with ``purge_step`` so the replayed steps replace the dead
@@ -58,9 +59,8 @@ class TensorBoardTracker:
             first = key not in self.last_step
             restarted = not first and step <= self.last_step[key]
             writer = self._writer(key, purge_step=step if first or restarted else None)
-            prefix = "decay/" if rec.get("phase") == "decay" else ""
             for name, value in _scalars(rec).items():
-                writer.add_scalar(prefix + name, value, step)
+                writer.add_scalar(phase_prefix(rec) + name, value, step)
             self.last_step[key] = step
 
     def stage_start(self, key: str, kind: str, d: Path) -> None:
@@ -89,6 +89,13 @@ class TensorBoardTracker:
         self.writers.clear()
 
 
+def phase_prefix(record: dict) -> str:
+    """Tag prefix of a record's phase: the decay branch at a round's end (``decay/``) and the mid-round
+    evaluation branches (``branch/``) are apart from the stable run they share steps with."""
+    phase = str(record.get("phase", ""))
+    return "decay/" if phase == "decay" else "branch/" if phase.startswith("branch") else ""
+
+
 def unseen_steps(d: Path, last_step: int | None) -> list[dict]:
     """The records of a finished Train stage's ``metrics.jsonl`` after ``last_step``: what the live channel did
     not deliver (a board busy on a loaded machine, a driver that restarted mid-stage) still reaches the trackers."""
@@ -111,7 +118,8 @@ def round_summary(kind: str, round_index: int | None, outputs: dict, d: Path) ->
         for c in outputs.get("checkpoints", []):
             values = {name: c.get(name) for name in ("reference_loss", "paper_average")}
             values |= {task: v.get("value") for task, v in (c.get("tasks") or {}).items()}
-            out += [(f"eval/{name}", float(v), int(c["round"])) for name, v in values.items() if v is not None]
+            # by target steps: a round has several evaluated checkpoints (its mid-round branches and its end)
+            out += [(f"eval/{name}", float(v), int(c["steps"])) for name, v in values.items() if v is not None]
     return out
 
 
@@ -120,6 +128,13 @@ def trackers(tracking: list[str], run_root: Path, experiment_name: str) -> list:
     out: list = []
     if "tensorboard" in tracking:
         out.append(TensorBoardTracker(run_root))
+    if "wandb" in tracking:
+        try:
+            from bliss_ray.stages._wandb import WandbTracker
+
+            out.append(WandbTracker(run_root, experiment_name))
+        except ImportError as e:
+            raise ImportError(f"tracking: [wandb] needs wandb: pip install 'bliss-ray[tracking]' ({e})") from e
     if "mlflow" in tracking:
         try:
             from bliss_ray.stages._mlflow import MLflowTracker

@@ -247,6 +247,76 @@ def test_mlflow_tracker_through_rays_integration_reads_back_offline(tmp_path):
     assert [(m.step, m.value) for m in share] == [(1, pytest.approx(0.7))]
 
 
+def _wandb_records(run_dir: Path) -> tuple[str, list[dict], int | None, dict]:
+    """The name, history rows (metrics and ``_step``), exit code and config of an offline W&B run, read with W&B's
+    own record reader from its ``.wandb`` file."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal.datastore import DataStore
+
+    store = DataStore()
+    store.open_for_scan(str(next(run_dir.glob("run-*.wandb"))))
+    rows, exit_code, name, config = [], None, None, {}
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+            }
+            rows.append({k: v for k, v in items.items() if not k.startswith("_")} | {"_step": record.history.step.num})
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+        elif kind == "run":
+            name = record.run.display_name
+            config |= {item.key: json.loads(item.value_json) for item in record.run.config.update}
+        elif kind == "config":
+            config |= {item.key: json.loads(item.value_json) for item in record.config.update}
+    return name, rows, exit_code, config
+
+
+def test_wandb_tracker_through_rays_integration_reads_back_offline(tmp_path, monkeypatch):
+    """``tracking: [wandb]`` in offline mode (nothing leaves the machine): one run per stage under ``<run>/wandb``,
+    per-step metrics at their steps, the decay branch under ``decay/``, round summaries, failed stages marked."""
+    pytest.importorskip("wandb", reason="wandb is in the dev and tracking extras")
+    from bliss_ray.stages._wandb import WandbTracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    d = tmp_path / "r1.select-abc"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"settings": {"selection": {"keep_frac": 0.2}}}))
+    (d / "manifest.json").write_text(json.dumps({"domain_share": {"wiki": {"pool": 0.5, "selected": 0.7}}}))
+    tracker = WandbTracker(tmp_path, "tiny")
+    tracker.stage_start("r1.pretrain", "pretrain", d)
+    records = _records(6, range(1, 5), time.time())
+    records[-1]["phase"] = "decay"
+    tracker.steps("r1.pretrain", "pretrain", records)
+    tracker.steps("r1.pretrain", "pretrain", records[:2])  # a replay after a worker restart adds nothing
+    tracker.stage_end("r1.pretrain", "pretrain", 1, {}, d)
+    tracker.stage_start("r1.select", "select", d)
+    tracker.stage_end("r1.select", "select", 1, {}, d)
+    tracker.stage_start("r2.pretrain", "pretrain", d)
+    tracker.stage_failed("r2.pretrain")
+    tracker.close()
+
+    runs = {}
+    for path in (tmp_path / "wandb" / "wandb").glob("offline-run-*"):
+        name, history, exit_code, config = _wandb_records(path)
+        runs[name] = (history, exit_code, config)
+    assert set(runs) == {"r1.pretrain", "r1.select", "r2.pretrain"}
+    history, exit_code, config = runs["r1.pretrain"]
+    by_step = {row["_step"]: row for row in history}
+    assert [by_step[s]["loss"] for s in (1, 2, 3)] == pytest.approx([10.0, 5.0, 10.0 / 3])
+    assert by_step[4]["decay/loss"] == pytest.approx(2.5) and "loss" not in by_step[4]
+    assert sum(1 for row in history if "loss" in row) == 3  # the replayed steps were not logged twice
+    assert exit_code == 0
+    assert runs["r1.select"][:2] == ([{"selection/share/wiki": pytest.approx(0.7), "_step": 1}], 0)
+    assert runs["r2.pretrain"][:2] == ([], 1)  # the failed stage
+    assert config["selection.keep_frac"] == "0.2"  # the stage settings are the run config (as strings)
+
+
 def test_opt_in_dashboard_names_its_state_api_for_every_process(monkeypatch):
     """``resources.dashboard: true``: a free local port for the dashboard, and RAY_API_SERVER_ADDRESS pointing at it
     (inherited by the raylet and every worker, so the placement-group cleaner's State API client finds this

@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from bliss_ray.tracking import _scalars, round_summary, unseen_steps
+from bliss_ray.tracking import _scalars, phase_prefix, round_summary, unseen_steps
 
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
@@ -70,7 +70,7 @@ class MLflowTracker:
             return
         metrics = []
         for rec in records:
-            prefix = "decay/" if rec.get("phase") == "decay" else ""
+            prefix = phase_prefix(rec)
             ts = int(float(rec.get("time", time.time())) * 1000)
             metrics += [Metric(prefix + k, v, ts, int(rec["step"])) for k, v in _scalars(rec).items()]
             self.last_step[key] = int(rec["step"])
