@@ -7,6 +7,7 @@ bliss-ray flops CONFIG [--convention paper|6nd|rebuttal] [--set ...]           #
 bliss-ray plan CONFIG [--gpu TYPE] [--gpus N] [--set ...]                       # memory, fit, GPU-hours per stage
 bliss-ray report RUN_DIR [RUN_DIR ...] --out DIR                               # tables and figures
 bliss-ray sweep SWEEP.yaml [--storage URI] [--out DIR]                          # a Ray Tune sweep
+bliss-ray compare COMPARE.yaml [--out DIR] [--seeds 0,1] [--report FILE.md]     # methods × seeds, Table 4
 """
 
 from __future__ import annotations
@@ -66,8 +67,19 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """The pipeline with a console: stage lines and live progress on screen, Ray's output and tracebacks in
-    ``<run>/logs/run-*.log`` (everything on screen too with ``-v``); a failed stage exits 1 with one message."""
+    exp = load_experiment(args.config, args.set)
+    _offline_unless_hub_needed(exp)
+    if not args.no_plan_check:
+        _check_plan(exp)
+    storage.check_writable(args.out)  # an unreachable or read-only store fails here, before any compute
+    return execute(exp, args.out, until=args.stage, verbose=args.verbose)[0]
+
+
+def execute(exp, out, until: str | None = None, verbose: bool = False, keep_ray: bool = False) -> tuple[int, dict]:
+    """One experiment's pipeline with a console: stage lines and live progress on screen, Ray's output and
+    tracebacks in ``<run>/logs/run-*.log`` (everything on screen too with ``verbose``). Returns (exit code, each
+    stage's outputs); a failed stage gives 1 and one message. Ray is shut down at the end if started here, unless
+    ``keep_ray`` (a caller that runs several experiments shuts it down itself)."""
     import ray
 
     from bliss_ray.console import StageConsole, reason_of, route_logs
@@ -75,35 +87,30 @@ def cmd_run(args) -> int:
     from bliss_ray.stages._progress import BoardReader
     from bliss_ray.tracking import trackers
 
-    exp = load_experiment(args.config, args.set)
-    _offline_unless_hub_needed(exp)
-    if not args.no_plan_check:
-        _check_plan(exp)
-    storage.check_writable(args.out)  # an unreachable or read-only store fails here, before any compute
-    run = Run(exp, args.out)
+    run = Run(exp, out)
     log_path = run.root / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    stream, restore = route_logs(log_path, args.verbose)
+    stream, restore = route_logs(log_path, verbose)
     tracking: list = []  # filled inside the try: a tracker that cannot start is reported like any failure
     console = StageConsole(stream, poll=BoardReader(), trackers=tracking, log_path=str(log_path))
     ray_was_up = ray.is_initialized()
     try:
-        tracking += trackers(exp.tracking, run.root, exp.name)
-        results = run.execute(until=args.stage, console=console)
+        tracking += trackers(exp.tracking, run.root, exp.name, run.variant)
+        results = run.execute(until=until, console=console)
     except Exception as e:
         if console.failed is None:  # not a stage's failure (those the console has announced)
             logging.getLogger("bliss_ray").exception("run failed")
             console.line(f"error: {reason_of(e)}; details: {log_path}")
-        return 1
+        return 1, {}
     finally:
         for tracker in tracking:
             tracker.close()
-        if not ray_was_up and ray.is_initialized():
+        if not ray_was_up and ray.is_initialized() and not keep_ray:
             ray.shutdown()  # now, while its last streamed worker lines still go to the log, not at exit
         restore()
         run.sync_side_files()  # a remote run's log and TensorBoard files, into the store
     report = results.get("report", {}).get("report")
     console.line(f"run directory: {run.store}" + (f"\nreport: {report}" if report else "") + f"\nlogs: {log_path}")
-    return 0
+    return 0, results
 
 
 def cmd_status(args) -> int:
@@ -160,6 +167,25 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from bliss_ray.compare import run_compare, write_report
+    from bliss_ray.compare_spec import load_compare
+
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    spec, base_tree = load_compare(args.compare, seeds)  # every variant × seed validated before any compute
+    storage.check_writable(args.out)
+    _offline_unless_hub_needed(spec.experiment(spec.baseline, spec.seeds[0], base_tree))
+    try:
+        members = run_compare(spec, base_tree, args.out, verbose=args.verbose)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    command = " ".join(["bliss-ray compare", args.compare] + (["--seeds", args.seeds] if args.seeds else []))
+    report = Path(args.report) if args.report else Path(args.out) / spec.name / "compare" / "report.md"
+    print(f"report: {write_report(spec, members, report, command)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bliss-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", help="Tune storage path (local dir or s3://, gs://); default runs/sweeps")
     p.add_argument("--out", default="runs", help="root for the trials' run directories")
     p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("compare", help="variants × seeds of a method comparison, then Table 4 and Figure 3")
+    p.add_argument("compare", help="comparison YAML (see experiments/compare/)")
+    p.add_argument("--out", default="runs", help="root of run directories (default: runs/)")
+    p.add_argument("--seeds", help="comma-separated seeds instead of the file's")
+    p.add_argument("--report", help="where the report goes (default: <out>/<name>/compare/report.md)")
+    p.add_argument("-v", "--verbose", action="store_true", help="Ray's own output on screen too")
+    p.set_defaults(fn=cmd_compare)
 
     args = parser.parse_args(argv)
     _setup_logging()

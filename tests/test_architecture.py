@@ -16,7 +16,7 @@ from bliss_ray.config import ConfigError, load_experiment, parse_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "bliss_ray"
-ORCHESTRATION = {"stages", "pipeline.py", "sweep.py", "cli.py"}  # the only places allowed to import Ray
+ORCHESTRATION = {"stages", "pipeline.py", "sweep.py", "compare.py", "cli.py"}  # the only places allowed to import Ray
 # What bench/gpu.sh runs on GPU machines that have torch + transformers but no ray, pydantic or lm-eval.
 PURE_TORCH = [
     "bliss_ray.models.lm",
@@ -87,6 +87,10 @@ def test_every_shipped_experiment_loads(path):
         from bliss_ray.sweep import load_sweep
 
         load_sweep(path)
+    elif "variants" in tree:  # a comparison file: every variant of its base must validate
+        from bliss_ray.compare_spec import load_compare
+
+        load_compare(path)
     else:
         load_experiment(path)
 

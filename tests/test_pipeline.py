@@ -50,7 +50,9 @@ def test_every_stage_finishes_with_its_outputs(tiny_run):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert {"lower_loss", "kl", "upper_loss", "hypergrad_norm", "weight_entropy"} <= set(metrics[0])
     ev = results["evaluate"]["checkpoints"]
-    assert [c["steps"] for c in ev] == [6, 12] and ev[-1]["lm_eval_version"].startswith("0.4")
+    # tiny: 6 steps per round, one mid-round branch (pretrain.eval_branches) at the round's step 3
+    assert [(c["steps"], c["branch"]) for c in ev] == [(3, True), (6, False), (9, True), (12, False)]
+    assert all(c["tokens"] == c["steps"] * 8 * 64 for c in ev) and ev[-1]["lm_eval_version"].startswith("0.4")
     assert set(ev[-1]["tasks"]) == {"bliss_ref_cloze", "sciq_local"}
 
 
@@ -163,3 +165,45 @@ def test_stock_lm_eval_cli_on_a_pipeline_checkpoint(tiny_run, tmp_path):
     assert stage["n"] == results["n-samples"]["sciq_local"]["effective"] == run.exp.eval.limit
     for metric in ("acc", "acc_norm"):
         assert cli[f"{metric},none"] == pytest.approx(stage["metrics"][metric]["value"], abs=1e-12), metric
+
+
+def test_compare_runs_four_methods_and_reports_table4(tiny_run, tmp_path):
+    """``bliss-ray compare`` on the tiny comparison, one seed, into the session's run root: BLISS, MATES and random
+    reuse what the other tests ran; the FLOPs-matched random adds only its longer last round; one report."""
+    from bliss_ray.compare_spec import load_compare, target_step_flops
+    from bliss_ray.flops import ledger, totals
+    from tests.conftest import private_ray_env
+
+    run, _ = tiny_run
+    spec_file = REPO / "experiments" / "compare" / "tiny.yaml"
+    report = tmp_path / "compare" / "report.md"
+    cmd = ["compare", str(spec_file), "--seeds", "0", "--out", str(run.root.parent), "--report", str(report)]
+    bliss_ray = Path(sys.executable).with_name("bliss-ray")
+    proc = subprocess.run([bliss_ray, *cmd], capture_output=True, text=True, env=private_ray_env(), timeout=800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    spec, base = load_compare(spec_file, [0])
+    runs = {name: Run(spec.experiment(name, 0, base), run.root.parent) for name in spec.variants}
+    bliss_total = totals(ledger(runs["bliss"].exp, pool_rows_per_round=runs["bliss"].outputs("r1.score")["rows_in"]))
+    extra = [  # the extra steps compare chose, from the experiment its new evaluate stage recorded
+        exp["schedule"]["final_extra_steps"]
+        for d in run.root.glob("evaluate-*")
+        if (exp := json.loads((d / "experiment.json").read_text())).get("label") == "random_flops"
+    ]
+    assert len(extra) == 1 and extra[0] > 0, extra
+    matched = Run(spec.experiment("random_flops", 0, base, extra_steps=extra[0]), run.root.parent)
+    assert all(matched.done(s.key) for s in matched.stages)
+    assert abs(totals(ledger(matched.exp))["total"] - bliss_total["total"]) <= target_step_flops(matched.exp)
+    # only the last round's pretraining (and what reads it) differs from the random baseline's stages
+    own = [s.key for s in matched.stages if matched.ids[s.key] != runs["random"].ids.get(s.key)]
+    assert own == ["r1.pretrain", "evaluate", "report"]
+    steps = [c["steps"] for c in matched.outputs("evaluate")["checkpoints"]]
+    per_round = 1 + run.exp.pretrain.eval_branches
+    assert len(steps) == (run.exp.schedule.rounds + 1) * per_round
+    assert max(steps) == (run.exp.schedule.rounds + 1) * run.exp.pretrain.steps + extra[0]
+
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "FLOPs" not in line.split("|")[2]]
+    assert {line.split("|")[1].strip() for line in rows} >= set(spec.variants)
+    for png in ("report_fig3_steps.png", "report_fig3_flops.png"):
+        assert (report.parent / png).stat().st_size > 10_000

@@ -1,0 +1,84 @@
+"""``bliss-ray compare COMPARE.yaml``: every variant × seed of a method comparison, then one report (Table 4 and
+Figure 3 at equal target steps and at equal FLOPs).
+
+Variants run seed by seed, in the order ``CompareSpec.order`` gives (a FLOPs-matched variant after the one it
+matches, whose measured pool rows fix the ledger's inference row). All of them live in one run root
+(``<out>/<name>``), so stages they share are computed once, and rerunning the command skips every finished stage:
+an interrupted comparison resumes where it stopped.
+
+    bliss-ray compare experiments/compare/demo.yaml --out runs --report docs/demo_results.md
+    bliss-ray compare experiments/compare/tiny.yaml --seeds 0          # the CI-sized version
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from bliss_ray.compare_spec import CompareSpec, matching_extra_steps
+from bliss_ray.config import Experiment
+from bliss_ray.flops import ledger, totals
+
+log = logging.getLogger("bliss_ray")
+
+
+@dataclass
+class Member:
+    """One variant × seed of the comparison, once it has run."""
+
+    variant: str
+    seed: int
+    exp: Experiment
+    results: dict  # each stage's outputs
+
+
+def pool_rows_per_round(results: dict) -> int | None:
+    """Rows a scoring stage read per round (the ledger's inference row), from a finished run's stage outputs."""
+    rows = [out["rows_in"] for key, out in results.items() if key.endswith(".score") and out.get("rows_in")]
+    return round(sum(rows) / len(rows)) if rows else None
+
+
+def total_flops(member: Member) -> float:
+    return totals(ledger(member.exp, pool_rows_per_round=pool_rows_per_round(member.results)))["total"]
+
+
+def run_compare(spec: CompareSpec, base_tree: dict, out, verbose: bool = False) -> list[Member]:
+    """Run every variant × seed (skipping finished stages); raises ``RuntimeError`` naming the first that fails."""
+    import ray
+
+    from bliss_ray.cli import execute
+
+    members: list[Member] = []
+    ray_was_up = ray.is_initialized()
+    try:
+        for seed in spec.seeds:
+            done: dict[str, Member] = {}
+            for name in spec.order():
+                exp = spec.experiment(name, seed, base_tree)
+                goal = spec.variants[name].match_flops
+                if goal is not None:
+                    extra = matching_extra_steps(exp, total_flops(done[goal]), pool_rows_per_round(done[goal].results))
+                    exp = spec.experiment(name, seed, base_tree, extra_steps=extra)
+                    log.info("%s seed %d: %d extra target steps match %s's FLOPs", name, seed, extra, goal)
+                code, results = execute(exp, out, verbose=verbose, keep_ray=True)  # one Ray for all of them
+                if code:
+                    raise RuntimeError(
+                        f"variant {name}, seed {seed} failed (its log is under {Path(out) / spec.name})"
+                    )
+                done[name] = Member(name, seed, exp, results)
+                members.append(done[name])
+    finally:
+        if not ray_was_up and ray.is_initialized():
+            ray.shutdown()
+    return members
+
+
+def write_report(spec: CompareSpec, members: list[Member], path: Path, command: str) -> Path:
+    from bliss_ray.report import compare as report
+
+    curves = [
+        report.curve_of(m.variant, m.seed, m.exp, m.results["evaluate"], pool_rows_per_round(m.results))
+        for m in members
+    ]
+    return report.write_report(spec, curves, path, command)

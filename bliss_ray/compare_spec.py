@@ -1,0 +1,141 @@
+"""A method comparison (the rebuttal's Table 4 and Figure 3): variants × seeds of one base experiment. No Ray here;
+``bliss_ray.compare`` runs it.
+
+A comparison file names a base experiment, the seeds, and the variants as dotted overrides of the base::
+
+    name: compare_demo
+    base: experiments/demo.yaml
+    seeds: [0, 1, 2]
+    baseline: random                 # speed-ups are measured against this variant
+    variants:
+      bliss: {}
+      mates: {selection.method: mates, mates.probes: 128}
+      random: {selection.method: random}
+      random_flops: {selection.method: random, match_flops: bliss}
+
+Every variant × seed is an ``Experiment`` named ``name`` (one run root): stages with the same settings and inputs
+(tokenizer, tokenize, a seed's round 0) have the same identity and are computed once. ``match_flops: V`` gives the
+variant extra target steps in its last round (``schedule.final_extra_steps``) until its total FLOPs — the ledger's
+total, selection included, evaluation excluded — equal variant V's of the same seed, to within half a target step.
+
+    from bliss_ray.compare_spec import load_compare
+    spec = load_compare("experiments/compare/demo.yaml")   # raises ConfigError naming the field
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bliss_ray.config import ConfigError, Experiment, apply_overrides, parse_experiment
+from bliss_ray.flops import Row, forward_flops_per_token, ledger, model_archs, totals
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Variant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    overrides: dict[str, Any] = {}
+    match_flops: str | None = None
+    """Another variant whose total FLOPs this one matches with extra target steps in its last round."""
+
+
+class CompareSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    base: str
+    """The experiment every variant starts from (path relative to the repository or to this file)."""
+    overrides: dict[str, Any] = {}
+    """Applied to the base before each variant's own overrides."""
+    seeds: list[int] = Field(min_length=1)
+    """Each seed sets ``seed`` and ``selection.seed`` of every variant."""
+    baseline: str
+    """The variant whose final held-out reference loss the others race to (Figure 3's speed-up)."""
+    variants: dict[str, Variant] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _refs(self) -> CompareSpec:
+        if self.baseline not in self.variants:
+            raise ValueError(f"baseline: '{self.baseline}' is not one of the variants {sorted(self.variants)}")
+        for name, v in self.variants.items():
+            if v.match_flops is not None and v.match_flops not in self.variants:
+                raise ValueError(f"variants.{name}.match_flops: no variant '{v.match_flops}'")
+            if v.match_flops is not None and self.variants[v.match_flops].match_flops is not None:
+                raise ValueError(f"variants.{name}.match_flops: '{v.match_flops}' matches another variant itself")
+        return self
+
+    def order(self) -> list[str]:
+        """Variants in run order: those another variant matches come first."""
+        first = [n for n, v in self.variants.items() if v.match_flops is None]
+        return first + [n for n in self.variants if n not in first]
+
+    def experiment(self, variant: str, seed: int, base_tree: dict, extra_steps: int = 0) -> Experiment:
+        tree = copy.deepcopy(base_tree)  # apply_overrides edits in place; the base serves every variant
+        tree = apply_overrides(apply_overrides(tree, self.overrides), self.variants[variant].overrides)
+        tree = apply_overrides(
+            tree,
+            {
+                "name": self.name,
+                "label": variant,
+                "seed": seed,
+                "selection.seed": seed,
+                "schedule.final_extra_steps": extra_steps,
+            },
+        )
+        return parse_experiment(tree)
+
+
+def _resolve(path: str, spec_file: Path) -> Path:
+    for candidate in (REPO / path, spec_file.parent / path, Path(path)):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"base: experiment file not found: {path}")
+
+
+def load_compare(path: str | Path, seeds: list[int] | None = None) -> tuple[CompareSpec, dict]:
+    """The comparison and its base experiment's raw tree; every variant × seed is validated here, before compute."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"comparison file not found: {path}")
+    try:
+        spec = CompareSpec.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as e:
+        raise ConfigError("\n".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from e
+    if seeds:
+        spec = spec.model_copy(update={"seeds": seeds})
+    base_tree = yaml.safe_load(_resolve(spec.base, path).read_text()) or {}
+    for name in spec.variants:
+        try:
+            spec.experiment(name, spec.seeds[0], base_tree)
+        except ConfigError as e:
+            raise ConfigError(f"variants.{name}: {e}") from e
+    return spec, base_tree
+
+
+def target_step_flops(exp: Experiment) -> float:
+    """FLOPs of one target pretraining step in the ledger's convention."""
+    target, _ = model_archs(exp)
+    tokens = exp.pretrain.global_batch_seqs * exp.data.seq_len
+    return 3 * forward_flops_per_token(target, exp.data.seq_len) * tokens
+
+
+def matching_extra_steps(exp: Experiment, goal_flops: float, pool_rows_per_round: int | None = None) -> int:
+    """Extra last-round target steps that bring ``exp``'s total FLOPs closest to ``goal_flops`` (never negative)."""
+    own = totals(ledger(exp, pool_rows_per_round=pool_rows_per_round))["total"]
+    return max(0, round((goal_flops - own) / target_step_flops(exp)))
+
+
+def spent_flops(rows: list[Row], exp: Experiment, steps: float, round_index: int) -> float:
+    """FLOPs spent when the target has trained ``steps`` steps in round ``round_index``, in plan order: the proxy
+    warm-up (before round 0's pretraining), the selection of rounds 1..r, and the target steps so far."""
+    warmup = sum(r.flops for r in rows if r.group == "warm-up")
+    selection = sum(r.flops for r in rows if r.group == "selection")
+    per_round = selection / exp.schedule.rounds if exp.schedule.rounds else 0.0
+    return warmup + round_index * per_round + steps * target_step_flops(exp)

@@ -1,0 +1,185 @@
+"""The comparison report (``bliss-ray compare``): the rebuttal's Table 4 and Figure 3 at laptop scale.
+
+From each variant × seed's evaluated checkpoints (decay branches: every round's end and its mid-round branches) and
+its FLOPs ledger, it computes, per seed against the baseline of the same seed:
+
+* speed-up at equal target steps: the baseline's final steps ÷ the steps at which the variant first reaches the
+  baseline's final held-out reference loss (linear interpolation between checkpoints);
+* speed-up at equal FLOPs: the same with total FLOPs spent (``compare_spec.spent_flops``: warm-up, the selection
+  of every round so far, and the target's steps) in place of steps;
+
+and reports their mean ± standard deviation over seeds, with the final results and total FLOPs (Table 4), and both
+Figure 3 curves (mean over seeds, band = ± 1 sd). No Ray; pure reading of stage outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written on clusters and in CI
+import matplotlib.pyplot as plt
+import numpy as np
+
+from bliss_ray.compare_spec import CompareSpec, spent_flops
+from bliss_ray.flops import ledger, totals, unit_of
+from bliss_ray.report.build import reach_step
+
+METRIC = "reference_loss"  # lower is better; measured on the held-out part of the reference set
+
+
+@dataclass
+class Curve:
+    """One variant × seed: its checkpoints in step order, the FLOPs spent at each, and its total FLOPs."""
+
+    variant: str
+    seed: int
+    steps: np.ndarray  # (C,) target steps of each evaluated checkpoint
+    flops: np.ndarray  # (C,) FLOPs spent when that checkpoint exists
+    loss: np.ndarray  # (C,) held-out reference loss
+    average: np.ndarray  # (C,) paper-task average (nan when no paper task was evaluated)
+    total_flops: float
+    selection_share: float  # of total FLOPs
+
+
+def curve_of(variant: str, seed: int, exp, evaluate: dict, pool_rows: int | None) -> Curve:
+    rows = ledger(exp, pool_rows_per_round=pool_rows)
+    cks = sorted(evaluate["checkpoints"], key=lambda c: c["steps"])
+    total = totals(rows)
+    sel = sum(r.flops for r in rows if r.group in ("selection", "warm-up"))
+    return Curve(
+        variant,
+        seed,
+        np.array([c["steps"] for c in cks], dtype=float),
+        np.array([spent_flops(rows, exp, c["steps"], c["round"]) for c in cks]),
+        np.array([c[METRIC] for c in cks], dtype=float),
+        np.array([np.nan if c.get("paper_average") is None else c["paper_average"] for c in cks]),
+        total["total"],
+        sel / total["total"],
+    )
+
+
+def speedup(curve: Curve, base: Curve, axis: str) -> float | None:
+    """How much sooner ``curve`` reaches ``base``'s final loss, on ``axis`` ("steps" or "flops"); None if never."""
+    x, bx = getattr(curve, axis), getattr(base, axis)
+    at = reach_step(list(x), list(curve.loss), float(base.loss[-1]), higher_is_better=False)
+    return None if at is None or at <= 0 else float(bx[-1] / at)
+
+
+def _stat(values: list[float | None], digits: int = 2) -> str:
+    got = np.array([v for v in values if v is not None], dtype=float)
+    if len(got) == 0:
+        return f"not reached (0 of {len(values)} seeds)"
+    text = f"{got.mean():.{digits}f}" + (f" ± {got.std(ddof=1):.{digits}f}" if len(got) > 1 else "")
+    return text + (f" ({len(got)} of {len(values)} seeds reach it)" if len(got) < len(values) else "")
+
+
+def _mean_sd(values: np.ndarray, digits: int) -> str:
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return "–"
+    sd = f" ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else ""
+    return f"{values.mean():.{digits}f}{sd}"
+
+
+def table4(spec: CompareSpec, curves: list[Curve]) -> list[str]:
+    unit = 10.0 ** unit_of(max(c.total_flops for c in curves))
+    lines = [
+        f"| variant | total FLOPs (×{unit:.0e}) | selection share | target steps | final held-out ref. loss "
+        f"| paper avg (%) | speed-up at equal steps | speed-up at equal FLOPs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in spec.variants:
+        mine = [c for c in curves if c.variant == name]
+        bases = {c.seed: c for c in curves if c.variant == spec.baseline}
+        ups = [(speedup(c, bases[c.seed], "steps"), speedup(c, bases[c.seed], "flops")) for c in mine]
+        is_base = name == spec.baseline
+        lines.append(
+            f"| {name} | {np.mean([c.total_flops for c in mine]) / unit:.3g} "
+            f"| {100 * np.mean([c.selection_share for c in mine]):.1f}% | {mine[0].steps[-1]:.0f} "
+            f"| {_mean_sd(np.array([c.loss[-1] for c in mine]), 4)} "
+            f"| {_mean_sd(100 * np.array([c.average[-1] for c in mine]), 1)} "
+            f"| {'(baseline)' if is_base else _stat([u[0] for u in ups]) + '×'} "
+            f"| {'(baseline)' if is_base else _stat([u[1] for u in ups]) + '×'} |"
+        )
+    return lines
+
+
+def seed_rows(spec: CompareSpec, curves: list[Curve]) -> list[str]:
+    lines = [
+        f"| variant | seed | final loss | {spec.baseline}'s final loss | speed-up (steps) | speed-up (FLOPs) |",
+        "|---|---|---|---|---|---|",
+    ]
+    bases = {c.seed: c for c in curves if c.variant == spec.baseline}
+    for c in curves:
+        if c.variant == spec.baseline:
+            continue
+        b = bases[c.seed]
+        s, f = speedup(c, b, "steps"), speedup(c, b, "flops")
+        lines.append(
+            f"| {c.variant} | {c.seed} | {c.loss[-1]:.4f} | {b.loss[-1]:.4f} | "
+            f"{'never' if s is None else f'{s:.2f}×'} | {'never' if f is None else f'{f:.2f}×'} |"
+        )
+    return lines
+
+
+def figure3(spec: CompareSpec, curves: list[Curve], axis: str, path: Path) -> Path:
+    """Held-out reference loss vs target steps or vs FLOPs spent: mean over seeds, band ± 1 sd."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name in spec.variants:
+        mine = [c for c in curves if c.variant == name]
+        x = np.mean([getattr(c, axis) for c in mine], axis=0)  # equal across seeds up to measured pool rows
+        y = np.array([c.loss for c in mine])  # (seeds, C)
+        ax.plot(x, y.mean(0), marker="o", ms=3, label=f"{name} ({len(mine)} seeds)")
+        if len(mine) > 1:
+            ax.fill_between(x, y.mean(0) - y.std(0, ddof=1), y.mean(0) + y.std(0, ddof=1), alpha=0.2)
+    base_final = np.mean([c.loss[-1] for c in curves if c.variant == spec.baseline])
+    ax.axhline(base_final, color="grey", ls=":", lw=1, label=f"{spec.baseline}'s final loss")
+    ax.set_xlabel("target pretraining steps" if axis == "steps" else "total FLOPs spent (selection included)")
+    ax.set_ylabel("held-out reference loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(spec: CompareSpec, curves: list[Curve], path: Path, command: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.stem
+    steps_png = figure3(spec, curves, "steps", path.parent / f"{stem}_fig3_steps.png")
+    flops_png = figure3(spec, curves, "flops", path.parent / f"{stem}_fig3_flops.png")
+    n_ck = min(len(c.steps) for c in curves)
+    md = [
+        f"# {spec.name}: {', '.join(spec.variants)} over seeds {', '.join(map(str, spec.seeds))}",
+        "",
+        spec.description.strip(),
+        "",
+        f"Generated by `{command}` from the runs' own outputs (rerunning the command recomputes nothing that is "
+        "finished). Reference loss is measured on the **held-out evaluation part** of the reference set, which "
+        f"neither the bilevel upper level nor MATES's probes see. Each curve has ≥ {n_ck} evaluated checkpoints "
+        "(decay branches at the end of every round and inside it). FLOPs follow the ledger (`bliss-ray flops`; "
+        "evaluation excluded); a checkpoint's FLOPs are what was spent when it existed, in plan order.",
+        "",
+        "## Table 4 at laptop scale",
+        "",
+        f"Mean ± standard deviation over seeds. A speed-up is {spec.baseline}'s final steps (or FLOPs) ÷ the steps "
+        f"(FLOPs) at which the variant first reaches {spec.baseline}'s final held-out loss of the same seed.",
+        "",
+        *table4(spec, curves),
+        "",
+        "## Figure 3",
+        "",
+        f"![loss vs steps]({steps_png.name}) ![loss vs FLOPs]({flops_png.name})",
+        "",
+        "## Per seed",
+        "",
+        *seed_rows(spec, curves),
+        "",
+    ]
+    path.write_text("\n".join(md) + "\n")
+    return path

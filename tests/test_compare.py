@@ -1,0 +1,130 @@
+"""The method comparison's pure parts: the comparison file, FLOPs matching, FLOPs spent per checkpoint, speed-ups
+and the report (Table 4, Figure 3). The end-to-end ``bliss-ray compare`` run is in tests/test_pipeline.py.
+
+    .venv/bin/python -m pytest tests/test_compare.py -q
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import yaml
+
+from bliss_ray.compare_spec import load_compare, matching_extra_steps, spent_flops, target_step_flops
+from bliss_ray.config import ConfigError
+from bliss_ray.flops import ledger, totals
+from bliss_ray.report.compare import Curve, speedup, table4, write_report
+from tests.conftest import REPO
+
+DEMO = REPO / "experiments" / "compare" / "demo.yaml"
+
+
+def _spec_file(tmp_path, **changes):
+    tree = yaml.safe_load(DEMO.read_text()) | changes
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"baseline": "uniform"}, "baseline"),
+        ({"variants": {"bliss": {}, "r": {"match_flops": "nope"}}, "baseline": "bliss"}, "variants.r.match_flops"),
+        ({"variants": {"random": {"overrides": {"pretrain.steps": 0}}}, "baseline": "random"}, "variants"),
+        ({"seeds": []}, "seeds"),
+    ],
+)
+def test_a_bad_comparison_fails_before_compute_naming_the_field(tmp_path, changes, field):
+    with pytest.raises(ConfigError, match=field):
+        load_compare(_spec_file(tmp_path, **changes))
+
+
+def test_variants_share_the_base_and_differ_only_where_they_say():
+    spec, base = load_compare(DEMO)
+    before = copy.deepcopy(base)
+    bliss, random = spec.experiment("bliss", 2, base), spec.experiment("random", 2, base)
+    assert base == before  # building one variant never leaks into the next
+    assert (bliss.selection.method, random.selection.method) == ("bliss", "random")
+    assert bliss.seed == random.seed == bliss.selection.seed == 2 and bliss.name == random.name == spec.name
+    assert spec.order().index("random_flops") > spec.order().index("bliss")  # matched after what it matches
+
+
+@pytest.mark.parametrize("pool_rows", [1_000, 12_200, 50_000])
+def test_flops_matched_random_equals_bliss_within_half_a_target_step(pool_rows):
+    spec, base = load_compare(DEMO)
+    goal = totals(ledger(spec.experiment("bliss", 0, base), pool_rows_per_round=pool_rows))["total"]
+    extra = matching_extra_steps(spec.experiment("random_flops", 0, base), goal)
+    matched = spec.experiment("random_flops", 0, base, extra_steps=extra)
+    step = target_step_flops(matched)
+    assert extra > 0
+    assert abs(totals(ledger(matched))["total"] - goal) <= step / 2
+    # one step fewer or more would be further from the goal: the rounding is the nearest
+    for off in (-1, 1):
+        other = spec.experiment("random_flops", 0, base, extra_steps=extra + off)
+        assert abs(totals(ledger(other))["total"] - goal) >= abs(totals(ledger(matched))["total"] - goal)
+
+
+def test_flops_spent_grow_in_plan_order_and_end_at_the_ledger_total():
+    spec, base = load_compare(DEMO)
+    exp = spec.experiment("bliss", 0, base)
+    rows = ledger(exp, pool_rows_per_round=12_200)
+    warmup = sum(r.flops for r in rows if r.group == "warm-up")
+    assert spent_flops(rows, exp, 0, 0) == warmup  # the warm-up runs before round 0's pretraining
+    steps = exp.pretrain.steps
+    spent = [spent_flops(rows, exp, s, s // steps) for s in range(0, (exp.schedule.rounds + 1) * steps + 1, 10)]
+    assert all(b > a for a, b in itertools.pairwise(spent))
+    end = (exp.schedule.rounds + 1) * steps
+    assert spent_flops(rows, exp, end, exp.schedule.rounds) == pytest.approx(totals(rows)["total"], rel=1e-12)
+
+
+def _curve(variant, seed, steps, loss, flops_per_step=1.0, selection=0.0):
+    steps = np.asarray(steps, dtype=float)
+    return Curve(
+        variant,
+        seed,
+        steps,
+        selection + flops_per_step * steps,
+        np.asarray(loss, dtype=float),
+        np.full(len(steps), np.nan),
+        selection + flops_per_step * steps[-1],
+        selection / (selection + flops_per_step * steps[-1]),
+    )
+
+
+def test_speedups_interpolate_between_checkpoints_on_both_axes():
+    base = _curve("random", 0, [0, 60, 120, 180], [8.0, 6.5, 6.0, 5.8])
+    # reaches 5.8 halfway between steps 90 and 120 (5.9 → 5.7): at step 105
+    fast = _curve("bliss", 0, [0, 30, 60, 90, 120, 180], [8.0, 7.0, 6.4, 5.9, 5.7, 5.5], selection=60.0)
+    assert speedup(fast, base, "steps") == pytest.approx(180 / 105)
+    assert speedup(fast, base, "flops") == pytest.approx(180 / (60 + 105))  # selection FLOPs count against it
+    slow = _curve("mates", 0, [0, 60, 120, 180], [8.0, 7.0, 6.5, 6.1])
+    assert speedup(slow, base, "steps") is None
+
+
+def test_table4_and_report_state_speedups_with_their_spread(tmp_path):
+    spec, _ = load_compare(DEMO)
+    spec = spec.model_copy(update={"seeds": [0, 1]})
+    curves = []
+    for seed, reach in ((0, 5.9), (1, 6.1)):  # bliss reaches random's 5.8 at step 90 + 30·(reach-5.8)/… per seed
+        curves.append(_curve("random", seed, [0, 60, 120, 180], [8.0, 6.5, 6.0, 5.8]))
+        curves.append(_curve("random_flops", seed, [0, 60, 120, 300], [8.0, 6.5, 6.0, 5.6]))
+        curves.append(_curve("mates", seed, [0, 60, 120, 180], [8.0, 6.6, 6.1, 5.9]))
+        curves.append(_curve("bliss", seed, [0, 60, 90, 120, 180], [8.0, 6.4, reach, 5.7, 5.5], selection=50.0))
+    per_seed = [
+        speedup(c, next(b for b in curves if b.variant == "random" and b.seed == c.seed), "steps")
+        for c in curves
+        if c.variant == "bliss"
+    ]
+    expected = f"{np.mean(per_seed):.2f} ± {np.std(per_seed, ddof=1):.2f}×"
+    rows = {line.split("|")[1].strip(): line for line in table4(spec, curves)[2:]}
+    assert expected in rows["bliss"]
+    assert "not reached (0 of 2 seeds)" in rows["mates"] and "(baseline)" in rows["random"]
+    path = write_report(spec, curves, tmp_path / "report.md", "bliss-ray compare x.yaml")
+    text = path.read_text()
+    assert "## Table 4" in text and "held-out evaluation part" in text and "`bliss-ray compare x.yaml`" in text
+    for png in ("report_fig3_steps.png", "report_fig3_flops.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
