@@ -144,6 +144,12 @@ class Run:
             own = {d: _section(exp, d) for d in s.settings}
             self.ids[s.key] = identity(s.key, own, extra.get(s.key), [self.ids[d] for d in s.deps])
 
+    @property
+    def variant(self) -> str:
+        """A name for this experiment among those sharing its run root: its label (or method) and the identity of
+        its evaluation, which depends on every setting that changes a result."""
+        return f"{self.exp.label or self.exp.selection.method}-{self.ids['evaluate'][:8]}"
+
     def dir(self, key: str) -> Path:
         """The stage's local working directory (for a local run: its directory in the store)."""
         return self.root / f"{key}-{self.ids[key]}"
@@ -234,4 +240,4 @@ def default_console(run: Run):
     from bliss_ray.stages._progress import BoardReader
     from bliss_ray.tracking import trackers
 
-    return StageConsole(poll=BoardReader(), trackers=trackers(run.exp.tracking, run.root, run.exp.name))
+    return StageConsole(poll=BoardReader(), trackers=trackers(run.exp.tracking, run.root, run.exp.name, run.variant))

@@ -3,15 +3,17 @@
 The driver receives each Train stage's per-step records live from rank 0 (``bliss_ray.stages._progress``) and
 writes them here, so the event files land in the run directory whichever node rank 0 ran on (cluster.md §6.4):
 
-    <run>/tb/<stage key>/   per step: loss, lr, grad norm, tokens/s, FLOP/s, memory (warm-up, pretraining with
-                            its decay branch as ``decay/…``); upper/lower loss, KL, weight entropy, norms (bilevel)
-    <run>/tb/rounds/        per round: selection domain shares (``selection/share/<domain>``, step = round); per
-                            evaluated checkpoint (step = target steps): ``eval/<task>``, ``eval/reference_loss``
-                            (held-out part of the reference set), ``eval/paper_average``
+    <run>/tb/<variant>/<stage key>/   per step: loss, lr, grad norm, tokens/s, FLOP/s, memory (warm-up,
+        pretraining with its decay branch as ``decay/…``); upper/lower loss, KL, weight entropy, norms (bilevel)
+    <run>/tb/<variant>/rounds/        per round: selection domain shares (``selection/share/<domain>``, step =
+        round); per evaluated checkpoint (step = target steps): ``eval/<task>``, ``eval/reference_loss`` (on the
+        held-out part of the reference set), ``eval/paper_average``
 
-``tensorboard --logdir runs/<experiment>/tb`` shows the whole experiment. A stage whose workers restart replays
-steps from its last checkpoint: the writer is reopened with ``purge_step`` so the replayed steps replace the dead
-attempt's (tensorboardX's own mechanism), and likewise when a rerun of the pipeline resumes a stage.
+``tensorboard --logdir runs/<experiment>/tb`` shows the whole experiment. ``<variant>`` (``Run.variant``: label or
+method, and the identity of its evaluation) keeps apart the variants that share a run root (a method comparison).
+A stage whose workers restart replays steps from its last checkpoint: the writer is reopened with ``purge_step``
+so the replayed steps replace the dead attempt's (tensorboardX's own mechanism), and likewise when a rerun of the
+pipeline resumes a stage.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ def _scalars(record: dict) -> dict[str, float]:
 class TensorBoardTracker:
     """Per-stage ``SummaryWriter``s under ``<run_root>/tb`` (tensorboardX: no TensorFlow, no tensorboard needed)."""
 
-    def __init__(self, run_root: Path):
-        self.root = Path(run_root) / "tb"
+    def __init__(self, run_root: Path, variant: str = ""):
+        self.root = Path(run_root) / "tb" / variant  # variants sharing a run root never write into each other's files
         self.writers: dict[str, object] = {}
         self.last_step: dict[str, int] = {}
         self.opened = 0
@@ -123,23 +125,24 @@ def round_summary(kind: str, round_index: int | None, outputs: dict, d: Path) ->
     return out
 
 
-def trackers(tracking: list[str], run_root: Path, experiment_name: str) -> list:
-    """The trackers an experiment's ``tracking`` setting names (MLflow's goes through Ray's integration)."""
+def trackers(tracking: list[str], run_root: Path, experiment_name: str, variant: str = "") -> list:
+    """The trackers an experiment's ``tracking`` setting names (MLflow's and W&B's through Ray's integrations).
+    ``variant`` (``Run.variant``) keeps apart the variants of one run root (methods, seeds, settings)."""
     out: list = []
     if "tensorboard" in tracking:
-        out.append(TensorBoardTracker(run_root))
+        out.append(TensorBoardTracker(run_root, variant))
     if "wandb" in tracking:
         try:
             from bliss_ray.stages._wandb import WandbTracker
 
-            out.append(WandbTracker(run_root, experiment_name))
+            out.append(WandbTracker(run_root, experiment_name, variant))
         except ImportError as e:
             raise ImportError(f"tracking: [wandb] needs wandb: pip install 'bliss-ray[tracking]' ({e})") from e
     if "mlflow" in tracking:
         try:
             from bliss_ray.stages._mlflow import MLflowTracker
 
-            out.append(MLflowTracker(run_root, experiment_name))
+            out.append(MLflowTracker(run_root, experiment_name, variant=variant))
         except ImportError as e:
             raise ImportError(f"tracking: [mlflow] needs MLflow: pip install 'bliss-ray[tracking]' ({e})") from e
     return out

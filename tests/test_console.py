@@ -166,6 +166,25 @@ def test_status_table_names_the_error_and_the_log():
     assert "error: RuntimeError: too many bad rows" in text and "details: runs/x/logs/run.log" in text
 
 
+def test_variants_sharing_a_run_root_keep_their_own_event_files(tmp_path):
+    """Two methods of a comparison run the same stage key into one root: neither purges the other's steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t0 = time.time()
+    for variant, scale in (("bliss-aaaa", 1.0), ("random-bbbb", 2.0)):
+        tracker = TensorBoardTracker(tmp_path, variant)
+        tracker.steps(
+            "r1.pretrain", "pretrain", [r | {"loss": scale * r["loss"]} for r in _records(6, range(4, 7), t0)]
+        )
+        tracker.close()
+    for variant, scale in (("bliss-aaaa", 1.0), ("random-bbbb", 2.0)):
+        acc = EventAccumulator(str(tmp_path / "tb" / variant / "r1.pretrain"))
+        acc.Reload()
+        assert [(e.step, e.value) for e in acc.Scalars("loss")] == [
+            (s, pytest.approx(scale * 10.0 / s)) for s in (4, 5, 6)
+        ]
+
+
 def test_tensorboard_files_read_back_with_tensorboards_reader_and_replays_are_purged(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

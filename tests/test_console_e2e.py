@@ -49,7 +49,7 @@ def test_terminal_shows_every_stage_and_train_progress_and_no_ray_internals(tiny
     assert len(lines) < 150, len(lines)  # the console budget (bars redraw in place)
     logs = sorted((run.root / "logs").glob("run-*.log"))  # the first: later tests may run more in this root
     assert logs and "Started a local Ray instance" in logs[0].read_text()
-    _assert_tensorboard_has_every_step(run.root / "tb", stages)
+    _assert_tensorboard_has_every_step(run.root / "tb" / run.variant, stages)
     status = subprocess.run(
         [_bliss_ray(), "status", str(run.root), "--config", str(TINY)], capture_output=True, text=True, timeout=300
     )

@@ -35,7 +35,7 @@ def _flat(tree, prefix: str = "") -> dict[str, str]:
 
 
 class MLflowTracker:
-    def __init__(self, run_root: Path, experiment_name: str, tracking_uri: str | None = None):
+    def __init__(self, run_root: Path, experiment_name: str, tracking_uri: str | None = None, variant: str = ""):
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_root) / 'mlflow.db'}"
@@ -44,6 +44,7 @@ class MLflowTracker:
         self.run_ids: dict[str, str] = {}
         self.last_step: dict[str, int] = {}
         self.mlflow = None
+        self.variant = variant
 
     def stage_start(self, key: str, kind: str, d: Path) -> None:
         from ray.air.integrations.mlflow import setup_mlflow
@@ -57,7 +58,8 @@ class MLflowTracker:
             experiment_name=self.experiment_name,
             run_name=key,
             create_experiment_if_not_exists=True,
-            tags={"bliss_ray.stage": key, "bliss_ray.kind": kind, "bliss_ray.stage_dir": d.name},
+            tags={"bliss_ray.stage": key, "bliss_ray.kind": kind, "bliss_ray.stage_dir": d.name}
+            | ({"bliss_ray.variant": self.variant} if self.variant else {}),
             rank_zero_only=False,  # the driver is no Train rank
         )
         self.run_ids[key] = self.mlflow.active_run().info.run_id

@@ -1,6 +1,6 @@
 """Weights & Biases tracking (``tracking: [wandb]``) through Ray's own integration, ``ray.air.integrations.wandb``.
 
-One W&B run per pipeline stage, in the project named after the bliss_ray experiment, grouped by run directory:
+One W&B run per pipeline stage, in the project named after the bliss_ray experiment, grouped by variant:
 ``setup_wandb`` (on the driver, which is no Train rank) starts it with the stage's settings as its config. The
 driver's progress watcher logs rank 0's per-step records into it (``step`` = the stage's global step), and the
 stage's end adds its round summaries (selection shares, evaluation results) and finishes it, exit code 1 when the
@@ -22,12 +22,12 @@ from bliss_ray.tracking import _scalars, phase_prefix, round_summary, unseen_ste
 
 
 class WandbTracker:
-    def __init__(self, run_root: Path, experiment_name: str):
+    def __init__(self, run_root: Path, experiment_name: str, variant: str = ""):
         import wandb  # noqa: F401  (missing: fail when the run starts, not at its first stage)
 
         self.dir = Path(os.environ.get("WANDB_DIR") or Path(run_root) / "wandb")
         self.project = experiment_name
-        self.group = Path(run_root).name
+        self.group = variant or Path(run_root).name
         self.runs: dict[str, object] = {}
         self.last_step: dict[str, int] = {}
 
