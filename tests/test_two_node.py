@@ -142,8 +142,11 @@ def _run(config: Path, out: str, address: str, cache: Path, *extra: str) -> subp
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)
 
 
+# extended (~210 s): in CI, tests/test_storage.py runs the storage layer on a local S3 server, and the tiny
+# pipeline's stages read their inputs through it
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(1500)
 def test_two_nodes_sharing_only_a_bucket_run_resume_and_report(cluster, s3_bucket, tmp_path):
     from bliss_ray.config import load_experiment
