@@ -57,6 +57,9 @@ def _run(data, tmp_path, name, workers, parallelism, steps=4, micro=4, **kw):
     return out, result
 
 
+# extended (~100 s, CI budget): FSDP = DDP = one worker; in CI, the FSDP plan, precision and checkpoint helpers are
+# tested without Ray
+@pytest.mark.extended
 def test_fsdp_trains_as_ddp_and_as_one_worker(ray_local, data, tmp_path):
     """Same global batch of 8 rows: 1 worker × 2 micro-batches of 4, 2 DDP workers × 4, 2 FSDP workers × 4. The
     rows are identical by construction; only fp32 summation order differs (accumulation vs all-reduce vs

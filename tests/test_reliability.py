@@ -43,6 +43,8 @@ def _final_bilevel_state(train_run: str) -> dict:
     return torch.load(run_dir / latest["checkpoint_dir_name"] / STATE, weights_only=True)
 
 
+# extended (~90 s, CI budget): in CI, test_train_stage kills a Train worker and proves the exact resume
+@pytest.mark.extended
 def test_bilevel_worker_killed_resumes_to_the_exact_step(tiny_run, tmp_path, monkeypatch):
     """Scenario 1 (bilevel stage): SIGKILL the worker at outer step 3 of 4. The restarted attempt resumes from the
     last registered checkpoint (step 2, or 1 if the last one was not registered yet: ray.md §3.4 #1), which its
@@ -149,6 +151,8 @@ def test_requests_are_checked_against_the_autoscalers_ceiling_not_what_is_up_now
         _ray.check_fits({"CPU": 1}, 4)
 
 
+# extended (~40 s, CI budget): in CI, the ceiling checks above run with a faked autoscaler ceiling
+@pytest.mark.extended
 def test_unschedulable_request_on_an_autoscaling_cluster_times_out(tmp_path):
     """Scenario 8 on an autoscaling cluster whose ceiling allows the request (here a published ceiling of 8 GPUs
     that no node ever provides): Ray Train's worker-group start timeout and our finite controller failure limit

@@ -50,7 +50,7 @@ def _lm_spec(data, stage, steps, micro, ckpt_every=10):
     return micro_lm_spec(stage, tok, str(arr), train, 2048, 64)
 
 
-# extended: in CI, test_fsdp's one worker = 2 DDP workers = 2 FSDP workers covers DDP parity
+# extended: DDP parity (test_fsdp's one worker = 2 DDP = 2 FSDP workers, also extended, covers it too)
 @pytest.mark.extended
 def test_lm_training_1_vs_2_workers_same_losses(data, tmp_path):
     """Same global batch (8 rows): 1 worker × 2 micro-batches of 4 vs 2 workers × 1 micro-batch of 4 (DDP).
@@ -190,6 +190,9 @@ def test_mid_round_branches_are_kept_and_leave_the_stable_run_bit_identical(data
     )
 
 
+# extended (~70 s, CI budget): 1 worker = 2 workers for the bilevel step; in CI, test_bilevel_math checks the
+# multi-worker normalisation without Ray
+@pytest.mark.extended
 def test_bilevel_outer_step_1_vs_2_workers(data, tmp_path):
     """One outer step with the global batch split over 2 workers (scores all-gathered, HVPs / ∇f / c̄ /
     hypergradient all-reduced) equals the same step in one worker: same proxy and score-model weights."""
