@@ -88,3 +88,34 @@ def test_fp16_overflow_drops_the_step_and_training_goes_on():
     reference, _ = _fp16_run(1)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
+
+
+def test_fp16_loss_scale_is_the_callers_and_survives_a_checkpoint(tmp_path):
+    """The loop updates the caller's GradScaler in place (an overflow halves its scale), so the stage can save its
+    state with the checkpoint and a resumed run continues at the calibrated scale instead of re-learning it."""
+    from bliss_ray.train.checkpoint import read_state, save_train_state
+    from bliss_ray.train.precision import grad_scaler
+
+    torch.manual_seed(0)
+    model = build_lm(arch_from_preset("pythia-micro", 256), 32, seed=1)
+    opt = make_optimizer(model, 1e-3, (0.9, 0.95), 0.0)
+    scaler = grad_scaler("fp16-mixed", "cpu")
+    start_scale = scaler.get_scale()
+    inflate = lambda step, loss: loss * 1e35 if step == 0 else loss  # noqa: E731  one overflowing step
+    batches = [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    train_lm(
+        model,
+        opt,
+        start_step=0,
+        end_step=3,
+        lr_at=lambda s: 1e-3,
+        batches_at=lambda s: [batches[s]],
+        cfg=LoopSettings("t", precision="fp16-mixed"),
+        loss_hook=inflate,
+        grad_scaler=scaler,
+    )
+    assert scaler.get_scale() == start_scale / 2  # the overflow lowered the caller's scale
+    save_train_state(tmp_path, model, opt, 3, grad_scaler=scaler.state_dict())
+    resumed = grad_scaler("fp16-mixed", "cpu")
+    resumed.load_state_dict(read_state(tmp_path)["grad_scaler"])  # weights_only: plain values
+    assert resumed.get_scale() == start_scale / 2

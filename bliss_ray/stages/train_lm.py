@@ -55,7 +55,7 @@ from bliss_ray.train.checkpoint import (
     write_metrics,
 )
 from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
-from bliss_ray.train.precision import resolve
+from bliss_ray.train.precision import grad_scaler, resolve
 from bliss_ray.train.schedule import branch_steps, decay_lr, round_peak_lr, wsd_lr
 
 
@@ -138,6 +138,11 @@ def _worker(loop_config: dict) -> None:
         fsdp.load_full_optimizer_state(model, optimizer, state["optimizer"])
     elif "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
+    # fp16's loss scale (None otherwise) continues from the checkpoint or the previous round, as AdamW's state does
+    scaler = grad_scaler("fp32" if sharded else precision, get_device())
+    if scaler is not None and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
+    scaler_state = (lambda: {"grad_scaler": scaler.state_dict()}) if scaler is not None else dict
     if resumed:
         shutil.rmtree(source)  # the local copy of the checkpoint (a 1B model's is ~12 GB with optimizer state)
     base = model  # what checkpoints read: the module itself, never its compiled wrapper
@@ -188,6 +193,7 @@ def _worker(loop_config: dict) -> None:
                     skipped=n_skipped,
                     phase=phase,
                     resumed_from=resumed_from,
+                    **scaler_state(),
                 )
                 for name, src in (extra_dirs or {}).items():
                     shutil.copytree(src, Path(d) / name)
@@ -232,7 +238,16 @@ def _worker(loop_config: dict) -> None:
             log=log,
             save=lambda *a: None,
             loss_hook=_faults.nonfinite_hook(spec.stage),
+            grad_scaler=branch_scaler(),
         )
+
+    def branch_scaler():
+        """A branch starts at the stable run's loss scale and leaves it untouched."""
+        if scaler is None:
+            return None
+        copy = grad_scaler(precision, get_device())
+        copy.load_state_dict(scaler.state_dict())
+        return copy
 
     def log_stable(m: dict) -> None:
         nonlocal phase
@@ -261,6 +276,7 @@ def _worker(loop_config: dict) -> None:
             save=save_stable,
             skipped=skipped,
             loss_hook=_faults.nonfinite_hook(spec.stage),
+            grad_scaler=scaler,
         )
     if t.decay_steps > 0:
         # decay branch for evaluation: the stable state stays the checkpoint's model/ (next round continues
@@ -294,6 +310,7 @@ def _worker(loop_config: dict) -> None:
                             "skipped": skipped,
                             "phase": "done",
                             "resumed_from": resumed_from,
+                            **scaler_state(),
                         },
                         Path(d) / "train_state.pt",
                     )

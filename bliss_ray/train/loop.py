@@ -82,14 +82,15 @@ def train_lm(
     save: Callable[[int, int], None] = lambda step, skipped: None,
     skipped: int = 0,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> int:
     """Train steps [start_step, end_step). Returns the number of skipped (non-finite) steps so far.
 
-    ``save(next_step, skipped)`` must persist everything needed to resume at ``next_step``."""
+    ``save(next_step, skipped)`` must persist everything needed to resume at ``next_step``; with fp16, that
+    includes ``grad_scaler``'s state (the caller's scaler, updated in place; None: a fresh one for this call)."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    # fp16's loss scale starts afresh on every call (a resumed run re-calibrates it within a few steps)
-    scaler = precision_.grad_scaler(precision_.resolve(cfg.precision, device.type), device)
+    scaler = grad_scaler or precision_.grad_scaler(precision_.resolve(cfg.precision, device.type), device)
     for step in range(start_step, end_step):
         t0 = time.perf_counter()
         lr = lr_at(step)
