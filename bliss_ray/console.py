@@ -263,6 +263,13 @@ class StageConsole:
                 records = self.poll.final(d.name)
             else:
                 records = self.poll(d.name)
+            for rec in records:
+                if "worker_start_time" in rec:  # the budget of issue 15: within 10 s of the workers' start
+                    log.info(
+                        "first progress update of %s: %.1f s after its train function started",
+                        st.key,
+                        time.time() - rec["worker_start_time"],
+                    )
             try:
                 for tracker in self.trackers:
                     tracker.steps(st.key, st.kind, records)

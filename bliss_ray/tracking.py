@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 
 # record fields that are bookkeeping, not metrics
-_NOT_SCALARS = {"step", "done_steps", "total_steps", "time", "round"}
+_NOT_SCALARS = {"step", "done_steps", "total_steps", "time", "round", "worker_start_time"}
 
 
 def _scalars(record: dict) -> dict[str, float]:

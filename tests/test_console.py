@@ -219,15 +219,20 @@ def test_step_reporter_survives_pickling_and_flushes_first_then_every_interval(m
             @staticmethod
             def remote(key, records):
                 sent.append((key, [r["step"] for r in records]))
+                stamped.extend(r["step"] for r in records if "worker_start_time" in r)
                 return "ref"
 
     monkeypatch.setattr(_progress, "board", lambda: FakeBoard)
     waited = []
     monkeypatch.setattr(_progress.ray, "get", lambda ref, timeout=None: waited.append(ref))
+    stamped = []
+    t0 = time.time()
     reporter = pickle.loads(pickle.dumps(_progress.StepReporter("warmup-x", 10, 5, flops_per_token=6.0, flush_s=60)))
+    assert t0 <= reporter._received <= time.time()  # unpickled on the worker: its train function's start
     for step in range(11, 16):
         reporter({"step": step, "loss": 1.0, "tokens_per_s": 100.0})
     assert sent == [("warmup-x", [11]), ("warmup-x", [12, 13, 14, 15])]
+    assert stamped == [11]  # only the first record says when the worker started (the console's latency line)
     assert waited == ["ref"] and not reporter._failed  # only the last step's send is waited for
     reporter({"step": "not a number"})  # a broken record is dropped, never raised into the training loop
     assert reporter._failed

@@ -146,6 +146,10 @@ class StepReporter:
     def __getstate__(self):
         return self.__dict__ | {"_board": None, "_buffer": []}  # an actor handle per process, made on first flush
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__ = state
+        self._received = time.time()  # on a worker: its train function has just been handed this reporter
+
     def __call__(self, metrics: dict) -> None:
         try:
             self._record(metrics)
@@ -170,6 +174,8 @@ class StepReporter:
             record["flops_per_s"] = metrics["tokens_per_s"] * self.flops_per_token
             if peak:
                 record["mfu"] = record["flops_per_s"] / peak
+        if getattr(self, "_received", None) is not None:  # the first record: when the worker's function started
+            record["worker_start_time"], self._received = self._received, None
         self._buffer.append(record)
         last = record["done_steps"] >= self.total_steps
         if last or time.monotonic() - self._last_flush >= self.flush_s:

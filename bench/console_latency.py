@@ -1,0 +1,67 @@
+"""The console's budgets (issue 15): how soon a Train stage's first progress update reaches the driver, and how many
+lines a run prints in a terminal.
+
+What: ``bliss-ray run CONFIG`` (default the tiny pipeline: every stage, a fresh embedded Ray) in a pseudo-terminal
+(``script``, as a person sees it). Rank 0's progress reporter stamps when its train function received it (the
+workers have started); the driver logs, for the first record of every Train stage, the seconds since that stamp
+(``first progress update of …`` in ``<run>/logs/run-*.log``). Goals: every stage's first update within 10 s of
+its workers' start on 2 cores; the console output under ~150 lines (the terminal bar redraws in place, so lines
+are counted after the last carriage return of each).
+
+    .venv/bin/python bench/console_latency.py                                   # tiny, ~4 min on 2 cores
+    .venv/bin/python bench/console_latency.py --results-md bench/RESULTS.md     # and record it there
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import _common
+from _common import REPO, line, write_json
+
+FIRST = re.compile(r"first progress update of (\S+): ([\d.]+) s after its train function started")
+
+
+def screen_lines(typescript: str) -> int:
+    """Lines a person saw: what remains of each line after its last carriage return, empty ones dropped."""
+    return sum(1 for raw in typescript.splitlines() if raw.rsplit("\r", 1)[-1].strip())
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="experiments/tiny.yaml")
+    p.add_argument("--results-md", type=Path, help="also write the result into this RESULTS.md section")
+    args = p.parse_args(argv)
+    out = Path(tempfile.mkdtemp(prefix="bliss_console_"))
+    env = os.environ | {"RAY_TMPDIR": tempfile.mkdtemp(prefix="brl_", dir="/tmp")}
+    cmd = f"{Path(sys.executable).with_name('bliss-ray')} run {args.config} --out {out}"
+    typescript = out / "typescript"
+    proc = subprocess.run(["script", "-q", "-e", "-f", "-c", cmd, str(typescript)], cwd=REPO, env=env, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd} failed; see {typescript}")
+    logs = "".join(p.read_text() for p in sorted(out.glob("*/logs/run-*.log")))
+    delays = {stage: float(s) for stage, s in FIRST.findall(logs)}
+    if not delays:
+        raise RuntimeError(f"no 'first progress update' line in the run's logs under {out}")
+    n_lines = screen_lines(typescript.read_bytes().decode(errors="replace"))
+    lines = [
+        line("first progress update after the workers start, worst stage [s]", max(delays.values()), "goal ≤ 10"),
+        *(line(f"  {stage} [s]", s, fmt="{:.1f}") for stage, s in delays.items()),
+        line("console lines in a terminal", n_lines, f"{args.config}; goal < ~150", "{:.0f}"),
+    ]
+    result = {"first_update_s": delays, "console_lines": n_lines, "config": args.config}
+    write_json("console_latency", result)
+    if args.results_md:
+        body = "\n".join([f"Command: `{_common.command()}`", "", "```", *lines, "```"])
+        _common.set_section(args.results_md, "console", body, "Console budgets (bench/console_latency.py)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
