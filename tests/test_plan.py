@@ -128,26 +128,14 @@ def test_plan_cli_paper_1b_fits_eight_a10g_and_ddp_does_not(capsys):
 
 
 # The node type each cluster config provisions, by the planner's device names: what a preset's gpu_type must name.
-CLUSTER_DEVICES = {"A10G-24GB": ("aws.yaml", "g5."), "L4-24GB": ("gcp.yaml", "nvidia-l4")}
+CLUSTER_DEVICES = {
+    "A10G-24GB": ("aws.yaml", "g5."),
+    "L4-24GB": ("gcp.yaml", "nvidia-l4"),
+    "A100-40GB": ("aws.yaml", "p4d."),
+}
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(
-            p,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="MATES's prober keeps a copy of the 1B target's weights and AdamW state on the GPU: 30 GiB, "
-                "more than any 24 GB node of cluster/ (the plan names A100-40GB)",
-            ),
-        )
-        if p.name == "pythia1b_mates.yaml"
-        else p
-        for p in PAPER
-    ],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
 def test_paper_preset_names_a_cluster_node_type_and_fits_it(path):
     exp = load_experiment(path)
     device = exp.resources.gpu_type
