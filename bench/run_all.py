@@ -5,7 +5,8 @@ train_overhead.py, hypergrad.py, score_throughput.py, mfu.py, scaling.py — eac
 writes ``bench/out/<name>.json``. RESULTS.md then gets a summary table (ratio, goal, verdict), the machine
 (cores, CPU model, GPU or none, load average), the date, and per benchmark the exact command and its printed
 lines. The GPU section (filled by ``bench/gpu.sh`` on a GPU machine), the soak section (``bench/soak.py
---results-md bench/RESULTS.md``) and the object-store section (``bench/object_store.py --results-md …``) are kept
+--results-md bench/RESULTS.md``), the object-store and console sections (``bench/object_store.py``,
+``bench/console_latency.py``, each ``--results-md …``) are kept
 as they are, or say that they were not run.
 
 Budget: < 15 min on 2 quiet cores. On a machine shared with other users, wall times stretch; the ratios are
@@ -209,13 +210,15 @@ def render(results: dict, started: dict, total_s: float, old: str, kept: dict[st
     out += ["", "## GPU", "", *_common.section_markers("gpu")[:1], gpu, _common.section_markers("gpu")[1]]
     out += ["", "## Soak (bench/soak.py, not in make bench)", "", _common.section_markers("soak")[0], soak]
     out += [_common.section_markers("soak")[1], ""]
-    store = (
-        get_section(old, "object_store")
-        or "Not run in this session (`.venv/bin/python bench/object_store.py --results-md bench/RESULTS.md`)."
-    )
-    begin, end = _common.section_markers("object_store")
-    out += ["## Object-store run root vs local disk (bench/object_store.py, not in make bench)", "", begin, store, end]
-    out += [""]
+    kept = {  # sections other scripts write (too long or too different for make bench), kept as they are
+        "object_store": ("Object-store run root vs local disk", "bench/object_store.py"),
+        "console": ("Console budgets", "bench/console_latency.py"),
+    }
+    for name, (title, script) in kept.items():
+        rerun = f"`.venv/bin/python {script} --results-md bench/RESULTS.md`"
+        body = get_section(old, name) or f"Not run in this session ({rerun})."
+        begin, end = _common.section_markers(name)
+        out += [f"## {title} ({script}, not in make bench)", "", begin, body, end, ""]
     return "\n".join(out)
 
 
