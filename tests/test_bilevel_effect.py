@@ -35,7 +35,10 @@ def _rows(array: TokenArray, idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(array.tokens[np.sort(idx)], dtype=np.int64))  # (n, L)
 
 
+# extended (~75 s, CI budget): in CI, test_bilevel_math checks the hypergradient against finite differences and
+# the tiny pipeline's bilevel stage runs end to end
 @pytest.mark.ray  # reads the outputs of the session's tiny pipeline run
+@pytest.mark.extended
 @pytest.mark.timeout(600)
 def test_learned_weights_beat_uniform_and_frozen_weights_on_held_out_reference(tiny_run, tmp_path):
     run, _ = tiny_run
