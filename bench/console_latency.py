@@ -40,8 +40,10 @@ def main(argv=None) -> dict:
     p.add_argument("--config", default="experiments/tiny.yaml")
     p.add_argument("--make-demo", action="store_true", help="what `make demo` runs: demo.yaml, then random")
     p.add_argument("--results-md", type=Path, help="also write the result into this RESULTS.md section")
+    p.add_argument("--out", type=Path, help="run root to keep (default: a new temporary directory)")
     args = p.parse_args(argv)
-    out = Path(tempfile.mkdtemp(prefix="bliss_console_"))
+    out = args.out or Path(tempfile.mkdtemp(prefix="bliss_console_"))
+    out.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"RAY_TMPDIR": tempfile.mkdtemp(prefix="brl_", dir="/tmp")}
     run = f"{Path(sys.executable).with_name('bliss-ray')} run"
     cmd = f"{run} {args.config} --out {out}"
