@@ -172,11 +172,11 @@ def cmd_compare(args) -> int:
     from bliss_ray.compare_spec import load_compare
 
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
-    spec, base_tree = load_compare(args.compare, seeds)  # every variant × seed validated before any compute
+    spec = load_compare(args.compare, seeds)  # every variant × seed validated before any compute
     storage.check_writable(args.out)
-    _offline_unless_hub_needed(spec.experiment(spec.baseline, spec.seeds[0], base_tree))
+    _offline_unless_hub_needed(spec.experiment(spec.baseline, spec.seeds[0]))
     try:
-        members = run_compare(spec, base_tree, args.out, verbose=args.verbose)
+        members = run_compare(spec, args.out, verbose=args.verbose)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

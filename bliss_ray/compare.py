@@ -19,6 +19,7 @@ from pathlib import Path
 from bliss_ray.compare_spec import CompareSpec, matching_extra_steps
 from bliss_ray.config import Experiment
 from bliss_ray.flops import ledger, totals
+from bliss_ray.report.collect import pool_rows_per_round
 
 log = logging.getLogger("bliss_ray")
 
@@ -33,17 +34,16 @@ class Member:
     results: dict  # each stage's outputs
 
 
-def pool_rows_per_round(results: dict) -> int | None:
-    """Rows a scoring stage read per round (the ledger's inference row), from a finished run's stage outputs."""
-    rows = [out["rows_in"] for key, out in results.items() if key.endswith(".score") and out.get("rows_in")]
-    return round(sum(rows) / len(rows)) if rows else None
+def pool_rows_of(results: dict) -> int | None:
+    """The ledger's pool rows per round of a finished run, from its scoring stages' outputs."""
+    return pool_rows_per_round([out for key, out in results.items() if key.endswith(".score")])
 
 
 def total_flops(member: Member) -> float:
-    return totals(ledger(member.exp, pool_rows_per_round=pool_rows_per_round(member.results)))["total"]
+    return totals(ledger(member.exp, pool_rows_per_round=pool_rows_of(member.results)))["total"]
 
 
-def run_compare(spec: CompareSpec, base_tree: dict, out, verbose: bool = False) -> list[Member]:
+def run_compare(spec: CompareSpec, out, verbose: bool = False) -> list[Member]:
     """Run every variant × seed (skipping finished stages); raises ``RuntimeError`` naming the first that fails."""
     import ray
 
@@ -55,11 +55,11 @@ def run_compare(spec: CompareSpec, base_tree: dict, out, verbose: bool = False) 
         for seed in spec.seeds:
             done: dict[str, Member] = {}
             for name in spec.order():
-                exp = spec.experiment(name, seed, base_tree)
+                exp = spec.experiment(name, seed)
                 goal = spec.variants[name].match_flops
                 if goal is not None:
-                    extra = matching_extra_steps(exp, total_flops(done[goal]), pool_rows_per_round(done[goal].results))
-                    exp = spec.experiment(name, seed, base_tree, extra_steps=extra)
+                    extra = matching_extra_steps(exp, total_flops(done[goal]), pool_rows_of(done[goal].results))
+                    exp = spec.experiment(name, seed, extra_steps=extra)
                     log.info("%s seed %d: %d extra target steps match %s's FLOPs", name, seed, extra, goal)
                 code, results = execute(exp, out, verbose=verbose, keep_ray=True)  # one Ray for all of them
                 if code:
@@ -78,7 +78,6 @@ def write_report(spec: CompareSpec, members: list[Member], path: Path, command: 
     from bliss_ray.report import compare as report
 
     curves = [
-        report.curve_of(m.variant, m.seed, m.exp, m.results["evaluate"], pool_rows_per_round(m.results))
-        for m in members
+        report.curve_of(m.variant, m.seed, m.exp, m.results["evaluate"], pool_rows_of(m.results)) for m in members
     ]
     return report.write_report(spec, curves, path, command)

@@ -24,17 +24,15 @@ total, selection included, evaluation excluded — equal variant V's of the same
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bliss_ray.config import ConfigError, Experiment, apply_overrides, parse_experiment
+from bliss_ray.config import ConfigError, Experiment, load_experiment
 from bliss_ray.flops import Row, forward_flops_per_token, ledger, model_archs, totals
-
-REPO = Path(__file__).resolve().parents[1]
+from bliss_ray.sweep_spec import resolve_base
 
 
 class Variant(BaseModel):
@@ -51,7 +49,8 @@ class CompareSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     base: str
-    """The experiment every variant starts from (path relative to the repository or to this file)."""
+    """The experiment every variant starts from (path relative to the repository, the working directory or this
+    file; ``load_compare`` resolves it)."""
     overrides: dict[str, Any] = {}
     """Applied to the base before each variant's own overrides."""
     seeds: list[int] = Field(min_length=1)
@@ -76,12 +75,13 @@ class CompareSpec(BaseModel):
         first = [n for n, v in self.variants.items() if v.match_flops is None]
         return first + [n for n in self.variants if n not in first]
 
-    def experiment(self, variant: str, seed: int, base_tree: dict, extra_steps: int = 0) -> Experiment:
-        tree = copy.deepcopy(base_tree)  # apply_overrides edits in place; the base serves every variant
-        tree = apply_overrides(apply_overrides(tree, self.overrides), self.variants[variant].overrides)
-        tree = apply_overrides(
-            tree,
+    def experiment(self, variant: str, seed: int, extra_steps: int = 0) -> Experiment:
+        """One variant × seed: the base experiment file with the comparison's and the variant's overrides."""
+        return load_experiment(
+            self.base,
             {
+                **self.overrides,
+                **self.variants[variant].overrides,
                 "name": self.name,
                 "label": variant,
                 "seed": seed,
@@ -89,18 +89,10 @@ class CompareSpec(BaseModel):
                 "schedule.final_extra_steps": extra_steps,
             },
         )
-        return parse_experiment(tree)
 
 
-def _resolve(path: str, spec_file: Path) -> Path:
-    for candidate in (REPO / path, spec_file.parent / path, Path(path)):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"base: experiment file not found: {path}")
-
-
-def load_compare(path: str | Path, seeds: list[int] | None = None) -> tuple[CompareSpec, dict]:
-    """The comparison and its base experiment's raw tree; every variant × seed is validated here, before compute."""
+def load_compare(path: str | Path, seeds: list[int] | None = None) -> CompareSpec:
+    """The comparison, its ``base`` resolved to a file; every variant × seed is validated here, before compute."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"comparison file not found: {path}")
@@ -108,15 +100,14 @@ def load_compare(path: str | Path, seeds: list[int] | None = None) -> tuple[Comp
         spec = CompareSpec.model_validate(yaml.safe_load(path.read_text()) or {})
     except ValidationError as e:
         raise ConfigError("\n".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from e
-    if seeds:
-        spec = spec.model_copy(update={"seeds": seeds})
-    base_tree = yaml.safe_load(_resolve(spec.base, path).read_text()) or {}
+    spec = spec.model_copy(update={"base": str(resolve_base(spec.base, path))} | ({"seeds": seeds} if seeds else {}))
     for name in spec.variants:
-        try:
-            spec.experiment(name, spec.seeds[0], base_tree)
-        except ConfigError as e:
-            raise ConfigError(f"variants.{name}: {e}") from e
-    return spec, base_tree
+        for seed in spec.seeds:
+            try:
+                spec.experiment(name, seed)
+            except ConfigError as e:
+                raise ConfigError(f"variants.{name}: {e}") from e
+    return spec
 
 
 def target_step_flops(exp: Experiment) -> float:

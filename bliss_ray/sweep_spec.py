@@ -162,11 +162,13 @@ def _check_key(key: str, where: str) -> None:
         model = ann if is_section else model
 
 
-def _resolve_base(base: str, sweep_path: Path) -> Path:
+def resolve_base(base: str, sweep_path: Path) -> Path:
+    """The base experiment file a sweep or comparison file names: relative to the working directory, to that
+    file, or to the repository."""
     for p in (Path(base), sweep_path.parent / base, REPO / base):
         if p.is_file():
             return p.resolve()
-    raise ConfigError(f"{sweep_path}: base: experiment file '{base}' not found (relative to the repo or the sweep)")
+    raise ConfigError(f"{sweep_path}: base: experiment file '{base}' not found (relative to the repo or to the file)")
 
 
 def points(spec: SweepSpec, ranges: bool = False) -> list[dict]:
@@ -254,7 +256,7 @@ def load_sweep(path: str | Path) -> Sweep:
             "about which proxy selects better data. Use stage: full with metric reference_loss (the target's "
             "reference-set loss after selection) or paper_average"
         )
-    base_path = _resolve_base(spec.base, path)
+    base_path = resolve_base(spec.base, path)
     sweep = Sweep(spec, path, base_path, _validated(load_experiment, base_path, spec.overrides, f"{where}: overrides"))
     from bliss_ray.models.lm import PRESETS  # torch: only after the cheap checks
 

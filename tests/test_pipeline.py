@@ -182,8 +182,8 @@ def test_compare_runs_four_methods_and_reports_table4(tiny_run, tmp_path):
     proc = subprocess.run([bliss_ray, *cmd], capture_output=True, text=True, env=private_ray_env(), timeout=800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
-    spec, base = load_compare(spec_file, [0])
-    runs = {name: Run(spec.experiment(name, 0, base), run.root.parent) for name in spec.variants}
+    spec = load_compare(spec_file, [0])
+    runs = {name: Run(spec.experiment(name, 0), run.root.parent) for name in spec.variants}
     bliss_total = totals(ledger(runs["bliss"].exp, pool_rows_per_round=runs["bliss"].outputs("r1.score")["rows_in"]))
     extra = [  # the extra steps compare chose, from the experiment its new evaluate stage recorded
         exp["schedule"]["final_extra_steps"]
@@ -191,7 +191,7 @@ def test_compare_runs_four_methods_and_reports_table4(tiny_run, tmp_path):
         if (exp := json.loads((d / "experiment.json").read_text())).get("label") == "random_flops"
     ]
     assert len(extra) == 1 and extra[0] > 0, extra
-    matched = Run(spec.experiment("random_flops", 0, base, extra_steps=extra[0]), run.root.parent)
+    matched = Run(spec.experiment("random_flops", 0, extra_steps=extra[0]), run.root.parent)
     assert all(matched.done(s.key) for s in matched.stages)
     assert abs(totals(ledger(matched.exp))["total"] - bliss_total["total"]) <= target_step_flops(matched.exp)
     # only the last round's pretraining (and what reads it) differs from the random baseline's stages

@@ -59,13 +59,13 @@ class Variant:
         return out
 
     def pool_rows_per_round(self) -> int | None:
-        rows = [
-            json.loads((d / "outputs.json").read_text()).get("rows_in")
-            for r in range(1, 99)
-            if (d := self.stage_dir(f"r{r}.score")) is not None
-        ]
-        rows = [x for x in rows if x]
-        return int(np.mean(rows)) if rows else None
+        return pool_rows_per_round(
+            [
+                json.loads((d / "outputs.json").read_text())
+                for r in range(1, 99)
+                if (d := self.stage_dir(f"r{r}.score")) is not None
+            ]
+        )
 
     def probe_reference_batches(self) -> list[tuple[int, int]] | None:
         """(rows, tokens) of one reference evaluation as a MATES probe stage computed it (the same every round)."""
@@ -75,6 +75,12 @@ class Variant:
             if batches:
                 return [(int(rows), int(tokens)) for rows, tokens in batches]
         return None
+
+
+def pool_rows_per_round(score_outputs: list[dict]) -> int | None:
+    """Rows the scoring stages read per round (the FLOPs ledger's inference row), from their ``outputs.json``."""
+    rows = [x for out in score_outputs if (x := out.get("rows_in"))]
+    return int(np.mean(rows)) if rows else None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

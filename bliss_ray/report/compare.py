@@ -91,9 +91,9 @@ def table4(spec: CompareSpec, curves: list[Curve]) -> list[str]:
         f"| paper avg (%) | speed-up at equal steps | speed-up at equal FLOPs |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    bases = {c.seed: c for c in curves if c.variant == spec.baseline}
     for name in spec.variants:
         mine = [c for c in curves if c.variant == name]
-        bases = {c.seed: c for c in curves if c.variant == spec.baseline}
         ups = [(speedup(c, bases[c.seed], "steps"), speedup(c, bases[c.seed], "flops")) for c in mine]
         is_base = name == spec.baseline
         lines.append(
