@@ -276,6 +276,24 @@ def set_section(path: Path, name: str, body: str, title: str) -> None:
     print(f"updated the '{name}' section of {path}")
 
 
+# RESULTS.md sections written by scripts outside make bench (too long, or a different shape), which run_all keeps:
+# name → (title, script)
+SCRIPT_SECTIONS = {
+    "object_store": ("Object-store run root vs local disk", "bench/object_store.py"),
+    "console": ("Console budgets", "bench/console_latency.py"),
+}
+
+
+def section_title(name: str) -> str:
+    title, script = SCRIPT_SECTIONS[name]
+    return f"{title} ({script}, not in make bench)"
+
+
+def record_lines(path: Path, name: str, lines: list[str]) -> None:
+    """Record a script's printed result lines, under the command that made them, as its RESULTS.md section."""
+    set_section(path, name, "\n".join([f"Command: `{command()}`", "", "```", *lines, "```"]), section_title(name))
+
+
 def line(label: str, value: float, detail: str = "", fmt: str = "{:.3f}") -> str:
     """One result line, ``label: value  (detail)``, printed and returned."""
     text = f"{label}: {fmt.format(value)}" + (f"  ({detail})" if detail else "")

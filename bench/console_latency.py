@@ -68,9 +68,7 @@ def main(argv=None) -> dict:
     result = {"first_update_s": delays, "console_lines": n_lines, "config": args.config}
     write_json("console_latency", result)
     if args.results_md:
-        body = "\n".join([f"Command: `{_common.command()}`", "", "```", *lines, "```"])
-        title = "Console budgets (bench/console_latency.py, not in make bench)"
-        _common.set_section(args.results_md, "console", body, title)
+        _common.record_lines(args.results_md, "console", lines)
     return result
 
 

@@ -63,9 +63,7 @@ def main(argv=None) -> dict:
     result = {"ratio": ratio, "times_s": times, "pairs": len(times["s3"])}
     write_json("object_store", result)
     if args.results_md:
-        body = "\n".join([f"Command: `{_common.command()}`", "", "```", *lines, "```"])
-        title = "Object-store run root vs local disk (bench/object_store.py, not in make bench)"
-        _common.set_section(args.results_md, "object_store", body, title)
+        _common.record_lines(args.results_md, "object_store", lines)
     return result
 
 

@@ -210,15 +210,11 @@ def render(results: dict, started: dict, total_s: float, old: str, kept: dict[st
     out += ["", "## GPU", "", *_common.section_markers("gpu")[:1], gpu, _common.section_markers("gpu")[1]]
     out += ["", "## Soak (bench/soak.py, not in make bench)", "", _common.section_markers("soak")[0], soak]
     out += [_common.section_markers("soak")[1], ""]
-    kept = {  # sections other scripts write (too long or too different for make bench), kept as they are
-        "object_store": ("Object-store run root vs local disk", "bench/object_store.py"),
-        "console": ("Console budgets", "bench/console_latency.py"),
-    }
-    for name, (title, script) in kept.items():
+    for name, (_, script) in _common.SCRIPT_SECTIONS.items():
         rerun = f"`.venv/bin/python {script} --results-md bench/RESULTS.md`"
         body = get_section(old, name) or f"Not run in this session ({rerun})."
         begin, end = _common.section_markers(name)
-        out += [f"## {title} ({script}, not in make bench)", "", begin, body, end, ""]
+        out += [f"## {_common.section_title(name)}", "", begin, body, end, ""]
     return "\n".join(out)
 
 
