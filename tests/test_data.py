@@ -15,7 +15,7 @@ import pytest
 from bliss_ray.config import DataConfig
 from bliss_ray.data.corpus import check_file, detect_format, read_file, resolve_files
 from bliss_ray.data.packing import OFFSET_BITS, pack_documents, shard_of
-from bliss_ray.data.tokenize import cloze_rows, tokenize_file
+from bliss_ray.data.tokenize import cloze_item, tokenize_file
 from bliss_ray.data.tokenizer import EOS, load_tokenizer, train_bpe
 from bliss_ray.data.tokens import TokenArray, micro_batches, step_indices
 
@@ -231,8 +231,8 @@ def test_a_file_shorter_than_one_row_packs_to_nothing_and_the_next_file_goes_on(
 
 
 def test_cloze_items_mask_only_the_last_word(tok):
-    ids, mask = cloze_rows(["It was a truth universally acknowledged."], tok, 32, 10)
-    target = ids[0][mask[0] == 1].tolist()
+    ids, mask = cloze_item("It was a truth universally acknowledged.", tok, 32)
+    target = ids[mask == 1].tolist()
     assert tok.decode(target) == " acknowledged"
 
 

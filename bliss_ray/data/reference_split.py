@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bliss_ray.data.tokenize import cloze_rows
+from bliss_ray.data.tokenize import cloze_item
 
 
 def eval_doc_ids(doc_ids: np.ndarray, frac: float, seed: int) -> np.ndarray:
@@ -44,20 +44,19 @@ def split_rows(source_ids: list[np.ndarray], held_out: np.ndarray) -> tuple[np.n
 def cloze_items(
     doc_ids: np.ndarray, texts: list[str], tokenizer, seq_len: int, max_items: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``cloze_rows`` one document at a time, so that every item keeps its document's id:
-    (doc ids (N,), input_ids (N, L), loss_mask (N, L)). Documents without a usable last word are skipped, as
-    ``cloze_rows`` skips them; at most ``max_items`` items, the first ones in input order."""
+    """``cloze_item`` of each document, keeping its document's id: (doc ids (N,), input_ids (N, L), loss_mask
+    (N, L)). Documents without a usable last word are skipped; at most ``max_items``
+    items, the first ones in input order."""
     kept, rows, masks = [], [], []
     for doc, text in zip(doc_ids, texts, strict=True):
         if max_items is not None and len(kept) >= max_items:
             break
-        try:
-            ids, mask = cloze_rows([text], tokenizer, seq_len, 1)
-        except ValueError:  # cloze_rows' "no usable cloze item": this document has none
+        item = cloze_item(text, tokenizer, seq_len)
+        if item is None:
             continue
         kept.append(int(doc))
-        rows.append(ids[0])
-        masks.append(mask[0])
+        rows.append(item[0])
+        masks.append(item[1])
     if not kept:
         return np.zeros(0, np.int64), np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.int8)
     return np.asarray(kept, np.int64), np.stack(rows), np.stack(masks)

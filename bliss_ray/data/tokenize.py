@@ -16,7 +16,7 @@ same sequences on any machine, however Ray Data splits the work (Ray Data's ``re
 files into one block and split big ones, which would make the packing — and every later stage — depend on
 execution details).
 
-``cloze_rows`` builds LAMBADA-style reference items (context → last word) for ``reference_loss=continuation``.
+``cloze_item`` builds a LAMBADA-style reference item (context → last word) for ``reference_loss=continuation``.
 """
 
 from __future__ import annotations
@@ -121,30 +121,21 @@ def tokenize_file(path: str, file_index: int, fmt: str, data_cfg, tokenizer, out
 _WORD_END = re.compile(r"(\S+?)([\"'”’)\].,;:!?]*)\s*$")
 
 
-def cloze_rows(texts: list[str], tokenizer, seq_len: int, max_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """LAMBADA-style items: (input_ids (N, L), loss_mask (N, L)) with the loss on the last word only.
-
-    The context is left-truncated to fit; rows are right-padded with EOS (causal attention never looks ahead,
-    so padding after the target changes nothing)."""
-    ids_out, mask_out = [], []
-    for text in texts:
-        m = _WORD_END.search(text.strip())
-        if not m or len(m.group(1)) < 2:
-            continue
-        context, word = text.strip()[: m.start(1)].rstrip(), m.group(1)
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        tgt = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        if not ctx or len(tgt) >= seq_len // 2:
-            continue
-        ctx = ctx[-(seq_len - len(tgt)) :]
-        row = np.full(seq_len, tokenizer.eos_token_id, np.int32)
-        mask = np.zeros(seq_len, np.int8)
-        row[: len(ctx) + len(tgt)] = ctx + tgt
-        mask[len(ctx) : len(ctx) + len(tgt)] = 1
-        ids_out.append(row)
-        mask_out.append(mask)
-        if len(ids_out) >= max_items:
-            break
-    if not ids_out:
-        raise ValueError("no usable cloze items in the reference set")
-    return np.stack(ids_out), np.stack(mask_out)
+def cloze_item(text: str, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """One LAMBADA-style item: (input_ids (L,), loss_mask (L,)) with the loss on the last word only; None when the
+    text has no usable last word. The context is left-truncated to fit; the row is right-padded with EOS (causal
+    attention never looks ahead, so padding after the target changes nothing)."""
+    m = _WORD_END.search(text.strip())
+    if not m or len(m.group(1)) < 2:
+        return None
+    context, word = text.strip()[: m.start(1)].rstrip(), m.group(1)
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    tgt = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    if not ctx or len(tgt) >= seq_len // 2:
+        return None
+    ctx = ctx[-(seq_len - len(tgt)) :]
+    row = np.full(seq_len, tokenizer.eos_token_id, np.int32)
+    mask = np.zeros(seq_len, np.int8)
+    row[: len(ctx) + len(tgt)] = ctx + tgt
+    mask[len(ctx) : len(ctx) + len(tgt)] = 1
+    return row, mask
