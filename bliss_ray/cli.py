@@ -182,7 +182,7 @@ def cmd_compare(args) -> int:
         return 1
     command = " ".join(["bliss-ray compare", args.compare] + (["--seeds", args.seeds] if args.seeds else []))
     report = Path(args.report) if args.report else Path(args.out) / spec.name / "compare" / "report.md"
-    print(f"report: {write_report(spec, members, report, command)}")
+    print(f"report: {write_report(spec, members, report, command, args.out)}")
     return 0
 
 

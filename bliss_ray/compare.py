@@ -74,10 +74,10 @@ def run_compare(spec: CompareSpec, out, verbose: bool = False) -> list[Member]:
     return members
 
 
-def write_report(spec: CompareSpec, members: list[Member], path: Path, command: str) -> Path:
+def write_report(spec: CompareSpec, members: list[Member], path: Path, command: str, out) -> Path:
     from bliss_ray.report import compare as report
 
     curves = [
         report.curve_of(m.variant, m.seed, m.exp, m.results["evaluate"], pool_rows_of(m.results)) for m in members
     ]
-    return report.write_report(spec, curves, path, command)
+    return report.write_report(spec, curves, path, command, report.tuning_section(spec, Path(out)))

@@ -12,11 +12,14 @@ A comparison file names a base experiment, the seeds, and the variants as dotted
       mates: {selection.method: mates, mates.probes: 128}
       random: {selection.method: random}
       random_flops: {selection.method: random, match_flops: bliss}
+    tuning: {sweep: experiments/sweeps/demo_tune.yaml, variant: bliss}   # optional: where bliss's settings came from
 
 Every variant × seed is an ``Experiment`` named ``name`` (one run root): stages with the same settings and inputs
 (tokenizer, tokenize, a seed's round 0) have the same identity and are computed once. ``match_flops: V`` gives the
 variant extra target steps in its last round (``schedule.final_extra_steps``) until its total FLOPs — the ledger's
 total, selection included, evaluation excluded — equal variant V's of the same seed, to within half a target step.
+``tuning`` names the sweep that tuned a variant: its seeds must be disjoint from the comparison's, so the comparison
+is the held-out check of the tuned settings, and the report shows the search beside it.
 
     from bliss_ray.compare_spec import load_compare
     spec = load_compare("experiments/compare/demo.yaml")   # raises ConfigError naming the field
@@ -43,6 +46,16 @@ class Variant(BaseModel):
     """Another variant whose total FLOPs this one matches with extra target steps in its last round."""
 
 
+class Tuning(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sweep: str
+    """The sweep file (``bliss-ray sweep``) that searched this variant's settings; its results are read from
+    ``<out>/<sweep name>/`` when the report is written."""
+    variant: str
+    """The variant whose settings the sweep tuned."""
+
+
 class CompareSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,6 +71,7 @@ class CompareSpec(BaseModel):
     baseline: str
     """The variant whose final held-out reference loss the others race to (Figure 3's speed-up)."""
     variants: dict[str, Variant] = Field(min_length=2)
+    tuning: Tuning | None = None
 
     @model_validator(mode="after")
     def _refs(self) -> CompareSpec:
@@ -68,6 +82,8 @@ class CompareSpec(BaseModel):
                 raise ValueError(f"variants.{name}.match_flops: no variant '{v.match_flops}'")
             if v.match_flops is not None and self.variants[v.match_flops].match_flops is not None:
                 raise ValueError(f"variants.{name}.match_flops: '{v.match_flops}' matches another variant itself")
+        if self.tuning and self.tuning.variant not in self.variants:
+            raise ValueError(f"tuning.variant: '{self.tuning.variant}' is not one of the variants")
         return self
 
     def order(self) -> list[str]:
@@ -101,6 +117,8 @@ def load_compare(path: str | Path, seeds: list[int] | None = None) -> CompareSpe
     except ValidationError as e:
         raise ConfigError("\n".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from e
     spec = spec.model_copy(update={"base": str(resolve_base(spec.base, path))} | ({"seeds": seeds} if seeds else {}))
+    if spec.tuning:
+        spec = spec.model_copy(update={"tuning": _checked_tuning(spec, path)})
     for name in spec.variants:
         for seed in spec.seeds:
             try:
@@ -108,6 +126,26 @@ def load_compare(path: str | Path, seeds: list[int] | None = None) -> CompareSpe
             except ConfigError as e:
                 raise ConfigError(f"variants.{name}: {e}") from e
     return spec
+
+
+def _checked_tuning(spec: CompareSpec, path: Path) -> Tuning:
+    """``tuning`` with its sweep file resolved; the tuned variant must be judged on seeds its sweep never saw, from
+    the same base experiment."""
+    from bliss_ray.sweep_spec import load_sweep
+
+    sweep_path = resolve_base(spec.tuning.sweep, path)
+    try:
+        sweep = load_sweep(sweep_path)
+    except ConfigError as e:
+        raise ConfigError(f"tuning.sweep: {e}") from None
+    if shared := sorted(set(sweep.seeds()) & set(spec.seeds)):
+        raise ConfigError(
+            f"tuning.sweep: {sweep_path.name} tunes on seeds {sweep.seeds()}, and this comparison runs seeds "
+            f"{spec.seeds}: seeds {shared} would judge the settings on the data that chose them"
+        )
+    if sweep.base_path != Path(spec.base):
+        raise ConfigError(f"tuning.sweep: its base {sweep.base_path} is not the comparison's base {spec.base}")
+    return spec.tuning.model_copy(update={"sweep": str(sweep_path)})
 
 
 def target_step_flops(exp: Experiment) -> float:

@@ -50,6 +50,7 @@ from bliss_ray.sweep_spec import (
     Domain,
     Sweep,
     SweepSpec,
+    baseline_final,
     load_sweep,
     objective,
     points,
@@ -63,6 +64,7 @@ CURVE_ID = ("trial_id", "variant", "variant_key", "seed", "status")
 CURVE_METRICS = ("step", "upper_loss", "lower_loss", "kl")
 # final metrics kept beside the objective's, for the report's noise, chance and equal-token checks
 FINAL_EXTRA = ("objective_stage", "paper_average_stderr", "paper_average_chance", "target_steps", "target_tokens")
+FINAL_EXTRA += ("reached_baseline", "speedup", "baseline_steps", "baseline_reference_loss")
 SETUP_KINDS = {"tokenizer", "tokenize", "select", "warmup", "pretrain"}  # round-0 / round-free stages
 # Stages that start plain Ray tasks or actors (Ray Train and Ray Data place their own). Tune captures a trial's
 # child tasks into the trial's placement group, sized for its ~0.01-CPU driver, where a 1-CPU evaluation task can
@@ -151,8 +153,9 @@ class _ForwardToTune(TuneReportCallback):
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
-def bliss_sweep_trial(config: dict, sweep: Sweep, out: str, storage: str) -> None:
-    """The Tune function trial (a "driver"): this trial's pipeline up to its objective, then the final report."""
+def bliss_sweep_trial(config: dict, sweep: Sweep, out: str, storage: str, baselines: dict | None = None) -> None:
+    """The Tune function trial (a "driver"): this trial's pipeline up to its objective, then the final report
+    (``baselines``: seed → ``baseline_final`` of that seed's baseline run, for metric ``steps_to_baseline``)."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -162,7 +165,7 @@ def bliss_sweep_trial(config: dict, sweep: Sweep, out: str, storage: str) -> Non
     launcher = _TuneBilevel(trial_id, sweep.spec.metric)
     until = f"r{sweep.spec.round}.bilevel" if sweep.spec.stage == "bilevel" else "evaluate"
     results = run.execute(until=until, runner=launcher.runner)
-    final = objective(sweep.spec, run, results)
+    final = objective(sweep.spec, run, results, (baselines or {}).get(run.exp.seed))
     launcher.drain()
     tune.report(final)
 
@@ -212,6 +215,19 @@ def precompute_shared(sweep: Sweep, out: Path) -> list[str]:
             run.execute(until=keys[-1])
             used += [str(run.dir(k)) for k in keys if str(run.dir(k)) not in used]
     return used
+
+
+def run_baselines(sweep: Sweep, out: Path) -> dict[int, dict]:
+    """Each seed's baseline run (``baseline`` overrides, no point of the space), whole, in OUT/<base name>/ beside
+    the shared setup stages; a finished one is only read. Returns seed → its final steps and held-out loss."""
+    if sweep.spec.baseline is None:
+        return {}
+    finals = {}
+    for seed in sweep.seeds():
+        results = Run(sweep.baseline_experiment(seed), out).execute(until="evaluate")
+        finals[seed] = baseline_final(results["evaluate"])
+        log.info("sweep %s: baseline seed %d ends at %s", sweep.spec.name, seed, finals[seed])
+    return finals
 
 
 def _param_space(spec: SweepSpec) -> dict:
@@ -286,15 +302,19 @@ def run_sweep(path: str | Path, storage: str | None = None, out: Path = Path("ru
         return write_results(done, sweep, exp_dir, out, train_storage)
     started = _ray.ensure_ray(sweep.base.resources)
     try:
-        fn = tune.with_parameters(bliss_sweep_trial, sweep=sweep, out=str(out), storage=train_storage)
+        if not resume:
+            write_bytes(join_uri(exp_dir, "sweep.json"), sweep_json(sweep))
+            shared = precompute_shared(sweep, out)
+            log.info("sweep %s: %d shared setup stages ready; starting Tune", spec.name, len(shared))
+        baselines = run_baselines(sweep, out)  # before any trial; on resume, read from the finished runs
+        fn = tune.with_parameters(
+            bliss_sweep_trial, sweep=sweep, out=str(out), storage=train_storage, baselines=baselines
+        )
         trainable = tune.with_resources(fn, spec.trial_resources)
         if resume:
             log.info("resuming sweep %s from %s (Tuner.restore)", spec.name, exp_dir)
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
         else:
-            write_bytes(join_uri(exp_dir, "sweep.json"), sweep_json(sweep))
-            shared = precompute_shared(sweep, out)
-            log.info("sweep %s: %d shared setup stages ready; starting Tune", spec.name, len(shared))
             tuner = _tuner(sweep, trainable, storage)
         grid = tuner.fit()
         return write_results(grid, sweep, exp_dir, out, train_storage)

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The final metrics each objective reports, and the direction in which they improve. Proxy-level metrics are
 # measured on the proxy during the bilevel stage; target-level ones on the target after selection (evaluate).
 PROXY_METRICS = {"upper_loss": "min", "lower_loss": "min"}
-TARGET_METRICS = {"reference_loss": "min", "paper_average": "max"}
+TARGET_METRICS = {"reference_loss": "min", "paper_average": "max", "steps_to_baseline": "min"}
 FINAL_METRICS = {"bilevel": PROXY_METRICS, "full": PROXY_METRICS | TARGET_METRICS}
 # Keys that change the proxy itself (its size, or its training before the bilevel stage): a proxy-level metric
 # compared across them measures the proxy, not the data it selects.
@@ -115,6 +115,10 @@ class SweepSpec(_Strict):
     """Resources of a trial driver (it only orchestrates). The shipped clusters use ``{CPU: 1, TRAIN_DRIVER: 1}``:
     ``TRAIN_DRIVER`` exists only on their on-demand ``cpu_drivers`` nodes, so spot reclaims never kill a driver."""
     asha: Asha | None = None
+    baseline: dict[str, Any] | None = None
+    """Overrides that turn the base into the baseline (e.g. ``{selection.method: random}``), run once per seed
+    before Tune starts; metric ``steps_to_baseline`` is the target steps a trial needs to reach its final
+    held-out reference loss."""
 
     @field_validator("search", mode="before")
     @classmethod
@@ -132,10 +136,17 @@ class Sweep:
     def experiment(self, point: dict, extra: dict | None = None) -> Experiment:
         return load_experiment(self.base_path, {**self.spec.overrides, **point, **(extra or {})})
 
+    def baseline_experiment(self, seed: int) -> Experiment:
+        """The baseline run of one seed: the base, the sweep's overrides and ``baseline``; no point of the space."""
+        return self.experiment(self.spec.baseline or {}, {"seed": seed})
+
+    def seeds(self) -> list[int]:
+        return self.spec.seeds or [self.base.seed]
+
     def fingerprint(self) -> str:
         """What a resumed sweep must share with the original: the base with its overrides (except ``resources``)
         and the search; how to run (resources, concurrency, retries) may change."""
-        keep = ("base", "stage", "round", "space", "metric", "mode", "last_steps", "search", "seeds")
+        keep = ("base", "stage", "round", "space", "metric", "mode", "last_steps", "search", "seeds", "baseline")
         base = self.base.model_dump(mode="json", exclude={"resources", "label"})
         blob = json.dumps([self.spec.model_dump(mode="json", include=set(keep)), base], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -237,6 +248,12 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ConfigError(f"{where}: space[{key}]: search '{spec.search.type}' takes {want} domains")
     for key in spec.overrides:
         _check_key(key, f"{where}: overrides")
+    for key in spec.baseline or {}:
+        _check_key(key, f"{where}: baseline")
+    if (spec.metric == "steps_to_baseline") != (spec.baseline is not None):
+        raise ConfigError(
+            f"{where}: baseline: metric steps_to_baseline and baseline go together (one without the other)"
+        )
     for key in spec.labels:
         if key not in spec.space:
             raise ConfigError(f"{where}: labels: '{key}' is not a key of space")
@@ -280,6 +297,13 @@ def load_sweep(path: str | Path) -> Sweep:
     if spec.stage == "full" and len(tokens) > 1:  # selection is judged by the target at equal training tokens
         shown = "; ".join(f"{n:,} tokens at {pt}" for n, pt in tokens.items())
         raise ConfigError(f"{where}: space: the points train the target on different token counts ({shown})")
+    for seed in sweep.seeds() if spec.baseline else []:
+        baseline = _validated(lambda s, _: sweep.baseline_experiment(s), seed, None, f"{where}: baseline")
+        if target_tokens(baseline) not in tokens:
+            raise ConfigError(
+                f"{where}: baseline: it trains the target on {target_tokens(baseline):,} tokens, the trials on "
+                f"{', '.join(f'{n:,}' for n in tokens)}: steps to reach its final loss would not be like for like"
+            )
     return sweep
 
 
@@ -294,10 +318,33 @@ def _nan(value):
     return math.nan if value is None else value  # Tune and Optuna reject results that lack the sweep metric
 
 
-def objective(spec: SweepSpec, run: Run, results: dict) -> dict:
+def baseline_final(evaluate: dict) -> dict:
+    """What a ``steps_to_baseline`` trial must reach: the baseline's final checkpoint's steps and held-out loss."""
+    last = max(evaluate["checkpoints"], key=lambda c: c["steps"])
+    return {"steps": last["steps"], "reference_loss": last["reference_loss"]}
+
+
+def steps_to_baseline(checkpoints: list[dict], baseline: dict) -> tuple[float, bool]:
+    """Target steps at which a trial's held-out reference loss first reaches the baseline's final loss (linear
+    interpolation between evaluated checkpoints), and whether it does. A trial that never reaches it still gets a
+    number, because Optuna learns nothing from a missing value: its final steps × (1 + relative loss gap), larger
+    than any reaching trial's and growing with how far it ends from the goal."""
+    from bliss_ray.report.collect import reach_step
+
+    cks = sorted(checkpoints, key=lambda c: c["steps"])
+    goal = baseline["reference_loss"]
+    at = reach_step([c["steps"] for c in cks], [c["reference_loss"] for c in cks], goal, higher_is_better=False)
+    if at is not None:
+        return float(at), True
+    last = cks[-1]
+    return float(last["steps"] * (1 + (last["reference_loss"] - goal) / goal)), False
+
+
+def objective(spec: SweepSpec, run: Run, results: dict, baseline: dict | None = None) -> dict:
     """The trial's final metrics: upper/lower loss averaged over the objective bilevel stage's last steps, and for
     full trials the final checkpoint's evaluation (reference loss, paper average with its stderr and chance level)
-    and the tokens the target trained on."""
+    and the tokens the target trained on; with ``baseline`` (``baseline_final`` of this seed's baseline run), the
+    steps to reach its final loss and the speed-up (baseline's steps ÷ those)."""
     from bliss_ray.train.checkpoint import read_metrics
 
     rounds = run.exp.schedule.rounds if spec.stage == "full" else spec.round
@@ -320,6 +367,11 @@ def objective(spec: SweepSpec, run: Run, results: dict) -> dict:
         out |= {"paper_average": _nan(last.get("paper_average")), "reference_loss": last["reference_loss"]}
         out |= {"paper_average_stderr": _nan(last.get("paper_average_stderr")), "paper_average_chance": _nan(chance)}
         out |= {"target_steps": last["steps"], "target_tokens": target_tokens(run.exp)}
+    if baseline is not None:
+        steps, reached = steps_to_baseline(results["evaluate"]["checkpoints"], baseline)
+        out |= {"steps_to_baseline": steps, "reached_baseline": reached}
+        out |= {"speedup": baseline["steps"] / steps if reached else math.nan}
+        out |= {"baseline_steps": baseline["steps"], "baseline_reference_loss": baseline["reference_loss"]}
     return out
 
 

@@ -16,7 +16,7 @@ import yaml
 from bliss_ray.compare_spec import load_compare, matching_extra_steps, spent_flops, target_step_flops
 from bliss_ray.config import ConfigError
 from bliss_ray.flops import ledger, totals
-from bliss_ray.report.compare import Curve, speedup, table4, write_report
+from bliss_ray.report.compare import Curve, speedup, table4, tuning_section, write_report
 from tests.conftest import REPO
 
 DEMO = REPO / "experiments" / "compare" / "demo.yaml"
@@ -36,6 +36,9 @@ def _spec_file(tmp_path, **changes):
         ({"variants": {"bliss": {}, "r": {"match_flops": "nope"}}, "baseline": "bliss"}, "variants.r.match_flops"),
         ({"variants": {"random": {"overrides": {"pretrain.steps": 0}}}, "baseline": "random"}, "variants"),
         ({"seeds": []}, "seeds"),
+        ({"seeds": [0, 100]}, "tuning.sweep: demo_tune.yaml tunes on seeds \\[100\\]"),
+        ({"tuning": {"sweep": "experiments/sweeps/demo_tune.yaml", "variant": "blis"}}, "tuning.variant"),
+        ({"tuning": {"sweep": "experiments/sweeps/demo_tune_tiny.yaml", "variant": "bliss"}}, "its base"),
     ],
 )
 def test_a_bad_comparison_fails_before_compute_naming_the_field(tmp_path, changes, field):
@@ -128,3 +131,31 @@ def test_table4_and_report_state_speedups_with_their_spread(tmp_path):
     assert "## Table 4" in text and "held-out evaluation part" in text and "`bliss-ray compare x.yaml`" in text
     for png in ("report_fig3_steps.png", "report_fig3_flops.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+def test_the_report_shows_the_search_and_whether_the_compared_settings_won_it(tmp_path):
+    import json
+
+    import pandas as pd
+
+    spec = load_compare(DEMO)
+    sweep = yaml.safe_load((REPO / "experiments" / "sweeps" / "demo_tune.yaml").read_text())
+    assert "not been run" in "\n".join(tuning_section(spec, tmp_path))
+    bliss = spec.experiment("bliss", 0).bilevel
+    ours = {"bilevel.gamma": bliss.gamma, "bilevel.score_lr": bliss.score_lr, "bilevel.proxy_lr": bliss.proxy_lr}
+    ours |= {"bilevel.outer_steps": bliss.outer_steps, "bilevel.z_init": bliss.z_init}
+    other = ours | {"bilevel.gamma": 0.05}
+    rows = [  # the other point wins, ours second, a failed trial is not ranked
+        {"variant_key": json.dumps(ours, sort_keys=True), "status": "ok", "steps_to_baseline": 150.0},
+        {"variant_key": json.dumps(other, sort_keys=True), "status": "ok", "steps_to_baseline": 120.0},
+        {"variant_key": json.dumps(other, sort_keys=True), "status": "error", "steps_to_baseline": float("nan")},
+    ]
+    (tmp_path / sweep["name"]).mkdir()
+    pd.DataFrame(rows).to_parquet(tmp_path / sweep["name"] / "sweep_results.parquet")
+    text = "\n".join(tuning_section(spec, tmp_path))
+    table = [line for line in text.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert table[0].startswith("| 1 | 0.05 |") and table[0].endswith("| 120 |") and table[1].endswith("| 150 |")
+    assert "2 of 3 trials finished" in text and "**not** the search's best trial" in text
+    rows[0]["steps_to_baseline"] = 100.0
+    pd.DataFrame(rows).to_parquet(tmp_path / sweep["name"] / "sweep_results.parquet")
+    assert "The compared settings are the search's best trial." in "\n".join(tuning_section(spec, tmp_path))

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bliss_ray.report.build import _noise_note, reach_step
+from bliss_ray.report.build import _noise_note
+from bliss_ray.report.collect import reach_step
 
 
 def test_reach_step_interpolates_between_checkpoints():

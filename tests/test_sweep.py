@@ -80,6 +80,16 @@ BAD = {
         "seeds",
     ),
     "missing base": ({"base": "experiments/nope.yaml"}, "base"),
+    "steps_to_baseline without a baseline": ({"metric": "steps_to_baseline"}, "baseline: metric steps_to_baseline"),
+    "a baseline no metric uses": ({"baseline": {"selection.method": "random"}}, "baseline"),
+    "unknown baseline key": (
+        {"metric": "steps_to_baseline", "baseline": {"selection.metod": "random"}},
+        "baseline: 'selection.metod' is not a config key",
+    ),
+    "baseline at other target tokens": (
+        {"metric": "steps_to_baseline", "baseline": {"selection.method": "random", "pretrain.steps": 8}},
+        "baseline: it trains the target on",
+    ),
 }
 
 
@@ -169,6 +179,38 @@ def test_full_objective_scores_the_final_checkpoint(tmp_path):
     assert (out["paper_average_stderr"], out["paper_average_chance"]) == (0.05, (0.25 + 0.5) / 2)
     assert out["target_tokens"] == ((1 + 1) * 6 + 4) * 8 * 64  # tiny: 2 × 6 steps + 4 decay steps, 8 × 64 tokens
     assert out["upper_loss"] == 2.0 and out["objective_stage"] == "r1.bilevel"
+
+
+def test_steps_to_baseline_interpolates_and_ranks_a_miss_below_every_hit():
+    from bliss_ray.sweep_spec import steps_to_baseline
+
+    goal = {"steps": 180, "reference_loss": 5.0}
+    fast = [{"steps": s, "reference_loss": v} for s, v in [(60, 6.0), (120, 5.2), (100, 5.4), (180, 4.8)]]
+    assert steps_to_baseline(fast, goal) == (pytest.approx(150.0), True)  # between 120 (5.2) and 180 (4.8)
+    near = [{"steps": 60, "reference_loss": 6.0}, {"steps": 180, "reference_loss": 5.1}]
+    far = [{"steps": 60, "reference_loss": 6.0}, {"steps": 180, "reference_loss": 5.5}]
+    (near_steps, hit), (far_steps, _) = steps_to_baseline(near, goal), steps_to_baseline(far, goal)
+    assert not hit and 180 < near_steps < far_steps  # a miss scores worse than any hit, and worse the further off
+    assert near_steps == pytest.approx(180 * (1 + 0.1 / 5.0))
+
+
+def test_objective_against_the_baseline_gives_steps_and_speedup(tmp_path):
+    from bliss_ray.pipeline import Run
+    from bliss_ray.sweep_spec import baseline_final, load_sweep, objective
+
+    sweep = load_sweep(REPO / "experiments" / "sweeps" / "demo_tune_tiny.yaml")
+    assert sweep.baseline_experiment(100).selection.method == "random"
+    assert sweep.baseline_experiment(100).bilevel == sweep.base.bilevel  # no point of the space leaks in
+    base_eval = {"checkpoints": [{"steps": 3, "reference_loss": 7.0}, {"steps": 16, "reference_loss": 6.0}]}
+    goal = baseline_final(base_eval)
+    assert goal == {"steps": 16, "reference_loss": 6.0}
+    run = Run(sweep.experiment({"bilevel.gamma": 0.01, "bilevel.score_lr": 1e-3}, {"seed": 100}), tmp_path)
+    run.dir("r1.bilevel").mkdir(parents=True)
+    (run.dir("r1.bilevel") / "metrics.jsonl").write_text('{"upper_loss": 2.0, "lower_loss": 3.0}\n')
+    cks = [{"steps": 3, "reference_loss": 6.5, "tasks": {}}, {"steps": 16, "reference_loss": 5.5, "tasks": {}}]
+    out = objective(sweep.spec, run, {"evaluate": {"checkpoints": cks}}, goal)
+    assert out["reached_baseline"] and out["steps_to_baseline"] == pytest.approx(3 + 13 * 0.5)
+    assert out["speedup"] == pytest.approx(16 / 9.5) and out["baseline_reference_loss"] == 6.0
 
 
 def test_resuming_a_changed_sweep_is_refused_before_ray_starts(tmp_path):
@@ -353,10 +395,51 @@ def test_tiny_table2_sweep_survives_a_killed_driver_and_ranks_proxies_by_the_tar
         tokenize = next((out / name / tid / "tiny").glob("tokenize-*"))
         assert tokenize.is_symlink()  # shared setup stages were computed once, before Tune
     text = build_report([out / name], tmp_path / "report").read_text()
-    assert "`reference_loss` = the target's reference-set loss of its final checkpoint, after selection" in text
+    assert "`reference_loss` = the target's held-out reference-set loss of its final checkpoint" in text
     assert "target trained on 8,192 tokens in every trial" in text and "does not answer" not in text
     ablation = text.split("### Ablation table")[1].split("###")[0]
     table = [line for line in ablation.splitlines() if line.startswith("| proxy ")]
     assert len(table) == 2 and all("n = 1: noise unknown" in line and "chance 0.25)" in line for line in table)
     assert "**One seed per variant" in ablation
     assert (tmp_path / "report" / f"{name}_curves.png").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(1200)
+# extended (~5 min): steps_to_baseline, the baseline's validation and the objective are tested without Ray in CI
+@pytest.mark.extended
+def test_tiny_tuning_sweep_scores_trials_against_the_random_baseline_of_the_same_seed(tmp_path):
+    """Issue 17's tuning, in miniature, run as a user runs it: ``bliss-ray sweep demo_tune_tiny.yaml`` runs random
+    selection once on the tuning seed, then 2 Optuna trials; each trial's objective is recomputed here from its own
+    evaluated checkpoints and the baseline's, read from their run directories."""
+    from bliss_ray.report.build import build_report
+    from bliss_ray.sweep_spec import steps_to_baseline
+
+    path = REPO / "experiments" / "sweeps" / "demo_tune_tiny.yaml"
+    name = yaml.safe_load(path.read_text())["name"]
+    out = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the session's Ray
+    env |= {"RAY_TMPDIR": tempfile.mkdtemp(prefix="brt_", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "bliss_ray.cli", "sweep", str(path), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    def evaluated(run_dir: Path) -> list[dict]:
+        return json.loads(next(run_dir.glob("evaluate-*/outputs.json")).read_text())["checkpoints"]
+
+    baseline_run = out / "tiny"  # the baseline lives beside the shared setup stages
+    assert json.loads((baseline_run / "experiment.json").read_text())["selection"]["method"] == "random"
+    base_cks = evaluated(baseline_run)
+    base_final = max(base_cks, key=lambda c: c["steps"])
+    df = pd.read_parquet(out / name / "sweep_results.parquet")
+    assert len(df) == 2 and set(df["status"]) == {"ok"} and set(df["seed"]) == {100}
+    assert set(df["baseline_reference_loss"]) == {base_final["reference_loss"]}
+    assert set(df["baseline_steps"]) == {base_final["steps"]}
+    for r in df.itertuples():
+        cks = evaluated(out / name / r.trial_id / "tiny")
+        assert len(cks) >= 2  # the mid-round branch and the round's end: a curve, not one point
+        steps, reached = steps_to_baseline(cks, {"reference_loss": base_final["reference_loss"]})
+        assert (r.steps_to_baseline, bool(r.reached_baseline)) == (pytest.approx(steps), reached)
+        assert (r.speedup == pytest.approx(base_final["steps"] / steps)) if reached else np.isnan(r.speedup)
+    text = build_report([out / name], tmp_path / "report").read_text()
+    assert "`steps_to_baseline` = the target steps at which the target's held-out reference loss" in text

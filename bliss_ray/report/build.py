@@ -17,28 +17,12 @@ from bliss_ray.config import parse_experiment
 from bliss_ray.evaluation.harness import PAPER_NOTE
 from bliss_ray.flops import format_ledger, ledger, totals
 from bliss_ray.report import figures
-from bliss_ray.report.collect import Variant, find_variants, local_view, seed_groups
+from bliss_ray.report.collect import Variant, find_variants, local_view, reach_step, seed_groups
 from bliss_ray.selection import jaccard
 
 
 def _fmt(x, scale: float = 1.0, digits: int = 1) -> str:
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x * scale:.{digits}f}"
-
-
-def reach_step(steps: list[float], values: list[float], target: float, higher_is_better: bool) -> float | None:
-    """First (linearly interpolated) step at which a curve reaches ``target``; None if it never does."""
-    sign = 1 if higher_is_better else -1
-    prev = None
-    for s, v in zip(steps, values, strict=True):
-        if v is None or not np.isfinite(v):
-            continue
-        if sign * (v - target) >= 0:
-            if prev is None:
-                return s
-            (s0, v0) = prev
-            return s0 + (s - s0) * (target - v0) / (v - v0) if v != v0 else s
-        prev = (s, v)
-    return None
 
 
 def speedups(variants: list[Variant], metric: str, higher_is_better: bool) -> list[str]:

@@ -170,3 +170,19 @@ def seed_groups(variants: list[Variant]) -> list[tuple[str, list[Variant]]]:
         peers = [flat[j] for j in firsts if j != i and variants[j].method == variants[i].method]
         named.append((_describe(variants[i].method, flat[i], peers), [variants[m] for m in members]))
     return named
+
+
+def reach_step(steps: list[float], values: list[float], target: float, higher_is_better: bool) -> float | None:
+    """First (linearly interpolated) step at which a curve reaches ``target``; None if it never does."""
+    sign = 1 if higher_is_better else -1
+    prev = None
+    for s, v in zip(steps, values, strict=True):
+        if v is None or not np.isfinite(v):
+            continue
+        if sign * (v - target) >= 0:
+            if prev is None:
+                return s
+            (s0, v0) = prev
+            return s0 + (s - s0) * (target - v0) / (v - v0) if v != v0 else s
+        prev = (s, v)
+    return None

@@ -14,6 +14,7 @@ Figure 3 curves (mean over seeds, band = ± 1 sd). No Ray; pure reading of stage
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,11 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written on clusters and in CI
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 
 from bliss_ray.compare_spec import CompareSpec, spent_flops
 from bliss_ray.flops import ledger, totals, unit_of
-from bliss_ray.report.build import reach_step
+from bliss_ray.report.collect import reach_step
 
 METRIC = "reference_loss"  # lower is better; measured on the held-out part of the reference set
 
@@ -147,7 +149,64 @@ def figure3(spec: CompareSpec, curves: list[Curve], axis: str, path: Path) -> Pa
     return path
 
 
-def write_report(spec: CompareSpec, curves: list[Curve], path: Path, command: str) -> Path:
+def _setting(exp, dotted: str):
+    value = exp
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _same(a, b) -> bool:
+    both_numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b))
+    return bool(np.isclose(a, b, rtol=1e-6)) if both_numbers else a == b
+
+
+def tuning_section(spec: CompareSpec, out: Path) -> list[str]:
+    """Where the tuned variant's settings came from: the sweep's trials (read from ``<out>/<sweep name>/``), its
+    best point, and whether the compared settings are that point. The comparison's seeds are the held-out check
+    (``load_compare`` refuses seeds the sweep tuned on)."""
+    if spec.tuning is None:
+        return []
+    from bliss_ray.sweep_spec import load_sweep
+
+    sweep = load_sweep(spec.tuning.sweep)
+    name, metric, keys = spec.tuning.variant, sweep.spec.metric, list(sweep.spec.space)
+    used = {k: _setting(spec.experiment(name, spec.seeds[0]), k) for k in keys}
+    shown = ", ".join(f"`{k}` = {v}" for k, v in used.items())
+    search = sweep.spec.search
+    lines = [
+        "## Tuning: the search and the held-out check",
+        "",
+        f"`{name}`'s settings are searched by `bliss-ray sweep {Path(spec.tuning.sweep).name}` ({search.type}, "
+        f"{search.num_samples} trials, objective `{metric}`, {sweep.spec.mode}imised) on tuning seeds "
+        f"{sweep.seeds()}; this comparison's seeds {spec.seeds} are held out from it. Compared here: {shown}.",
+        "",
+    ]
+    results = Path(out) / sweep.spec.name / "sweep_results.parquet"
+    if not results.exists():
+        return [*lines, f"**The search has not been run into this run root** (`{results}` is missing).", ""]
+    df = pd.read_parquet(results)
+    ok = df[df["status"] == "ok"].sort_values(metric, ascending=sweep.spec.mode == "min")
+    cols = [metric, *(c for c in ("reached_baseline", "speedup", "reference_loss") if c in ok)]
+    lines += ["| rank | " + " | ".join([*keys, *cols]) + " |", "|---" * (len(keys) + len(cols) + 1) + "|"]
+    for rank, (_, r) in enumerate(ok.iterrows(), 1):
+        point = json.loads(r["variant_key"])
+        cells = [*(point[k] for k in keys), *(r[c] for c in cols)]
+        lines.append(f"| {rank} | " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells) + " |")
+    if len(ok) == 0:
+        return [*lines, "", f"No trial of the search finished ({len(df)} recorded).", ""]
+    best = json.loads(ok.iloc[0]["variant_key"])
+    verdict = (
+        "The compared settings are the search's best trial."
+        if all(_same(used[k], best[k]) for k in keys)
+        else "The compared settings are **not** the search's best trial ("
+        + ", ".join(f"`{k}` = {best[k]}" for k in keys)
+        + "): the base experiment's settings are kept until the best trial also wins on these held-out seeds."
+    )
+    return [*lines, "", f"{len(ok)} of {len(df)} trials finished. {verdict}", ""]
+
+
+def write_report(spec: CompareSpec, curves: list[Curve], path: Path, command: str, tuning: list[str] = ()) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stem = path.stem
@@ -180,6 +239,7 @@ def write_report(spec: CompareSpec, curves: list[Curve], path: Path, command: st
         "",
         *seed_rows(spec, curves),
         "",
+        *tuning,
     ]
     path.write_text("\n".join(md) + "\n")
     return path

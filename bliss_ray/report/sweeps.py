@@ -33,7 +33,11 @@ DESCRIBE = {
     "upper_loss": "proxy's upper-level reference loss (nats/token)",
     "lower_loss": "proxy's lower-level weighted training loss (nats/token)",
     "paper_average": "target's downstream average accuracy of its final checkpoint, after selection",
-    "reference_loss": "target's reference-set loss of its final checkpoint, after selection (nats/token)",
+    "reference_loss": "target's held-out reference-set loss of its final checkpoint, after selection (nats/token)",
+    "steps_to_baseline": "target steps at which the target's held-out reference loss first reaches the baseline's "
+    "final loss (interpolated between checkpoints; a trial that never reaches it scores its final steps × (1 + "
+    "relative loss gap))",
+    "speedup": "baseline's final target steps ÷ steps_to_baseline (blank: never reached)",
 }
 NOISE_RULE = (
     "≈ marks a difference no larger than its noise band: the seed spread s (pooled within-variant sample std over "
