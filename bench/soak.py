@@ -42,7 +42,7 @@ from _common import REPO, write_json
 
 
 def kill_points(run) -> dict[str, range]:
-    """Ray Train stages of the plan and the step indices their ``maybe_kill`` hook sees."""
+    """Ray Train stages of the plan and the step indices their ``_faults.at_step`` hook sees."""
     exp, out = run.exp, {}
     for st in run.stages:
         if st.kind == "warmup":

@@ -10,6 +10,7 @@ inputs are). The driver is ``bliss-ray run`` in a subprocess (this session's own
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -118,8 +119,9 @@ def cluster(tmp_path):
         c.stop()
 
 
-def _experiment(tmp_path: Path, bucket: str) -> Path:
-    """experiments/tiny.yaml with its pool and reference in the bucket and a short evaluation."""
+def _experiment(tmp_path: Path, bucket: str, **sections) -> Path:
+    """experiments/tiny.yaml with its pool and reference in the bucket, a short evaluation, and ``sections``
+    merged into its sections."""
     inputs = storage.join(bucket, "inputs")
     for name in ("pool-00000.parquet", "pool-00001.parquet", "reference.parquet"):
         storage.write_bytes(storage.join(inputs, name), (REPO / "data" / "corpus" / name).read_bytes())
@@ -129,16 +131,23 @@ def _experiment(tmp_path: Path, bucket: str) -> Path:
         "reference": [storage.join(inputs, "reference.parquet")],
     }
     exp["eval"] |= {"tasks": ["bliss_ref_cloze"], "limit": 10}
+    for name, values in sections.items():
+        exp[name] |= values
     path = tmp_path / "two_node.yaml"
     path.write_text(yaml.safe_dump(exp))
     return path
 
 
-def _run(config: Path, out: str, address: str, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+def _driver(config: Path, out: str, address: str, cache: Path, *extra: str) -> tuple[list[str], dict]:
+    """``bliss-ray run`` against the cluster, as a fresh head would run it: its command and environment."""
     env = os.environ | {"BLISS_CACHE_DIR": str(cache), "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "bliss_ray.cli", "run", str(config), "--out", out]
-    cmd += ["--set", f"resources.ray_address={address}", "--no-plan-check", *extra]
+    return [*cmd, "--set", f"resources.ray_address={address}", "--no-plan-check", *extra], env
+
+
+def _run(config: Path, out: str, address: str, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd, env = _driver(config, out, address, cache, *extra)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)
 
 
@@ -190,3 +199,70 @@ def test_two_nodes_sharing_only_a_bucket_run_resume_and_report(cluster, s3_bucke
     )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| bliss (" in (tmp_path / "report" / "report.md").read_text()
+
+
+# extended (~3 min): in CI, a killed Train worker resumes from its checkpoint to the exact step bit for bit
+# (tests/test_train_stage.py), on one node
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.timeout(1500)
+def test_a_dead_worker_node_is_replaced_and_its_train_stage_resumes_from_the_bucket(cluster, s3_bucket, tmp_path):
+    """The warm-up (40 steps, a checkpoint every 4) runs on worker node 1; a fault holds its worker before step 15,
+    once checkpoint 12 (or 8) is in the bucket, and the test SIGKILLs the whole node (raylet and every process
+    it started). Worker node 2 starts with an empty cache in a new namespace. Ray Train restarts the group there
+    from the last checkpoint in the bucket: the warm-up ends at exactly step 40 with every step logged once, and
+    the round-0 pretraining after it runs on node 2 from token arrays it cached anew."""
+    import io
+
+    import torch
+
+    from bliss_ray.config import load_experiment
+    from bliss_ray.pipeline import Run
+
+    warmup = {"steps": 40, "warmup_steps": 2, "ckpt_every_steps": 4}
+    config = _experiment(tmp_path, s3_bucket, warmup=warmup)
+    out = storage.join(s3_bucket, "runs")
+    run = Run(load_experiment(config), out)
+    held = Path(f"/var/tmp/held{cluster.port}")  # outside the hidden dir: both namespaces see it
+    cluster.marks.append(str(held))
+    cmd, env = _driver(config, out, cluster.address, tmp_path / "driver", "--stage", "r0.pretrain")
+    env["BLISS_FAULTS"] = json.dumps({"pause": {"stage": "warmup", "step": 14, "once": str(held), "seconds": 900}})
+    log = tmp_path / "driver.log"
+    train_run = storage.join(run.store, "_ray", run.dir("warmup").name)  # Train runs are named after the stage dir
+    snapshot = storage.join(train_run, "checkpoint_manager_snapshot.json")
+    with log.open("w") as f:
+        driver = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        t0 = time.perf_counter()
+        while not (held.exists() and _registered_step(snapshot) >= 8):
+            assert driver.poll() is None, "the driver ended before the kill:\n" + log.read_text()[-4000:]
+            assert time.perf_counter() - t0 < 600, "no kill point reached:\n" + log.read_text()[-4000:]
+            time.sleep(0.5)
+        registered = _registered_step(snapshot)
+        _kill_marked(next(m for m in cluster.marks if "/rw1_" in m))  # node 1's raylet, workers and agents
+        cluster.start_worker(2)
+        code = driver.wait(timeout=1200)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    console = log.read_text()
+    assert code == 0, console[-4000:]
+
+    state = torch.load(io.BytesIO(storage.read_bytes(run.uri("warmup", "state", "train_state.pt"))), weights_only=True)
+    assert state["step"] == 40
+    assert len(state["resumed_from"]) == 1 and 8 <= state["resumed_from"][0] <= 12, (state["resumed_from"], registered)
+    steps = [json.loads(line)["step"] for line in storage.read_bytes(run.uri("warmup", "metrics.jsonl")).splitlines()]
+    assert steps == list(range(1, 41))  # each step logged once: replayed steps overwrite, nothing is lost
+    assert storage.exists(run.uri("r0.pretrain", "_SUCCESS"))  # the next Train stage ran on the new node
+    cache2 = Path(f"/var/tmp/rc2_{cluster.port}")
+    assert any(p.is_file() for p in cache2.rglob("*")), "node 2 did not build its own cache"
+
+
+def _registered_step(snapshot: str) -> int:
+    """The step of the latest checkpoint Train registered in the bucket (0 if none yet, or caught mid-write)."""
+    try:
+        latest = json.loads(storage.read_bytes(snapshot))["latest_checkpoint_result"]
+    except (TypeError, ValueError, KeyError):  # not there yet (None), or caught mid-write
+        return 0
+    return int((latest or {}).get("metrics", {}).get("step", 0))

@@ -2,7 +2,8 @@
 
 ``BLISS_FAULTS`` is JSON, e.g. ``{"kill": {"stage": "r0.pretrain", "step": 7, "rank": 0, "once": "/tmp/k"},
 "nonfinite": {"stage": "warmup", "step": 3}}``. ``kill`` SIGKILLs the worker process when it fetches the batches
-of that global step (once per ``once`` marker file); ``nonfinite`` turns that step's loss into NaN. The variable
+of that global step (once per ``once`` marker file); ``pause`` (same keys, plus ``seconds``) holds it there
+instead, so that a test can kill the node under it; ``nonfinite`` turns that step's loss into NaN. The variable
 reaches Train workers through ``RunConfig.worker_runtime_env``; unset, every hook is a no-op.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 
@@ -19,15 +21,25 @@ def _faults() -> dict:
     return json.loads(raw) if raw else {}
 
 
-def maybe_kill(stage: str, step: int, rank: int) -> None:
-    kill = _faults().get("kill")
-    if not kill or kill["stage"] != stage or kill["step"] != step or kill.get("rank", 0) != rank:
-        return
-    marker = Path(kill["once"])
+def _armed(kind: str, stage: str, step: int, rank: int) -> dict | None:
+    """The ``kind`` fault if it targets this stage, step and rank and has not fired yet (its ``once`` marker)."""
+    fault = _faults().get(kind)
+    if not fault or fault["stage"] != stage or fault["step"] != step or fault.get("rank", 0) != rank:
+        return None
+    marker = Path(fault["once"])
     if marker.exists():
-        return
-    marker.write_text(f"killed {stage} rank {rank} at step {step}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
+        return None
+    marker.write_text(f"{kind} {stage} rank {rank} at step {step}\n")
+    return fault
+
+
+def at_step(stage: str, step: int, rank: int) -> None:
+    """Called when a worker fetches the batches of global step ``step``: ``kill`` SIGKILLs the worker; ``pause``
+    holds it there for ``seconds`` (default 600), a window in which a test kills the worker's whole node."""
+    if _armed("kill", stage, step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if pause := _armed("pause", stage, step, rank):
+        time.sleep(float(pause.get("seconds", 600)))
 
 
 def nonfinite_hook(stage: str):

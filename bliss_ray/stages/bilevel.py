@@ -125,7 +125,7 @@ def _worker(loop_config: dict) -> None:
         shutil.rmtree(resume)  # the local copy of the checkpoint, all loaded now
 
     def train_batch_at(i: int) -> torch.Tensor:
-        _faults.maybe_kill(spec.stage, i, rank)
+        _faults.at_step(spec.stage, i, rank)
         return rank_rows(train, i, s.micro_batch_seqs, rank, world, spec.seed)[0].to(device)
 
     def ref_batch_at(t: int):

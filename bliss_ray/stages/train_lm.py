@@ -164,7 +164,7 @@ def _worker(loop_config: dict) -> None:
     prefetch = Prefetcher(load, pin=torch.cuda.is_available())
 
     def batches_at(global_step: int) -> list[torch.Tensor]:
-        _faults.maybe_kill(spec.stage, global_step, rank)
+        _faults.at_step(spec.stage, global_step, rank)
         return prefetch(global_step)
 
     def log(m: dict) -> None:
