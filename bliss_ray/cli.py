@@ -6,7 +6,7 @@ bliss-ray validate CONFIG [--set ...]                                          #
 bliss-ray flops CONFIG [--convention paper|6nd|rebuttal] [--set ...]           # the FLOPs ledger (Table 1)
 bliss-ray plan CONFIG [--gpu TYPE] [--gpus N] [--set ...]                       # memory, fit, GPU-hours per stage
 bliss-ray report RUN_DIR [RUN_DIR ...] --out DIR                               # tables and figures
-bliss-ray sweep SWEEP.yaml [--storage URI] [--out DIR]                          # a Ray Tune sweep
+bliss-ray sweep SWEEP.yaml [--out DIR|URI] [--storage URI]                      # a Ray Tune sweep
 bliss-ray compare COMPARE.yaml [--out DIR] [--seeds 0,1] [--report FILE.md]     # methods × seeds, Table 4
 """
 
@@ -157,13 +157,16 @@ def cmd_sweep(args) -> int:
     from bliss_ray.sweep import SweepFailed, load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep)  # the whole sweep is validated before Ray starts
+    for loc in (args.out, args.storage):  # an unreachable or read-only store fails here, naming the URI
+        if loc:
+            storage.check_writable(loc)
     _offline_unless_hub_needed(sweep.base)
     try:
-        result = run_sweep(Path(args.sweep), storage=args.storage, out=Path(args.out))
+        result = run_sweep(Path(args.sweep), storage=args.storage, out=args.out)
     except SweepFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"sweep results: {result}\nreport: bliss-ray report {Path(args.out) / sweep.spec.name} --out DIR")
+    print(f"sweep results: {result}\nreport: bliss-ray report {storage.join(args.out, sweep.spec.name)} --out DIR")
     return 0
 
 
@@ -223,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("sweep", help="run (or resume) a Ray Tune sweep")
     p.add_argument("sweep")
     p.add_argument("--storage", help="Tune storage path (local dir or s3://, gs://); default runs/sweeps")
-    p.add_argument("--out", default="runs", help="root for the trials' run directories")
+    p.add_argument(
+        "--out",
+        default="runs",
+        help="root for the trials' run directories: a local path or s3://, gs:// (default: runs/)",
+    )
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("compare", help="variants × seeds of a method comparison, then Table 4 and Figure 3")
     p.add_argument("compare", help="comparison YAML (see experiments/compare/)")

@@ -125,10 +125,16 @@ class Run:
 
     ``store``: where the run lives (a local path or a URI). ``root``: this driver's local directory for it; the
     same directory as ``store`` for a local run, a node-local working copy for a remote one (console log,
-    TensorBoard files and stage work in progress, uploaded as they finish)."""
+    TensorBoard files and stage work in progress, uploaded as they finish). ``shared``: another run's store (a
+    local path or a URI) whose finished stages this run uses in place of its own when their identities match: a
+    sweep's trials share the setup stages computed once before Tune starts, on any filesystem."""
 
-    def __init__(self, exp: Experiment, out_root: str | Path):
+    def __init__(self, exp: Experiment, out_root: str | Path, shared: str | Path | None = None):
         self.exp = exp
+        self.shared = (
+            None if shared is None else str(shared) if storage.is_remote(shared) else str(Path(shared).resolve())
+        )
+        self._home: dict[str, str] = {}  # stage key → the store its directory is in
         out = str(out_root) if storage.is_remote(out_root) else str(Path(out_root).resolve())  # absolute for workers
         self.store = storage.join(out, exp.name)
         self.remote = storage.is_remote(out)
@@ -155,8 +161,14 @@ class Run:
         return self.root / f"{key}-{self.ids[key]}"
 
     def uri(self, key: str, *sub: str) -> str:
-        """The location of the stage's directory (or of ``sub`` in it) in the store: what workers are given."""
-        return storage.join(self.store, f"{key}-{self.ids[key]}", *sub)
+        """The location of the stage's directory (or of ``sub`` in it) in the store: what workers are given. A stage
+        finished in ``shared`` (and not here) is read from there."""
+        name = f"{key}-{self.ids[key]}"
+        if key not in self._home:  # decided once: the shared store is complete before this run starts
+            shared = self.shared is not None and storage.exists(storage.join(self.shared, name, "_SUCCESS"))
+            own = shared and storage.exists(storage.join(self.store, name, "_SUCCESS"))
+            self._home[key] = self.shared if shared and not own else self.store
+        return storage.join(self._home[key], name, *sub)
 
     def input(self, key: str, *sub: str) -> Path:
         """A local directory with a finished stage's ``sub`` directory: in place for a local run, else a node-local

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps over BLISS ablations: ``bliss-ray sweep SWEEP.yaml [--storage URI] [--out DIR]``.
+"""Ray Tune sweeps over BLISS ablations: ``bliss-ray sweep SWEEP.yaml [--out DIR|URI] [--storage URI]``.
 
 A sweep file (schema and examples: ``experiments/sweeps/README.md``; validated before anything runs by
 ``bliss_ray.sweep_spec.load_sweep``, which raises ``ConfigError`` naming the field) names a ``base`` experiment,
@@ -7,12 +7,12 @@ the target after selection at equal target tokens; ``stage: bilevel``: the proxy
 ``round``'s bilevel stage, refused over a space that varies the proxy), ``metric``/``mode``, the ``search`` (grid
 or seeded Optuna), ``seeds`` repeats, ``max_concurrent_trials`` and ``asha``.
 
-Layout (OUT = ``--out``: a local path, shared by all nodes on a multi-node cluster; STORAGE = ``--storage``, a
-local path or ``s3://``/``gs://`` URI, default OUT/sweeps):
+Layout (OUT = ``--out`` and STORAGE = ``--storage``: local paths or ``s3://``/``gs://`` URIs; on a cluster whose
+nodes share no disk, a bucket; STORAGE defaults to OUT/sweeps):
 
     OUT/<base name>/<stage>-<id>/         setup stages shared by trials (tokenizer … r0.pretrain), computed once
                                           before Tune starts: the same directories ``bliss-ray run`` uses
-    OUT/<sweep>/<trial id>/<base name>/   each trial's own pipeline run; the shared stages are symlinked in
+    OUT/<sweep>/<trial id>/<base name>/   each trial's own pipeline run; it reads the shared stages in place
     STORAGE/<sweep>/                      the Tune experiment + sweep.json, sweep_results.parquet, sweep_curves.parquet
     STORAGE/<sweep>-train/<trial id>/     the trial's Ray Train runs, named ``<trial id>-r<k>.bilevel``
 
@@ -43,8 +43,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from bliss_ray.config import ConfigError
 from bliss_ray.pipeline import Run
+from bliss_ray.storage import is_remote, read_bytes, write_bytes
 from bliss_ray.storage import join as join_uri
-from bliss_ray.storage import read_bytes, write_bytes
 from bliss_ray.sweep_spec import (
     FINAL_METRICS,
     Domain,
@@ -58,6 +58,7 @@ from bliss_ray.sweep_spec import (
     trial_run,
     variant_label,
 )
+from bliss_ray.train.checkpoint import read_metrics
 
 log = logging.getLogger("bliss_ray")
 CURVE_ID = ("trial_id", "variant", "variant_key", "seed", "status")
@@ -87,15 +88,6 @@ def _setup_keys(run: Run) -> list[str]:
             break
         keys.append(st.key)
     return keys
-
-
-def _link_shared(run: Run, out: Path) -> None:
-    """Symlink the finished shared setup stages (same name = same identity) into the trial's run directory."""
-    run.root.mkdir(parents=True, exist_ok=True)
-    for key in _setup_keys(run):
-        src, dst = out / run.exp.name / run.dir(key).name, run.dir(key)
-        if (src / "_SUCCESS").exists() and not dst.exists():
-            dst.symlink_to(src, target_is_directory=True)
 
 
 class _TuneBilevel:
@@ -160,8 +152,7 @@ def bliss_sweep_trial(config: dict, sweep: Sweep, out: str, storage: str, baseli
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = tune.get_context().get_trial_id()
-    run = trial_run(sweep, config, trial_id, Path(out), storage)
-    _link_shared(run, Path(out))
+    run = trial_run(sweep, config, trial_id, out, storage)
     launcher = _TuneBilevel(trial_id, sweep.spec.metric)
     until = f"r{sweep.spec.round}.bilevel" if sweep.spec.stage == "bilevel" else "evaluate"
     results = run.execute(until=until, runner=launcher.runner)
@@ -199,7 +190,7 @@ def _finished(exp_dir: str, sweep: Sweep) -> tune.ResultGrid | None:
     return tune.ResultGrid(analysis)
 
 
-def precompute_shared(sweep: Sweep, out: Path) -> list[str]:
+def precompute_shared(sweep: Sweep, out: str) -> list[str]:
     """Run the setup stages (tokenizer … r0.pretrain) of every enumerable point once, in order, before Tune starts,
     in OUT/<base name>/, so that concurrent trials only read them (no two trials ever write one stage directory).
     For Optuna, stages that depend on a continuous key are left to the trials. Returns the stage dirs used."""
@@ -213,11 +204,11 @@ def precompute_shared(sweep: Sweep, out: Path) -> list[str]:
                 keys = list(itertools.takewhile(lambda k, ids=ids, run=run: ids[k] == run.ids[k], keys))
         if keys:
             run.execute(until=keys[-1])
-            used += [str(run.dir(k)) for k in keys if str(run.dir(k)) not in used]
+            used += [run.uri(k) for k in keys if run.uri(k) not in used]
     return used
 
 
-def run_baselines(sweep: Sweep, out: Path) -> dict[int, dict]:
+def run_baselines(sweep: Sweep, out: str) -> dict[int, dict]:
     """Each seed's baseline run (``baseline`` overrides, no point of the space), whole, in OUT/<base name>/ beside
     the shared setup stages; a finished one is only read. Returns seed → its final steps and held-out loss."""
     if sweep.spec.baseline is None:
@@ -281,13 +272,13 @@ def _tuner(sweep: Sweep, trainable, storage: str) -> tune.Tuner:
     )
 
 
-def run_sweep(path: str | Path, storage: str | None = None, out: Path = Path("runs")) -> str:
+def run_sweep(path: str | Path, storage: str | None = None, out: str | Path = "runs") -> str:
     """Run, resume, or (when finished) re-collect a sweep; returns the path of its ``sweep_results.parquet``."""
     from bliss_ray.stages import _ray
 
     sweep = load_sweep(path)
-    spec, out = sweep.spec, Path(out).resolve()
-    storage = storage or str(out / "sweeps")
+    spec, out = sweep.spec, str(out) if is_remote(out) else str(Path(out).resolve())
+    storage = storage or join_uri(out, "sweeps")
     storage = storage if "://" in storage else str(Path(storage).resolve())
     exp_dir, train_storage = join_uri(storage, spec.name), join_uri(storage, f"{spec.name}-train")
     resume = _restorable(exp_dir)
@@ -307,9 +298,7 @@ def run_sweep(path: str | Path, storage: str | None = None, out: Path = Path("ru
             shared = precompute_shared(sweep, out)
             log.info("sweep %s: %d shared setup stages ready; starting Tune", spec.name, len(shared))
         baselines = run_baselines(sweep, out)  # before any trial; on resume, read from the finished runs
-        fn = tune.with_parameters(
-            bliss_sweep_trial, sweep=sweep, out=str(out), storage=train_storage, baselines=baselines
-        )
+        fn = tune.with_parameters(bliss_sweep_trial, sweep=sweep, out=out, storage=train_storage, baselines=baselines)
         trainable = tune.with_resources(fn, spec.trial_resources)
         if resume:
             log.info("resuming sweep %s from %s (Tuner.restore)", spec.name, exp_dir)
@@ -334,7 +323,13 @@ def _arrow(df: pd.DataFrame) -> pa.Table:
     return pa.table(cols)
 
 
-def write_results(grid, sweep: Sweep, exp_dir: str, out: Path, train_storage: str) -> str:
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def write_results(grid, sweep: Sweep, exp_dir: str, out: str, train_storage: str) -> str:
     """``ResultGrid.get_dataframe()`` (one row per trial, its final metrics) + variant columns, and the learning
     curves (bilevel ``metrics.jsonl`` of each trial's objective stage, or the reports Tune kept), as parquet in the
     experiment directory and in OUT/<sweep>/ (where ``bliss-ray report`` reads them)."""
@@ -354,13 +349,9 @@ def write_results(grid, sweep: Sweep, exp_dir: str, out: Path, train_storage: st
         extra.append(row | {k: final[k] for k in (*FINAL_METRICS[spec.stage], *FINAL_EXTRA) if k in final})
         run = trial_run(sweep, r.config | {"seed": seed}, tid, out, train_storage)
         stage = final.get("objective_stage") or f"r{spec.round}.bilevel"
-        mfile = run.dir(stage) / "metrics.jsonl" if stage in run.by_key else None
-        if mfile is not None and mfile.exists():
-            series = [json.loads(line) for line in mfile.read_text().splitlines() if line.strip()]
-        elif "step" in hist:  # the trial's run dir is on another machine: the (checkpoint-step) reports Tune kept
+        series = read_metrics(run.uri(stage, "metrics.jsonl")) if stage in run.by_key else []
+        if not series and "step" in hist:  # the stage's history is gone (or never written): what Tune kept
             series = hist[hist["final"] != 1].to_dict("records") if "final" in hist else hist.to_dict("records")
-        else:
-            series = []
         ids = {k: row[k] for k in CURVE_ID}
         curves += [{**ids, "stage": stage, **{k: m.get(k) for k in CURVE_METRICS}} for m in series]
     extra_df = pd.DataFrame(extra)
@@ -373,13 +364,10 @@ def write_results(grid, sweep: Sweep, exp_dir: str, out: Path, train_storage: st
         "sweep_results.parquet": _arrow(df),
         "sweep_curves.parquet": _arrow(pd.DataFrame(curves, columns=[*CURVE_ID, "stage", *CURVE_METRICS])),
     }
-    local = out / spec.name
-    local.mkdir(parents=True, exist_ok=True)
-    for name, table in files.items():
-        pq.write_table(table, local / name)
-        if join_uri(exp_dir, name) != str(local / name):
-            write_bytes(join_uri(exp_dir, name), (local / name).read_bytes())
-    (local / "sweep.json").write_bytes(sweep_json(sweep))
+    blobs = {name: _parquet_bytes(table) for name, table in files.items()} | {"sweep.json": sweep_json(sweep)}
+    for where in dict.fromkeys([join_uri(out, spec.name), exp_dir]):  # OUT/<sweep>/, and the experiment dir
+        for name, blob in blobs.items():
+            write_bytes(join_uri(where, name), blob)
     path = join_uri(exp_dir, "sweep_results.parquet")
     bad = extra_df[extra_df["status"] == "error"] if len(extra_df) else extra_df
     if len(bad):  # not done: a rerun (or a RayJob retry) resumes and retries exactly these

@@ -351,7 +351,7 @@ def objective(spec: SweepSpec, run: Run, results: dict, baseline: dict | None = 
     out: dict = {"final": 1}
     key = f"r{rounds}.bilevel"
     if key in run.by_key:
-        m = read_metrics(run.dir(key) / "metrics.jsonl")
+        m = read_metrics(run.uri(key, "metrics.jsonl"))
         tail = m[-spec.last_steps :]
         out |= {
             "objective_stage": key,
@@ -389,14 +389,17 @@ def variant_label(spec: SweepSpec, point: dict) -> str:
 # ---- on-disk layout (see bliss_ray.sweep) ---------------------------------------------------------------------
 
 
-def trial_run(sweep: Sweep, config: dict, trial_id: str, out: Path, storage: str) -> Run:
-    """A trial's pipeline Run: its own directory and Train storage, both deterministic from the trial id."""
+def trial_run(sweep: Sweep, config: dict, trial_id: str, out: str | Path, storage: str) -> Run:
+    """A trial's pipeline Run: its own directory (OUT/<sweep>/<trial id>, a local path or a URI) and Train storage,
+    both deterministic from the trial id; finished stages of OUT/<base name>/ (the setup stages computed before
+    Tune starts) are used in place, never recomputed."""
     spec = sweep.spec
     point = {k: config[k] for k in spec.space if k in config}
     seed = config.get("seed", spec.seeds[0] if spec.seeds else None)
     extra = {"label": variant_label(spec, point), "resources.storage_path": storage_join(storage, trial_id)}
     extra |= {"seed": seed} if seed is not None else {}
-    return Run(sweep.experiment(point, extra), out / spec.name / trial_id)
+    exp = sweep.experiment(point, extra)
+    return Run(exp, storage_join(str(out), spec.name, trial_id), shared=storage_join(str(out), exp.name))
 
 
 def sweep_json(sweep: Sweep) -> bytes:

@@ -375,14 +375,14 @@ def kuberay_structure_errors(doc: dict[str, Any]) -> list[str]:
         if job.get("shutdownAfterJobFinishes") is not True:
             errors.append("RayJob: shutdownAfterJobFinishes must be true (ephemeral cluster)")
         if not isinstance(job.get("backoffLimit"), int) or job["backoffLimit"] < 1:
-            errors.append("RayJob: backoffLimit must be >= 1 (the sweep resumes itself from --storage)")
+            errors.append("RayJob: backoffLimit must be >= 1 (the sweep resumes itself from the bucket)")
         entrypoint = job.get("entrypoint", "")
         if not entrypoint.startswith("bliss-ray sweep experiments/sweeps/"):
             errors.append(f"RayJob: entrypoint must run `bliss-ray sweep experiments/sweeps/...`, got {entrypoint!r}")
-        if not re.search(r"--storage (s3|gs)://", entrypoint):
-            errors.append(
-                "RayJob: entrypoint needs --storage s3://... or gs://... (the cluster is deleted afterwards)"
-            )
+        if not re.search(r"--out (s3|gs)://", entrypoint):  # run roots and (by default) Tune's storage
+            errors.append("RayJob: entrypoint needs --out s3://... or gs://... (the cluster is deleted afterwards)")
+        if re.search(r"--storage (?!s3://|gs://)", entrypoint):
+            errors.append("RayJob: --storage, when given, must be s3://... or gs://...")
         if _SHELL_META.search(entrypoint):
             errors.append("RayJob: entrypoint must not contain shell operators (KubeRay pastes it unquoted)")
     return errors
@@ -580,6 +580,11 @@ def _drop_gpu(doc: dict[str, Any]) -> None:
             lambda d: d["spec"].__setitem__("entrypoint", "cd /x && " + d["spec"]["entrypoint"]),
             "entrypoint",
         ),
+        (
+            RAYJOB_YAML,
+            lambda d: d["spec"].__setitem__("entrypoint", d["spec"]["entrypoint"].replace("--out s3://", "--out /h/")),
+            "--out s3://",
+        ),
         (RAYJOB_YAML, lambda d: _set_gpu_min_max(d, 3, 1), "minReplicas <= maxReplicas"),
         (RAYJOB_YAML, lambda d: d["metadata"].__setitem__("name", "Bliss_Sweep"), "DNS-1035"),
         (RAYCLUSTER_YAML, lambda d: d["spec"]["headGroupSpec"].__setitem__("resources", {"CPU": "0"}), "not both"),
@@ -595,6 +600,7 @@ def _drop_gpu(doc: dict[str, Any]) -> None:
         "no-retries",
         "no-shutdown",
         "shell-entrypoint",
+        "local-out",
         "rayjob-min-gt-max",
         "bad-name",
         "resources-twice",

@@ -7,6 +7,7 @@ report's arithmetic is tested on synthetic frames in tests/test_report.py.
     .venv/bin/python -m pytest tests/test_sweep.py -q -m "not ray"   # validation + results only (seconds)
 """
 
+import io
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from bliss_ray import storage
 from bliss_ray.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,44 +270,57 @@ def test_results_keep_final_metrics_and_a_failed_trial_fails_the_sweep(tmp_path)
 # ---- Ray: the tiny Table-2 sweep, killed mid-sweep, resumed, ranked ---------------------------------------------
 
 
-def _states(exp_dir: Path) -> dict[str, str]:
+def _states(exp_dir: str) -> dict[str, str]:
     """trial id → status in the newest experiment state Tune saved (what a restore will see)."""
-    files = sorted(exp_dir.glob("experiment_state-*.json"))  # by the timestamp in the name (mtimes: synced copies)
+    files = sorted(storage.listdir(exp_dir, ".json"))  # experiment_state-<timestamp>.json sort by time
+    files = [f for f in files if storage.name(f).startswith("experiment_state-")]
     if not files:
         return {}
     try:
-        trials = [json.loads(t[0]) for t in json.loads(files[-1].read_text())["trial_data"]]
-    except (json.JSONDecodeError, KeyError):  # caught mid-write
+        trials = [json.loads(t[0]) for t in json.loads(storage.read_bytes(files[-1]))["trial_data"]]
+    except (TypeError, json.JSONDecodeError, KeyError):  # caught mid-write
         return {}
     return {t["trial_id"]: t["status"] for t in trials}
 
 
-def _train_step(snapshot: Path) -> int:
+def _train_step(snapshot: str) -> int:
     """The step of the latest checkpoint Train registered (0 if none, or the snapshot is caught mid-write)."""
     try:
-        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
-    except (OSError, json.JSONDecodeError, KeyError):
+        latest = json.loads(storage.read_bytes(snapshot))["latest_checkpoint_result"]
+    except (TypeError, json.JSONDecodeError, KeyError):
         return 0
     return int((latest or {}).get("metrics", {}).get("step", 0))
 
 
-def _rows(exp_dir: Path, tid: str) -> list[dict]:
-    f = exp_dir / f"trial_{tid}" / "result.json"
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+def _rows(exp_dir: str, tid: str) -> list[dict]:
+    blob = storage.read_bytes(storage.join(exp_dir, f"trial_{tid}", "result.json"))
+    return [json.loads(line) for line in blob.splitlines() if line.strip()] if blob else []
+
+
+def _stage_uri(root: str, prefix: str) -> str:
+    """The one stage directory of ``root`` whose name starts with ``prefix``."""
+    [name] = [n for n in storage.listdir(root, dirs=True) if storage.name(n).startswith(prefix)]
+    return name
+
+
+def _mtime_ns(loc: str) -> int:
+    fs, path = storage.resolve(loc)
+    return fs.get_file_info(path).mtime_ns
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(1500)
 # extended (6 min): sweep validation, objective, results and report arithmetic are tested without Ray in CI
 @pytest.mark.extended
-def test_tiny_table2_sweep_survives_a_killed_driver_and_ranks_proxies_by_the_target(tmp_path):
+def test_tiny_table2_sweep_in_a_bucket_survives_a_killed_driver_and_ranks_proxies_by_the_target(tmp_path, s3_bucket):
     """The shipped tiny Table 2 cut to what CI affords: both proxies (sigmoid on), one seed, so 2 trials of the whole
-    pipeline, run by ``bliss-ray sweep`` as a user runs it. Reliability scenario 7 on the way: SIGKILL the driver
-    (its whole process group: Ray goes too) once trial 1 finished and trial 2's bilevel Train run has a checkpoint
-    with steps left; the same command restores (Tuner.restore), keeps trial 1 and finishes trial 2 from that
-    checkpoint; a third run is a no-op. Then the result: each trial is scored by its target after selection at
-    equal target tokens; the report says that one seed cannot tell a difference from noise and where downstream
-    accuracy sits against chance."""
+    pipeline, run by ``bliss-ray sweep`` as a cluster user runs it: run roots (``--out``) and Tune's storage
+    (``--storage``) in a bucket (a local S3 server). Reliability scenario 7 on the way: SIGKILL the driver (its whole
+    process group: Ray goes too) once trial 1 finished and trial 2's bilevel Train run has a checkpoint with steps
+    left; the same command, from a fresh driver (new Ray, empty local cache), restores (Tuner.restore) from the
+    bucket, keeps trial 1 and finishes trial 2 from that checkpoint; a third run is a no-op. Then the result: each
+    trial is scored by its target after selection at equal target tokens; the report, built from the bucket, says
+    that one seed cannot tell a difference from noise and where downstream accuracy sits against chance."""
     from bliss_ray.report.build import build_report
 
     tree = yaml.safe_load(TABLE2.read_text())
@@ -317,27 +332,33 @@ def test_tiny_table2_sweep_survives_a_killed_driver_and_ranks_proxies_by_the_tar
     outer_steps = tree["overrides"]["bilevel.outer_steps"]
     sweep = tmp_path / "table2.yaml"
     sweep.write_text(yaml.safe_dump(tree))
-    out, storage = tmp_path / "runs", tmp_path / "storage"
+    out, store = storage.join(s3_bucket, "t2", "runs"), storage.join(s3_bucket, "t2", "sweeps")
     name = tree["name"]
-    exp_dir, train = storage / name, storage / f"{name}-train"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the session's Ray
-    env |= {"RAY_TMPDIR": tempfile.mkdtemp(prefix="brk_", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
-    env |= {"TUNE_GLOBAL_CHECKPOINT_S": "1"}  # save the experiment state every second: the kill point is seen early
-    cmd = [sys.executable, "-m", "bliss_ray.cli", "sweep", str(sweep), "--storage", str(storage), "--out", str(out)]
+    exp_dir, train = storage.join(store, name), storage.join(store, f"{name}-train")
+    cmd = [sys.executable, "-m", "bliss_ray.cli", "sweep", str(sweep), "--storage", store, "--out", out]
     log = tmp_path / "driver.log"
+
+    def fresh_driver() -> dict:
+        """A driver on a new head: its own Ray and an empty node cache (nothing local survives from the last)."""
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the session's Ray
+        env |= {"RAY_TMPDIR": tempfile.mkdtemp(prefix="brk_", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+        env |= {"BLISS_CACHE_DIR": tempfile.mkdtemp(prefix="bcache_", dir=tmp_path)}
+        return env | {"TUNE_GLOBAL_CHECKPOINT_S": "1"}  # save the experiment state every second
 
     def run(tag: str) -> float:
         t0 = time.perf_counter()
         with log.open("a") as f:
             f.write(f"\n==== {tag}\n")
             f.flush()
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900)
+            proc = subprocess.run(cmd, cwd=REPO, env=fresh_driver(), stdout=f, stderr=subprocess.STDOUT, timeout=900)
         assert proc.returncode == 0, log.read_text()[-4000:]
         return time.perf_counter() - t0
 
     t0 = time.perf_counter()
     with log.open("w") as f:
-        driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen(
+            cmd, cwd=REPO, env=fresh_driver(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         while True:
             assert driver.poll() is None, "the sweep ended before it could be killed:\n" + log.read_text()[-4000:]
@@ -345,7 +366,7 @@ def test_tiny_table2_sweep_survives_a_killed_driver_and_ranks_proxies_by_the_tar
             done = [t for t, s in states.items() if s == "TERMINATED"]  # saved as finished: a restore keeps it
             rest = [t for t in states if t not in done]  # saved as PENDING or RUNNING: a restore resumes it
             if done and rest and _rows(exp_dir, rest[0]):  # trial 2 has reported (= checkpointed) at least once
-                snapshot = train / rest[0] / f"{rest[0]}-r1.bilevel" / "checkpoint_manager_snapshot.json"
+                snapshot = storage.join(train, rest[0], f"{rest[0]}-r1.bilevel", "checkpoint_manager_snapshot.json")
                 # Train registered a checkpoint and has steps left: Tune's rows lag Train's, so a kill decided
                 # on them alone can land after the Train run finished, leaving the resume nothing to do
                 if 0 < _train_step(snapshot) <= outer_steps - 4:
@@ -358,17 +379,17 @@ def test_tiny_table2_sweep_survives_a_killed_driver_and_ranks_proxies_by_the_tar
         driver.wait()
     killed_at, first_run = time.time(), time.perf_counter() - t0
     finished, interrupted = done[0], rest[0]
-    kept = (exp_dir / f"trial_{finished}" / "result.json").read_bytes()
+    kept = storage.read_bytes(storage.join(exp_dir, f"trial_{finished}", "result.json"))
     before = [r["step"] for r in _rows(exp_dir, interrupted) if not r["final"]]  # Tune rewrites this file on restore
     assert max(before) < outer_steps, f"killed too late to test a resume: {before}"
-    success = next((out / name / finished / "tiny").glob("r1.bilevel-*/_SUCCESS")).stat().st_mtime_ns
+    trial_root = storage.join(out, name, finished, "tiny")
+    success = _mtime_ns(storage.join(_stage_uri(trial_root, "r1.bilevel-"), "_SUCCESS"))
 
     resume = run("resume")
     states = _states(exp_dir)
     assert sorted(states) == sorted([finished, interrupted]) and set(states.values()) == {"TERMINATED"}
-    assert (exp_dir / f"trial_{finished}" / "result.json").read_bytes() == kept  # not re-run
-    again = next((out / name / finished / "tiny").glob("r1.bilevel-*/_SUCCESS")).stat().st_mtime_ns
-    assert again == success
+    assert storage.read_bytes(storage.join(exp_dir, f"trial_{finished}", "result.json")) == kept  # not re-run
+    assert _mtime_ns(storage.join(_stage_uri(trial_root, "r1.bilevel-"), "_SUCCESS")) == success
     after = [r["step"] for r in _rows(exp_dir, interrupted) if r["timestamp"] >= killed_at and not r["final"]]
     assert before and after and min(after) > min(before), (before, after)  # went on from a checkpoint, not step 0
     assert max(after) == outer_steps
@@ -378,23 +399,28 @@ def test_tiny_table2_sweep_survives_a_killed_driver_and_ranks_proxies_by_the_tar
     assert _states(exp_dir) == states and {t: _rows(exp_dir, t) for t in states} == rows
     resumed, noop_log = log.read_text().split("==== resume")[1].split("==== no-op")
     assert "(Tuner.restore)" in resumed and "Started a local Ray" not in noop_log and "nothing to run" in noop_log
-    assert sorted(p.name for p in (out / name).iterdir() if p.is_dir()) == sorted(states)
+    trial_dirs = [storage.name(d) for d in storage.listdir(storage.join(out, name), dirs=True)]
+    assert sorted(trial_dirs) == sorted(states)
     print(f"kill test: first run until kill {first_run:.0f} s, resume {resume:.0f} s, no-op {noop:.0f} s")
     print(f"steps reported by the interrupted trial before the kill {before}, after the resume {after}")
 
-    df = pd.read_parquet(exp_dir / "sweep_results.parquet")
+    df = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(exp_dir, "sweep_results.parquet"))))
     assert len(df) == 2 and set(df["status"]) == {"ok"} and df["variant_key"].nunique() == 2
     assert np.isfinite(df["reference_loss"]).all() and (df["final"] == 1).all()
     assert set(df["target_tokens"]) == {((1 + 1) * 6 + 4) * 8 * 64}  # tiny: 2 × 6 steps + 4 decay, 8 × 64 tokens
     assert set(df["target_steps"]) == {12} and set(df["objective_stage"]) == {"r1.bilevel"}
     assert set(df["paper_average_chance"]) == {0.25}  # sciq_local is the tiny eval's one paper task (4 choices)
     assert (df["training_iteration"] >= 2).all()  # Train's rank-0 reports reached Tune before the final one
+    shared = storage.join(out, "tiny")
     for tid in df["trial_id"]:  # each trial's Train run is named from its trial id, under the sweep's storage
-        assert (train / tid / f"{tid}-r1.bilevel").is_dir()
-        assert any((train / tid).glob("r1.pretrain-*"))  # the target, too
-        tokenize = next((out / name / tid / "tiny").glob("tokenize-*"))
-        assert tokenize.is_symlink()  # shared setup stages were computed once, before Tune
-    text = build_report([out / name], tmp_path / "report").read_text()
+        assert storage.exists(storage.join(train, tid, f"{tid}-r1.bilevel", "checkpoint_manager_snapshot.json"))
+        assert any(
+            storage.name(d).startswith("r1.pretrain-") for d in storage.listdir(storage.join(train, tid), dirs=True)
+        )
+        own = [storage.name(d) for d in storage.listdir(storage.join(out, name, tid, "tiny"), dirs=True)]
+        # shared setup stages were computed once, before Tune, and read in place: no trial has its own copy
+        assert not any(n.startswith("tokenize-") for n in own) and _stage_uri(shared, "tokenize-")
+    text = build_report([storage.join(out, name)], tmp_path / "report").read_text()
     assert "`reference_loss` = the target's held-out reference-set loss of its final checkpoint" in text
     assert "target trained on 8,192 tokens in every trial" in text and "does not answer" not in text
     ablation = text.split("### Ablation table")[1].split("###")[0]

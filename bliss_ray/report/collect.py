@@ -104,6 +104,7 @@ def _comparable(variants: list[Variant]) -> list[dict]:
 
 # what a report reads from a run; models, token arrays, pools and checkpoints stay in the store
 _REPORT_FILES = {"experiment.json", "outputs.json", "_SUCCESS", "metrics.jsonl", "manifest.json", "selected.parquet"}
+_REPORT_FILES |= {"sweep.json", "sweep_results.parquet", "sweep_curves.parquet"}  # a sweep's OUT/<sweep>/
 
 
 def local_view(root: str | Path) -> Path:

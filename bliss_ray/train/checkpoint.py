@@ -71,7 +71,8 @@ def write_metrics(path: str | Path, metrics: list[dict]) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A ``metrics.jsonl`` (a local path or a store URI) as one dict per line; [] when it does not exist."""
+    from bliss_ray import storage
+
+    blob = storage.read_bytes(path)
+    return [] if blob is None else [json.loads(line) for line in blob.splitlines() if line.strip()]
