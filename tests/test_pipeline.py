@@ -201,6 +201,12 @@ def test_compare_runs_four_methods_and_reports_table4(tiny_run, tmp_path):
     per_round = 1 + run.exp.pretrain.eval_branches
     assert len(steps) == (run.exp.schedule.rounds + 1) * per_round
     assert max(steps) == (run.exp.schedule.rounds + 1) * run.exp.pretrain.steps + extra[0]
+    # round 0 is every method's: its checkpoints were evaluated once, by the first variant; the results are the same
+    random_rows = {(c["stage"], c["steps"]): c for c in runs["random"].outputs("evaluate")["checkpoints"]}
+    for c in matched.outputs("evaluate")["checkpoints"]:
+        assert c["evaluated_earlier"] == (c["round"] == 0), c
+        if c["round"] == 0:
+            assert c["reference_loss"] == random_rows[(c["stage"], c["steps"])]["reference_loss"]
 
     text = report.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "FLOPs" not in line.split("|")[2]]

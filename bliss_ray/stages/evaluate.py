@@ -10,11 +10,17 @@ tokens, ``branch``: a mid-round branch or the round's final checkpoint, average,
 ``reference_split`` (``eval``, or ``all`` when ``data.reference_eval_frac`` is 0).
 
 Checkpoints are evaluated data-parallel (one task each), never model-parallel: a 410M/1B model fits one device.
+A checkpoint already evaluated with the same settings in the same run root (the round 0 that every method of a
+``bliss-ray compare`` seed shares, or the rounds a FLOPs-matched baseline shares with its baseline) is not
+evaluated again: results are kept in ``<run>/_eval_cache/``, keyed by the checkpoint's and the reference's
+locations, which are identity-addressed, and every setting that changes a result.
 The same directories evaluate with the stock CLI: ``lm_eval --model hf --model_args pretrained=DIR``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -89,13 +95,21 @@ def _evaluate(
     return out
 
 
+def _cache_uri(run, args: tuple) -> str:
+    """Where the result of ``_evaluate(*args)`` is kept: the arguments that change it, hashed (threads do not)."""
+    model_dir, reference_dir, tasks, limit, batch_size, bootstrap, _threads, device, dtype, offline = args
+    key = [model_dir, reference_dir, tasks, limit, batch_size, bootstrap, device, dtype, offline]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return storage.join(run.store, "_eval_cache", f"{digest}.json")
+
+
 def evaluate_checkpoints(run, st, d: Path) -> dict:
     exp, e = run.exp, run.exp.eval
     keys = list(st.deps) if e.every_round else list(st.deps)[-1:]
     gpu = use_gpu(exp.resources)
     cpus = max(1.0, exp.resources.cpus_per_worker)
     task = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_retries=2)(_evaluate)
-    refs, rows = [], []
+    rows = []
     for key in keys:
         final = run.uri(key, "decay") if storage.exists(run.uri(key, "decay")) else run.uri(key, "state", "model")
         out = run.outputs(key)
@@ -112,23 +126,32 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
                     "branch": branch,
                 }
             )
+    device = "cuda" if gpu else "cpu"
+    cached, results = [], []
     for row in rows:
-        refs.append(
-            task.remote(
-                row["model_dir"],
-                run.uri("tokenize", "reference", "eval_array"),  # held out from selection (data.reference_eval_frac)
-                e.tasks,
-                e.limit,
-                e.batch_size,
-                e.bootstrap_iters,
-                max(1, int(cpus)),
-                "cuda" if gpu else "cpu",
-                inference_dtype(resolve(exp.resources.precision, "cuda" if gpu else "cpu")),
-                evaluates_offline(e.tasks, e.offline),
-            )
+        args = (
+            row["model_dir"],
+            run.uri("tokenize", "reference", "eval_array"),  # held out from selection (data.reference_eval_frac)
+            e.tasks,
+            e.limit,
+            e.batch_size,
+            e.bootstrap_iters,
+            max(1, int(cpus)),
+            device,
+            inference_dtype(resolve(exp.resources.precision, device)),
+            evaluates_offline(e.tasks, e.offline),
         )
+        cached.append(_cache_uri(run, args))
+        blob = storage.read_bytes(cached[-1])
+        results.append(json.loads(blob) if blob else task.remote(*args))
+    pending = [i for i, r in enumerate(results) if isinstance(r, ray.ObjectRef)]
+    for i, result in zip(pending, ray.get([results[i] for i in pending]), strict=True):
+        results[i] = result
+        storage.write_json(cached[i], result)  # after the result exists: a killed stage caches nothing half-done
+    for i, row in enumerate(rows):
+        row["evaluated_earlier"] = i not in pending  # by another variant sharing this checkpoint, or a rerun
     (d / "results").mkdir(exist_ok=True)
-    for row, result in zip(rows, ray.get(refs), strict=True):
+    for row, result in zip(rows, results, strict=True):
         name = f"{row['stage']}.branch{row['steps']}" if row["branch"] else row["stage"]
         storage.write_json(d / "results" / f"{name}.json", result)
         avg = result.get("paper_average") or {}
