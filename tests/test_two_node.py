@@ -5,6 +5,7 @@ and Train worker. The worker node lives in its own mount namespace (``unshare --
 test's temporary directory, where the driver's run directory and node cache are: a driver-local path handed to
 a worker fails there with FileNotFoundError. The pool and reference files are in the bucket too (a cluster's
 inputs are). The driver is ``bliss-ray run`` in a subprocess (this session's own Ray stays as it is).
+Mid warm-up, worker node 1 is killed and node 2 (a new namespace, an empty cache) takes its place.
 
     .venv/bin/python -m pytest tests/test_two_node.py -q
 """
@@ -151,24 +152,65 @@ def _run(config: Path, out: str, address: str, cache: Path, *extra: str) -> subp
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)
 
 
-# extended (~210 s): in CI, tests/test_storage.py runs the storage layer on a local S3 server, and the tiny
-# pipeline's stages read their inputs through it
+# In CI (about 4.5 min): the issue's proof, one pipeline run that a node death interrupts
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.extended
 @pytest.mark.timeout(1500)
-def test_two_nodes_sharing_only_a_bucket_run_resume_and_report(cluster, s3_bucket, tmp_path):
+def test_two_nodes_sharing_only_a_bucket_survive_a_dead_node_then_resume_on_a_new_head_and_report(
+    cluster, s3_bucket, tmp_path
+):
+    """The tiny pipeline with ``--out s3://…``, its Train workers and Data actors on worker node 1. A fault holds
+    the warm-up's worker (40 steps, a checkpoint every 4) before step 15, once checkpoint 12 (or 8) is in the
+    bucket; the test SIGKILLs node 1 (raylet and every process it started) and starts node 2 in a new namespace
+    with an empty cache. Ray Train restarts the group there from the last checkpoint in the bucket: the warm-up
+    ends at exactly step 40 with every step logged once, and every later stage runs on node 2 from what it cached
+    anew. Every stage output is in the bucket and none on the driver's disk. Then a new head (no local trace of the
+    first driver) reruns the command: nothing recomputes, and ``bliss-ray report`` works from the bucket."""
+    import io
+
+    import torch
+
     from bliss_ray.config import load_experiment
     from bliss_ray.pipeline import Run
 
-    config = _experiment(tmp_path, s3_bucket)
+    warmup = {"steps": 40, "warmup_steps": 2, "ckpt_every_steps": 4}
+    config = _experiment(tmp_path, s3_bucket, warmup=warmup)
     out = storage.join(s3_bucket, "runs")
-    t0 = time.perf_counter()
-    first = _run(config, out, cluster.address, tmp_path / "driver1")
-    first_s = time.perf_counter() - t0
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-
     run = Run(load_experiment(config), out)
+    held = Path(f"/var/tmp/held{cluster.port}")  # outside the hidden dir: both namespaces see it
+    cluster.marks.append(str(held))
+    cmd, env = _driver(config, out, cluster.address, tmp_path / "driver1")
+    env["BLISS_FAULTS"] = json.dumps({"pause": {"stage": "warmup", "step": 14, "once": str(held), "seconds": 900}})
+    log = tmp_path / "driver.log"
+    train_run = storage.join(run.store, "_ray", run.dir("warmup").name)  # Train runs are named after the stage dir
+    snapshot = storage.join(train_run, "checkpoint_manager_snapshot.json")
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        driver = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        while not (held.exists() and _registered_step(snapshot) >= 8):
+            assert driver.poll() is None, "the driver ended before the kill:\n" + log.read_text()[-4000:]
+            assert time.perf_counter() - t0 < 600, "no kill point reached:\n" + log.read_text()[-4000:]
+            time.sleep(0.5)
+        registered = _registered_step(snapshot)
+        _kill_marked(next(m for m in cluster.marks if "/rw1_" in m))  # node 1's raylet, workers and agents
+        cluster.start_worker(2)
+        code = driver.wait(timeout=1200)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    first_s = time.perf_counter() - t0
+    console = log.read_text()
+    assert code == 0, console[-4000:]
+
+    state = torch.load(io.BytesIO(storage.read_bytes(run.uri("warmup", "state", "train_state.pt"))), weights_only=True)
+    assert state["step"] == 40
+    assert len(state["resumed_from"]) == 1 and 8 <= state["resumed_from"][0] <= 12, (state["resumed_from"], registered)
+    steps = [json.loads(line)["step"] for line in storage.read_bytes(run.uri("warmup", "metrics.jsonl")).splitlines()]
+    assert steps == list(range(1, 41))  # each step logged once: replayed steps overwrite, nothing is lost
+    cache2 = Path(f"/var/tmp/rc2_{cluster.port}")
+    assert any(p.is_file() for p in cache2.rglob("*")), "node 2 did not build its own cache"
+
     for st in run.stages:  # every stage finished, in the bucket
         assert storage.exists(run.uri(st.key, "_SUCCESS")), st.key
     assert storage.exists(run.uri("r1.pretrain", "decay", "model.safetensors"))
@@ -199,64 +241,6 @@ def test_two_nodes_sharing_only_a_bucket_run_resume_and_report(cluster, s3_bucke
     )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| bliss (" in (tmp_path / "report" / "report.md").read_text()
-
-
-# extended (~3 min): in CI, a killed Train worker resumes from its checkpoint to the exact step bit for bit
-# (tests/test_train_stage.py), on one node
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.extended
-@pytest.mark.timeout(1500)
-def test_a_dead_worker_node_is_replaced_and_its_train_stage_resumes_from_the_bucket(cluster, s3_bucket, tmp_path):
-    """The warm-up (40 steps, a checkpoint every 4) runs on worker node 1; a fault holds its worker before step 15,
-    once checkpoint 12 (or 8) is in the bucket, and the test SIGKILLs the whole node (raylet and every process
-    it started). Worker node 2 starts with an empty cache in a new namespace. Ray Train restarts the group there
-    from the last checkpoint in the bucket: the warm-up ends at exactly step 40 with every step logged once, and
-    the round-0 pretraining after it runs on node 2 from token arrays it cached anew."""
-    import io
-
-    import torch
-
-    from bliss_ray.config import load_experiment
-    from bliss_ray.pipeline import Run
-
-    warmup = {"steps": 40, "warmup_steps": 2, "ckpt_every_steps": 4}
-    config = _experiment(tmp_path, s3_bucket, warmup=warmup)
-    out = storage.join(s3_bucket, "runs")
-    run = Run(load_experiment(config), out)
-    held = Path(f"/var/tmp/held{cluster.port}")  # outside the hidden dir: both namespaces see it
-    cluster.marks.append(str(held))
-    cmd, env = _driver(config, out, cluster.address, tmp_path / "driver", "--stage", "r0.pretrain")
-    env["BLISS_FAULTS"] = json.dumps({"pause": {"stage": "warmup", "step": 14, "once": str(held), "seconds": 900}})
-    log = tmp_path / "driver.log"
-    train_run = storage.join(run.store, "_ray", run.dir("warmup").name)  # Train runs are named after the stage dir
-    snapshot = storage.join(train_run, "checkpoint_manager_snapshot.json")
-    with log.open("w") as f:
-        driver = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-    try:
-        t0 = time.perf_counter()
-        while not (held.exists() and _registered_step(snapshot) >= 8):
-            assert driver.poll() is None, "the driver ended before the kill:\n" + log.read_text()[-4000:]
-            assert time.perf_counter() - t0 < 600, "no kill point reached:\n" + log.read_text()[-4000:]
-            time.sleep(0.5)
-        registered = _registered_step(snapshot)
-        _kill_marked(next(m for m in cluster.marks if "/rw1_" in m))  # node 1's raylet, workers and agents
-        cluster.start_worker(2)
-        code = driver.wait(timeout=1200)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    console = log.read_text()
-    assert code == 0, console[-4000:]
-
-    state = torch.load(io.BytesIO(storage.read_bytes(run.uri("warmup", "state", "train_state.pt"))), weights_only=True)
-    assert state["step"] == 40
-    assert len(state["resumed_from"]) == 1 and 8 <= state["resumed_from"][0] <= 12, (state["resumed_from"], registered)
-    steps = [json.loads(line)["step"] for line in storage.read_bytes(run.uri("warmup", "metrics.jsonl")).splitlines()]
-    assert steps == list(range(1, 41))  # each step logged once: replayed steps overwrite, nothing is lost
-    assert storage.exists(run.uri("r0.pretrain", "_SUCCESS"))  # the next Train stage ran on the new node
-    cache2 = Path(f"/var/tmp/rc2_{cluster.port}")
-    assert any(p.is_file() for p in cache2.rglob("*")), "node 2 did not build its own cache"
 
 
 def _registered_step(snapshot: str) -> int:
