@@ -103,7 +103,8 @@ def plan(exp: Experiment) -> list[Stage]:
     return st
 
 
-def _section(exp: Experiment, dotted: str):
+def setting(exp: Experiment, dotted: str):
+    """The experiment's value at a dotted key: a section as JSON-able dict, a leaf as itself."""
     node = exp
     for part in dotted.split("."):
         node = getattr(node, part)
@@ -147,7 +148,7 @@ class Run:
         self.ids: dict[str, str] = {}
         extra = {"tokenizer": pool_fingerprint(exp)}
         for s in self.stages:
-            own = {d: _section(exp, d) for d in s.settings}
+            own = {d: setting(exp, d) for d in s.settings}
             self.ids[s.key] = identity(s.key, own, extra.get(s.key), [self.ids[d] for d in s.deps])
 
     @property
@@ -213,7 +214,7 @@ class Run:
                 "stage": st.key,
                 "identity": self.ids[st.key],
                 "deps": {k: self.ids[k] for k in st.deps},
-                "settings": {s: _section(self.exp, s) for s in st.settings},
+                "settings": {s: setting(self.exp, s) for s in st.settings},
             }
             (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
             with console.stage(st, d, self.uri(st.key)) as finished:

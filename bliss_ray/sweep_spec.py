@@ -251,9 +251,7 @@ def load_sweep(path: str | Path) -> Sweep:
     for key in spec.baseline or {}:
         _check_key(key, f"{where}: baseline")
     if (spec.metric == "steps_to_baseline") != (spec.baseline is not None):
-        raise ConfigError(
-            f"{where}: baseline: metric steps_to_baseline and baseline go together (one without the other)"
-        )
+        raise ConfigError(f"{where}: baseline: metric steps_to_baseline needs one, and no other metric uses it")
     for key in spec.labels:
         if key not in spec.space:
             raise ConfigError(f"{where}: labels: '{key}' is not a key of space")

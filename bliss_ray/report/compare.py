@@ -14,6 +14,7 @@ Figure 3 curves (mean over seeds, band = ± 1 sd). No Ray; pure reading of stage
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from bliss_ray import storage
 from bliss_ray.compare_spec import CompareSpec, spent_flops
 from bliss_ray.flops import ledger, totals, unit_of
+from bliss_ray.pipeline import setting
 from bliss_ray.report.collect import reach_step
 
 METRIC = "reference_loss"  # lower is better; measured on the held-out part of the reference set
@@ -149,19 +152,12 @@ def figure3(spec: CompareSpec, curves: list[Curve], axis: str, path: Path) -> Pa
     return path
 
 
-def _setting(exp, dotted: str):
-    value = exp
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _same(a, b) -> bool:
     both_numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b))
     return bool(np.isclose(a, b, rtol=1e-6)) if both_numbers else a == b
 
 
-def tuning_section(spec: CompareSpec, out: Path) -> list[str]:
+def tuning_section(spec: CompareSpec, out: str | Path) -> list[str]:
     """Where the tuned variant's settings came from: the sweep's trials (read from ``<out>/<sweep name>/``), its
     best point, and whether the compared settings are that point. The comparison's seeds are the held-out check
     (``load_compare`` refuses seeds the sweep tuned on)."""
@@ -171,7 +167,7 @@ def tuning_section(spec: CompareSpec, out: Path) -> list[str]:
 
     sweep = load_sweep(spec.tuning.sweep)
     name, metric, keys = spec.tuning.variant, sweep.spec.metric, list(sweep.spec.space)
-    used = {k: _setting(spec.experiment(name, spec.seeds[0]), k) for k in keys}
+    used = {k: setting(spec.experiment(name, spec.seeds[0]), k) for k in keys}
     shown = ", ".join(f"`{k}` = {v}" for k, v in used.items())
     search = sweep.spec.search
     lines = [
@@ -182,10 +178,11 @@ def tuning_section(spec: CompareSpec, out: Path) -> list[str]:
         f"{sweep.seeds()}; this comparison's seeds {spec.seeds} are held out from it. Compared here: {shown}.",
         "",
     ]
-    results = Path(out) / sweep.spec.name / "sweep_results.parquet"
-    if not results.exists():
+    results = storage.join(out, sweep.spec.name, "sweep_results.parquet")  # where bliss-ray sweep --out put it
+    blob = storage.read_bytes(results)
+    if blob is None:
         return [*lines, f"**The search has not been run into this run root** (`{results}` is missing).", ""]
-    df = pd.read_parquet(results)
+    df = pd.read_parquet(io.BytesIO(blob))
     ok = df[df["status"] == "ok"].sort_values(metric, ascending=sweep.spec.mode == "min")
     cols = [metric, *(c for c in ("reached_baseline", "speedup", "reference_loss") if c in ok)]
     lines += ["| rank | " + " | ".join([*keys, *cols]) + " |", "|---" * (len(keys) + len(cols) + 1) + "|"]
