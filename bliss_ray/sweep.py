@@ -239,9 +239,15 @@ def _trial_dirname(trial) -> str:  # module level: Tune pickles it into the expe
     return f"trial_{trial.trial_id}"
 
 
+def _optuna_search(search):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.startup_trials))
+
+
 def _tuner(sweep: Sweep, trainable, storage: str) -> tune.Tuner:
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     spec = sweep.spec
     optuna = spec.search.type == "optuna"
@@ -254,7 +260,7 @@ def _tuner(sweep: Sweep, trainable, storage: str) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=OptunaSearch(seed=spec.search.seed) if optuna else None,
+            search_alg=_optuna_search(spec.search) if optuna else None,
             scheduler=scheduler,
             num_samples=spec.search.num_samples if optuna else 1,
             max_concurrent_trials=spec.max_concurrent_trials,

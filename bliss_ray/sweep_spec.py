@@ -85,6 +85,9 @@ class Search(_Strict):
     """Optuna sampler seed: the same seed and space give the same trials."""
     num_samples: int = Field(1, ge=1)
     """Optuna trials (ignored by grid: one trial per grid point and seed)."""
+    startup_trials: int = Field(10, ge=1)
+    """Trials Optuna's TPE sampler draws at random before it models the results (Optuna's default is 10: a search
+    of 10 trials or fewer is then a seeded random search)."""
 
 
 class Asha(_Strict):
