@@ -23,6 +23,7 @@ skips every finished stage.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -112,13 +113,24 @@ def setting(exp: Experiment, dotted: str):
 
 
 def pool_fingerprint(exp: Experiment) -> str:
-    """Identity of the pool's bytes: content hashes for local files, (path, size) for remote ones."""
+    """Identity of the pool's bytes, folded into the tokenizer's identity and so into every stage's: each local
+    file's content hash (a fresh clone, a copy or a touched file recomputes nothing), each remote file's name and
+    size (hashing it would mean downloading the whole pool on the driver)."""
     parts = []
     for f in resolve_files(exp.data.pool):
         fs, p = storage.resolve(f)
         info = fs.get_file_info(p)
-        parts.append([storage.name(f), info.size, info.mtime_ns if not f.startswith(("s3://", "gs://")) else None])
+        parts.append([storage.name(f), info.size, None if storage.is_remote(f) else _content_hash(p, info.mtime_ns)])
     return identity(parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _content_hash(path: str, mtime_ns: int) -> str:  # keyed by mtime too: a file edited in place is hashed again
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class Run:

@@ -73,3 +73,23 @@ def test_names_and_file_keys_of_uris_ignore_the_store_options():
     from bliss_ray.data.corpus import detect_format
 
     assert detect_format("s3://bkt/docs.jsonl.gz?region=us-east-1&endpoint_override=http://127.0.0.1:9") == "jsonl"
+
+
+def test_pool_fingerprint_follows_the_bytes_of_local_files_not_their_paths_or_times(tmp_path):
+    """A fresh clone, a copy or a touched pool file keeps every stage's identity; a changed byte does not."""
+    import os
+
+    from bliss_ray.config import parse_experiment
+    from bliss_ray.pipeline import pool_fingerprint
+
+    def fingerprint(d):
+        return pool_fingerprint(parse_experiment({"name": "fp", "data": {"pool": [str(d / "a.jsonl")]}}))
+
+    first, second = tmp_path / "clone1", tmp_path / "clone2"
+    for d in (first, second):
+        d.mkdir()
+        (d / "a.jsonl").write_text('{"id": "1", "text": "the same bytes"}\n')
+    os.utime(second / "a.jsonl", ns=(1, 1))
+    assert fingerprint(first) == fingerprint(second)
+    (second / "a.jsonl").write_text('{"id": "1", "text": "the same bytez"}\n')
+    assert fingerprint(first) != fingerprint(second)
