@@ -239,11 +239,13 @@ def _trial_dirname(trial) -> str:  # module level: Tune pickles it into the expe
     return f"trial_{trial.trial_id}"
 
 
-def _optuna_search(search):
+def _optuna_search(sweep: Sweep):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.startup_trials))
+    search = sweep.spec.search
+    sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.startup_trials)
+    return OptunaSearch(sampler=sampler, points_to_evaluate=[sweep.base_point()] if search.start_from_base else None)
 
 
 def _tuner(sweep: Sweep, trainable, storage: str) -> tune.Tuner:
@@ -260,7 +262,7 @@ def _tuner(sweep: Sweep, trainable, storage: str) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=_optuna_search(spec.search) if optuna else None,
+            search_alg=_optuna_search(sweep) if optuna else None,
             scheduler=scheduler,
             num_samples=spec.search.num_samples if optuna else 1,
             max_concurrent_trials=spec.max_concurrent_trials,

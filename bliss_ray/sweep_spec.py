@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bliss_ray.config import ConfigError, Experiment, load_experiment
-from bliss_ray.pipeline import Run, plan
+from bliss_ray.pipeline import Run, plan, setting
 from bliss_ray.storage import join as storage_join
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +78,12 @@ class Domain(_Strict):
         """Values to validate/pre-compute with: every listed value, and the bounds of ranges when ``ranges``."""
         return list(getattr(self, self.kind)) if self.kind in ("grid", "choice") or ranges else []
 
+    def contains(self, value) -> bool:
+        if self.kind in ("grid", "choice"):
+            return value in getattr(self, self.kind)
+        lo, hi = getattr(self, self.kind)
+        return isinstance(value, int | float) and lo <= value <= hi
+
 
 class Search(_Strict):
     type: Literal["grid", "optuna"] = "grid"
@@ -88,6 +94,9 @@ class Search(_Strict):
     startup_trials: int = Field(10, ge=1)
     """Trials Optuna's TPE sampler draws at random before it models the results (Optuna's default is 10: a search
     of 10 trials or fewer is then a seeded random search)."""
+    start_from_base: bool = False
+    """Optuna: the first trial runs the base experiment's own settings, so the ranking shows whether the search beat
+    them on the tuning seeds (it counts as one of ``num_samples``)."""
 
 
 class Asha(_Strict):
@@ -145,6 +154,10 @@ class Sweep:
 
     def seeds(self) -> list[int]:
         return self.spec.seeds or [self.base.seed]
+
+    def base_point(self) -> dict:
+        """The base experiment's own value of each key of the space."""
+        return {key: setting(self.base, key) for key in self.spec.space}
 
     def fingerprint(self) -> str:
         """What a resumed sweep must share with the original: the base with its overrides (except ``resources``)
@@ -276,6 +289,12 @@ def load_sweep(path: str | Path) -> Sweep:
         )
     base_path = resolve_base(spec.base, path)
     sweep = Sweep(spec, path, base_path, _validated(load_experiment, base_path, spec.overrides, f"{where}: overrides"))
+    if spec.search.start_from_base:
+        if spec.search.type != "optuna":
+            raise ConfigError(f"{where}: search: start_from_base needs type optuna (a grid runs its own points)")
+        for key, value in sweep.base_point().items():
+            if not spec.space[key].contains(value):
+                raise ConfigError(f"{where}: search: start_from_base: the base's {key} = {value} is outside space")
     from bliss_ray.models.lm import PRESETS  # torch: only after the cheap checks
 
     tokens: dict[int, dict] = {}

@@ -27,6 +27,7 @@ from bliss_ray.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE2 = REPO / "experiments" / "sweeps" / "table2_proxy_sigmoid_tiny.yaml"
+DEMO_TUNE = REPO / "experiments" / "sweeps" / "demo_tune.yaml"
 
 
 def _write_sweep(tmp_path: Path, **changes) -> Path:
@@ -138,6 +139,25 @@ def test_table_sweeps_judge_the_target_after_selection(name, tiny):
     assert sweep.spec.stage == "full" and sweep.spec.metric in TARGET_METRICS
     assert len({target_tokens(sweep.experiment(p)) for p in points(sweep.spec)}) == 1
     assert len(sweep.spec.seeds) >= 2 or not tiny
+
+
+def test_an_optuna_search_can_start_from_the_base_settings_and_refuses_a_base_outside_its_space(tmp_path):
+    from bliss_ray.sweep import _optuna_search, _param_space
+    from bliss_ray.sweep_spec import load_sweep
+
+    tree = yaml.safe_load(DEMO_TUNE.read_text()) | {"base": str(REPO / "experiments" / "demo.yaml")}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    sweep = load_sweep(path)
+    assert sweep.base_point()["bilevel.outer_steps"] == 40 and sweep.spec.search.start_from_base
+    search = _optuna_search(sweep)
+    search.set_search_properties(sweep.spec.metric, sweep.spec.mode, _param_space(sweep.spec))
+    first, second = search.suggest("t1"), search.suggest("t2")
+    assert first == sweep.base_point() and second != first
+    tree["space"]["bilevel.gamma"] = {"loguniform": [0.05, 0.5]}  # the demo's γ is 1e-2
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"start_from_base: the base's bilevel.gamma = 0.01 is outside space"):
+        load_sweep(path)
 
 
 def test_target_tokens_count_every_round_and_the_decay_branch():
@@ -469,3 +489,84 @@ def test_tiny_tuning_sweep_scores_trials_against_the_random_baseline_of_the_same
         assert (r.speedup == pytest.approx(base_final["steps"] / steps)) if reached else np.isnan(r.speedup)
     text = build_report([out / name], tmp_path / "report").read_text()
     assert "`steps_to_baseline` = the target steps at which the target's held-out reference loss" in text
+
+
+# In CI (about 2.5 min): issue 13's sweep proof. Its setup stages are the session's tiny run, uploaded: every setup
+# stage of a bucket run root is proven by tests/test_two_node.py; here only Tune's storage and the trials are new.
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_sweep_in_a_bucket_resumes_from_it_after_its_driver_dies_without_duplicate_trials(
+    tiny_run, tmp_path, s3_bucket
+):
+    """``bliss-ray sweep --out s3://… --storage s3://…``, 2 grid trials of round 1's bilevel stage (6 and 12 outer
+    steps). A fault holds the 12-step trial's worker before step 9, once the 6-step trial has finished; the test
+    SIGKILLs the driver's process group (Ray goes too). The same command from a fresh driver (a new Ray, an empty
+    node cache, nothing local from the first) restores from the bucket: the finished trial is kept as it was, the
+    held one goes on from its checkpoint in the bucket to exactly step 12, there are still 2 trials; a third run is a
+    no-op that starts no Ray."""
+    run, _ = tiny_run
+    tree = yaml.safe_load((REPO / "experiments" / "sweeps" / "gamma_lambda_tiny.yaml").read_text())
+    tree |= {"name": "bucket_sweep", "search": "grid", "space": {"bilevel.outer_steps": {"grid": [6, 12]}}}
+    tree["overrides"] |= {"bilevel.ckpt_every_steps": 2}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(tree))
+    out, store = storage.join(s3_bucket, "sw", "runs"), storage.join(s3_bucket, "sw", "sweeps")
+    storage.upload(run.root, storage.join(out, run.exp.name))  # the setup stages, as a finished earlier sweep's
+    exp_dir, train = storage.join(store, "bucket_sweep"), storage.join(store, "bucket_sweep-train")
+    cmd = [sys.executable, "-m", "bliss_ray.cli", "sweep", str(sweep), "--storage", store, "--out", out]
+    held, log = tmp_path / "held", tmp_path / "driver.log"
+
+    def fresh_driver(**extra: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the session's Ray
+        env |= {"RAY_TMPDIR": tempfile.mkdtemp(prefix="brk_", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+        env |= {"BLISS_CACHE_DIR": tempfile.mkdtemp(prefix="bcache_", dir=tmp_path), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+        return env | extra
+
+    def run_again(tag: str) -> str:
+        proc = subprocess.run(cmd, cwd=REPO, env=fresh_driver(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{tag}:\n" + (proc.stdout + proc.stderr)[-4000:]
+        return proc.stdout + proc.stderr
+
+    fault = {"pause": {"stage": "r1.bilevel", "step": 9, "once": str(held), "seconds": 600}}
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        env = fresh_driver(BLISS_FAULTS=json.dumps(fault))
+        driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while True:
+            assert driver.poll() is None, "the sweep ended before it could be killed:\n" + log.read_text()[-4000:]
+            states = _states(exp_dir)
+            done = [t for t, s in states.items() if s == "TERMINATED"]
+            rest = [t for t in states if t not in done]
+            if held.exists() and done and rest and _rows(exp_dir, rest[0]):  # held, with a checkpoint reported
+                snapshot = storage.join(train, rest[0], f"{rest[0]}-r1.bilevel", "checkpoint_manager_snapshot.json")
+                if _train_step(snapshot) >= 6:
+                    break
+            assert time.perf_counter() - t0 < 500, "no kill point reached:\n" + log.read_text()[-4000:]
+            time.sleep(0.5)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver's process group: the sweep and the Ray it started
+        driver.wait()
+    killed_at = time.time()
+    [finished], [interrupted] = done, rest
+    kept = storage.read_bytes(storage.join(exp_dir, f"trial_{finished}", "result.json"))
+    before = [r["step"] for r in _rows(exp_dir, interrupted) if not r["final"]]
+    assert before and max(before) < 9, before
+
+    resumed = run_again("resume")
+    states = _states(exp_dir)
+    assert sorted(states) == sorted([finished, interrupted]) and set(states.values()) == {"TERMINATED"}
+    assert storage.read_bytes(storage.join(exp_dir, f"trial_{finished}", "result.json")) == kept  # not re-run
+    after = [r["step"] for r in _rows(exp_dir, interrupted) if r["timestamp"] >= killed_at and not r["final"]]
+    assert after and min(after) > 6 and max(after) == 12, (before, after)  # from its checkpoint, not step 0
+    assert "(Tuner.restore)" in resumed
+    noop = run_again("no-op")
+    assert _states(exp_dir) == states and "nothing to run" in noop and "Started a local Ray" not in noop
+    assert sorted(storage.name(d) for d in storage.listdir(storage.join(out, "bucket_sweep"), dirs=True)) == sorted(
+        states
+    )
+    df = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(exp_dir, "sweep_results.parquet"))))
+    assert sorted(json.loads(k)["bilevel.outer_steps"] for k in df["variant_key"]) == [6, 12]
+    assert set(df["status"]) == {"ok"} and np.isfinite(df["upper_loss"]).all()

@@ -349,7 +349,10 @@ def sweep_section(sweep_dir: Path, out: Path) -> list[str]:
     md += [meta["description"], ""] if meta.get("description") else []
     search = meta["search"]["type"]
     search += (
-        f" (seed {meta['search']['seed']}, {meta['search']['num_samples']} samples)" if search == "optuna" else ""
+        f" (seed {meta['search']['seed']}, {meta['search']['num_samples']} samples"
+        + ("; the first runs the base's own settings)" if meta["search"].get("start_from_base") else ")")
+        if search == "optuna"
+        else ""
     )
     md += [
         f"- base: `{Path(meta['base_file']).name}` + overrides `{json.dumps(meta['overrides'])}`",
