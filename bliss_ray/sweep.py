@@ -45,14 +45,13 @@ from bliss_ray.config import ConfigError
 from bliss_ray.pipeline import Run
 from bliss_ray.storage import is_remote, read_bytes, write_bytes
 from bliss_ray.storage import join as join_uri
+from bliss_ray.sweep_objective import baseline_final, objective
 from bliss_ray.sweep_spec import (
     FINAL_METRICS,
     Domain,
     Sweep,
     SweepSpec,
-    baseline_final,
     load_sweep,
-    objective,
     points,
     sweep_json,
     trial_run,

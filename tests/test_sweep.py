@@ -172,7 +172,8 @@ def test_target_tokens_count_every_round_and_the_decay_branch():
 
 def test_objective_is_the_mean_of_the_last_steps(tmp_path):
     from bliss_ray.pipeline import Run
-    from bliss_ray.sweep_spec import load_sweep, objective
+    from bliss_ray.sweep_objective import objective
+    from bliss_ray.sweep_spec import load_sweep
 
     space = {"bilevel.use_sigmoid": {"grid": [True, False]}}
     sweep = load_sweep(_write_sweep(tmp_path, stage="bilevel", metric="upper_loss", space=space, last_steps=3))
@@ -188,7 +189,8 @@ def test_objective_is_the_mean_of_the_last_steps(tmp_path):
 
 def test_full_objective_scores_the_final_checkpoint(tmp_path):
     from bliss_ray.pipeline import Run
-    from bliss_ray.sweep_spec import load_sweep, objective
+    from bliss_ray.sweep_objective import objective
+    from bliss_ray.sweep_spec import load_sweep
 
     sweep = load_sweep(TABLE2)
     run = Run(sweep.experiment({}), tmp_path)  # tiny: 1 round, so the last bilevel stage is r1.bilevel
@@ -204,7 +206,7 @@ def test_full_objective_scores_the_final_checkpoint(tmp_path):
 
 
 def test_steps_to_baseline_interpolates_and_ranks_a_miss_below_every_hit():
-    from bliss_ray.sweep_spec import steps_to_baseline
+    from bliss_ray.sweep_objective import steps_to_baseline
 
     goal = {"steps": 180, "reference_loss": 5.0}
     fast = [{"steps": s, "reference_loss": v} for s, v in [(60, 6.0), (120, 5.2), (100, 5.4), (180, 4.8)]]
@@ -218,7 +220,8 @@ def test_steps_to_baseline_interpolates_and_ranks_a_miss_below_every_hit():
 
 def test_objective_against_the_baseline_gives_steps_and_speedup(tmp_path):
     from bliss_ray.pipeline import Run
-    from bliss_ray.sweep_spec import baseline_final, load_sweep, objective
+    from bliss_ray.sweep_objective import baseline_final, objective
+    from bliss_ray.sweep_spec import load_sweep
 
     sweep = load_sweep(REPO / "experiments" / "sweeps" / "demo_tune_tiny.yaml")
     assert sweep.baseline_experiment(100).selection.method == "random"
@@ -459,7 +462,7 @@ def test_tiny_tuning_sweep_scores_trials_against_the_random_baseline_of_the_same
     selection once on the tuning seed, then 2 Optuna trials; each trial's objective is recomputed here from its own
     evaluated checkpoints and the baseline's, read from their run directories."""
     from bliss_ray.report.build import build_report
-    from bliss_ray.sweep_spec import steps_to_baseline
+    from bliss_ray.sweep_objective import steps_to_baseline
 
     path = REPO / "experiments" / "sweeps" / "demo_tune_tiny.yaml"
     name = yaml.safe_load(path.read_text())["name"]
