@@ -281,6 +281,9 @@ def _worker(loop_config: dict) -> None:
     if t.decay_steps > 0:
         # decay branch for evaluation: the stable state stays the checkpoint's model/ (next round continues
         # from it); the decayed weights go to decay/. A failure here replays the branch from the stable end.
+        # The stable state waits on local disk, not in host memory as a mid-round branch's does
+        # (stable_state_kept): it is written out for the checkpoint anyway, and a paper-size target without
+        # mid-round branches then needs no 12 B/param host copy.
         with tempfile.TemporaryDirectory() as keep:
             if sharded:  # collectives: every rank takes part, rank 0 writes
                 stable_optimizer = fsdp.gather_optimizer_state(base, optimizer)
