@@ -112,6 +112,14 @@ def setting(exp: Experiment, dotted: str):
     return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
 
 
+def flat_settings(tree: dict, prefix: str = "") -> dict:
+    """A settings tree (an experiment as JSON) as dotted key → leaf (a list is a leaf): the inverse of ``setting``."""
+    out = {}
+    for k, v in tree.items():
+        out |= flat_settings(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
 def pool_fingerprint(exp: Experiment) -> str:
     """Identity of the pool's bytes, folded into the tokenizer's identity and so into every stage's: each local
     file's content hash (a fresh clone, a copy or a touched file recomputes nothing), each remote file's name and

@@ -26,6 +26,15 @@ from pathlib import Path
 _NOT_SCALARS = {"step", "done_steps", "total_steps", "time", "round", "worker_start_time"}
 
 
+def stage_params(d: Path) -> dict[str, str]:
+    """The settings a stage's ``config.json`` records, as an MLflow/W&B run's parameters: dotted key → text."""
+    from bliss_ray.pipeline import flat_settings
+
+    config = d / "config.json"
+    settings = json.loads(config.read_text()).get("settings", {}) if config.exists() else {}
+    return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in flat_settings(settings).items()}
+
+
 def _scalars(record: dict) -> dict[str, float]:
     return {
         k: float(v)

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from bliss_ray import storage
+from bliss_ray.pipeline import flat_settings
 from bliss_ray.train.checkpoint import read_metrics
 
 _IDENTITY_FREE = {"name", "label", "resources", "flops", "eval"}
@@ -83,21 +84,13 @@ def pool_rows_per_round(score_outputs: list[dict]) -> int | None:
     return int(np.mean(rows)) if rows else None
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out |= _flatten(v, key + ".")
-        else:
-            out[key] = json.dumps(v)
-    return out
-
-
 def _comparable(variants: list[Variant]) -> list[dict]:
     """Each variant's result-affecting settings, flattened; only keys every variant has, so that runs made before
     a config field was added still compare with newer ones."""
-    flat = [{k: v for k, v in _flatten(v.exp).items() if k.split(".")[0] not in _IDENTITY_FREE} for v in variants]
+    flat = [
+        {k: json.dumps(x) for k, x in flat_settings(v.exp).items() if k.split(".")[0] not in _IDENTITY_FREE}
+        for v in variants
+    ]
     common = set.intersection(*(set(f) for f in flat)) if flat else set()
     return [{k: v for k, v in f.items() if k in common} for f in flat]
 

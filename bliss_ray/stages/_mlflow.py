@@ -15,23 +15,13 @@ tracking server on a cluster. Needs ``pip install 'bliss-ray[tracking]'`` (mlflo
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
-from bliss_ray.tracking import _scalars, phase_prefix, round_summary, unseen_steps
+from bliss_ray.tracking import _scalars, phase_prefix, round_summary, stage_params, unseen_steps
 
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
-
-
-def _flat(tree, prefix: str = "") -> dict[str, str]:
-    if not isinstance(tree, dict):
-        return {prefix: json.dumps(tree) if isinstance(tree, list | dict) else str(tree)}
-    out = {}
-    for k, v in tree.items():
-        out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
-    return out
 
 
 class MLflowTracker:
@@ -49,11 +39,8 @@ class MLflowTracker:
     def stage_start(self, key: str, kind: str, d: Path) -> None:
         from ray.air.integrations.mlflow import setup_mlflow
 
-        settings = (
-            json.loads((d / "config.json").read_text()).get("settings", {}) if (d / "config.json").exists() else {}
-        )
         self.mlflow = setup_mlflow(
-            _flat(settings),
+            stage_params(d),
             tracking_uri=self.uri,
             experiment_name=self.experiment_name,
             run_name=key,

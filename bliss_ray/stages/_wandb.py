@@ -13,12 +13,10 @@ leaves the machine; ``wandb sync <run>/wandb/offline-run-*`` uploads later) or o
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from bliss_ray.stages._mlflow import _flat
-from bliss_ray.tracking import _scalars, phase_prefix, round_summary, unseen_steps
+from bliss_ray.tracking import _scalars, phase_prefix, round_summary, stage_params, unseen_steps
 
 
 class WandbTracker:
@@ -34,12 +32,9 @@ class WandbTracker:
     def stage_start(self, key: str, kind: str, d: Path) -> None:
         from ray.air.integrations.wandb import setup_wandb
 
-        settings = (
-            json.loads((d / "config.json").read_text()).get("settings", {}) if (d / "config.json").exists() else {}
-        )
         self.dir.mkdir(parents=True, exist_ok=True)
         self.runs[key] = setup_wandb(
-            _flat(settings),
+            stage_params(d),
             rank_zero_only=False,  # the driver is no Train rank
             project=self.project,
             group=self.group,
