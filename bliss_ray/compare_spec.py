@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bliss_ray.config import ConfigError, Experiment, load_experiment
 from bliss_ray.flops import Row, forward_flops_per_token, ledger, model_archs, totals
-from bliss_ray.sweep_spec import resolve_base
+from bliss_ray.sweep_spec import REPO, resolve_base
 
 
 class Variant(BaseModel):
@@ -50,10 +50,13 @@ class Tuning(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sweep: str
-    """The sweep file (``bliss-ray sweep``) that searched this variant's settings; its results are read from
-    ``<out>/<sweep name>/`` when the report is written."""
+    """The sweep file (``bliss-ray sweep``) that searched this variant's settings."""
     variant: str
     """The variant whose settings the sweep tuned."""
+    results: str | None = None
+    """The sweep's output directory (``sweep.json``, ``sweep_results.parquet``): by default ``<out>/<sweep name>/``,
+    where ``bliss-ray sweep --out`` put it; else a path relative to the repository, the working directory or this
+    file, e.g. a copy of an earlier search kept with the docs."""
 
 
 class CompareSpec(BaseModel):
@@ -145,7 +148,14 @@ def _checked_tuning(spec: CompareSpec, path: Path) -> Tuning:
         )
     if sweep.base_path != Path(spec.base):
         raise ConfigError(f"tuning.sweep: its base {sweep.base_path} is not the comparison's base {spec.base}")
-    return spec.tuning.model_copy(update={"sweep": str(sweep_path)})
+    resolved = {"sweep": str(sweep_path)}
+    if spec.tuning.results is not None:
+        tried = (Path(spec.tuning.results), path.parent / spec.tuning.results, REPO / spec.tuning.results)
+        where = next((p for p in tried if (p / "sweep_results.parquet").is_file()), None)
+        if where is None:
+            raise ConfigError(f"tuning.results: no sweep_results.parquet in '{spec.tuning.results}'")
+        resolved["results"] = str(where.resolve())
+    return spec.tuning.model_copy(update=resolved)
 
 
 def target_step_flops(exp: Experiment) -> float:

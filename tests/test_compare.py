@@ -39,6 +39,10 @@ def _spec_file(tmp_path, **changes):
         ({"seeds": [0, 100]}, "tuning.sweep: demo_tune.yaml tunes on seeds \\[100\\]"),
         ({"tuning": {"sweep": "experiments/sweeps/demo_tune.yaml", "variant": "blis"}}, "tuning.variant"),
         ({"tuning": {"sweep": "experiments/sweeps/demo_tune_tiny.yaml", "variant": "bliss"}}, "its base"),
+        (
+            {"tuning": {"sweep": "experiments/sweeps/demo_tune.yaml", "variant": "bliss", "results": "nowhere"}},
+            "tuning.results: no sweep_results.parquet in 'nowhere'",
+        ),
     ],
 )
 def test_a_bad_comparison_fails_before_compute_naming_the_field(tmp_path, changes, field):
@@ -159,3 +163,13 @@ def test_the_report_shows_the_search_and_whether_the_compared_settings_won_it(tm
     rows[0]["steps_to_baseline"] = 100.0
     pd.DataFrame(rows).to_parquet(tmp_path / sweep["name"] / "sweep_results.parquet")
     assert "The compared settings are the search's best trial." in "\n".join(tuning_section(spec, tmp_path))
+    # a copy of the search kept elsewhere (tuning.results) is read in place of the run root's
+    kept = tmp_path / "kept"
+    (tmp_path / sweep["name"]).rename(kept)
+    tree = yaml.safe_load(DEMO.read_text())
+    tree["tuning"]["results"] = str(kept)
+    tree["base"] = str(REPO / tree["base"])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    kept_spec = load_compare(tmp_path / "c.yaml")
+    assert "not been run" in "\n".join(tuning_section(spec, tmp_path))
+    assert "The compared settings are the search's best trial." in "\n".join(tuning_section(kept_spec, tmp_path))

@@ -178,7 +178,7 @@ def tuning_section(spec: CompareSpec, out: str | Path) -> list[str]:
         f"{sweep.seeds()}; this comparison's seeds {spec.seeds} are held out from it. Compared here: {shown}.",
         "",
     ]
-    results = storage.join(out, sweep.spec.name, "sweep_results.parquet")  # where bliss-ray sweep --out put it
+    results = storage.join(spec.tuning.results or storage.join(out, sweep.spec.name), "sweep_results.parquet")
     blob = storage.read_bytes(results)
     if blob is None:
         return [*lines, f"**The search has not been run into this run root** (`{results}` is missing).", ""]
