@@ -498,7 +498,7 @@ def test_tiny_tuning_sweep_scores_trials_against_the_random_baseline_of_the_same
 # stage of a bucket run root is proven by tests/test_two_node.py; here only Tune's storage and the trials are new.
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # with the session's tiny run, if this test is the first to ask for it
 def test_a_sweep_in_a_bucket_resumes_from_it_after_its_driver_dies_without_duplicate_trials(
     tiny_run, tmp_path, s3_bucket
 ):
@@ -527,9 +527,13 @@ def test_a_sweep_in_a_bucket_resumes_from_it_after_its_driver_dies_without_dupli
         return env | extra
 
     def run_again(tag: str) -> str:
-        proc = subprocess.run(cmd, cwd=REPO, env=fresh_driver(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{tag}:\n" + (proc.stdout + proc.stderr)[-4000:]
-        return proc.stdout + proc.stderr
+        with log.open("a") as f:
+            f.write(f"\n==== {tag}\n")
+            f.flush()
+            proc = subprocess.run(cmd, cwd=REPO, env=fresh_driver(), stdout=f, stderr=subprocess.STDOUT, timeout=900)
+        text = log.read_text().split(f"==== {tag}\n")[-1]
+        assert proc.returncode == 0, f"{tag}:\n" + text[-4000:]
+        return text
 
     fault = {"pause": {"stage": "r1.bilevel", "step": 9, "once": str(held), "seconds": 600}}
     t0 = time.perf_counter()
