@@ -80,4 +80,4 @@ def write_report(spec: CompareSpec, members: list[Member], path: Path, command: 
     curves = [
         report.curve_of(m.variant, m.seed, m.exp, m.results["evaluate"], pool_rows_of(m.results)) for m in members
     ]
-    return report.write_report(spec, curves, path, command, report.tuning_section(spec, out))
+    return report.write_report(spec, curves, path, command, report.tuning_section(spec, out, curves))

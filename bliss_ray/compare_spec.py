@@ -52,7 +52,10 @@ class Tuning(BaseModel):
     sweep: str
     """The sweep file (``bliss-ray sweep``) that searched this variant's settings."""
     variant: str
-    """The variant whose settings the sweep tuned."""
+    """The variant whose settings the sweep tuned: the base experiment's, the defaults the demo ships."""
+    candidate: str | None = None
+    """A variant that runs the search's best point; the report says whether it beats ``variant`` on every one of
+    this comparison's (held-out) seeds, the condition for its settings to become the defaults."""
     results: str | None = None
     """The sweep's output directory (``sweep.json``, ``sweep_results.parquet``): by default ``<out>/<sweep name>/``,
     where ``bliss-ray sweep --out`` put it; else a path relative to the repository, the working directory or this
@@ -87,6 +90,10 @@ class CompareSpec(BaseModel):
                 raise ValueError(f"variants.{name}.match_flops: '{v.match_flops}' matches another variant itself")
         if self.tuning and self.tuning.variant not in self.variants:
             raise ValueError(f"tuning.variant: '{self.tuning.variant}' is not one of the variants")
+        if self.tuning and self.tuning.candidate not in (None, *self.variants):
+            raise ValueError(f"tuning.candidate: '{self.tuning.candidate}' is not one of the variants")
+        if self.tuning and self.tuning.candidate == self.tuning.variant:
+            raise ValueError("tuning.candidate: the tuned variant itself; name the variant that runs the best point")
         return self
 
     def order(self) -> list[str]:

@@ -173,3 +173,41 @@ def test_the_report_shows_the_search_and_whether_the_compared_settings_won_it(tm
     kept_spec = load_compare(tmp_path / "c.yaml")
     assert "not been run" in "\n".join(tuning_section(spec, tmp_path))
     assert "The compared settings are the search's best trial." in "\n".join(tuning_section(kept_spec, tmp_path))
+
+
+def test_the_held_out_check_judges_the_searchs_best_point_against_the_defaults_seed_by_seed(tmp_path):
+    """A candidate variant running the search's best point replaces the defaults only if it beats them on every
+    held-out seed; a candidate that does not run the best point gets no verdict."""
+    import json
+
+    import pandas as pd
+
+    tree = yaml.safe_load(DEMO.read_text())
+    best = {"bilevel.gamma": 0.05, "bilevel.score_lr": 2e-3, "bilevel.proxy_lr": 1e-3}
+    best |= {"bilevel.outer_steps": 80, "bilevel.z_init": "constant"}
+    random = tree["variants"]["random"]
+    tree["variants"] = {"bliss": {}, "bliss_tuned": {"overrides": best}, "random": random}
+    tree["seeds"] = [0, 1]
+    kept = tmp_path / "search"
+    kept.mkdir()
+    rows = [{"variant_key": json.dumps(best, sort_keys=True), "status": "ok", "steps_to_baseline": 90.0}]
+    pd.DataFrame(rows).to_parquet(kept / "sweep_results.parquet")
+    tree["tuning"] |= {"candidate": "bliss_tuned", "results": str(kept)}
+    spec = load_compare(_write(tmp_path, tree))
+    curves = [_curve("random", s, [50, 100], [6.0, 5.0]) for s in (0, 1)]
+    curves += [_curve("bliss", s, [50, 100], [5.5, 4.5]) for s in (0, 1)]  # reaches 5.0 at 75: 1.33×
+    curves += [_curve("bliss_tuned", 0, [50, 100], [5.0, 4.4]), _curve("bliss_tuned", 1, [50, 100], [5.8, 4.6])]
+    text = "\n".join(tuning_section(spec, tmp_path, curves))
+    assert "seed 0: 2.00× vs 1.33×; seed 1: 1.20× vs 1.33×; it wins on 1 of 2: the defaults stay." in text
+    curves[-1] = _curve("bliss_tuned", 1, [50, 100], [4.9, 4.4])
+    text = "\n".join(tuning_section(spec, tmp_path, curves))
+    assert "it wins on all 2: its settings may replace the defaults." in text
+    tree["variants"]["bliss_tuned"]["overrides"]["bilevel.gamma"] = 0.02
+    text = "\n".join(tuning_section(load_compare(_write(tmp_path, tree)), tmp_path, curves))
+    assert "was meant to run the search's best point" in text and "Held-out check" not in text
+
+
+def _write(tmp_path, tree):
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path

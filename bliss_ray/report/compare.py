@@ -157,10 +157,11 @@ def _same(a, b) -> bool:
     return bool(np.isclose(a, b, rtol=1e-6)) if both_numbers else a == b
 
 
-def tuning_section(spec: CompareSpec, out: str | Path) -> list[str]:
-    """Where the tuned variant's settings came from: the sweep's trials (read from ``<out>/<sweep name>/``), its
-    best point, and whether the compared settings are that point. The comparison's seeds are the held-out check
-    (``load_compare`` refuses seeds the sweep tuned on)."""
+def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ()) -> list[str]:
+    """Where the tuned variant's settings came from: the sweep's trials (read from ``<out>/<sweep name>/`` or
+    ``tuning.results``), its best point, whether the compared settings are that point, and with a ``candidate``
+    (a variant running the best point) the held-out check: does it beat the tuned variant on every seed of this
+    comparison (``load_compare`` refuses seeds the sweep tuned on)?"""
     if spec.tuning is None:
         return []
     from bliss_ray.sweep_spec import load_sweep
@@ -200,7 +201,36 @@ def tuning_section(spec: CompareSpec, out: str | Path) -> list[str]:
         + ", ".join(f"`{k}` = {best[k]}" for k in keys)
         + "): the base experiment's settings are kept until the best trial also wins on these held-out seeds."
     )
-    return [*lines, "", f"{len(ok)} of {len(df)} trials finished. {verdict}", ""]
+    lines += ["", f"{len(ok)} of {len(df)} trials finished. {verdict}", ""]
+    if spec.tuning.candidate is not None:
+        lines += _held_out_check(spec, curves, keys, best)
+    return lines
+
+
+def _held_out_check(spec: CompareSpec, curves: list[Curve], keys: list[str], best: dict) -> list[str]:
+    """The candidate (the search's best point) against the tuned variant, seed by seed, at equal target steps."""
+    name, cand = spec.tuning.variant, spec.tuning.candidate
+    ran = {k: setting(spec.experiment(cand, spec.seeds[0]), k) for k in keys}
+    if not all(_same(ran[k], best[k]) for k in keys):
+        shown = ", ".join(f"`{k}` = {ran[k]}" for k in keys)
+        return [f"`{cand}` was meant to run the search's best point but runs {shown}: no held-out check.", ""]
+    bases = {c.seed: c for c in curves if c.variant == spec.baseline}
+    ups = {(c.variant, c.seed): speedup(c, bases[c.seed], "steps") or 0.0 for c in curves if c.variant in (name, cand)}
+    seeds = [s for s in spec.seeds if (name, s) in ups and (cand, s) in ups]
+    if not seeds:
+        return [f"Held-out check: `{cand}` and `{name}` have no seed in common yet.", ""]
+    cells = "; ".join(f"seed {s}: {ups[cand, s]:.2f}× vs {ups[name, s]:.2f}×" for s in seeds)
+    wins = sum(ups[cand, s] > ups[name, s] for s in seeds)
+    verdict = (
+        f"it wins on all {len(seeds)}: its settings may replace the defaults."
+        if wins == len(seeds)
+        else f"it wins on {wins} of {len(seeds)}: the defaults stay."
+    )
+    return [
+        f"**Held-out check** (speed-up over `{spec.baseline}` at equal target steps, `{cand}` = the search's best "
+        f"point vs `{name}`): {cells}; {verdict}",
+        "",
+    ]
 
 
 def write_report(spec: CompareSpec, curves: list[Curve], path: Path, command: str, tuning: list[str] = ()) -> Path:
