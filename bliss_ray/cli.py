@@ -6,7 +6,7 @@ bliss-ray validate CONFIG [--set ...]                                          #
 bliss-ray flops CONFIG [--convention paper|6nd|rebuttal] [--set ...]           # the FLOPs ledger (Table 1)
 bliss-ray plan CONFIG [--gpu TYPE] [--gpus N] [--set ...]                       # memory, fit, GPU-hours per stage
 bliss-ray report RUN_DIR [RUN_DIR ...] --out DIR                               # tables and figures
-bliss-ray sweep SWEEP.yaml [--out DIR|URI] [--storage URI]                      # a Ray Tune sweep
+bliss-ray sweep SWEEP.yaml [--out DIR|URI] [--storage URI] [--results-so-far]   # a Ray Tune sweep
 bliss-ray compare COMPARE.yaml [--out DIR] [--seeds 0,1] [--report FILE.md]     # methods × seeds, Table 4
 """
 
@@ -162,7 +162,7 @@ def cmd_sweep(args) -> int:
             storage.check_writable(loc)
     _offline_unless_hub_needed(sweep.base)
     try:
-        result = run_sweep(Path(args.sweep), storage=args.storage, out=args.out)
+        result = run_sweep(Path(args.sweep), storage=args.storage, out=args.out, so_far=args.results_so_far)
     except SweepFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -230,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         default="runs",
         help="root for the trials' run directories: a local path or s3://, gs:// (default: runs/)",
+    )
+    p.add_argument(
+        "--results-so-far",
+        action="store_true",
+        help="run nothing: write the results of the trials the sweep has now (it may be running or stopped)",
     )
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("compare", help="variants × seeds of a method comparison, then Table 4 and Figure 3")
