@@ -507,7 +507,8 @@ def test_a_sweep_in_a_bucket_resumes_from_it_after_its_driver_dies_without_dupli
     SIGKILLs the driver's process group (Ray goes too). The same command from a fresh driver (a new Ray, an empty
     node cache, nothing local from the first) restores from the bucket: the finished trial is kept as it was, the
     held one goes on from its checkpoint in the bucket to exactly step 12, there are still 2 trials; a third run is a
-    no-op that starts no Ray."""
+    no-op that starts no Ray. Between kill and resume, ``--results-so-far`` lists the finished trial and the held
+    one (stopped) from the bucket alone."""
     run, _ = tiny_run
     tree = yaml.safe_load((REPO / "experiments" / "sweeps" / "gamma_lambda_tiny.yaml").read_text())
     tree |= {"name": "bucket_sweep", "search": "grid", "space": {"bilevel.outer_steps": {"grid": [6, 12]}}}
@@ -526,11 +527,13 @@ def test_a_sweep_in_a_bucket_resumes_from_it_after_its_driver_dies_without_dupli
         env |= {"BLISS_CACHE_DIR": tempfile.mkdtemp(prefix="bcache_", dir=tmp_path), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
         return env | extra
 
-    def run_again(tag: str) -> str:
+    def run_again(tag: str, *extra: str) -> str:
         with log.open("a") as f:
             f.write(f"\n==== {tag}\n")
             f.flush()
-            proc = subprocess.run(cmd, cwd=REPO, env=fresh_driver(), stdout=f, stderr=subprocess.STDOUT, timeout=900)
+            proc = subprocess.run(
+                [*cmd, *extra], cwd=REPO, env=fresh_driver(), stdout=f, stderr=subprocess.STDOUT, timeout=900
+            )
         text = log.read_text().split(f"==== {tag}\n")[-1]
         assert proc.returncode == 0, f"{tag}:\n" + text[-4000:]
         return text
@@ -561,6 +564,12 @@ def test_a_sweep_in_a_bucket_resumes_from_it_after_its_driver_dies_without_dupli
     kept = storage.read_bytes(storage.join(exp_dir, f"trial_{finished}", "result.json"))
     before = [r["step"] for r in _rows(exp_dir, interrupted) if not r["final"]]
     assert before and max(before) < 9, before
+
+    saved = _states(exp_dir)
+    so_far = run_again("results so far", "--results-so-far")  # reads the bucket; runs nothing, starts no Ray
+    assert "Started a local Ray" not in so_far and _states(exp_dir) == saved
+    df = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(out, "bucket_sweep", "sweep_results.parquet"))))
+    assert dict(zip(df["trial_id"], df["status"], strict=True)) == {finished: "ok", interrupted: "stopped"}
 
     resumed = run_again("resume")
     states = _states(exp_dir)
