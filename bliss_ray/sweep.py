@@ -351,6 +351,9 @@ def write_results(grid, sweep: Sweep, exp_dir: str, out: str, train_storage: str
     extra, curves = [], []
     for r in grid:
         tid = Path(r.path).name.removeprefix("trial_")
+        if r.config is None:  # --results-so-far: a trial the searcher created, never started
+            extra.append({"trial_id": tid, "status": "pending"})
+            continue
         hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
         finals = hist[hist["final"] == 1] if "final" in hist else hist.iloc[0:0]
         final = finals.iloc[-1].to_dict() if len(finals) else {}
