@@ -121,6 +121,7 @@ def test_table4_and_report_state_speedups_with_their_spread(tmp_path):
         curves.append(_curve("random_flops", seed, [0, 60, 120, 300], [8.0, 6.5, 6.0, 5.6]))
         curves.append(_curve("mates", seed, [0, 60, 120, 180], [8.0, 6.6, 6.1, 5.9]))
         curves.append(_curve("bliss", seed, [0, 60, 90, 120, 180], [8.0, 6.4, reach, 5.7, 5.5], selection=50.0))
+        curves.append(_curve("bliss_tuned", seed, [0, 60, 120, 180], [8.0, 6.3, 5.6, 5.4], selection=80.0))
     per_seed = [
         speedup(c, next(b for b in curves if b.variant == "random" and b.seed == c.seed), "steps")
         for c in curves
@@ -142,7 +143,9 @@ def test_the_report_shows_the_search_and_whether_the_compared_settings_won_it(tm
 
     import pandas as pd
 
-    spec = load_compare(DEMO)
+    tree = yaml.safe_load(DEMO.read_text())
+    tree["tuning"].pop("results")  # read from the run root
+    spec = load_compare(_write(tmp_path, tree))
     sweep = yaml.safe_load((REPO / "experiments" / "sweeps" / "demo_tune.yaml").read_text())
     assert "not been run" in "\n".join(tuning_section(spec, tmp_path))
     bliss = spec.experiment("bliss", 0).bilevel
@@ -159,7 +162,7 @@ def test_the_report_shows_the_search_and_whether_the_compared_settings_won_it(tm
     text = "\n".join(tuning_section(spec, tmp_path))
     table = [line for line in text.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert table[0].startswith("| 1 | 0.05 |") and table[0].endswith("| 120 |") and table[1].endswith("| 150 |")
-    assert "2 of 3 trials finished" in text and "**not** the search's best trial" in text
+    assert "2 of the 8 planned trials finished (3 recorded)" in text and "**not** the search's best trial" in text
     rows[0]["steps_to_baseline"] = 100.0
     pd.DataFrame(rows).to_parquet(tmp_path / sweep["name"] / "sweep_results.parquet")
     assert "The compared settings are the search's best trial." in "\n".join(tuning_section(spec, tmp_path))

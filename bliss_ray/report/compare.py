@@ -201,7 +201,8 @@ def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ())
         + ", ".join(f"`{k}` = {best[k]}" for k in keys)
         + "): the base experiment's settings are kept until the best trial also wins on these held-out seeds."
     )
-    lines += ["", f"{len(ok)} of {len(df)} trials finished. {verdict}", ""]
+    planned = f"{len(ok)} of the {search.num_samples} planned trials finished ({len(df)} recorded)"
+    lines += ["", f"{planned}. {verdict}", ""]
     if spec.tuning.candidate is not None:
         lines += _held_out_check(spec, curves, keys, best)
     return lines
