@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bliss_ray.config import ConfigError, Experiment, load_experiment
 from bliss_ray.flops import Row, forward_flops_per_token, ledger, model_archs, totals
-from bliss_ray.sweep_spec import REPO, resolve_base
+from bliss_ray.sweep_spec import resolve_base
 
 
 class Variant(BaseModel):
@@ -157,11 +157,11 @@ def _checked_tuning(spec: CompareSpec, path: Path) -> Tuning:
         raise ConfigError(f"tuning.sweep: its base {sweep.base_path} is not the comparison's base {spec.base}")
     resolved = {"sweep": str(sweep_path)}
     if spec.tuning.results is not None:
-        tried = (Path(spec.tuning.results), path.parent / spec.tuning.results, REPO / spec.tuning.results)
-        where = next((p for p in tried if (p / "sweep_results.parquet").is_file()), None)
-        if where is None:
-            raise ConfigError(f"tuning.results: no sweep_results.parquet in '{spec.tuning.results}'")
-        resolved["results"] = str(where.resolve())
+        try:  # the search order of every file a comparison names
+            found = resolve_base(str(Path(spec.tuning.results) / "sweep_results.parquet"), path)
+        except ConfigError:
+            raise ConfigError(f"tuning.results: no sweep_results.parquet in '{spec.tuning.results}'") from None
+        resolved["results"] = str(found.parent)
     return spec.tuning.model_copy(update=resolved)
 
 

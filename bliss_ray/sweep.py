@@ -282,7 +282,8 @@ def _tuner(sweep: Sweep, trainable, storage: str) -> tune.Tuner:
 def run_sweep(path: str | Path, storage: str | None = None, out: str | Path = "runs", so_far: bool = False) -> str:
     """Run, resume, or (when finished) re-collect a sweep; returns the path of its ``sweep_results.parquet``.
     ``so_far``: only write the results of the trials the experiment has now (running, stopped early or
-    interrupted; read without Ray, nothing runs): unfinished trials are listed with status ``stopped``."""
+    interrupted; read without Ray, nothing runs): unfinished trials are listed with status ``stopped``, those never
+    started with ``pending``."""
     from bliss_ray.stages import _ray
 
     sweep = load_sweep(path)
@@ -291,16 +292,16 @@ def run_sweep(path: str | Path, storage: str | None = None, out: str | Path = "r
     storage = storage if "://" in storage else str(Path(storage).resolve())
     exp_dir, train_storage = join_uri(storage, spec.name), join_uri(storage, f"{spec.name}-train")
     resume = _restorable(exp_dir)
-    if so_far:
-        if not resume:
-            raise ConfigError(f"{path}: no sweep state in {exp_dir} to collect results from")
-        return write_results(tune.ResultGrid(tune.ExperimentAnalysis(exp_dir)), sweep, exp_dir, out, train_storage)
     old = read_bytes(join_uri(exp_dir, "sweep.json")) if resume else None
     if old and json.loads(old)["fingerprint"] != sweep.fingerprint():
         raise ConfigError(
             f"{path}: the sweep or its base changed since {exp_dir} was started; resuming would mix "
             "configurations. Give the sweep a new name (or delete the old experiment) to start afresh."
         )
+    if so_far:
+        if not resume:
+            raise ConfigError(f"{path}: no sweep state in {exp_dir} to collect results from")
+        return write_results(tune.ResultGrid(tune.ExperimentAnalysis(exp_dir)), sweep, exp_dir, out, train_storage)
     if resume and (done := _finished(exp_dir, sweep)) is not None:
         log.info("sweep %s: all %d trials finished, nothing to run (no Ray started)", spec.name, len(done))
         return write_results(done, sweep, exp_dir, out, train_storage)

@@ -157,6 +157,15 @@ def _same(a, b) -> bool:
     return bool(np.isclose(a, b, rtol=1e-6)) if both_numbers else a == b
 
 
+def _point_of(spec: CompareSpec, variant: str, keys: list[str]) -> dict:
+    """A variant's value of each searched key (the first seed's experiment: seeds change no searched key)."""
+    return {k: setting(spec.experiment(variant, spec.seeds[0]), k) for k in keys}
+
+
+def _is_point(point: dict, best: dict) -> bool:
+    return all(_same(point[k], best[k]) for k in best)
+
+
 def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ()) -> list[str]:
     """Where the tuned variant's settings came from: the sweep's trials (read from ``<out>/<sweep name>/`` or
     ``tuning.results``), its best point, whether the compared settings are that point, and with a ``candidate``
@@ -168,7 +177,7 @@ def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ())
 
     sweep = load_sweep(spec.tuning.sweep)
     name, metric, keys = spec.tuning.variant, sweep.spec.metric, list(sweep.spec.space)
-    used = {k: setting(spec.experiment(name, spec.seeds[0]), k) for k in keys}
+    used = _point_of(spec, name, keys)
     shown = ", ".join(f"`{k}` = {v}" for k, v in used.items())
     search = sweep.spec.search
     lines = [
@@ -196,7 +205,7 @@ def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ())
     best = json.loads(ok.iloc[0]["variant_key"])
     verdict = (
         "The compared settings are the search's best trial."
-        if all(_same(used[k], best[k]) for k in keys)
+        if _is_point(used, best)
         else "The compared settings are **not** the search's best trial ("
         + ", ".join(f"`{k}` = {best[k]}" for k in keys)
         + "): the base experiment's settings are kept until the best trial also wins on these held-out seeds."
@@ -211,8 +220,8 @@ def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ())
 def _held_out_check(spec: CompareSpec, curves: list[Curve], keys: list[str], best: dict) -> list[str]:
     """The candidate (the search's best point) against the tuned variant, seed by seed, at equal target steps."""
     name, cand = spec.tuning.variant, spec.tuning.candidate
-    ran = {k: setting(spec.experiment(cand, spec.seeds[0]), k) for k in keys}
-    if not all(_same(ran[k], best[k]) for k in keys):
+    ran = _point_of(spec, cand, keys)
+    if not _is_point(ran, best):
         shown = ", ".join(f"`{k}` = {ran[k]}" for k in keys)
         return [f"`{cand}` was meant to run the search's best point but runs {shown}: no held-out check.", ""]
     bases = {c.seed: c for c in curves if c.variant == spec.baseline}
