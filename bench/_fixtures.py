@@ -70,7 +70,8 @@ def token_array(files: list[str], out_dir: Path):
 
 def save_score_model(arch_name: str, vocab: int, seq_len: int, out_dir: Path, seed: int = 0) -> Path:
     """A score model whose trunk is a randomly initialised proxy of ``arch_name`` (weights do not change speed)."""
-    from bliss_ray.models.lm import arch_from_preset, build_lm
+    from bliss_ray.models.arch import arch_from_preset
+    from bliss_ray.models.lm import build_lm
     from bliss_ray.models.score import ScoreModel
 
     proxy = build_lm(arch_from_preset(arch_name, vocab), seq_len, seed=seed)

@@ -15,7 +15,8 @@ import torch
 from bliss_ray.bilevel.hypergrad import ci_ghost, ci_loop
 from bliss_ray.bilevel.loop import BilevelSettings, BilevelState, outer_step
 from bliss_ray.flops import bilevel_flops_per_token, forward_flops_per_token
-from bliss_ray.models.lm import arch_from_preset, build_lm
+from bliss_ray.models.arch import arch_from_preset
+from bliss_ray.models.lm import build_lm
 from bliss_ray.models.score import ScoreModel
 from bliss_ray.train.host_memory import retain_freed_memory
 from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm

@@ -87,7 +87,7 @@ def plan(cpu: bool) -> dict:
 def planned_gib(c: dict, device) -> float:
     """``bliss_ray.memory``'s peak for this case on one worker, in GiB (what ``bliss-ray plan`` would say)."""
     from bliss_ray.memory import GIB, Shape, train_step
-    from bliss_ray.models.lm import arch_from_preset
+    from bliss_ray.models.arch import arch_from_preset
 
     mode = {0: "none", 1: "full"}.get(c.get("ac", 0), "every_k")
     precision = "bf16-mixed" if device.type == "cuda" else "fp32"
@@ -133,7 +133,7 @@ def bench_score(c: dict, device, reps: int, peak: float, work: Path) -> dict:
     from _fixtures import save_score_model  # models only (its config-layer helpers import pydantic lazily)
 
     from bliss_ray.flops import forward_flops_per_token
-    from bliss_ray.models.lm import arch_from_preset
+    from bliss_ray.models.arch import arch_from_preset
     from bliss_ray.scoring import Scorer
 
     model_dir = save_score_model(c["preset"], c["vocab"], c["seq_len"], work / "score_model")

@@ -86,7 +86,7 @@ def build(case: dict, device):
     import _workloads as w
     from _attention import uncomputed_flops
 
-    from bliss_ray.models.lm import arch_from_preset
+    from bliss_ray.models.arch import arch_from_preset
 
     k, L, B = case["kind"], case["seq_len"], case["batch"]
     arch = arch_from_preset(case["preset"], case["vocab"])

@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
     if args.quick:
         args.reps, args.steps = 1, 20
 
-    from bliss_ray.models.lm import arch_from_preset
+    from bliss_ray.models.arch import arch_from_preset
 
     arch = arch_from_preset(args.arch, args.vocab)
     tok_dir = _fixtures.tokenizer_dir(args.vocab)

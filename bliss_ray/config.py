@@ -72,7 +72,7 @@ class TokenizerConfig(_Strict):
 
 class ModelConfig(_Strict):
     arch: str = "pythia-tiny"
-    """Preset name from ``bliss_ray.models.lm.PRESETS`` (pythia-14m … pythia-2.8b, llama-*, tiny debug sizes)."""
+    """Preset name from ``bliss_ray.models.arch.PRESETS`` (pythia-14m … pythia-2.8b, llama-*, tiny debug sizes)."""
     vocab_size: int | None = None
     """None: the tokenizer's size rounded up to a multiple of 64 (Pythia pads 50277 → 50304)."""
 

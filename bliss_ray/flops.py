@@ -40,10 +40,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from bliss_ray.models.lm import LMArch, arch_from_preset, hf_config
+from bliss_ray.models.arch import BERT_MAX_POSITIONS, LMArch, arch_from_preset, influence_arch
 
 
 def matmul_params(arch: LMArch, head: bool = True) -> int:
@@ -62,8 +59,13 @@ def forward_flops_per_token(arch: LMArch, seq_len: int, head: bool = True, conve
 
 
 def counted_train_flops_per_token(arch: LMArch, seq_len: int) -> float:
-    """FLOPs of one forward+backward of a (1, L) batch, counted by FlopCounterMode on meta tensors."""
+    """FLOPs of one forward+backward of a (1, L) batch, counted by FlopCounterMode on meta tensors (torch and
+    transformers are imported here only: the ledger itself is arithmetic and starts in a second)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM
+
+    from bliss_ray.models.lm import hf_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config(arch, seq_len, attn="sdpa"))
@@ -71,6 +73,21 @@ def counted_train_flops_per_token(arch: LMArch, seq_len: int) -> float:
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids).logits.float().sum().backward()
     return counter.get_total_flops() / seq_len
+
+
+def influence_forward_flops_per_token(arch: LMArch, seq_len: int, convention: str = "paper") -> float:
+    """Forward FLOPs per token of the influence model on rows of ``seq_len`` tokens (``bliss_ray.flops``'s
+    conventions; the model is ``mates/influence.py``'s). ``paper``: 2·P_mm + 4·c·d·n_layer with
+    P_mm = n_layer·(4d² + 2·d·d_ff) (BERT's MLP is GeLU,
+    two matrices) + the d→1 head, and attention over c = min(L, 512) tokens, since chunks attend only within
+    themselves. ``6nd``: 2·N with N all parameters (embeddings included, pooler excluded)."""
+    d, f, n = arch.d_model, arch.d_ff, arch.n_layer
+    if convention == "6nd":
+        per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d  # q, k, v, o (+biases), MLP (+biases), 2 norms
+        emb = (arch.vocab_size + BERT_MAX_POSITIONS + 2) * d + 2 * d
+        return 2.0 * (n * per_layer + emb + d + 1)
+    chunk = min(seq_len, BERT_MAX_POSITIONS)
+    return 2.0 * (n * (4 * d * d + 2 * d * f) + d) + 4.0 * chunk * d * n
 
 
 @dataclass
@@ -221,11 +238,8 @@ def _mates_rows(exp, n, pool_rows, fwd, target, reference_batches, convention) -
     one reference evaluation: Σ over its batches of rows × tokens × F at that length, the batches as the prober
     computes them (trimmed after each batch's longest item). The baseline evaluation (one per probe actor) is left
     out: 1 in ``mates.probes``. The influence model (BERT family, GeLU MLP, attention within 512-token chunks:
-    ``mates.influence``'s own per-token count) trains for E epochs on the (1 − held-out) split, evaluates the
+    ``influence_forward_flops_per_token``) trains for E epochs on the (1 − held-out) split, evaluates the
     held-out split every epoch, and scores the pool."""
-    from bliss_ray.mates.influence import forward_flops_per_token as influence_fwd
-    from bliss_ray.mates.influence import influence_arch
-
     L, m = exp.data.seq_len, exp.mates
     vocab = exp.models.target.vocab_size or exp.tokenizer.vocab_size
     if reference_batches:
@@ -236,7 +250,7 @@ def _mates_rows(exp, n, pool_rows, fwd, target, reference_batches, convention) -
     ref_tokens = sum(r * t for r, t in reference_batches)
     reference = sum(r * t * fwd(target, seq_len=t) for r, t in reference_batches)
     bert = influence_arch(m.influence_arch, vocab)
-    f_b = influence_fwd(bert, L, convention)
+    f_b = influence_forward_flops_per_token(bert, L, convention)
     rows = [
         Row(
             "selection",

@@ -44,7 +44,7 @@ import os
 from dataclasses import dataclass, field
 
 from bliss_ray.flops import matmul_params
-from bliss_ray.models.lm import LMArch
+from bliss_ray.models.arch import LMArch
 
 GIB = 2**30
 # What a worker cannot use of a GPU's memory: the CUDA context, cuBLAS / NCCL workspaces (about 1 GiB), and the

@@ -27,9 +27,8 @@ from pathlib import Path
 from bliss_ray import memory
 from bliss_ray.config import ConfigError, Experiment
 from bliss_ray.flops import ledger, model_archs
-from bliss_ray.mates.influence import influence_arch
 from bliss_ray.memory import DEVICES, GIB, Estimate, Shape
-from bliss_ray.models.lm import LMArch
+from bliss_ray.models.arch import LMArch, influence_arch
 from bliss_ray.pipeline import plan as stage_plan
 from bliss_ray.train.precision import resolve
 

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bliss_ray.config import ConfigError, Experiment, load_experiment
+from bliss_ray.models.arch import PRESETS
 from bliss_ray.pipeline import Run, plan, setting
 from bliss_ray.storage import join as storage_join
 
@@ -294,8 +295,6 @@ def load_sweep(path: str | Path) -> Sweep:
         for key, value in sweep.base_point().items():
             if not spec.space[key].contains(value):
                 raise ConfigError(f"{where}: search: start_from_base: the base's {key} = {value} is outside space")
-    from bliss_ray.models.lm import PRESETS  # torch: only after the cheap checks
-
     tokens: dict[int, dict] = {}
     for pt in points(spec, ranges=True):
         exp = _validated(sweep.experiment, pt, None, f"{where}: point {pt}")

@@ -62,7 +62,7 @@ def s3_bucket():
 def micro_lm_spec(stage: str, tokenizer_dir: str, data_dir: str, train: dict, vocab: int, seq_len: int):
     """A Train-stage spec for the 2-layer ``pythia-micro`` LM from scratch on one thread: the Ray Train tests'
     model (``train``: the TrainConfig fields)."""
-    from bliss_ray.models.lm import arch_from_preset
+    from bliss_ray.models.arch import arch_from_preset
     from bliss_ray.stages.train_lm import LMTrainSpec
 
     return LMTrainSpec(

@@ -19,6 +19,7 @@ PKG = REPO / "bliss_ray"
 ORCHESTRATION = {"stages", "pipeline.py", "sweep.py", "compare.py", "cli.py"}  # the only places allowed to import Ray
 # What bench/gpu.sh runs on GPU machines that have torch + transformers but no ray, pydantic or lm-eval.
 PURE_TORCH = [
+    "bliss_ray.models.arch",
     "bliss_ray.models.lm",
     "bliss_ray.models.score",
     "bliss_ray.bilevel.loop",

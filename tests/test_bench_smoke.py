@@ -81,7 +81,7 @@ def test_attention_is_counted_as_the_causal_kernels_compute_it():
     """MFU's attention count (bench/_attention.py), worked by hand from ATen's CPU flash tiling: query blocks of
     256 rows (L ≥ 768), 64 (L ≥ 192) or 32, key blocks of 512 (at most L), every key block that starts below a
     query block's end computed whole."""
-    from bliss_ray.models.lm import arch_from_preset
+    from bliss_ray.models.arch import arch_from_preset
 
     att = _bench_module("_attention")
     # L = 1024: query blocks at 0, 256, 512, 768 end at 256 … 1024 → 512, 512, 1024, 1024 keys computed
@@ -100,7 +100,7 @@ def test_outer_step_attention_split_matches_the_ledger(monkeypatch):
     """The outer step's kernel count: 13 fast-kernel passes of the proxy trunk at K = 1, Q = 3 (inner step 3,
     its score forward 1, ∇f 3, outer score forward 1 + backward 2, ghost c_i 3) lose the skipped tiles; ∇g and
     the HVPs (math backend) do not. A ledger whose attention passes differ from that split is refused."""
-    from bliss_ray.models.lm import arch_from_preset
+    from bliss_ray.models.arch import arch_from_preset
 
     w = _bench_module("_workloads")
     s = w.bilevel_settings(None, 4, 4)

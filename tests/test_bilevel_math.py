@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from bliss_ray.bilevel.hypergrad import ci_ghost, ci_loop, hvp_of, score_hypergrad, solve_z
 from bliss_ray.bilevel.losses import per_sample_ce, per_sample_kl, weighted_lower_loss
 from bliss_ray.bilevel.weights import global_softmax, stale_softmax, weight_stats
-from bliss_ray.models.lm import arch_from_preset, build_lm
+from bliss_ray.models.arch import arch_from_preset
+from bliss_ray.models.lm import build_lm
 from bliss_ray.models.score import ScoreModel
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bliss_ray.config import ConfigError, load_experiment
-from bliss_ray.models.lm import arch_from_preset, build_lm
+from bliss_ray.models.arch import arch_from_preset
+from bliss_ray.models.lm import build_lm
 from bliss_ray.train.branches import stable_state_kept
 from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
 from bliss_ray.train.schedule import branch_steps, decay_lr

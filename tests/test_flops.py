@@ -18,7 +18,7 @@ import pytest
 from bliss_ray import flops_rebuttal as rb
 from bliss_ray.config import load_experiment
 from bliss_ray.flops import counted_train_flops_per_token, forward_flops_per_token, ledger, totals
-from bliss_ray.models.lm import arch_from_preset
+from bliss_ray.models.arch import arch_from_preset
 from bliss_ray.pipeline import Stage
 
 REPO = Path(__file__).resolve().parents[1]

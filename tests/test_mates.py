@@ -28,9 +28,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bliss_ray.mates.influence import InfluenceModel, influence_arch, train_influence_model
+from bliss_ray.mates.influence import InfluenceModel, train_influence_model
 from bliss_ray.mates.probe import Prober
-from bliss_ray.models.lm import arch_from_preset, build_lm
+from bliss_ray.models.arch import arch_from_preset, influence_arch
+from bliss_ray.models.lm import build_lm
 from bliss_ray.train.checkpoint import load_train_state, save_train_state
 from bliss_ray.train.loop import make_optimizer
 from tests.conftest import REPO, load_tiny

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bliss_ray.models.lm import arch_from_preset, build_lm, hf_config, load_lm, padded_vocab, save_lm
+from bliss_ray.models.arch import arch_from_preset, padded_vocab
+from bliss_ray.models.lm import build_lm, hf_config, load_lm, save_lm
 from bliss_ray.models.score import ScoreModel
 
 # Total parameters of the released Pythia models (EleutherAI/pythia README), vocabulary 50304.

@@ -14,7 +14,8 @@ import textwrap
 import pytest
 import torch
 
-from bliss_ray.models.lm import arch_from_preset, build_lm
+from bliss_ray.models.arch import arch_from_preset
+from bliss_ray.models.lm import build_lm
 from bliss_ray.train.checkpoint import NonFiniteCheckpointError, load_train_state, read_state, save_train_state
 from bliss_ray.train.host_memory import worker_env
 from bliss_ray.train.loop import LoopSettings, NonFiniteLossError, clip_grad_norm, make_optimizer, train_lm

@@ -7,7 +7,8 @@ picks the autocast, and fp16's loss scale drops an overflowing step instead of f
 import pytest
 import torch
 
-from bliss_ray.models.lm import arch_from_preset, build_lm, set_activation_checkpointing
+from bliss_ray.models.arch import arch_from_preset
+from bliss_ray.models.lm import build_lm, set_activation_checkpointing
 from bliss_ray.train.loop import LoopSettings, autocast_for, lm_loss, make_optimizer, train_lm
 from bliss_ray.train.precision import resolve
 

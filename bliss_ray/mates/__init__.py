@@ -3,8 +3,8 @@
 * ``probe`` — oracle probing: restore the target's full training state, take one AdamW step on a candidate x,
   record the reference-set loss L(D_ref | A(M, x)) (``Prober``).
 * ``influence`` — the data influence model: a BERT-family regressor (mean-pooled, 512-token chunks) fitted to the
-  z-scored probe losses, kept at its best held-out Spearman (``InfluenceModel``, ``train_influence_model``), and
-  the FLOPs description of its presets (``influence_arch``).
+  z-scored probe losses, kept at its best held-out Spearman (``InfluenceModel``, ``train_influence_model``); its
+  presets are ``bliss_ray.models.arch.influence_arch``.
 
 The Ray stages that drive them are in ``bliss_ray.stages.mates``; scoring reuses ``bliss_ray.scoring.Scorer``
 (``kind="mates"``) and selection ``bliss_ray.selection.select(..., "mates")``.

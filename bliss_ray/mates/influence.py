@@ -38,41 +38,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel
 
-from bliss_ray.models.lm import LMArch
+from bliss_ray.models.arch import BERT_MAX_POSITIONS, LMArch
 from bliss_ray.train.loop import autocast_for
-
-BERT_MAX_POSITIONS = 512  # bert-base-uncased's position table: longer rows are cut into chunks of this size
-BERT_VOCAB = 30522  # bert-base-uncased's WordPiece vocabulary (used only for FLOPs of the published model)
-# (layers, width, heads) of the BERT family (Turc et al. 2019 for the small ones); d_ff = 4·d as in BERT
-_BERT = {
-    "bert-base": (12, 768, 12),
-    "bert-medium": (8, 512, 8),
-    "bert-small": (4, 512, 8),
-    "bert-mini": (4, 256, 4),
-    "bert-tiny": (2, 128, 2),
-}
-
-
-def influence_arch(name: str, vocab_size: int | None = None) -> LMArch:
-    """The ``LMArch`` of an influence-model preset (family "bert": GeLU MLP, learned positions, no LM head)."""
-    if name not in _BERT:
-        raise KeyError(f"unknown influence-model preset '{name}'; choose one of {sorted(_BERT)}")
-    n_layer, d, h = _BERT[name]
-    return LMArch("bert", n_layer, d, h, 4 * d, vocab_size or BERT_VOCAB, rotary_pct=0.0, parallel_residual=False)
-
-
-def forward_flops_per_token(arch: LMArch, seq_len: int, convention: str = "paper") -> float:
-    """Forward FLOPs per token of the influence model on rows of ``seq_len`` tokens (``bliss_ray.flops``'s
-    conventions). ``paper``: 2·P_mm + 4·c·d·n_layer with P_mm = n_layer·(4d² + 2·d·d_ff) (BERT's MLP is GeLU,
-    two matrices) + the d→1 head, and attention over c = min(L, 512) tokens, since chunks attend only within
-    themselves. ``6nd``: 2·N with N all parameters (embeddings included, pooler excluded)."""
-    d, f, n = arch.d_model, arch.d_ff, arch.n_layer
-    if convention == "6nd":
-        per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d  # q, k, v, o (+biases), MLP (+biases), 2 norms
-        emb = (arch.vocab_size + BERT_MAX_POSITIONS + 2) * d + 2 * d
-        return 2.0 * (n * per_layer + emb + d + 1)
-    chunk = min(seq_len, BERT_MAX_POSITIONS)
-    return 2.0 * (n * (4 * d * d + 2 * d * f) + d) + 4.0 * chunk * d * n
 
 
 def bert_config(arch: LMArch, dropout: float = 0.1) -> BertConfig:

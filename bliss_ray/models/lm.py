@@ -1,18 +1,17 @@
 """Language-model architectures: Pythia (GPT-NeoX) and LLaMA-style presets, built with ``transformers``.
 
-Target and proxy are two sizes of the same code: a preset name → ``LMArch`` → a randomly initialised
-``GPTNeoXForCausalLM`` / ``LlamaForCausalLM``. No weights are ever downloaded; checkpoints are
+Target and proxy are two sizes of the same code: a preset name → ``LMArch`` (``models/arch.py``) → a randomly
+initialised ``GPTNeoXForCausalLM`` / ``LlamaForCausalLM``. No weights are ever downloaded; checkpoints are
 ``save_pretrained`` directories (safetensors + tokenizer) that stock ``transformers`` and ``lm_eval --model hf``
 load directly.
 
-    from bliss_ray.models.lm import arch_from_preset, build_lm
+    from bliss_ray.models.arch import arch_from_preset
+    from bliss_ray.models.lm import build_lm
     model = build_lm(arch_from_preset("pythia-160m", vocab_size=50304), max_seq_len=1024)
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,75 +25,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-
-@dataclass(frozen=True)
-class LMArch:
-    """The numbers that define a decoder-only LM (what FLOPs accounting and model building need)."""
-
-    family: str  # "gpt_neox" (Pythia) or "llama"
-    n_layer: int
-    d_model: int
-    n_head: int
-    d_ff: int
-    vocab_size: int = 50304  # Pythia's padded GPT-NeoX vocabulary
-    rotary_pct: float = 0.25  # Pythia rotates a quarter of each head; LLaMA rotates all of it
-    parallel_residual: bool = True
-    n_kv_head: int | None = None  # LLaMA grouped-query attention; None = n_head
-
-    def n_params(self, embeddings: bool = True) -> int:
-        """Parameter count with untied input/output embeddings (both Pythia and our LLaMA presets untie)."""
-        d, f = self.d_model, self.d_ff
-        kv = (self.n_kv_head or self.n_head) * (d // self.n_head)
-        if self.family == "gpt_neox":
-            per_layer = 3 * d * d + 3 * d + d * d + d + 2 * d * f + f + d + 4 * d  # qkv, dense, mlp, 2 layernorms
-            final = 2 * d
-        else:
-            per_layer = d * d + 2 * d * kv + d * d + 3 * d * f + 2 * d  # q, k, v, o, gated mlp, 2 rmsnorms
-            final = d
-        emb = 2 * self.vocab_size * d if embeddings else 0
-        return self.n_layer * per_layer + final + emb
-
-
-# Published EleutherAI Pythia architectures (layers, width, heads; d_ff = 4·d) plus tiny debug sizes for CPU.
-_PYTHIA = {
-    "pythia-14m": (6, 128, 4),
-    "pythia-31m": (6, 256, 8),
-    "pythia-70m": (6, 512, 8),
-    "pythia-160m": (12, 768, 12),
-    "pythia-410m": (24, 1024, 16),
-    "pythia-1b": (16, 2048, 8),
-    "pythia-1.4b": (24, 2048, 16),
-    "pythia-2.8b": (32, 2560, 32),
-    # debug sizes: same family, small enough for a 2-core CPU
-    "pythia-tiny": (2, 128, 4),
-    "pythia-tiny-proxy": (2, 64, 4),
-    "pythia-micro": (1, 32, 2),
-}
-# LLaMA-style presets (RMSNorm, SwiGLU, full rotary, sequential residual). The paper's LLaMA-0.5B config is
-# unpublished; "llama-0.5b" is 24 × 1152 with d_ff 3072 (≈ 8/3·d), 0.50 B parameters with a 50304 vocabulary.
-_LLAMA = {
-    "llama-0.5b": (24, 1152, 18, 3072),
-    "llama-tiny": (2, 128, 4, 352),
-}
-PRESETS: dict[str, LMArch] = {
-    **{n: LMArch("gpt_neox", layer, d, h, 4 * d) for n, (layer, d, h) in _PYTHIA.items()},
-    **{
-        n: LMArch("llama", layer, d, h, f, rotary_pct=1.0, parallel_residual=False)
-        for n, (layer, d, h, f) in _LLAMA.items()
-    },
-}
-
-
-def arch_from_preset(name: str, vocab_size: int | None = None) -> LMArch:
-    if name not in PRESETS:
-        raise KeyError(f"unknown model preset '{name}'; choose one of {sorted(PRESETS)}")
-    arch = PRESETS[name]
-    return dataclasses.replace(arch, vocab_size=vocab_size) if vocab_size else arch
-
-
-def padded_vocab(n_tokens: int, multiple: int = 64) -> int:
-    """Round a tokenizer size up to a multiple (Pythia: 50277 → 50304) for efficient matmuls."""
-    return -(-n_tokens // multiple) * multiple
+from bliss_ray.models.arch import LMArch
 
 
 def hf_config(

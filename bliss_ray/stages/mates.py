@@ -48,7 +48,8 @@ from ray.util import ActorPool
 
 from bliss_ray import storage
 from bliss_ray.data.tokens import TokenArray
-from bliss_ray.mates.influence import influence_arch, train_influence_model
+from bliss_ray.mates.influence import train_influence_model
+from bliss_ray.models.arch import influence_arch
 from bliss_ray.stages._ray import (
     check_fits,
     cluster_ceiling,

@@ -32,7 +32,8 @@ from bliss_ray.config import ResourcesConfig, TrainConfig
 from bliss_ray.data.tokenizer import load_tokenizer
 from bliss_ray.data.tokens import Prefetcher, TokenArray, micro_batches
 from bliss_ray.flops import forward_flops_per_token
-from bliss_ray.models.lm import LMArch, build_lm, save_lm, set_activation_checkpointing
+from bliss_ray.models.arch import LMArch
+from bliss_ray.models.lm import build_lm, save_lm, set_activation_checkpointing
 from bliss_ray.stages import _faults
 from bliss_ray.stages._progress import StepReporter
 from bliss_ray.stages._ray import (

@@ -6,13 +6,18 @@ and fp32 on CPU (CPUs without AMX run bf16 matmuls slower than fp32).
 
     with autocast(resolve("auto", device.type), device):
         loss = lm_loss(model, ids)
+
+torch is imported inside the functions that build tensors' settings: ``bliss-ray plan`` resolves precisions
+without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("bf16-mixed", "fp16-mixed", "fp32")
 
@@ -27,11 +32,15 @@ def resolve(precision: str, device_type: str) -> str:
 
 
 def compute_dtype(precision: str) -> torch.dtype:
+    import torch
+
     return {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision, torch.float32)
 
 
 def autocast(precision: str, device: torch.device | str):
     """The autocast context of a resolved precision (a no-op context for fp32)."""
+    import torch
+
     dtype = compute_dtype(precision)
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -40,6 +49,8 @@ def autocast(precision: str, device: torch.device | str):
 
 def grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradScaler | None:
     """fp16's dynamic loss scale; None for bf16 and fp32 (their exponent range needs none)."""
+    import torch
+
     return torch.amp.GradScaler(torch.device(device).type) if precision == "fp16-mixed" else None
 
 
