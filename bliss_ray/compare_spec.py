@@ -56,6 +56,9 @@ class Tuning(BaseModel):
     candidate: str | None = None
     """A variant that runs the search's best point; the report says whether it beats ``variant`` on every one of
     this comparison's (held-out) seeds, the condition for its settings to become the defaults."""
+    before: str | None = None
+    """Once the best point has become the defaults (``variant`` runs it): a variant that runs the settings the
+    search started from, so that the report keeps the held-out check that let the best point replace them."""
     results: str | None = None
     """The sweep's output directory (``sweep.json``, ``sweep_results.parquet``): by default ``<out>/<sweep name>/``,
     where ``bliss-ray sweep --out`` put it; else a path relative to the repository, the working directory or this
@@ -94,6 +97,12 @@ class CompareSpec(BaseModel):
             raise ValueError(f"tuning.candidate: '{self.tuning.candidate}' is not one of the variants")
         if self.tuning and self.tuning.candidate == self.tuning.variant:
             raise ValueError("tuning.candidate: the tuned variant itself; name the variant that runs the best point")
+        if self.tuning and self.tuning.before not in (None, *self.variants):
+            raise ValueError(f"tuning.before: '{self.tuning.before}' is not one of the variants")
+        if self.tuning and self.tuning.before is not None and self.tuning.candidate is not None:
+            raise ValueError("tuning.before: a candidate is still on trial; name one of the two")
+        if self.tuning and self.tuning.before == self.tuning.variant:
+            raise ValueError("tuning.before: the tuned variant itself; name the variant with the earlier settings")
         return self
 
     def order(self) -> list[str]:

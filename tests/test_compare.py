@@ -43,6 +43,10 @@ def _spec_file(tmp_path, **changes):
             {"tuning": {"sweep": "experiments/sweeps/demo_tune.yaml", "variant": "bliss", "results": "nowhere"}},
             "tuning.results: no sweep_results.parquet in 'nowhere'",
         ),
+        (
+            {"tuning": {"sweep": "experiments/sweeps/demo_tune.yaml", "variant": "bliss", "before": "bliss"}},
+            "tuning.before: the tuned variant itself",
+        ),
     ],
 )
 def test_a_bad_comparison_fails_before_compute_naming_the_field(tmp_path, changes, field):
@@ -208,6 +212,39 @@ def test_the_held_out_check_judges_the_searchs_best_point_against_the_defaults_s
     tree["variants"]["bliss_tuned"]["overrides"]["bilevel.gamma"] = 0.02
     text = "\n".join(tuning_section(load_compare(_write(tmp_path, tree)), tmp_path, curves))
     assert "was meant to run the search's best point" in text and "Held-out check" not in text
+
+
+def test_once_the_best_point_is_the_default_the_report_keeps_its_held_out_check(tmp_path):
+    """``tuning.before``: the defaults run the search's best point and a variant runs the settings they replaced;
+    the report says they replaced them after winning on every held-out seed, or that they should go back."""
+    import json
+
+    import pandas as pd
+
+    tree = yaml.safe_load(DEMO.read_text())
+    best = {"bilevel.gamma": 0.05, "bilevel.score_lr": 2e-3, "bilevel.proxy_lr": 1e-3}
+    best |= {"bilevel.outer_steps": 80, "bilevel.z_init": "constant"}
+    random = tree["variants"]["random"]
+    tree["variants"] = {"bliss": {"overrides": best}, "bliss_before": {}, "random": random}
+    tree["seeds"] = [0, 1]
+    kept = tmp_path / "search"
+    kept.mkdir()
+    rows = [{"variant_key": json.dumps(best, sort_keys=True), "status": "ok", "steps_to_baseline": 90.0}]
+    pd.DataFrame(rows).to_parquet(kept / "sweep_results.parquet")
+    tree["tuning"] = {"sweep": tree["tuning"]["sweep"], "variant": "bliss", "before": "bliss_before"}
+    tree["tuning"]["results"] = str(kept)
+    spec = load_compare(_write(tmp_path, tree))
+    curves = [_curve("random", s, [50, 100], [6.0, 5.0]) for s in (0, 1)]
+    curves += [_curve("bliss_before", s, [50, 100], [5.5, 4.5]) for s in (0, 1)]  # 1.33×
+    curves += [_curve("bliss", 0, [50, 100], [5.0, 4.4]), _curve("bliss", 1, [50, 100], [4.9, 4.4])]
+    text = "\n".join(tuning_section(spec, tmp_path, curves))
+    assert "The compared settings are the search's best trial, which became the defaults" in text
+    assert "seed 0: 2.00× vs 1.33×; seed 1: 2.00× vs 1.33×; it wins on all 2: its settings replaced" in text
+    curves[-1] = _curve("bliss", 1, [50, 100], [5.8, 4.6])
+    text = "\n".join(tuning_section(spec, tmp_path, curves))
+    assert "it wins on only 1 of 2: **the defaults should go back to `bliss_before`'s settings**" in text
+    with pytest.raises(ConfigError, match=r"tuning\.before: a candidate is still on trial"):
+        load_compare(_write(tmp_path, tree | {"tuning": tree["tuning"] | {"candidate": "bliss_before"}}))
 
 
 def _write(tmp_path, tree):

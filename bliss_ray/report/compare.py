@@ -168,9 +168,10 @@ def _is_point(point: dict, best: dict) -> bool:
 
 def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ()) -> list[str]:
     """Where the tuned variant's settings came from: the sweep's trials (read from ``<out>/<sweep name>/`` or
-    ``tuning.results``), its best point, whether the compared settings are that point, and with a ``candidate``
-    (a variant running the best point) the held-out check: does it beat the tuned variant on every seed of this
-    comparison (``load_compare`` refuses seeds the sweep tuned on)?"""
+    ``tuning.results``), its best point, whether the compared settings are that point, and the held-out check: with
+    a ``candidate`` (a variant running the best point), does it beat the tuned variant on every seed of this
+    comparison (``load_compare`` refuses seeds the sweep tuned on)? With ``before`` (the best point has become the
+    defaults), the same check of the defaults against the settings they replaced."""
     if spec.tuning is None:
         return []
     from bliss_ray.sweep_spec import load_sweep
@@ -204,7 +205,8 @@ def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ())
         return [*lines, "", f"No trial of the search finished ({len(df)} recorded).", ""]
     best = json.loads(ok.iloc[0]["variant_key"])
     verdict = (
-        "The compared settings are the search's best trial."
+        "The compared settings are the search's best trial"
+        + (", which became the defaults after the held-out check below." if spec.tuning.before else ".")
         if _is_point(used, best)
         else "The compared settings are **not** the search's best trial ("
         + ", ".join(f"`{k}` = {best[k]}" for k in keys)
@@ -213,13 +215,18 @@ def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ())
     planned = f"{len(ok)} of the {search.num_samples} planned trials finished ({len(df)} recorded)"
     lines += ["", f"{planned}. {verdict}", ""]
     if spec.tuning.candidate is not None:
-        lines += _held_out_check(spec, curves, keys, best)
+        lines += _held_out_check(spec, curves, keys, best, spec.tuning.candidate, spec.tuning.variant)
+    elif spec.tuning.before is not None and _is_point(used, best):
+        lines += _held_out_check(spec, curves, keys, best, spec.tuning.variant, spec.tuning.before)
     return lines
 
 
-def _held_out_check(spec: CompareSpec, curves: list[Curve], keys: list[str], best: dict) -> list[str]:
-    """The candidate (the search's best point) against the tuned variant, seed by seed, at equal target steps."""
-    name, cand = spec.tuning.variant, spec.tuning.candidate
+def _held_out_check(
+    spec: CompareSpec, curves: list[Curve], keys: list[str], best: dict, cand: str, name: str
+) -> list[str]:
+    """``cand`` (running the search's best point) against ``name`` (the defaults, or with ``tuning.before`` the
+    settings the defaults replaced), seed by seed, at equal target steps."""
+    adopted = spec.tuning.before is not None
     ran = _point_of(spec, cand, keys)
     if not _is_point(ran, best):
         shown = ", ".join(f"`{k}` = {ran[k]}" for k in keys)
@@ -231,11 +238,18 @@ def _held_out_check(spec: CompareSpec, curves: list[Curve], keys: list[str], bes
         return [f"Held-out check: `{cand}` and `{name}` have no seed in common yet.", ""]
     cells = "; ".join(f"seed {s}: {ups[cand, s]:.2f}× vs {ups[name, s]:.2f}×" for s in seeds)
     wins = sum(ups[cand, s] > ups[name, s] for s in seeds)
-    verdict = (
-        f"it wins on all {len(seeds)}: its settings may replace the defaults."
-        if wins == len(seeds)
-        else f"it wins on {wins} of {len(seeds)}: the defaults stay."
-    )
+    if adopted:
+        verdict = (
+            f"it wins on all {len(seeds)}: its settings replaced `{name}`'s as the defaults."
+            if wins == len(seeds)
+            else f"it wins on only {wins} of {len(seeds)}: **the defaults should go back to `{name}`'s settings**."
+        )
+    else:
+        verdict = (
+            f"it wins on all {len(seeds)}: its settings may replace the defaults."
+            if wins == len(seeds)
+            else f"it wins on {wins} of {len(seeds)}: the defaults stay."
+        )
     return [
         f"**Held-out check** (speed-up over `{spec.baseline}` at equal target steps, `{cand}` = the search's best "
         f"point vs `{name}`): {cells}; {verdict}",
