@@ -78,9 +78,9 @@ def counted_train_flops_per_token(arch: LMArch, seq_len: int) -> float:
 def influence_forward_flops_per_token(arch: LMArch, seq_len: int, convention: str = "paper") -> float:
     """Forward FLOPs per token of the influence model on rows of ``seq_len`` tokens (``bliss_ray.flops``'s
     conventions; the model is ``mates/influence.py``'s). ``paper``: 2·P_mm + 4·c·d·n_layer with
-    P_mm = n_layer·(4d² + 2·d·d_ff) (BERT's MLP is GeLU,
-    two matrices) + the d→1 head, and attention over c = min(L, 512) tokens, since chunks attend only within
-    themselves. ``6nd``: 2·N with N all parameters (embeddings included, pooler excluded)."""
+    P_mm = n_layer·(4d² + 2·d·d_ff) (BERT's MLP is GeLU, two matrices) + the d→1 head, and attention over
+    c = min(L, 512) tokens, since chunks attend only within themselves. ``6nd``: 2·N with N all parameters
+    (embeddings included, pooler excluded)."""
     d, f, n = arch.d_model, arch.d_ff, arch.n_layer
     if convention == "6nd":
         per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d  # q, k, v, o (+biases), MLP (+biases), 2 norms
