@@ -12,7 +12,10 @@ STAMP := $(VENV)/.bliss-installed
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 # The project's own packages go in with uv (17 s here against pip's 280 s of resolving, the same versions); uv reads
-# no pip.conf, so where only a pip-configured mirror is reachable the install falls back to pip.
+# no pip.conf, so where only a pip-configured mirror is reachable the install falls back to pip. uv compiles no
+# bytecode unless told to, and where PYTHONDONTWRITEBYTECODE is set (these machines, CI) no import writes any:
+# every Python process, each Ray worker included, then compiled Ray, transformers & co. from source at every start
+# (the CI tier: 1388 s without bytecode, 968 s with it, on 2 cores; docs/design.md).
 UV_VERSION ?= 0.13.9
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
@@ -25,7 +28,7 @@ ifneq ($(HAS_GPU),1)
 	$(BIN)/python -c "import torch, sys; sys.exit('CUDA torch on a CPU host: set TORCH_INDEX' if torch.version.cuda else 0)"
 endif
 	$(BIN)/pip install -q uv==$(UV_VERSION)
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]' || $(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[dev]' || $(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/python -m bliss_ray.evaluation.eval_data fetch
 	touch $(STAMP)
 
@@ -36,7 +39,7 @@ demo: setup
 	$(BIN)/bliss-ray run experiments/demo.yaml --set selection.method=random
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not extended" tests
+	$(BIN)/python -m pytest -q -m "not extended" --durations=15 tests  # the slowest tests: where CI's 30 minutes go
 
 test-extended: setup
 	$(BIN)/python -m pytest -q -m extended tests
