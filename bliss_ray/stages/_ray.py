@@ -37,6 +37,9 @@ def ensure_ray(res: ResourcesConfig, quiet: bool = False) -> bool:
     kwargs: dict = {"include_dashboard": False, "log_to_driver": not quiet}
     address = res.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else None)  # inside `ray job submit`
     if address in (None, "local"):
+        # one machine is never preempted by a cloud provider, and Train's preemption watcher is one more actor
+        # process (importing Ray) started in series with every Train stage's workers (docs/design.md)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # never attach to a cluster somebody started with `ray start` on this machine (ray.md G1)
         kwargs |= {
             "address": "local",
