@@ -119,8 +119,8 @@ def _refused_namespaces() -> str | None:
     return f"this machine refuses unshare --net --mount: {probe.stderr.decode().strip()}" if probe.returncode else None
 
 
-# In CI (414 s in the CI tier on 2 cores, 2026-12-02): the proof, one pipeline run that a node death
-# interrupts
+# In CI (the tier's slowest test: 282 s of 1388 s on 2 cores, 2026-12-02): the proof, one pipeline run
+# that a node death interrupts
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(1700)
