@@ -494,7 +494,7 @@ def test_tiny_tuning_sweep_scores_trials_against_the_random_baseline_of_the_same
     assert "`steps_to_baseline` = the target steps at which the target's held-out reference loss" in text
 
 
-# In CI (232 s of the tier's 1388 s on 2 cores, 2026-12-02; most of it Ray Train's process starts for its three
+# In CI (131 s of the tier's 911 s on 2 cores, 2026-12-02; most of it Ray Train's process starts for its three
 # Train stages, docs/design.md): issue 13's sweep proof. Its setup stages are the session's tiny run, uploaded:
 # every setup stage of a bucket run root is proven by tests/test_two_node.py; here only Tune's storage and the
 # trials are new.

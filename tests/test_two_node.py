@@ -119,7 +119,7 @@ def _refused_namespaces() -> str | None:
     return f"this machine refuses unshare --net --mount: {probe.stderr.decode().strip()}" if probe.returncode else None
 
 
-# In CI (the tier's slowest test: 282 s of 1388 s on 2 cores, 2026-12-02): the proof, one pipeline run
+# In CI (the tier's slowest test: 190 s of 911 s on 2 cores, 2026-12-02): the proof, one pipeline run
 # that a node death interrupts
 @pytest.mark.ray
 @pytest.mark.slow
