@@ -237,10 +237,12 @@ def peak_rss_mb() -> float:
 def start_ray(num_cpus: int = 4):
     """A private local Ray instance (4 logical CPUs on any machine, as the test suite: budgets stay explicit)."""
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="brb_", dir="/tmp"))  # short: socket paths
-    # Train's settings on the embedded Ray that `bliss-ray run` starts (stages/_ray.py: ensure_ray), so a stage
-    # measured here costs what it costs there
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    from bliss_ray.stages._ray import train_env
+
+    # Train's settings on the embedded Ray that `bliss-ray run` starts, so a stage measured here costs what it costs
+    # there
+    for key, value in train_env(local=True).items():
+        os.environ.setdefault(key, value)
     import ray
     import ray.data
 

@@ -26,20 +26,29 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def train_env(local: bool) -> dict[str, str]:
+    """Ray Train's settings (environment variables, read by its controller) for the Ray that bliss_ray starts or
+    joins; ``local``: an embedded single-machine Ray. ``bench/`` starts its Ray with the same."""
+    # Train's controller notices that the workers finished at its next poll (default every 2 s): every stage's
+    # end waited ~2 s for it (measured: a no-op fit 14.1 s → 12.2 s)
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    if local:
+        # one machine is never preempted by a cloud provider, and Train's preemption watcher is one more actor
+        # process (importing Ray) started in series with every Train stage's workers (docs/design.md)
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return env
+
+
 def ensure_ray(res: ResourcesConfig, quiet: bool = False) -> bool:
     """Start (or join, with ``ray_address``) Ray unless already initialised. Returns True if started here."""
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(res.worker_start_timeout_s)))
-    # Train's controller notices that the workers finished at its next poll (default every 2 s): every stage's
-    # end waited ~2 s for it (measured: a no-op fit 14.1 s → 12.2 s)
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     kwargs: dict = {"include_dashboard": False, "log_to_driver": not quiet}
     address = res.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else None)  # inside `ray job submit`
+    for key, value in train_env(local=address in (None, "local")).items():
+        os.environ.setdefault(key, value)
     if address in (None, "local"):
-        # one machine is never preempted by a cloud provider, and Train's preemption watcher is one more actor
-        # process (importing Ray) started in series with every Train stage's workers (docs/design.md)
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # never attach to a cluster somebody started with `ray start` on this machine (ray.md G1)
         kwargs |= {
             "address": "local",
