@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -39,10 +38,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from bliss_ray.config import ConfigError
 from bliss_ray.pipeline import Run
+from bliss_ray.stages._tune_report import ForwardToTune
 from bliss_ray.storage import is_remote, read_bytes, write_bytes
 from bliss_ray.storage import join as join_uri
 from bliss_ray.sweep_objective import baseline_final, objective
@@ -99,7 +98,7 @@ class _TuneBilevel:
     def __call__(self, spec, out_dir: Path, res, storage: str, workers: int) -> dict:
         from bliss_ray.stages import bilevel
 
-        cb = _ForwardToTune({"stage": spec.stage, "final": 0}, self.metric)
+        cb = ForwardToTune({"stage": spec.stage, "final": 0}, self.metric)
         self.callbacks.append(cb)
         name = f"{self.trial_id}-{spec.stage}"
         return bilevel.run(spec, out_dir, res, storage, workers, name=name, callbacks=[cb])
@@ -129,19 +128,6 @@ def _run_stage_outside(run: Run, st, d: Path) -> dict:
     from bliss_ray.stages import steps
 
     return steps.run_stage(run, st, d)
-
-
-class _ForwardToTune(TuneReportCallback):
-    """Rank-0 metrics → Tune, tagged with the stage. The sweep metric is always present (Tune and Optuna reject
-    results without it): NaN where this stage does not measure it."""
-
-    def __init__(self, extra: dict, metric: str):
-        super().__init__()
-        self.extra, self.metric = extra, metric
-
-    def after_report(self, run_context, metrics, checkpoint):
-        first = {self.metric: math.nan, **metrics[0], **self.extra}
-        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
 def bliss_sweep_trial(config: dict, sweep: Sweep, out: str, storage: str, baselines: dict | None = None) -> None:

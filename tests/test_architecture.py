@@ -79,6 +79,22 @@ def test_orchestration_is_where_ray_lives():
     assert any(m.startswith("ray") for m in _imports(PKG / "stages" / "train_lm.py"))
 
 
+def test_every_trainer_is_built_by_torch_trainer():
+    """``stages._ray.torch_trainer`` keeps bliss_ray's objects away from Train's controller (test_train_stage.py);
+    a stage that called ``TorchTrainer(...)`` itself would bypass it."""
+    calls = [
+        f"{p.relative_to(REPO)}:{node.lineno}"
+        for p in sorted(PKG.rglob("*.py"))
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "TorchTrainer"
+    ]
+    assert calls == ["bliss_ray/stages/_ray.py:" + str(_line_of(PKG / "stages" / "_ray.py", "return TorchTrainer("))]
+
+
+def _line_of(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_experiment_loads(path):
     import yaml

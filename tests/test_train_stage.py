@@ -50,6 +50,41 @@ def _lm_spec(data, stage, steps, micro, ckpt_every=10):
     return micro_lm_spec(stage, tok, str(arr), train, 2048, 64)
 
 
+def test_trains_controller_imports_no_bliss_ray_stage_model_or_transformers(ray_local, tmp_path):
+    """Train's controller unpickles the trainer's run context (run config with its callbacks, scaling, loop config)
+    before it starts any worker, importing the module of every class in it. Built as the stages build it, with the
+    sweep's callback, and unpickled in a fresh interpreter: the only bliss_ray module imported is the callback's
+    (bliss_ray's specs once made the controller import the stages, the models and transformers: +3 s a stage)."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    from bliss_ray.stages import train_lm
+    from bliss_ray.stages._progress import StepReporter
+    from bliss_ray.stages._ray import run_config, torch_trainer
+    from bliss_ray.stages._tune_report import ForwardToTune
+
+    spec = micro_lm_spec("ctl", str(tmp_path / "tok"), str(tmp_path / "arr"), {"steps": 2}, 2048, 64)
+    forward = ForwardToTune.__new__(ForwardToTune)  # its __init__ needs a Tune session; pickling needs only the class
+    forward.extra, forward.metric = {}, "loss"
+    config = dataclasses.replace(run_config("ctl", str(tmp_path), RES), callbacks=[forward])
+    trainer = torch_trainer(train_lm._worker, {"spec": spec, "progress": StepReporter("ctl", 0, 2)}, RES, 1, config)
+    code = (
+        "import json, pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('bliss_ray', 'transformers'))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        input=cloudpickle.dumps(trainer.train_run_context),
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    imported = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert imported == ["bliss_ray", "bliss_ray.stages", "bliss_ray.stages._tune_report"], imported
+
+
 # extended: DDP parity (test_fsdp's one worker = 2 DDP = 2 FSDP workers, also extended, covers it too)
 @pytest.mark.extended
 def test_lm_training_1_vs_2_workers_same_losses(data, tmp_path):

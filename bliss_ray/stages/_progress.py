@@ -126,7 +126,7 @@ def memory_gb() -> float:
 
 
 class StepReporter:
-    """Rank 0's sender (picklable: the driver builds it and Ray ships it in ``train_loop_config``).
+    """Rank 0's sender (picklable: the driver builds it; Ray ships it to the workers with the worker function).
 
     ``flops_per_token``: model FLOPs of one trained token (the FLOPs ledger's 3 × forward), for MFU and FLOP/s;
     None where the ledger has no per-token figure (the bilevel step)."""

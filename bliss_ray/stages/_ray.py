@@ -7,15 +7,18 @@ Ray Data's read/write tasks and hangs forever without an error (../shared/docs/s
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
 import ray.train
 import torch
+from ray.train.torch import TorchTrainer
 
 from bliss_ray import storage
 from bliss_ray.config import ResourcesConfig
@@ -150,6 +153,20 @@ def run_config(name: str, storage: str, res: ResourcesConfig) -> ray.train.RunCo
         ),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         worker_runtime_env={"env_vars": env} if env else None,
+    )
+
+
+def torch_trainer(
+    worker: Callable[[dict], None], loop_config: dict, res: ResourcesConfig, workers: int, config: ray.train.RunConfig
+) -> TorchTrainer:
+    """A TorchTrainer whose workers run ``worker(loop_config)``.
+
+    ``loop_config`` travels inside the worker function, which Train keeps in an object that only the workers fetch,
+    not as Train's ``train_loop_config``: Train's controller unpickles that one, and bliss_ray's spec classes in it
+    made the controller import bliss_ray's stages, the models and transformers before it started any worker, in
+    series with every stage's start (docs/design.md, "Where a Train stage's fixed cost goes")."""
+    return TorchTrainer(
+        functools.partial(worker, loop_config), scaling_config=scaling_config(res, workers), run_config=config
     )
 
 

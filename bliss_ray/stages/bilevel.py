@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ray.train
 import torch
-from ray.train.torch import TorchTrainer, get_device
+from ray.train.torch import get_device
 
 from bliss_ray.bilevel.loop import BilevelSettings, BilevelState, run_bilevel
 from bliss_ray.bilevel.weights import Normaliser
@@ -38,8 +38,8 @@ from bliss_ray.stages._ray import (
     gc_orphan_checkpoints,
     report,
     run_config,
-    scaling_config,
     set_worker_threads,
+    torch_trainer,
 )
 from bliss_ray.storage import local_copy
 from bliss_ray.train.checkpoint import assert_finite, read_metrics, write_metrics
@@ -173,12 +173,8 @@ def run(
     spec = dataclasses.replace(spec, threads=res.torch_threads)
     name = name or out_dir.name
     config = dataclasses.replace(run_config(name, storage, res), callbacks=callbacks or [])
-    result = TorchTrainer(
-        _worker,
-        train_loop_config={"spec": spec, "progress": StepReporter(out_dir.name, 0, spec.settings["outer_steps"])},
-        scaling_config=scaling_config(res, workers),
-        run_config=config,
-    ).fit()
+    progress = StepReporter(out_dir.name, 0, spec.settings["outer_steps"])
+    result = torch_trainer(_worker, {"spec": spec, "progress": progress}, res, workers, config).fit()
     gc_orphan_checkpoints(storage, name)
     copy_checkpoint(result, out_dir)
     (out_dir / STATE).unlink()  # optimizer state is only needed to resume; the outputs are the models

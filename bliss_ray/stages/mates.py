@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
-from ray.train.torch import TorchTrainer, get_device
+from ray.train.torch import get_device
 from ray.util import ActorPool
 
 from bliss_ray import storage
@@ -57,9 +57,9 @@ from bliss_ray.stages._ray import (
     gc_orphan_checkpoints,
     report,
     run_config,
-    scaling_config,
     set_worker_threads,
     storage_path,
+    torch_trainer,
     use_gpu,
 )
 from bliss_ray.stages.steps import _pool_rows, _shard, _share_array, _vocab
@@ -288,12 +288,7 @@ def influence_stage(run, st, d: Path) -> dict:
     )
     train_storage = storage_path(res, run.store)
     t0 = time.perf_counter()
-    result = TorchTrainer(
-        _influence_worker,
-        train_loop_config={"spec": spec},
-        scaling_config=scaling_config(res, 1),
-        run_config=run_config(d.name, train_storage, res),
-    ).fit()
+    result = torch_trainer(_influence_worker, {"spec": spec}, res, 1, run_config(d.name, train_storage, res)).fit()
     gc_orphan_checkpoints(train_storage, d.name)
     copy_checkpoint(result, d)
     storage.remove(data_dir)

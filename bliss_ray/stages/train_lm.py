@@ -26,7 +26,7 @@ from pathlib import Path
 
 import ray.train
 import torch
-from ray.train.torch import TorchTrainer, get_device, prepare_model
+from ray.train.torch import get_device, prepare_model
 
 from bliss_ray.config import ResourcesConfig, TrainConfig
 from bliss_ray.data.tokenizer import load_tokenizer
@@ -41,8 +41,8 @@ from bliss_ray.stages._ray import (
     gc_orphan_checkpoints,
     report,
     run_config,
-    scaling_config,
     set_worker_threads,
+    torch_trainer,
 )
 from bliss_ray.storage import local_copy
 from bliss_ray.train import fsdp
@@ -344,13 +344,8 @@ def run(spec: LMTrainSpec, out_dir: Path, res: ResourcesConfig, storage: str, wo
     total = spec.train["steps"] + spec.train["decay_steps"]
     fpt = 3 * forward_flops_per_token(spec.arch, spec.seq_len)  # the FLOPs ledger's training FLOPs per token
     progress = StepReporter(out_dir.name, spec.start_step, total, flops_per_token=fpt)
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"spec": spec, "progress": progress},
-        scaling_config=scaling_config(res, workers),
-        run_config=run_config(name, storage, res),
-    )
-    result = trainer.fit()
+    config = run_config(name, storage, res)
+    result = torch_trainer(_worker, {"spec": spec, "progress": progress}, res, workers, config).fit()
     gc_orphan_checkpoints(storage, name)
     tmp = out_dir / "_final"
     copy_checkpoint(result, tmp)
