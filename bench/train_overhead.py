@@ -34,6 +34,7 @@ from pathlib import Path
 
 import _common
 import _fixtures
+import _ray_timeline
 from _common import alternate, line, median, paired_ratio, write_json
 
 
@@ -108,12 +109,18 @@ def ray_run(args, arch, tok_dir: Path, data_dir: Path, work: Path) -> dict:
     )
     out = work / "stage"
     out.mkdir(parents=True)
-    t0 = time.perf_counter()
+    t0, epoch0 = time.perf_counter(), time.time()
     result = stage.run(spec, out, res, str(work / "ray_storage"), workers=1)
     wall = time.perf_counter() - t0
     history = [m for m in read_metrics(out / "metrics.jsonl") if "step_s" in m]
     assert result["final_step"] == args.steps and len(history) == args.steps, (result, len(history))
-    return {"wall_s": wall, "step_s": [m["step_s"] for m in history]}
+    return {"wall_s": wall, "step_s": [m["step_s"] for m in history], "window": (epoch0, time.time())}
+
+
+def _logs_dir() -> str:
+    import ray
+
+    return ray._private.worker.global_worker.node.get_logs_dir_path()
 
 
 def main(argv=None) -> dict:
@@ -166,6 +173,9 @@ def main(argv=None) -> dict:
         f"{args.steps} steps (first {args.skip} excluded), {args.reps} alternating pairs, median"
     )
     print(f"bare loop tokens/s: {median(tps['bare']):,.0f}   Ray Train (1 worker) tokens/s: {median(tps['ray']):,.0f}")
+    # what the fixed cost is made of: the processes of the last stage (one run after others, as in a pipeline)
+    timeline = "processes started by the last Ray stage (spawned→Ray connected→actor constructed, s after it began): "
+    timeline += _ray_timeline.render(_ray_timeline.processes(_logs_dir(), *runs["ray"][-1]["window"]))
     lines = [
         line("train_overhead ratio (Ray Train / bare tokens/s)", ratio, cond + "; goal >= 0.95"),
         line(
@@ -177,6 +187,8 @@ def main(argv=None) -> dict:
         line("CPU-seconds per run, Ray stage / bare", cpu_ratio, "whole process tree, fixed costs included"),
         line("ray.init [s] (excluded)", ray_init_s, "", "{:.1f}"),
     ]
+    print(timeline)
+    lines.append(timeline)
     result = {
         "cpu_ratio": cpu_ratio,
         "cpu_s": {k: [r["cpu_s"] for r in v] for k, v in runs.items()},
