@@ -8,10 +8,15 @@ the raylet and each core worker stamp their own log lines, to the millisecond.
 
     rows = processes(logs_dir, t0, t1)     # logs_dir: ray._private.worker.global_worker.node.get_logs_dir_path()
     print(render(rows))
+    print(render_phases(train_phases(logs_dir, t0, t1)))  # Train's own account of its worker group's start
+
+``train_phases`` reads Ray Train's controller log (``train/ray-train-sys-controller-*.log``, JSON lines): the time
+of its first line, each "[Worker Group Initialization] <phase> in <s>s." and when it began shutting the group down.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from pathlib import Path
@@ -75,3 +80,41 @@ def render(rows: list[dict]) -> str:
         return "?" if x is None else f"+{x:.1f}"
 
     return "; ".join(f"{r['name']} {f(r['spawned_s'])}→{f(r['up_s'])}→{f(r['created_s'])}" for r in rows)
+
+
+_PHASE = re.compile(r"^\[Worker Group Initialization\] (.+?) in (\d+(?:\.\d+)?)s")
+
+
+def train_phases(logs_dir: str | Path, t0: float, t1: float) -> dict:
+    """Ray Train's controller log within [t0, t1]: ``first_s`` (its first line, s after t0), ``phases`` (name →
+    seconds, in order, from its "[Worker Group Initialization]" lines) and ``shutdown_s`` (s after t0)."""
+    out: dict = {"first_s": None, "phases": {}, "shutdown_s": None}
+    for path in sorted((Path(logs_dir) / "train").glob("ray-train-sys-controller-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                t = datetime.strptime(record["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except (ValueError, KeyError):
+                continue
+            if not t0 <= t <= t1:
+                continue
+            message = record.get("message", "")
+            out["first_s"] = t - t0 if out["first_s"] is None else out["first_s"]
+            if m := _PHASE.match(message):
+                out["phases"][m.group(1)] = float(m.group(2))
+            elif message.startswith("Shutting down") and out["shutdown_s"] is None:
+                out["shutdown_s"] = t - t0
+    return out
+
+
+def render_phases(p: dict) -> str:
+    """One line: the controller's first log line, its start-up phases and when it began the shutdown."""
+
+    def f(x):
+        return "?" if x is None else f"+{x:.1f}"
+
+    # Ray's wording, shortened; phases under 0.05 s (callbacks that do nothing here) left out
+    short = {k.replace(" callbacks completed", "").replace(" on workers", ""): s for k, s in p["phases"].items()}
+    phases = ", ".join(f"{name} {s:.1f} s" for name, s in short.items() if s >= 0.05)
+    first, shutdown = f(p["first_s"]), f(p["shutdown_s"])
+    return f"controller's first log line {first}; {phases or 'no phases logged'}; shutdown {shutdown}"

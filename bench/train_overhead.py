@@ -175,7 +175,10 @@ def main(argv=None) -> dict:
     print(f"bare loop tokens/s: {median(tps['bare']):,.0f}   Ray Train (1 worker) tokens/s: {median(tps['ray']):,.0f}")
     # what the fixed cost is made of: the processes of the last stage (one run after others, as in a pipeline)
     timeline = "processes started by the last Ray stage (spawned→Ray connected→actor constructed, s after it began): "
-    timeline += _ray_timeline.render(_ray_timeline.processes(_logs_dir(), *runs["ray"][-1]["window"]))
+    window = runs["ray"][-1]["window"]
+    timeline += _ray_timeline.render(_ray_timeline.processes(_logs_dir(), *window))
+    phases = "Train's worker group start, from its controller's log (s after the stage began): "
+    phases += _ray_timeline.render_phases(_ray_timeline.train_phases(_logs_dir(), *window))
     lines = [
         line("train_overhead ratio (Ray Train / bare tokens/s)", ratio, cond + "; goal >= 0.95"),
         line(
@@ -188,7 +191,8 @@ def main(argv=None) -> dict:
         line("ray.init [s] (excluded)", ray_init_s, "", "{:.1f}"),
     ]
     print(timeline)
-    lines.append(timeline)
+    print(phases)
+    lines += [timeline, phases]
     result = {
         "cpu_ratio": cpu_ratio,
         "cpu_s": {k: [r["cpu_s"] for r in v] for k, v in runs.items()},

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,57 @@ def test_run_all_only_rewrites_its_benchmarks_and_keeps_the_others(tmp_path, mon
     assert "every number below was measured in ONE run" not in new  # it no longer is
     for marker in ("<!-- gpu:begin -->", "<!-- soak:begin -->"):
         assert new.split(marker)[1] == old.split(marker)[1]
+
+
+def test_ray_timeline_reads_processes_and_train_phases_off_session_logs(tmp_path):
+    """``bench/_ray_timeline.py``: the processes a stage started and Train's start-up phases, read from log lines in
+    the formats Ray 2.60 writes (raylet, core worker, worker stdout, Train's JSON controller log); lines outside the
+    window are ignored."""
+    timeline = _bench_module("_ray_timeline")
+    logs = tmp_path / "logs"
+    (logs / "train").mkdir(parents=True)
+    wid, pid = "ab12", 77
+    (logs / "raylet.out").write_text(
+        "[2026-12-06 10:00:00,000 I 1 1] (raylet) worker_pool.cc:1: Started worker process with pid 5 worker_id=ff\n"
+        f"[2026-12-06 10:00:10,500 I 1 1] (raylet) worker_pool.cc:1: Started worker process with pid {pid} "
+        f"worker_id={wid}\n"
+    )
+    (logs / f"python-core-worker-{wid}_{pid}.log").write_text(
+        "[2026-12-06 10:00:11,250 I 77 77] core_worker.cc:1: Constructing CoreWorker\n"
+        "[2026-12-06 10:00:13,000 I 77 77] task_receiver.cc:1: Actor creation task finished, task_id: 00\n"
+    )
+    (logs / f"worker-{wid}-01000000-{pid}.out").write_text(":actor_name:RayTrainWorker\n")
+
+    def record(stamp, message):
+        return json.dumps({"asctime": f"2026-12-06 10:00:{stamp}", "levelname": "INFO", "message": message})
+
+    (logs / "train" / "ray-train-sys-controller-cd.log").write_text(
+        "\n".join(
+            [
+                record("09,000", "Requesting resources: {'CPU': 1.0} * 1"),  # before the window
+                record("10,750", "Requesting resources: {'CPU': 1.0} * 1"),
+                record("13,000", "[Worker Group Initialization] 1 worker actors created in 2.25s."),
+                record(
+                    "13,010", "[Worker Group Initialization] before_init_train_context callbacks completed in 0.01s."
+                ),
+                record("15,500", "[Worker Group Initialization] Train context initialized on workers in 2.50s."),
+                record("19,000", "[Worker Group Initialization] Train function launched on workers in 3.50s."),
+                record("30,000", "Shutting down 1 workers."),
+            ]
+        )
+        + "\nnot json\n"
+    )
+    t0 = datetime(2026, 12, 6, 10, 0, 10).timestamp()
+    t1 = datetime(2026, 12, 6, 10, 0, 31).timestamp()
+    rows = timeline.processes(logs, t0, t1)
+    assert [r["name"] for r in rows] == ["RayTrainWorker"]
+    assert rows[0]["spawned_s"] == pytest.approx(0.5) and rows[0]["up_s"] == pytest.approx(1.25)
+    assert rows[0]["created_s"] == pytest.approx(3.0)
+    assert timeline.render(rows) == "RayTrainWorker +0.5→+1.2→+3.0"
+    phases = timeline.train_phases(logs, t0, t1)
+    assert phases["first_s"] == pytest.approx(0.75) and phases["shutdown_s"] == pytest.approx(20.0)
+    assert list(phases["phases"].values()) == [2.25, 0.01, 2.5, 3.5]
+    assert timeline.render_phases(phases) == (
+        "controller's first log line +0.8; 1 worker actors created 2.2 s, Train context initialized 2.5 s, "
+        "Train function launched 3.5 s; shutdown +20.0"
+    )
