@@ -59,6 +59,10 @@ class Tuning(BaseModel):
     before: str | None = None
     """Once the best point has become the defaults (``variant`` runs it): a variant that runs the settings the
     search started from, so that the report keeps the held-out check that let the best point replace them."""
+    check: str | None = None
+    """A held-out check made by an earlier comparison that ran the ``candidate`` on these seeds: the
+    ``<report>.heldout_check.json`` that ``bliss-ray compare`` writes beside its report, e.g. a copy kept with the
+    docs (path resolved like ``results``). The report shows it instead of running the candidate again."""
     results: str | None = None
     """The sweep's output directory (``sweep.json``, ``sweep_results.parquet``): by default ``<out>/<sweep name>/``,
     where ``bliss-ray sweep --out`` put it; else a path relative to the repository, the working directory or this
@@ -101,6 +105,8 @@ class CompareSpec(BaseModel):
             raise ValueError(f"tuning.before: '{self.tuning.before}' is not one of the variants")
         if self.tuning and self.tuning.before is not None and self.tuning.candidate is not None:
             raise ValueError("tuning.before: a candidate is still on trial; name one of the two")
+        if self.tuning and self.tuning.check is not None and (self.tuning.candidate or self.tuning.before):
+            raise ValueError("tuning.check: a check made earlier; this comparison runs its own (candidate/before)")
         if self.tuning and self.tuning.before == self.tuning.variant:
             raise ValueError("tuning.before: the tuned variant itself; name the variant with the earlier settings")
         return self
@@ -171,6 +177,11 @@ def _checked_tuning(spec: CompareSpec, path: Path) -> Tuning:
         except ConfigError:
             raise ConfigError(f"tuning.results: no sweep_results.parquet in '{spec.tuning.results}'") from None
         resolved["results"] = str(found.parent)
+    if spec.tuning.check is not None:
+        try:
+            resolved["check"] = str(resolve_base(spec.tuning.check, path))
+        except ConfigError:
+            raise ConfigError(f"tuning.check: no file '{spec.tuning.check}'") from None
     return spec.tuning.model_copy(update=resolved)
 
 

@@ -125,7 +125,6 @@ def test_table4_and_report_state_speedups_with_their_spread(tmp_path):
         curves.append(_curve("random_flops", seed, [0, 60, 120, 300], [8.0, 6.5, 6.0, 5.6]))
         curves.append(_curve("mates", seed, [0, 60, 120, 180], [8.0, 6.6, 6.1, 5.9]))
         curves.append(_curve("bliss", seed, [0, 60, 90, 120, 180], [8.0, 6.4, reach, 5.7, 5.5], selection=50.0))
-        curves.append(_curve("bliss_tuned", seed, [0, 60, 120, 180], [8.0, 6.3, 5.6, 5.4], selection=80.0))
     per_seed = [
         speedup(c, next(b for b in curves if b.variant == "random" and b.seed == c.seed), "steps")
         for c in curves
@@ -199,7 +198,8 @@ def test_the_held_out_check_judges_the_searchs_best_point_against_the_defaults_s
     kept.mkdir()
     rows = [{"variant_key": json.dumps(best, sort_keys=True), "status": "ok", "steps_to_baseline": 90.0}]
     pd.DataFrame(rows).to_parquet(kept / "sweep_results.parquet")
-    tree["tuning"] |= {"candidate": "bliss_tuned", "results": str(kept)}
+    tree["tuning"] = {"sweep": tree["tuning"]["sweep"], "variant": "bliss", "candidate": "bliss_tuned"}
+    tree["tuning"]["results"] = str(kept)
     spec = load_compare(_write(tmp_path, tree))
     curves = [_curve("random", s, [50, 100], [6.0, 5.0]) for s in (0, 1)]
     curves += [_curve("bliss", s, [50, 100], [5.5, 4.5]) for s in (0, 1)]  # reaches 5.0 at 75: 1.33×
@@ -212,6 +212,53 @@ def test_the_held_out_check_judges_the_searchs_best_point_against_the_defaults_s
     tree["variants"]["bliss_tuned"]["overrides"]["bilevel.gamma"] = 0.02
     text = "\n".join(tuning_section(load_compare(_write(tmp_path, tree)), tmp_path, curves))
     assert "was meant to run the search's best point" in text and "Held-out check" not in text
+
+
+def test_a_kept_held_out_check_is_shown_without_running_the_candidate_again(tmp_path):
+    """The check a comparison ran (``heldout_check.json`` beside its report) is shown by a later comparison that
+    names it in ``tuning.check`` and runs only the tuned variant; if that variant's speed-ups on the later runs
+    differ from the kept ones, the report says so."""
+    import json
+
+    import pandas as pd
+
+    from bliss_ray.report.compare import kept_check
+
+    tree = yaml.safe_load(DEMO.read_text())
+    best = {"bilevel.gamma": 0.05, "bilevel.score_lr": 2e-3, "bilevel.proxy_lr": 1e-3}
+    best |= {"bilevel.outer_steps": 80, "bilevel.z_init": "constant"}
+    random = tree["variants"]["random"]
+    tree["variants"] = {"bliss": {}, "bliss_tuned": {"overrides": best}, "random": random}
+    tree["seeds"] = [0, 1]
+    kept = tmp_path / "search"
+    kept.mkdir()
+    rows = [{"variant_key": json.dumps(best, sort_keys=True), "status": "ok", "steps_to_baseline": 90.0}]
+    pd.DataFrame(rows).to_parquet(kept / "sweep_results.parquet")
+    tree["tuning"] = {"sweep": tree["tuning"]["sweep"], "variant": "bliss", "candidate": "bliss_tuned"}
+    tree["tuning"]["results"] = str(kept)
+    curves = [_curve("random", s, [50, 100], [6.0, 5.0]) for s in (0, 1)]
+    curves += [_curve("bliss", s, [50, 100], [5.5, 4.5]) for s in (0, 1)]  # 1.33×
+    curves += [_curve("bliss_tuned", 0, [50, 100], [5.0, 4.4]), _curve("bliss_tuned", 1, [50, 100], [5.8, 4.6])]
+    record = kept_check(load_compare(_write(tmp_path, tree)), curves) | {"command": "bliss-ray compare check.yaml"}
+    (tmp_path / "heldout_check.json").write_text(json.dumps(record))
+
+    later = tree | {"variants": {"bliss": {}, "random": random}}
+    later["tuning"] = {k: v for k, v in tree["tuning"].items() if k != "candidate"} | {
+        "check": str(tmp_path / "heldout_check.json")
+    }
+    spec = load_compare(_write(tmp_path, later))
+    assert kept_check(spec, curves[:4]) is None  # runs no check of its own: writes none
+    text = "\n".join(tuning_section(spec, tmp_path, curves[:4]))
+    kept_from = "vs `bliss`; kept from an earlier comparison: `heldout_check.json`, made by `bliss-ray compare check"
+    assert kept_from in text
+    assert "seed 0: 2.00× vs 1.33×; seed 1: 1.20× vs 1.33×; it wins on 1 of 2: the defaults stay." in text
+    assert "differ" not in text
+    moved = [*curves[:3], _curve("bliss", 1, [50, 100], [5.4, 4.5])]
+    assert "speed-ups differ from this comparison's on seeds 1" in "\n".join(tuning_section(spec, tmp_path, moved))
+    with pytest.raises(ConfigError, match=r"tuning\.check: a check made earlier"):
+        load_compare(_write(tmp_path, later | {"tuning": later["tuning"] | {"candidate": "random"}}))
+    with pytest.raises(ConfigError, match=r"tuning\.check: no file 'nowhere.json'"):
+        load_compare(_write(tmp_path, later | {"tuning": later["tuning"] | {"check": "nowhere.json"}}))
 
 
 def test_once_the_best_point_is_the_default_the_report_keeps_its_held_out_check(tmp_path):

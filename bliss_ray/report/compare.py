@@ -214,31 +214,83 @@ def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ())
     )
     planned = f"{len(ok)} of the {search.num_samples} planned trials finished ({len(df)} recorded)"
     lines += ["", f"{planned}. {verdict}", ""]
-    if spec.tuning.candidate is not None:
-        lines += _held_out_check(spec, curves, keys, best, spec.tuning.candidate, spec.tuning.variant)
-    elif spec.tuning.before is not None and _is_point(used, best):
-        lines += _held_out_check(spec, curves, keys, best, spec.tuning.variant, spec.tuning.before)
+    if spec.tuning.candidate is not None or (spec.tuning.before is not None and _is_point(used, best)):
+        record = check_record(spec, curves, keys)
+        if not _is_point(record["point"], best):
+            shown = ", ".join(f"`{k}` = {record['point'][k]}" for k in keys)
+            return [
+                *lines,
+                f"`{record['candidate']}` was meant to run the search's best point but runs {shown}: "
+                "no held-out check.",
+                "",
+            ]
+        lines += _render_check(record)
+    elif spec.tuning.check is not None:
+        lines += _stored_check(spec, curves, keys, best)
     return lines
 
 
-def _held_out_check(
-    spec: CompareSpec, curves: list[Curve], keys: list[str], best: dict, cand: str, name: str
-) -> list[str]:
-    """``cand`` (running the search's best point) against ``name`` (the defaults, or with ``tuning.before`` the
-    settings the defaults replaced), seed by seed, at equal target steps."""
-    adopted = spec.tuning.before is not None
-    ran = _point_of(spec, cand, keys)
-    if not _is_point(ran, best):
-        shown = ", ".join(f"`{k}` = {ran[k]}" for k in keys)
-        return [f"`{cand}` was meant to run the search's best point but runs {shown}: no held-out check.", ""]
+def check_record(spec: CompareSpec, curves: list[Curve], keys: list[str]) -> dict:
+    """The held-out check this comparison runs: the candidate (running the search's best point) against the
+    defaults, or with ``tuning.before`` the defaults against the settings they replaced; each one's speed-up over
+    the baseline at equal target steps, seed by seed. ``bliss-ray compare`` keeps it beside its report
+    (``heldout_check.json``), for a later comparison's ``tuning.check``."""
+    t = spec.tuning
+    cand, name = (t.candidate, t.variant) if t.candidate is not None else (t.variant, t.before)
+    ups = {v: _speedups(spec, curves, v) for v in (cand, name)}
+    return {
+        "candidate": cand,
+        "variant": name,
+        "adopted": t.before is not None,
+        "baseline": spec.baseline,
+        "point": _point_of(spec, cand, keys),
+        "speedups": {s: {"candidate": ups[cand][s], "variant": ups[name][s]} for s in ups[cand] if s in ups[name]},
+    }
+
+
+def _speedups(spec: CompareSpec, curves: list[Curve], variant: str) -> dict[str, float]:
+    """Seed (as text: JSON keys) → the variant's speed-up over the baseline at equal target steps (0: never)."""
     bases = {c.seed: c for c in curves if c.variant == spec.baseline}
-    ups = {(c.variant, c.seed): speedup(c, bases[c.seed], "steps") or 0.0 for c in curves if c.variant in (name, cand)}
-    seeds = [s for s in spec.seeds if (name, s) in ups and (cand, s) in ups]
-    if not seeds:
+    return {str(c.seed): speedup(c, bases[c.seed], "steps") or 0.0 for c in curves if c.variant == variant}
+
+
+def kept_check(spec: CompareSpec, curves: list[Curve]) -> dict | None:
+    """The check record ``bliss-ray compare`` keeps beside its report, if this comparison runs a held-out check."""
+    t = spec.tuning
+    if t is None or (t.candidate is None and t.before is None):
+        return None
+    from bliss_ray.sweep_spec import load_sweep
+
+    return check_record(spec, curves, list(load_sweep(t.sweep).spec.space))
+
+
+def _stored_check(spec: CompareSpec, curves: list[Curve], keys: list[str], best: dict) -> list[str]:
+    """``tuning.check``: the check an earlier comparison made, shown if it judged the search's best point against
+    this comparison's tuned variant; its runs of that variant should be this comparison's (same seeds, settings)."""
+    record = json.loads(Path(spec.tuning.check).read_text())
+    shown = f"`{Path(spec.tuning.check).name}`, made by `{record.get('command', '?')}`"
+    if record["variant"] != spec.tuning.variant or not _is_point(record["point"], best):
+        return [f"The kept held-out check ({shown}) judged another point or variant: no held-out check.", ""]
+    now = _speedups(spec, curves, spec.tuning.variant)  # on this comparison's runs
+    differ = [s for s, v in record["speedups"].items() if s in now and not _same(v["variant"], now[s])]
+    lines = _render_check(record, f"; kept from an earlier comparison: {shown}")
+    if differ:
+        lines.insert(
+            -1,
+            f"Its `{record['variant']}` speed-ups differ from this comparison's on seeds "
+            f"{', '.join(differ)}: it was made on other runs.",
+        )
+    return lines
+
+
+def _render_check(record: dict, source: str = "") -> list[str]:
+    cand, name, ups = record["candidate"], record["variant"], record["speedups"]
+    if not ups:
         return [f"Held-out check: `{cand}` and `{name}` have no seed in common yet.", ""]
-    cells = "; ".join(f"seed {s}: {ups[cand, s]:.2f}× vs {ups[name, s]:.2f}×" for s in seeds)
-    wins = sum(ups[cand, s] > ups[name, s] for s in seeds)
-    if adopted:
+    cells = "; ".join(f"seed {s}: {u['candidate']:.2f}× vs {u['variant']:.2f}×" for s, u in ups.items())
+    wins = sum(u["candidate"] > u["variant"] for u in ups.values())
+    seeds = list(ups)
+    if record["adopted"]:
         verdict = (
             f"it wins on all {len(seeds)}: its settings replaced `{name}`'s as the defaults."
             if wins == len(seeds)
@@ -251,8 +303,8 @@ def _held_out_check(
             else f"it wins on {wins} of {len(seeds)}: the defaults stay."
         )
     return [
-        f"**Held-out check** (speed-up over `{spec.baseline}` at equal target steps, `{cand}` = the search's best "
-        f"point vs `{name}`): {cells}; {verdict}",
+        f"**Held-out check** (speed-up over `{record['baseline']}` at equal target steps, `{cand}` = the "
+        f"search's best point vs `{name}`{source}): {cells}; {verdict}",
         "",
     ]
 
