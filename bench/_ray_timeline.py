@@ -73,12 +73,13 @@ def processes(logs_dir: str | Path, t0: float, t1: float) -> list[dict]:
     return rows
 
 
+def _offset(x: float | None) -> str:
+    return "?" if x is None else f"+{x:.1f}"
+
+
 def render(rows: list[dict]) -> str:
     """``Name spawned→up→created`` per process, in order of spawning, e.g. ``TrainController +0.3→+1.6→+6.8``."""
-
-    def f(x):
-        return "?" if x is None else f"+{x:.1f}"
-
+    f = _offset
     return "; ".join(f"{r['name']} {f(r['spawned_s'])}→{f(r['up_s'])}→{f(r['created_s'])}" for r in rows)
 
 
@@ -109,12 +110,8 @@ def train_phases(logs_dir: str | Path, t0: float, t1: float) -> dict:
 
 def render_phases(p: dict) -> str:
     """One line: the controller's first log line, its start-up phases and when it began the shutdown."""
-
-    def f(x):
-        return "?" if x is None else f"+{x:.1f}"
-
     # Ray's wording, shortened; phases under 0.05 s (callbacks that do nothing here) left out
     short = {k.replace(" callbacks completed", "").replace(" on workers", ""): s for k, s in p["phases"].items()}
     phases = ", ".join(f"{name} {s:.1f} s" for name, s in short.items() if s >= 0.05)
-    first, shutdown = f(p["first_s"]), f(p["shutdown_s"])
+    first, shutdown = _offset(p["first_s"]), _offset(p["shutdown_s"])
     return f"controller's first log line {first}; {phases or 'no phases logged'}; shutdown {shutdown}"

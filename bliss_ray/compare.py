@@ -81,7 +81,8 @@ def write_report(spec: CompareSpec, members: list[Member], path: Path, command: 
     curves = [
         report.curve_of(m.variant, m.seed, m.exp, m.results["evaluate"], pool_rows_of(m.results)) for m in members
     ]
-    written = report.write_report(spec, curves, path, command, report.tuning_section(spec, out, curves))
-    if (check := report.kept_check(spec, curves)) is not None:  # for a later comparison's tuning.check
+    tuning, check = report.tuning_and_check(spec, out, curves)
+    written = report.write_report(spec, curves, path, command, tuning)
+    if check is not None:  # for a later comparison's tuning.check
         (written.parent / "heldout_check.json").write_text(json.dumps(check | {"command": command}, indent=1) + "\n")
     return written

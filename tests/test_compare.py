@@ -16,7 +16,7 @@ import yaml
 from bliss_ray.compare_spec import load_compare, matching_extra_steps, spent_flops, target_step_flops
 from bliss_ray.config import ConfigError
 from bliss_ray.flops import ledger, totals
-from bliss_ray.report.compare import Curve, speedup, table4, tuning_section, write_report
+from bliss_ray.report.compare import Curve, speedup, table4, tuning_and_check, tuning_section, write_report
 from tests.conftest import REPO
 
 DEMO = REPO / "experiments" / "compare" / "demo.yaml"
@@ -181,9 +181,10 @@ def test_the_report_shows_the_search_and_whether_the_compared_settings_won_it(tm
     assert "The compared settings are the search's best trial." in "\n".join(tuning_section(kept_spec, tmp_path))
 
 
-def test_the_held_out_check_judges_the_searchs_best_point_against_the_defaults_seed_by_seed(tmp_path):
-    """A candidate variant running the search's best point replaces the defaults only if it beats them on every
-    held-out seed; a candidate that does not run the best point gets no verdict."""
+def _held_out_check_case(tmp_path) -> tuple[dict, list[Curve]]:
+    """The demo comparison cut to seeds 0–1 with ``bliss_tuned`` running a recorded search's best point (a
+    candidate), and curves where ``bliss`` reaches random's final loss 1.33× sooner on both seeds and
+    ``bliss_tuned`` 2.00× on seed 0 and 1.20× on seed 1."""
     import json
 
     import pandas as pd
@@ -191,8 +192,7 @@ def test_the_held_out_check_judges_the_searchs_best_point_against_the_defaults_s
     tree = yaml.safe_load(DEMO.read_text())
     best = {"bilevel.gamma": 0.05, "bilevel.score_lr": 2e-3, "bilevel.proxy_lr": 1e-3}
     best |= {"bilevel.outer_steps": 80, "bilevel.z_init": "constant"}
-    random = tree["variants"]["random"]
-    tree["variants"] = {"bliss": {}, "bliss_tuned": {"overrides": best}, "random": random}
+    tree["variants"] = {"bliss": {}, "bliss_tuned": {"overrides": best}, "random": tree["variants"]["random"]}
     tree["seeds"] = [0, 1]
     kept = tmp_path / "search"
     kept.mkdir()
@@ -200,18 +200,27 @@ def test_the_held_out_check_judges_the_searchs_best_point_against_the_defaults_s
     pd.DataFrame(rows).to_parquet(kept / "sweep_results.parquet")
     tree["tuning"] = {"sweep": tree["tuning"]["sweep"], "variant": "bliss", "candidate": "bliss_tuned"}
     tree["tuning"]["results"] = str(kept)
-    spec = load_compare(_write(tmp_path, tree))
     curves = [_curve("random", s, [50, 100], [6.0, 5.0]) for s in (0, 1)]
     curves += [_curve("bliss", s, [50, 100], [5.5, 4.5]) for s in (0, 1)]  # reaches 5.0 at 75: 1.33×
     curves += [_curve("bliss_tuned", 0, [50, 100], [5.0, 4.4]), _curve("bliss_tuned", 1, [50, 100], [5.8, 4.6])]
+    return tree, curves
+
+
+def test_the_held_out_check_judges_the_searchs_best_point_against_the_defaults_seed_by_seed(tmp_path):
+    """A candidate variant running the search's best point replaces the defaults only if it beats them on every
+    held-out seed; a candidate that does not run the best point gets no verdict."""
+    tree, curves = _held_out_check_case(tmp_path)
+    spec = load_compare(_write(tmp_path, tree))
     text = "\n".join(tuning_section(spec, tmp_path, curves))
     assert "seed 0: 2.00× vs 1.33×; seed 1: 1.20× vs 1.33×; it wins on 1 of 2: the defaults stay." in text
     curves[-1] = _curve("bliss_tuned", 1, [50, 100], [4.9, 4.4])
     text = "\n".join(tuning_section(spec, tmp_path, curves))
     assert "it wins on all 2: its settings may replace the defaults." in text
     tree["variants"]["bliss_tuned"]["overrides"]["bilevel.gamma"] = 0.02
-    text = "\n".join(tuning_section(load_compare(_write(tmp_path, tree)), tmp_path, curves))
+    lines, check = tuning_and_check(load_compare(_write(tmp_path, tree)), tmp_path, curves)
+    text = "\n".join(lines)
     assert "was meant to run the search's best point" in text and "Held-out check" not in text
+    assert check is None  # nothing is kept for a later comparison either
 
 
 def test_a_kept_held_out_check_is_shown_without_running_the_candidate_again(tmp_path):
@@ -220,35 +229,19 @@ def test_a_kept_held_out_check_is_shown_without_running_the_candidate_again(tmp_
     differ from the kept ones, the report says so."""
     import json
 
-    import pandas as pd
-
-    from bliss_ray.report.compare import kept_check
-
-    tree = yaml.safe_load(DEMO.read_text())
-    best = {"bilevel.gamma": 0.05, "bilevel.score_lr": 2e-3, "bilevel.proxy_lr": 1e-3}
-    best |= {"bilevel.outer_steps": 80, "bilevel.z_init": "constant"}
-    random = tree["variants"]["random"]
-    tree["variants"] = {"bliss": {}, "bliss_tuned": {"overrides": best}, "random": random}
-    tree["seeds"] = [0, 1]
-    kept = tmp_path / "search"
-    kept.mkdir()
-    rows = [{"variant_key": json.dumps(best, sort_keys=True), "status": "ok", "steps_to_baseline": 90.0}]
-    pd.DataFrame(rows).to_parquet(kept / "sweep_results.parquet")
-    tree["tuning"] = {"sweep": tree["tuning"]["sweep"], "variant": "bliss", "candidate": "bliss_tuned"}
-    tree["tuning"]["results"] = str(kept)
-    curves = [_curve("random", s, [50, 100], [6.0, 5.0]) for s in (0, 1)]
-    curves += [_curve("bliss", s, [50, 100], [5.5, 4.5]) for s in (0, 1)]  # 1.33×
-    curves += [_curve("bliss_tuned", 0, [50, 100], [5.0, 4.4]), _curve("bliss_tuned", 1, [50, 100], [5.8, 4.6])]
-    record = kept_check(load_compare(_write(tmp_path, tree)), curves) | {"command": "bliss-ray compare check.yaml"}
+    tree, curves = _held_out_check_case(tmp_path)
+    record = tuning_and_check(load_compare(_write(tmp_path, tree)), tmp_path, curves)[1]
+    record |= {"command": "bliss-ray compare check.yaml"}
     (tmp_path / "heldout_check.json").write_text(json.dumps(record))
 
-    later = tree | {"variants": {"bliss": {}, "random": random}}
+    later = tree | {"variants": {"bliss": {}, "random": tree["variants"]["random"]}}
     later["tuning"] = {k: v for k, v in tree["tuning"].items() if k != "candidate"} | {
         "check": str(tmp_path / "heldout_check.json")
     }
     spec = load_compare(_write(tmp_path, later))
-    assert kept_check(spec, curves[:4]) is None  # runs no check of its own: writes none
-    text = "\n".join(tuning_section(spec, tmp_path, curves[:4]))
+    lines, own = tuning_and_check(spec, tmp_path, curves[:4])
+    assert own is None  # runs no check of its own: writes none
+    text = "\n".join(lines)
     kept_from = "vs `bliss`; kept from an earlier comparison: `heldout_check.json`, made by `bliss-ray compare check"
     assert kept_from in text
     assert "seed 0: 2.00× vs 1.33×; seed 1: 1.20× vs 1.33×; it wins on 1 of 2: the defaults stay." in text

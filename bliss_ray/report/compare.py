@@ -167,13 +167,20 @@ def _is_point(point: dict, best: dict) -> bool:
 
 
 def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ()) -> list[str]:
+    """The report's tuning section (``tuning_and_check``'s lines)."""
+    return tuning_and_check(spec, out, curves)[0]
+
+
+def tuning_and_check(spec: CompareSpec, out: str | Path, curves: list[Curve] = ()) -> tuple[list[str], dict | None]:
     """Where the tuned variant's settings came from: the sweep's trials (read from ``<out>/<sweep name>/`` or
     ``tuning.results``), its best point, whether the compared settings are that point, and the held-out check: with
     a ``candidate`` (a variant running the best point), does it beat the tuned variant on every seed of this
     comparison (``load_compare`` refuses seeds the sweep tuned on)? With ``before`` (the best point has become the
-    defaults), the same check of the defaults against the settings they replaced."""
+    defaults), the same check of the defaults against the settings they replaced. Returns the section's lines and
+    the check this comparison ran (``check_record``; None if it ran none), which ``bliss-ray compare`` keeps beside
+    its report (``heldout_check.json``) for a later comparison's ``tuning.check``."""
     if spec.tuning is None:
-        return []
+        return [], None
     from bliss_ray.sweep_spec import load_sweep
 
     sweep = load_sweep(spec.tuning.sweep)
@@ -192,7 +199,7 @@ def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ())
     results = storage.join(spec.tuning.results or storage.join(out, sweep.spec.name), "sweep_results.parquet")
     blob = storage.read_bytes(results)
     if blob is None:
-        return [*lines, f"**The search has not been run into this run root** (`{results}` is missing).", ""]
+        return [*lines, f"**The search has not been run into this run root** (`{results}` is missing).", ""], None
     df = pd.read_parquet(io.BytesIO(blob))
     ok = df[df["status"] == "ok"].sort_values(metric, ascending=sweep.spec.mode == "min")
     cols = [metric, *(c for c in ("reached_baseline", "speedup", "reference_loss") if c in ok)]
@@ -202,7 +209,7 @@ def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ())
         cells = [*(point[k] for k in keys), *(r[c] for c in cols)]
         lines.append(f"| {rank} | " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells) + " |")
     if len(ok) == 0:
-        return [*lines, "", f"No trial of the search finished ({len(df)} recorded).", ""]
+        return [*lines, "", f"No trial of the search finished ({len(df)} recorded).", ""], None
     best = json.loads(ok.iloc[0]["variant_key"])
     verdict = (
         "The compared settings are the search's best trial"
@@ -223,18 +230,17 @@ def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ())
                 f"`{record['candidate']}` was meant to run the search's best point but runs {shown}: "
                 "no held-out check.",
                 "",
-            ]
-        lines += _render_check(record)
-    elif spec.tuning.check is not None:
+            ], None
+        return [*lines, *_render_check(record)], record
+    if spec.tuning.check is not None:
         lines += _stored_check(spec, curves, keys, best)
-    return lines
+    return lines, None
 
 
 def check_record(spec: CompareSpec, curves: list[Curve], keys: list[str]) -> dict:
     """The held-out check this comparison runs: the candidate (running the search's best point) against the
     defaults, or with ``tuning.before`` the defaults against the settings they replaced; each one's speed-up over
-    the baseline at equal target steps, seed by seed. ``bliss-ray compare`` keeps it beside its report
-    (``heldout_check.json``), for a later comparison's ``tuning.check``."""
+    the baseline at equal target steps, seed by seed."""
     t = spec.tuning
     cand, name = (t.candidate, t.variant) if t.candidate is not None else (t.variant, t.before)
     ups = {v: _speedups(spec, curves, v) for v in (cand, name)}
@@ -252,16 +258,6 @@ def _speedups(spec: CompareSpec, curves: list[Curve], variant: str) -> dict[str,
     """Seed (as text: JSON keys) → the variant's speed-up over the baseline at equal target steps (0: never)."""
     bases = {c.seed: c for c in curves if c.variant == spec.baseline}
     return {str(c.seed): speedup(c, bases[c.seed], "steps") or 0.0 for c in curves if c.variant == variant}
-
-
-def kept_check(spec: CompareSpec, curves: list[Curve]) -> dict | None:
-    """The check record ``bliss-ray compare`` keeps beside its report, if this comparison runs a held-out check."""
-    t = spec.tuning
-    if t is None or (t.candidate is None and t.before is None):
-        return None
-    from bliss_ray.sweep_spec import load_sweep
-
-    return check_record(spec, curves, list(load_sweep(t.sweep).spec.space))
 
 
 def _stored_check(spec: CompareSpec, curves: list[Curve], keys: list[str], best: dict) -> list[str]:
