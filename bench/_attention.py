@@ -1,6 +1,6 @@
 """Attention FLOPs as the causal SDPA kernels compute them, for MFU numbers that do not flatter the hardware.
 
-The FLOPs ledger (``bliss_ray.flops``, paper convention) charges the full L² score matrix: 4·L·d·n_layer per
+The FLOPs ledger (``bliss_ray.costs.flops``, paper convention) charges the full L² score matrix: 4·L·d·n_layer per
 token forward. Every model here calls SDPA with ``is_causal=True`` (no mask), and the kernels skip work above
 the diagonal, so an MFU against the ledger's count credits FLOPs that never ran. This module subtracts them:
 
@@ -19,7 +19,7 @@ those passes keep the ledger's count.
 
 from __future__ import annotations
 
-from bliss_ray.flops import forward_flops_per_token
+from bliss_ray.costs.flops import forward_flops_per_token
 
 
 def cpu_flash_splits(seq_len: int) -> tuple[int, int]:

@@ -45,8 +45,8 @@ for _k, _v in {
 
 
 def gpu_peak(name: str) -> float | None:
-    """Dense bf16 peak of a GPU by name: the project's one table, ``bliss_ray.memory.GPU_BF16_PEAK``."""
-    from bliss_ray.memory import gpu_bf16_peak  # here, not at the top: the environment above is set first
+    """Dense bf16 peak of a GPU by name: the project's one table, ``bliss_ray.costs.memory.GPU_BF16_PEAK``."""
+    from bliss_ray.costs.memory import gpu_bf16_peak  # here, not at the top: the environment above is set first
 
     return gpu_bf16_peak(name)
 

@@ -2,7 +2,7 @@
 
 Each builder returns a zero-argument callable doing one unit of real work through the project's own code
 (``train_lm`` for a training step, ``outer_step`` for a bilevel step, ``Scorer``/``ScoreModel`` for scoring,
-``ci_ghost``/``ci_loop`` for the c_i), and the FLOPs of that unit by the FLOPs ledger (``bliss_ray.flops``,
+``ci_ghost``/``ci_loop`` for the c_i), and the FLOPs of that unit by the FLOPs ledger (``bliss_ray.costs.flops``,
 paper convention: forward F = 2·P_mm + 4·L·d·n_layer per token, training = 3F; ``outer_step_kernel_flops``
 recounts an outer step's attention as the causal kernels compute it, ``_attention``). ``gpu_bench.py`` uses this
 module on machines without Ray, so it must stay in the pure layer.
@@ -14,7 +14,7 @@ import torch
 
 from bliss_ray.bilevel.hypergrad import ci_ghost, ci_loop
 from bliss_ray.bilevel.loop import BilevelSettings, BilevelState, outer_step
-from bliss_ray.flops import bilevel_flops_per_token, forward_flops_per_token
+from bliss_ray.costs.flops import bilevel_flops_per_token, forward_flops_per_token
 from bliss_ray.models.arch import arch_from_preset
 from bliss_ray.models.lm import build_lm
 from bliss_ray.models.score import ScoreModel
@@ -69,7 +69,7 @@ def score_forward(preset: str, vocab: int, seq_len: int, batch: int, device: tor
 
 
 def outer_step_flops(proxy: str, target: str | None, vocab: int, seq_len: int, s: BilevelSettings) -> float:
-    """FLOPs of ONE outer step on one worker by the ledger's own op count (``bliss_ray.flops``), so the ledger's
+    """FLOPs of ONE outer step on one worker by the ledger's own op count (``bliss_ray.costs.flops``), so the ledger's
     formula — not a copy of it — is what we divide by."""
     per_token = bilevel_flops_per_token(
         s,

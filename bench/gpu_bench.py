@@ -4,7 +4,7 @@ and a 410M target (time, peak memory), and scoring throughput — on the pure Py
 
 Runs on GPU machines that have torch, transformers, pyarrow, pandas and numpy but NO ray, optuna, pydantic or
 lm-eval and no network: it imports only ``bliss_ray.models``, ``bliss_ray.bilevel``, ``bliss_ray.train``,
-``bliss_ray.scoring``, ``bliss_ray.flops``, ``bliss_ray.memory`` (and ``bliss_ray.data.tokens`` via them), and fails
+``bliss_ray.selection.scoring``, ``bliss_ray.costs.flops``, ``bliss_ray.costs.memory`` (and ``bliss_ray.data.tokens`` via them), and fails
 if any forbidden module was imported anyway (``forbidden_modules_loaded`` in the JSON). Start it with ``bench/gpu.sh``.
 
 What and how:
@@ -12,14 +12,14 @@ What and how:
 * training MFU (``bench/mfu.py``'s measurement, bf16 autocast, fused AdamW, SDPA attention, seq_len 1024): model
   FLOPs per second by the ledger (3 × forward, paper convention; attention counted as the causal kernels compute
   it, ``bench/_attention.py``, the full-L² MFU recorded beside it) ÷ the device's dense bf16 peak (table in
-  ``bliss_ray.memory.GPU_BF16_PEAK``, by ``torch.cuda.get_device_name()``); the achieved bf16 matmul rate is recorded;
-  every case prints ``torch.cuda.max_memory_allocated`` beside ``bliss_ray.memory.train_step``'s estimate for
+  ``bliss_ray.costs.memory.GPU_BF16_PEAK``, by ``torch.cuda.get_device_name()``); the achieved bf16 matmul rate is recorded;
+  every case prints ``torch.cuda.max_memory_allocated`` beside ``bliss_ray.costs.memory.train_step``'s estimate for
   one worker (1 GPU: no DDP buckets; FSDP's sharding needs several GPUs, so it is not measured here), and the
   ledger-count MFU that ``bliss-ray plan`` reads back from the RESULTS.md section (with the planner's device type);
 * one ``outer_step`` (K = 1, Q = 3, γ = 0.01 with the 410M target for the KL term), 4 × 1024 tokens: median
   seconds, peak allocated memory, MFU by the ledger's op count. It runs in fp32 (no autocast in the loop) and
   the HVPs use the math attention path, so expect it far below training;
-* scoring: ``bliss_ray.scoring.Scorer`` on a saved score model (31M trunk), bf16 and fp32, rows/s and MFU.
+* scoring: ``bliss_ray.selection.scoring.Scorer`` on a saved score model (31M trunk), bf16 and fp32, rows/s and MFU.
 
 Goals (issue 9): ≥ 45 % MFU for 160M/410M training on an H100. Not yet timed with the 1B and checkpointing
 cases (gpu.sh stops it at 480 s); before them it took < 8 min on one H100.
@@ -85,8 +85,8 @@ def plan(cpu: bool) -> dict:
 
 
 def planned_gib(c: dict, device) -> float:
-    """``bliss_ray.memory``'s peak for this case on one worker, in GiB (what ``bliss-ray plan`` would say)."""
-    from bliss_ray.memory import GIB, Shape, train_step
+    """``bliss_ray.costs.memory``'s peak for this case on one worker, in GiB (what ``bliss-ray plan`` would say)."""
+    from bliss_ray.costs.memory import GIB, Shape, train_step
     from bliss_ray.models.arch import arch_from_preset
 
     mode = {0: "none", 1: "full"}.get(c.get("ac", 0), "every_k")
@@ -132,9 +132,9 @@ def bench_score(c: dict, device, reps: int, peak: float, work: Path) -> dict:
     from _attention import uncomputed_flops
     from _fixtures import save_score_model  # models only (its config-layer helpers import pydantic lazily)
 
-    from bliss_ray.flops import forward_flops_per_token
+    from bliss_ray.costs.flops import forward_flops_per_token
     from bliss_ray.models.arch import arch_from_preset
-    from bliss_ray.scoring import Scorer
+    from bliss_ray.selection.scoring import Scorer
 
     model_dir = save_score_model(c["preset"], c["vocab"], c["seq_len"], work / "score_model")
     rng = np.random.default_rng(0)
@@ -207,8 +207,8 @@ def main(argv=None) -> dict:
         name = torch.cuda.get_device_name()
         peak = _common.gpu_peak(name)
         if peak is None:
-            raise SystemExit(f"no bf16 peak known for '{name}': add it to bliss_ray.memory.GPU_BF16_PEAK")
-        from bliss_ray.memory import device_of
+            raise SystemExit(f"no bf16 peak known for '{name}': add it to bliss_ray.costs.memory.GPU_BF16_PEAK")
+        from bliss_ray.costs.memory import device_of
 
         planner = device_of(name, torch.cuda.get_device_properties(0).total_memory)
         extra = {"bf16_matmul_flops": _common.gpu_matmul_rate(), "planner_device": planner}

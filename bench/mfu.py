@@ -1,6 +1,6 @@
 """Model FLOPs utilisation (MFU) of training, scoring and the bilevel outer step.
 
-What: model FLOPs per second ÷ peak, with model FLOPs from the ledger's formulas (``bliss_ray.flops``, paper
+What: model FLOPs per second ÷ peak, with model FLOPs from the ledger's formulas (``bliss_ray.costs.flops``, paper
 convention: forward F = 2·P_mm + 4·L·d·n_layer per token incl. the LM head, training = 3F; scoring = F of the
 trunk; the bilevel outer step = the ledger's own op count, ``ledger()``'s "bilevel optimisation" row), with the
 attention term counted as the causal kernels compute it (``_attention``: on CPU 75 % of L² at L = 1024, all of
@@ -14,7 +14,7 @@ printed beside it (``full-L² count``).
 Peak: on CPU the best fp32 2048² / 4096² matmul rate, re-measured right before every timed call, so each MFU
 sample is a ratio of two rates measured back to back under the same machine load (the median is reported): a
 CPU MFU is a fraction of the measured fp32 GEMM peak, not of a datasheet number, and every CPU line says so. On
-GPU the device's dense bf16 peak from ``bliss_ray.memory.GPU_BF16_PEAK`` (training in bf16 autocast); the achieved bf16
+GPU the device's dense bf16 peak from ``bliss_ray.costs.memory.GPU_BF16_PEAK`` (training in bf16 autocast); the achieved bf16
 matmul rate is recorded too. Every model prints ``config._attn_implementation``: training and scoring must run
 SDPA, never eager attention (issue 9: eager costs ~25 % of a 160M step on CPU).
 
@@ -164,7 +164,7 @@ def run(device_type: str, full: bool, quick: bool, reps: int, threads: int | Non
         name = torch.cuda.get_device_name()
         peak = _common.gpu_peak(name)
         if peak is None:
-            raise SystemExit(f"no bf16 peak known for '{name}': add it to bliss_ray.memory.GPU_BF16_PEAK")
+            raise SystemExit(f"no bf16 peak known for '{name}': add it to bliss_ray.costs.memory.GPU_BF16_PEAK")
         measured_peak = _common.gpu_matmul_rate()
         peak_fn, peak_desc = (lambda: peak), f"{name} dense bf16 peak {peak / 1e12:.0f} TFLOP/s"
         extra = {"gpu": name, "table_peak_flops": peak, "bf16_matmul_flops": measured_peak}

@@ -130,7 +130,7 @@ def child_path(work: Path, tok_dir: Path, model_dir: Path) -> dict:
 
 def child_select_pure(n: int) -> dict:
     """top-k + manifest over n synthetic fp32 logits in a NumPy-only process."""
-    from bliss_ray.selection import manifest, num_selected, select
+    from bliss_ray.selection.rules import manifest, num_selected, select
 
     rng = np.random.default_rng(0)
     row_ids = rng.permutation(n).astype(np.int64) * 7 + 3  # unordered, sparse ids as real packed rows have

@@ -3,7 +3,7 @@
 What: the packed bundled pool (the demo's BPE, 128-token rows) scored with a saved score model whose trunk is
 the demo's proxy (``pythia-tiny-proxy``; ``--arch`` for another)
 
-* bare: ``bliss_ray.scoring.Scorer`` called in this process on blocks of ``4 × batch_seqs`` rows read with
+* bare: ``bliss_ray.selection.scoring.Scorer`` called in this process on blocks of ``4 × batch_seqs`` rows read with
   pyarrow, outputs written as one parquet per input file (what a user without Ray would do);
 * Ray: ``bliss_ray.stages.score.score_pool`` — read_parquet with the shard filter fused in → repartition (few
   files) → ``map_batches(Scorer)`` on an ``ActorPoolStrategy`` of ``--actors`` actors → partitioned
@@ -68,7 +68,7 @@ def bare_score(files: list[str], shard, model_dir: Path, args, out: Path) -> tup
 
     from bliss_ray.data.packing import shard_of
     from bliss_ray.data.tokens import read_token_table, tokens_of
-    from bliss_ray.scoring import Scorer
+    from bliss_ray.selection.scoring import Scorer
 
     t0 = time.perf_counter()
     scorer = Scorer(str(model_dir), batch_seqs=args.batch_seqs, threads=args.threads)

@@ -82,7 +82,7 @@ def check_run(run, until: str | None) -> list[str]:
     import pyarrow.parquet as pq
     import torch
 
-    from bliss_ray.selection import num_selected
+    from bliss_ray.selection.rules import num_selected
 
     exp, bad = run.exp, []
     for st in run.select_until(until):

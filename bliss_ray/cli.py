@@ -40,14 +40,14 @@ def _offline_unless_hub_needed(exp) -> None:
 def _check_plan(exp) -> None:
     """Refuse, before any compute, a config whose memory plan does not fit the workers' accelerator: the one
     ``resources.gpu_type`` names, else the local GPU of an embedded Ray; unknown (a cluster) is not checked."""
-    from bliss_ray.plan import check_fits
+    from bliss_ray.costs.planner import check_fits
 
     device, res = exp.resources.gpu_type, exp.resources
     local = res.ray_address in (None, "local") and not os.environ.get("RAY_ADDRESS")
     if device is None and local and res.use_gpu is not False:
         import torch
 
-        from bliss_ray.memory import device_of
+        from bliss_ray.costs.memory import device_of
 
         if torch.cuda.is_available():
             device = device_of(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory)
@@ -56,7 +56,7 @@ def _check_plan(exp) -> None:
 
 
 def cmd_plan(args) -> int:
-    from bliss_ray.plan import format_plan, plan_experiment
+    from bliss_ray.costs.planner import format_plan, plan_experiment
 
     exp = load_experiment(args.config, args.set)
     device = args.gpu or exp.resources.gpu_type
@@ -82,10 +82,10 @@ def execute(exp, out, until: str | None = None, verbose: bool = False, keep_ray:
     ``keep_ray`` (a caller that runs several experiments shuts it down itself)."""
     import ray
 
-    from bliss_ray.console import StageConsole, reason_of, route_logs
     from bliss_ray.pipeline import Run
-    from bliss_ray.stages._progress import BoardReader
-    from bliss_ray.tracking import trackers
+    from bliss_ray.watch.console import StageConsole, reason_of, route_logs
+    from bliss_ray.watch.progress import BoardReader
+    from bliss_ray.watch.tracking import trackers
 
     run = Run(exp, out)
     log_path = run.root / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
@@ -114,7 +114,7 @@ def execute(exp, out, until: str | None = None, verbose: bool = False, keep_ray:
 
 
 def cmd_status(args) -> int:
-    from bliss_ray.status import show
+    from bliss_ray.watch.status import show
 
     try:
         exp = load_experiment(args.config, args.set) if args.config else None
@@ -133,11 +133,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_flops(args) -> int:
-    from bliss_ray.flops import format_ledger, ledger
+    from bliss_ray.costs.flops import format_ledger, ledger
 
     exp = load_experiment(args.config, args.set)
     if args.convention == "rebuttal":  # the rebuttal's own rows and assumptions, not what the pipeline computes
-        from bliss_ray.flops_rebuttal import format_rebuttal
+        from bliss_ray.costs.rebuttal import format_rebuttal
 
         print(format_rebuttal(exp))
         return 0
@@ -154,7 +154,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from bliss_ray.sweep import SweepFailed, load_sweep, run_sweep
+    from bliss_ray.studies.sweep import SweepFailed, load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep)  # the whole sweep is validated before Ray starts
     for loc in (args.out, args.storage):  # an unreachable or read-only store fails here, naming the URI
@@ -171,8 +171,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from bliss_ray.compare import run_compare, write_report
-    from bliss_ray.compare_spec import load_compare
+    from bliss_ray.studies.compare import run_compare, write_report
+    from bliss_ray.studies.compare_spec import load_compare
 
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     spec = load_compare(args.compare, seeds)  # every variant × seed validated before any compute

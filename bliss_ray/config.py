@@ -242,7 +242,7 @@ class FlopsConfig(_Strict):
     real count, which ``bliss-ray report`` uses."""
 
 
-# The accelerators ``bliss-ray plan`` knows (``bliss_ray.memory.DEVICES`` holds their memory and peaks).
+# The accelerators ``bliss-ray plan`` knows (``bliss_ray.costs.memory.DEVICES`` holds their memory and peaks).
 GPU_TYPES = ("A10G-24GB", "L4-24GB", "A100-40GB", "A100-80GB", "H100-80GB", "H200-141GB", "CPU")
 
 
@@ -291,7 +291,7 @@ class ResourcesConfig(_Strict):
     """Compute precision of training, scoring and evaluation. ``*-mixed``: fp32 master weights and optimizer state,
     16-bit matmuls. ``auto``: bf16-mixed on GPU, fp32 on CPU. The bilevel stage always computes in fp32."""
     gpu_type: Literal[GPU_TYPES] | None = None
-    """The accelerator of the cluster's worker nodes (``bliss_ray.memory.DEVICES``). ``bliss-ray run`` refuses a
+    """The accelerator of the cluster's worker nodes (``bliss_ray.costs.memory.DEVICES``). ``bliss-ray run`` refuses a
     config whose memory plan does not fit it; None: detected on a local GPU, otherwise not checked."""
 
     @model_validator(mode="after")

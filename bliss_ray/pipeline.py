@@ -215,7 +215,7 @@ class Run:
 
     def execute(self, until: str | None = None, runner: Callable | None = None, console=None) -> dict[str, dict]:
         """Run (or skip, when done) every stage up to ``until``; returns each stage's outputs. ``console``
-        (``bliss_ray.console.StageConsole``; default: plain lines on stderr, TensorBoard files) shows progress."""
+        (``bliss_ray.watch.console.StageConsole``; default: plain lines on stderr, TensorBoard files) shows progress."""
         from bliss_ray.stages.steps import run_stage  # orchestration layer: imports Ray
 
         runner = runner or run_stage
@@ -269,8 +269,8 @@ class Run:
 
 def default_console(run: Run):
     """Plain progress lines on stderr and the experiment's trackers (library and test use)."""
-    from bliss_ray.console import StageConsole
-    from bliss_ray.stages._progress import BoardReader
-    from bliss_ray.tracking import trackers
+    from bliss_ray.watch.console import StageConsole
+    from bliss_ray.watch.progress import BoardReader
+    from bliss_ray.watch.tracking import trackers
 
     return StageConsole(poll=BoardReader(), trackers=trackers(run.exp.tracking, run.root, run.exp.name, run.variant))

@@ -24,10 +24,10 @@ PURE_TORCH = [
     "bliss_ray.models.score",
     "bliss_ray.bilevel.loop",
     "bliss_ray.train.loop",
-    "bliss_ray.scoring",
+    "bliss_ray.selection.scoring",
     "bliss_ray.data.tokens",
-    "bliss_ray.flops",
-    "bliss_ray.selection",
+    "bliss_ray.costs.flops",
+    "bliss_ray.selection.rules",
 ]
 
 
@@ -101,11 +101,11 @@ def test_every_shipped_experiment_loads(path):
 
     tree = yaml.safe_load(path.read_text())
     if "base" in tree and "space" in tree:  # a sweep file: its base experiment and overrides must validate
-        from bliss_ray.sweep import load_sweep
+        from bliss_ray.studies.sweep import load_sweep
 
         load_sweep(path)
     elif "variants" in tree:  # a comparison file: every variant of its base must validate
-        from bliss_ray.compare_spec import load_compare
+        from bliss_ray.studies.compare_spec import load_compare
 
         load_compare(path)
     else:

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from bliss_ray.compare_spec import load_compare, matching_extra_steps, spent_flops, target_step_flops
 from bliss_ray.config import ConfigError
-from bliss_ray.flops import ledger, totals
-from bliss_ray.report.compare import Curve, speedup, table4, tuning_and_check, tuning_section, write_report
+from bliss_ray.costs.flops import ledger, totals
+from bliss_ray.studies.compare_report import Curve, speedup, table4, tuning_and_check, tuning_section, write_report
+from bliss_ray.studies.compare_spec import load_compare, matching_extra_steps, spent_flops, target_step_flops
 from tests.conftest import REPO
 
 DEMO = REPO / "experiments" / "compare" / "demo.yaml"

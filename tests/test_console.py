@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from bliss_ray.console import StageConsole, describe, reason_of
-from bliss_ray.status import FAILED, RUNNING, format_status, headline, last_metrics
-from bliss_ray.tracking import TensorBoardTracker
+from bliss_ray.watch.console import StageConsole, describe, reason_of
+from bliss_ray.watch.status import FAILED, RUNNING, format_status, headline, last_metrics
+from bliss_ray.watch.tracking import TensorBoardTracker
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -210,7 +210,7 @@ def test_step_reporter_survives_pickling_and_flushes_first_then_every_interval(m
     batches every ``flush_s``, and the last step always; FLOP/s from the ledger's FLOPs per token."""
     import pickle
 
-    from bliss_ray.stages import _progress
+    from bliss_ray.watch import progress as _progress
 
     sent = []
 
@@ -244,7 +244,7 @@ def test_mlflow_tracker_through_rays_integration_reads_back_offline(tmp_path):
     pytest.importorskip("mlflow", reason="mlflow-skinny is in the dev and tracking extras")
     from mlflow.tracking import MlflowClient
 
-    from bliss_ray.stages._mlflow import MLflowTracker
+    from bliss_ray.watch.mlflow_tracker import MLflowTracker
 
     d = tmp_path / "r1.select-abc"
     d.mkdir()
@@ -303,7 +303,7 @@ def test_wandb_tracker_through_rays_integration_reads_back_offline(tmp_path, mon
     """``tracking: [wandb]`` in offline mode (nothing leaves the machine): one run per stage under ``<run>/wandb``,
     per-step metrics at their steps, the decay branch under ``decay/``, round summaries, failed stages marked."""
     pytest.importorskip("wandb", reason="wandb is in the dev and tracking extras")
-    from bliss_ray.stages._wandb import WandbTracker
+    from bliss_ray.watch.wandb_tracker import WandbTracker
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -360,7 +360,7 @@ def test_opt_in_dashboard_names_its_state_api_for_every_process(monkeypatch):
 def test_progress_board_delivers_every_record_once_even_when_a_read_times_out(ray_local):
     """The real channel: rank 0's reporter → named actor → driver's reader. A read whose answer the driver gave
     up on (a stray read executing late) must not swallow records: the board drops only acknowledged ones."""
-    from bliss_ray.stages._progress import BoardReader, StepReporter, board
+    from bliss_ray.watch.progress import BoardReader, StepReporter, board
 
     key = "warmup-board-test"
     reporter = StepReporter(key, start_step=0, total_steps=20, flush_s=0.0)  # every record flushed at once

@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from bliss_ray.scoring import Scorer
+from bliss_ray.selection.scoring import Scorer
 from tests.conftest import load_tiny
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]

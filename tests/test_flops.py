@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bliss_ray import flops_rebuttal as rb
 from bliss_ray.config import load_experiment
-from bliss_ray.flops import counted_train_flops_per_token, forward_flops_per_token, ledger, totals
+from bliss_ray.costs import rebuttal as rb
+from bliss_ray.costs.flops import counted_train_flops_per_token, forward_flops_per_token, ledger, totals
 from bliss_ray.models.arch import arch_from_preset
 from bliss_ray.pipeline import Stage
 

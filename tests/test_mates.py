@@ -135,7 +135,7 @@ def test_influence_model_chunks_long_rows_at_512_and_mean_pools(tmp_path):
         torch.testing.assert_close(model(odd)[0], manual, rtol=1e-5, atol=1e-6)
     assert pred.dtype == torch.float32
 
-    from bliss_ray.scoring import Scorer
+    from bliss_ray.selection.scoring import Scorer
 
     model.save(tmp_path / "im")
     assert not list(tmp_path.glob("im/*.pt")) and not list(tmp_path.glob("im/*.bin"))  # safetensors + json only
@@ -193,7 +193,7 @@ def test_influence_model_learns_a_learnable_target_and_reports_heldout_spearman(
 
 def test_ledger_has_the_mates_rows():
     from bliss_ray.config import load_experiment
-    from bliss_ray.flops import format_ledger, ledger, totals
+    from bliss_ray.costs.flops import format_ledger, ledger, totals
 
     exp = load_experiment(REPO / "experiments" / "paper" / "pythia410m_mates.yaml")
     rows = {r.stage: r.flops for r in ledger(exp)}
@@ -211,7 +211,7 @@ def test_report_ledger_counts_the_reference_batches_the_probe_stage_measured(tmp
     """``bliss-ray report`` charges probing with what a finished probe stage computed (its outputs'
     ``reference_batches``), not the config's estimate: the plumbing from run directory to ledger."""
     from bliss_ray.config import load_experiment
-    from bliss_ray.flops import ledger
+    from bliss_ray.costs.flops import ledger
     from bliss_ray.report.build import _variant_flops
     from bliss_ray.report.collect import Variant
 
@@ -232,8 +232,8 @@ def test_report_ledger_counts_the_reference_batches_the_probe_stage_measured(tmp
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_tiny_mates_pipeline_reuses_round_zero_and_reports_with_flops(tiny_run, tmp_path):
+    from bliss_ray.costs.flops import ledger, totals
     from bliss_ray.data.tokens import TokenArray
-    from bliss_ray.flops import ledger, totals
     from bliss_ray.pipeline import Run
     from bliss_ray.report.build import build_report
     from bliss_ray.report.collect import find_variants

@@ -170,8 +170,8 @@ def test_stock_lm_eval_cli_on_a_pipeline_checkpoint(tiny_run, tmp_path):
 def test_compare_runs_four_methods_and_reports_table4(tiny_run, tmp_path):
     """``bliss-ray compare`` on the tiny comparison, one seed, into the session's run root: BLISS, MATES and random
     reuse what the other tests ran; the FLOPs-matched random adds only its longer last round; one report."""
-    from bliss_ray.compare_spec import load_compare, target_step_flops
-    from bliss_ray.flops import ledger, totals
+    from bliss_ray.costs.flops import ledger, totals
+    from bliss_ray.studies.compare_spec import load_compare, target_step_flops
     from tests.conftest import private_ray_env
 
     run, _ = tiny_run

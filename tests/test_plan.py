@@ -1,4 +1,4 @@
-"""The memory planner (``bliss_ray.memory``, ``bliss_ray.plan``, ``bliss-ray plan``): its estimate against a real
+"""The memory planner (``bliss_ray.costs.memory``, ``bliss_ray.costs.planner``, ``bliss-ray plan``): its estimate against a real
 step's measured peak, its verdicts on the paper presets, and ``bliss-ray run`` refusing what cannot fit.
 
     .venv/bin/python -m pytest tests/test_plan.py -q
@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bliss_ray import cli, memory
+from bliss_ray import cli
 from bliss_ray.config import GPU_TYPES, ConfigError, apply_overrides, load_experiment, parse_experiment
+from bliss_ray.costs import memory
+from bliss_ray.costs.planner import check_fits, format_plan, measured_mfu, plan_experiment
 from bliss_ray.models.arch import arch_from_preset
-from bliss_ray.plan import check_fits, format_plan, measured_mfu, plan_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = sorted((REPO / "experiments" / "paper").glob("*.yaml"))
@@ -105,7 +106,7 @@ def test_device_table_and_config_agree():
 
 def test_memory_math_imports_without_pydantic_or_ray():
     """bench/gpu_bench.py prints the planner's numbers on GPU machines that have neither."""
-    code = "import sys\nfor m in ('ray', 'pydantic'): sys.modules[m] = None\nimport bliss_ray.memory"
+    code = "import sys\nfor m in ('ray', 'pydantic'): sys.modules[m] = None\nimport bliss_ray.costs.memory"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

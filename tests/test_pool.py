@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bliss_ray.data.packing import shard_of
-from bliss_ray.data.pool import pool_rows, score_column, select_round
+from bliss_ray.selection.pool import pool_rows, score_column, select_round
 from bliss_ray.stages._data_tasks import keep_shard
 
 

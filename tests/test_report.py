@@ -46,11 +46,11 @@ def test_seed_groups_pool_variants_that_differ_only_in_seeds():
     assert len(groups["random"]) == 1
 
 
-# ---- sweep reports (bliss_ray.report.sweeps) on synthetic result frames --------------------------------------
+# ---- sweep reports (bliss_ray.studies.sweep_report) on synthetic result frames --------------------------------------
 
 
 def _sweep_dir(tmp_path, per_variant: dict, *, metric="upper_loss", keys=("bilevel.use_sigmoid",), **columns):
-    """A sweep directory as ``bliss_ray.sweep.write_results`` leaves it: ``per_variant`` maps a tuple of values of
+    """A sweep directory as ``bliss_ray.studies.sweep.write_results`` leaves it: ``per_variant`` maps a tuple of values of
     ``keys`` to the metric's value per seed; ``columns`` maps a column to {values tuple: value} (the same for every
     seed) for the other final metrics."""
     meta = {
@@ -92,7 +92,7 @@ def _report(tmp_path, sweep_dir) -> str:
 
 
 def test_seed_spread_pools_within_variant_variances():
-    from bliss_ray.report.sweeps import noise_band, seed_spread
+    from bliss_ray.studies.sweep_report import noise_band, seed_spread
 
     df = pd.DataFrame({"variant_key": list("aabbbc"), "status": "ok", "m": [1.0, 3.0, 2.0, 4.0, 6.0, 9.0]})
     spread, dof = seed_spread(df, "m")  # squares about the means: a 1+1, b 4+0+4, c (one trial) 0; dof 1 + 2

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bliss_ray.selection import gumbel_of, jaccard, manifest, num_selected, select, uniform_of
+from bliss_ray.selection.rules import gumbel_of, jaccard, manifest, num_selected, select, uniform_of
 
 
 def test_topk_picks_exactly_the_k_highest_with_row_id_tie_break():
@@ -76,7 +76,7 @@ _SELECT_MEMORY_CHILD = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from bliss_ray.selection import select
+from bliss_ray.selection.rules import select
 
 def kb(key):
     return next(int(r.split()[1]) for r in Path("/proc/self/status").read_text().splitlines() if r.startswith(key))

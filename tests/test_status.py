@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bliss_ray.status import stage_states
+from bliss_ray.watch.status import stage_states
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny.yaml"

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps (bliss_ray.sweep): validation before compute (including the rules that keep a ranking about data
+"""Ray Tune sweeps (bliss_ray.studies.sweep): validation before compute (including the rules that keep a ranking about data
 selection), the objective and results files, and the tiny Table-2 sweep end to end through ``bliss-ray sweep``
 (cut to 2 whole-pipeline trials), its driver killed mid-sweep and resumed with the same command. The sweep
 report's arithmetic is tested on synthetic frames in tests/test_report.py.
@@ -98,7 +98,7 @@ BAD = {
 
 @pytest.mark.parametrize("change,field", BAD.values(), ids=BAD.keys())
 def test_load_sweep_rejects_bad_sweeps_naming_the_field(tmp_path, change, field):
-    from bliss_ray.sweep import load_sweep
+    from bliss_ray.studies.sweep import load_sweep
 
     with pytest.raises(ConfigError) as err:
         load_sweep(_write_sweep(tmp_path, **change))
@@ -106,8 +106,8 @@ def test_load_sweep_rejects_bad_sweeps_naming_the_field(tmp_path, change, field)
 
 
 def test_shipped_sweeps_enumerate_their_points():
-    from bliss_ray.sweep import _param_space, load_sweep
-    from bliss_ray.sweep_spec import points, trial_run, variant_label
+    from bliss_ray.studies.sweep import _param_space, load_sweep
+    from bliss_ray.studies.sweep_spec import points, trial_run, variant_label
 
     sweep = load_sweep(TABLE2)
     pts = points(sweep.spec)
@@ -132,8 +132,8 @@ def test_shipped_sweeps_enumerate_their_points():
 def test_table_sweeps_judge_the_target_after_selection(name, tiny):
     """Tables 2 and 3 ask which variant selects better data: the target's result after selection, at equal target
     tokens (load_sweep enforces that), with repeats on the CPU versions."""
-    from bliss_ray.sweep import load_sweep
-    from bliss_ray.sweep_spec import TARGET_METRICS, points, target_tokens
+    from bliss_ray.studies.sweep import load_sweep
+    from bliss_ray.studies.sweep_spec import TARGET_METRICS, points, target_tokens
 
     sweep = load_sweep(REPO / "experiments" / "sweeps" / f"{name}{'_tiny' if tiny else ''}.yaml")
     assert sweep.spec.stage == "full" and sweep.spec.metric in TARGET_METRICS
@@ -142,8 +142,8 @@ def test_table_sweeps_judge_the_target_after_selection(name, tiny):
 
 
 def test_an_optuna_search_can_start_from_the_base_settings_and_refuses_a_base_outside_its_space(tmp_path):
-    from bliss_ray.sweep import _optuna_search, _param_space
-    from bliss_ray.sweep_spec import load_sweep
+    from bliss_ray.studies.sweep import _optuna_search, _param_space
+    from bliss_ray.studies.sweep_spec import load_sweep
 
     tree = yaml.safe_load(DEMO_TUNE.read_text()) | {"base": str(REPO / "experiments" / "demo.yaml")}
     path = tmp_path / "tune.yaml"
@@ -162,7 +162,7 @@ def test_an_optuna_search_can_start_from_the_base_settings_and_refuses_a_base_ou
 
 def test_target_tokens_count_every_round_and_the_decay_branch():
     from bliss_ray.config import load_experiment
-    from bliss_ray.sweep_spec import target_tokens
+    from bliss_ray.studies.sweep_spec import target_tokens
 
     exp = load_experiment(REPO / "experiments" / "tiny.yaml")  # 1 round, 6 steps/round + 4 decay, 8 × 64 tokens
     assert target_tokens(exp) == ((1 + 1) * 6 + 4) * 8 * 64
@@ -172,8 +172,8 @@ def test_target_tokens_count_every_round_and_the_decay_branch():
 
 def test_objective_is_the_mean_of_the_last_steps(tmp_path):
     from bliss_ray.pipeline import Run
-    from bliss_ray.sweep_objective import objective
-    from bliss_ray.sweep_spec import load_sweep
+    from bliss_ray.studies.sweep_objective import objective
+    from bliss_ray.studies.sweep_spec import load_sweep
 
     space = {"bilevel.use_sigmoid": {"grid": [True, False]}}
     sweep = load_sweep(_write_sweep(tmp_path, stage="bilevel", metric="upper_loss", space=space, last_steps=3))
@@ -189,8 +189,8 @@ def test_objective_is_the_mean_of_the_last_steps(tmp_path):
 
 def test_full_objective_scores_the_final_checkpoint(tmp_path):
     from bliss_ray.pipeline import Run
-    from bliss_ray.sweep_objective import objective
-    from bliss_ray.sweep_spec import load_sweep
+    from bliss_ray.studies.sweep_objective import objective
+    from bliss_ray.studies.sweep_spec import load_sweep
 
     sweep = load_sweep(TABLE2)
     run = Run(sweep.experiment({}), tmp_path)  # tiny: 1 round, so the last bilevel stage is r1.bilevel
@@ -206,7 +206,7 @@ def test_full_objective_scores_the_final_checkpoint(tmp_path):
 
 
 def test_steps_to_baseline_interpolates_and_ranks_a_miss_below_every_hit():
-    from bliss_ray.sweep_objective import steps_to_baseline
+    from bliss_ray.studies.sweep_objective import steps_to_baseline
 
     goal = {"steps": 180, "reference_loss": 5.0}
     fast = [{"steps": s, "reference_loss": v} for s, v in [(60, 6.0), (120, 5.2), (100, 5.4), (180, 4.8)]]
@@ -220,8 +220,8 @@ def test_steps_to_baseline_interpolates_and_ranks_a_miss_below_every_hit():
 
 def test_objective_against_the_baseline_gives_steps_and_speedup(tmp_path):
     from bliss_ray.pipeline import Run
-    from bliss_ray.sweep_objective import baseline_final, objective
-    from bliss_ray.sweep_spec import load_sweep
+    from bliss_ray.studies.sweep_objective import baseline_final, objective
+    from bliss_ray.studies.sweep_spec import load_sweep
 
     sweep = load_sweep(REPO / "experiments" / "sweeps" / "demo_tune_tiny.yaml")
     assert sweep.baseline_experiment(100).selection.method == "random"
@@ -239,7 +239,7 @@ def test_objective_against_the_baseline_gives_steps_and_speedup(tmp_path):
 
 
 def test_resuming_a_changed_sweep_is_refused_before_ray_starts(tmp_path):
-    from bliss_ray.sweep import load_sweep, run_sweep, sweep_json
+    from bliss_ray.studies.sweep import load_sweep, run_sweep, sweep_json
 
     overrides = yaml.safe_load(TABLE2.read_text())["overrides"]
     sweep = load_sweep(_write_sweep(tmp_path))
@@ -266,7 +266,7 @@ class _FakeGrid(list):
 
 
 def test_results_keep_final_metrics_and_a_failed_trial_fails_the_sweep(tmp_path):
-    from bliss_ray.sweep import SweepFailed, load_sweep, write_results
+    from bliss_ray.studies.sweep import SweepFailed, load_sweep, write_results
 
     sweep = load_sweep(TABLE2)
     history = [
@@ -462,7 +462,7 @@ def test_tiny_tuning_sweep_scores_trials_against_the_random_baseline_of_the_same
     selection once on the tuning seed, then 2 Optuna trials; each trial's objective is recomputed here from its own
     evaluated checkpoints and the baseline's, read from their run directories."""
     from bliss_ray.report.build import build_report
-    from bliss_ray.sweep_objective import steps_to_baseline
+    from bliss_ray.studies.sweep_objective import steps_to_baseline
 
     path = REPO / "experiments" / "sweeps" / "demo_tune_tiny.yaml"
     name = yaml.safe_load(path.read_text())["name"]

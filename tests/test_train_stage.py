@@ -61,9 +61,9 @@ def test_trains_controller_imports_no_bliss_ray_stage_model_or_transformers(ray_
     from ray import cloudpickle
 
     from bliss_ray.stages import train_lm
-    from bliss_ray.stages._progress import StepReporter
     from bliss_ray.stages._ray import run_config, torch_trainer
-    from bliss_ray.stages._tune_report import ForwardToTune
+    from bliss_ray.studies.tune_callback import ForwardToTune
+    from bliss_ray.watch.progress import StepReporter
 
     spec = micro_lm_spec("ctl", str(tmp_path / "tok"), str(tmp_path / "arr"), {"steps": 2}, 2048, 64)
     forward = ForwardToTune.__new__(ForwardToTune)  # its __init__ needs a Tune session; pickling needs only the class
@@ -82,7 +82,7 @@ def test_trains_controller_imports_no_bliss_ray_stage_model_or_transformers(ray_
         timeout=120,
     )
     imported = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    assert imported == ["bliss_ray", "bliss_ray.stages", "bliss_ray.stages._tune_report"], imported
+    assert imported == ["bliss_ray", "bliss_ray.stages", "bliss_ray.studies.tune_callback"], imported
 
 
 # extended: DDP parity (test_fsdp's one worker = 2 DDP = 2 FSDP workers, also extended, covers it too)

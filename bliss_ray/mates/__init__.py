@@ -6,10 +6,10 @@
   z-scored probe losses, kept at its best held-out Spearman (``InfluenceModel``, ``train_influence_model``); its
   presets are ``bliss_ray.models.arch.influence_arch``.
 
-The Ray stages that drive them are in ``bliss_ray.stages.mates``; scoring reuses ``bliss_ray.scoring.Scorer``
-(``kind="mates"``) and selection ``bliss_ray.selection.select(..., "mates")``.
+The Ray stages that drive them are in ``bliss_ray.stages.mates``; scoring reuses ``bliss_ray.selection.scoring.Scorer``
+(``kind="mates"``) and selection ``bliss_ray.selection.rules.select(..., "mates")``.
 
-FLOPs (``bliss_ray.flops.ledger``, ``bliss-ray flops experiments/paper/pythia410m_mates.yaml``): target pretraining
+FLOPs (``bliss_ray.costs.flops.ledger``, ``bliss-ray flops experiments/paper/pythia410m_mates.yaml``): target pretraining
 6.35e19 + oracle probing + influence-model training + inference. MATES's reported total at 410M, 8.11e19
 (method.md §4.1), leaves 1.76e19 for selection [DER]. The ledger's parts that do not depend on the reference
 length already exceed that (probe steps 0.08 + bert-base training 0.09 + inference 1.98 over 4 × 25.6 M rows ×

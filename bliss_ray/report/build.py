@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from bliss_ray.config import parse_experiment
+from bliss_ray.costs.flops import format_ledger, ledger, totals
 from bliss_ray.evaluation.harness import PAPER_NOTE
-from bliss_ray.flops import format_ledger, ledger, totals
 from bliss_ray.report import figures
 from bliss_ray.report.collect import Variant, find_variants, local_view, reach_step, seed_groups
-from bliss_ray.selection import jaccard
+from bliss_ray.selection.rules import jaccard
 
 
 def _fmt(x, scale: float = 1.0, digits: int = 1) -> str:
@@ -163,7 +163,7 @@ def _selection_tables(variants: list[Variant]) -> list[str]:
 
 def build_report(roots: list[str | Path], out: Path) -> Path:
     """The report of the run roots (local paths or store URIs) into the local directory ``out``."""
-    from bliss_ray.report.sweeps import build_sweep_report, is_sweep_dir
+    from bliss_ray.studies.sweep_report import build_sweep_report, is_sweep_dir
 
     roots = [local_view(r) for r in roots]
 

@@ -32,7 +32,6 @@ from bliss_ray.data.tokens import TokenArray, rank_rows
 from bliss_ray.models.lm import load_lm, save_lm
 from bliss_ray.models.score import ScoreModel
 from bliss_ray.stages import _faults
-from bliss_ray.stages._progress import StepReporter
 from bliss_ray.stages._ray import (
     copy_checkpoint,
     gc_orphan_checkpoints,
@@ -43,6 +42,7 @@ from bliss_ray.stages._ray import (
 )
 from bliss_ray.storage import local_copy
 from bliss_ray.train.checkpoint import assert_finite, read_metrics, write_metrics
+from bliss_ray.watch.progress import StepReporter
 
 STATE = "bilevel_state.pt"
 

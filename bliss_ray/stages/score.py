@@ -29,7 +29,7 @@ from bliss_ray import storage
 from bliss_ray.config import Experiment
 from bliss_ray.data.packing import file_key, shard_of
 from bliss_ray.data.tokens import read_token_table
-from bliss_ray.scoring import Scorer
+from bliss_ray.selection.scoring import Scorer
 from bliss_ray.stages._data_tasks import keep_shard
 from bliss_ray.stages._ray import use_gpu
 from bliss_ray.storage import local_copy

@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 
 from bliss_ray import storage
 from bliss_ray.data.corpus import iter_texts, resolve_files
-from bliss_ray.data.pool import pool_rows, score_column, select_round
 from bliss_ray.data.tokenizer import load_tokenizer, train_bpe
 from bliss_ray.data.tokens import TokenArray
 from bliss_ray.models.arch import arch_from_preset, padded_vocab
+from bliss_ray.selection.pool import pool_rows, score_column, select_round
 from bliss_ray.stages import _ray
 
 log = logging.getLogger("bliss_ray")

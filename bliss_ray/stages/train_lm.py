@@ -29,13 +29,12 @@ import torch
 from ray.train.torch import get_device, prepare_model
 
 from bliss_ray.config import ResourcesConfig, TrainConfig
+from bliss_ray.costs.flops import forward_flops_per_token
 from bliss_ray.data.tokenizer import load_tokenizer
 from bliss_ray.data.tokens import Prefetcher, TokenArray, micro_batches
-from bliss_ray.flops import forward_flops_per_token
 from bliss_ray.models.arch import LMArch
 from bliss_ray.models.lm import build_lm, save_lm, set_activation_checkpointing
 from bliss_ray.stages import _faults
-from bliss_ray.stages._progress import StepReporter
 from bliss_ray.stages._ray import (
     copy_checkpoint,
     gc_orphan_checkpoints,
@@ -58,6 +57,7 @@ from bliss_ray.train.checkpoint import (
 from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
 from bliss_ray.train.precision import grad_scaler, resolve
 from bliss_ray.train.schedule import branch_steps, decay_lr, round_peak_lr, wsd_lr
+from bliss_ray.watch.progress import StepReporter
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 ``StageConsole.stage`` wraps one stage: it prints ``start``, writes the stage's ``_RUNNING.json`` marker, and
 while the stage runs a watcher thread reads the stage's per-step records (``poll``, fed from rank 0 by
-``bliss_ray.stages._progress``) about once a second into a progress view and into the trackers
-(``bliss_ray.tracking``). In a terminal the view is a tqdm bar (step/total, loss, tokens/s, FLOP/s and MFU where
+``bliss_ray.watch.progress``) about once a second into a progress view and into the trackers
+(``bliss_ray.watch.tracking``). In a terminal the view is a tqdm bar (step/total, loss, tokens/s, FLOP/s and MFU where
 known, memory, ETA) that is cleared when the stage ends; elsewhere (CI, ``ray job submit`` logs, a file) it is a
 plain line every ``interval_s`` seconds with no control characters. The stage ends with ``done`` and its headline
 outputs, or ``FAILED`` with its reason; the traceback goes to the log (``route_logs``), not the screen.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bliss_ray.status import clear_running, headline, mark_failed, mark_running
+from bliss_ray.watch.status import clear_running, headline, mark_failed, mark_running
 
 log = logging.getLogger("bliss_ray")
 
@@ -168,7 +168,7 @@ class StageConsole:
     """Start/end lines, live views and failure messages of one pipeline invocation.
 
     ``stream``: where people look (default stderr); ``tty``: draw bars (default: whether ``stream`` is a
-    terminal); ``poll(stage_dir_name) -> records``: the progress channel; ``trackers``: ``bliss_ray.tracking``
+    terminal); ``poll(stage_dir_name) -> records``: the progress channel; ``trackers``: ``bliss_ray.watch.tracking``
     objects (``stage_start``, ``steps`` from the watcher thread, ``stage_end``, ``stage_failed``); ``log_path``: the
     file that holds tracebacks and Ray's own output, named in failure messages."""
 

@@ -1,4 +1,4 @@
-"""The Ray Train callback that forwards a sweep trial's rank-0 metrics to Tune (``bliss_ray.sweep``).
+"""The Ray Train callback that forwards a sweep trial's rank-0 metrics to Tune (``bliss_ray.studies.sweep``).
 
 A module of its own that imports nothing else of bliss_ray: Train's controller unpickles the callbacks of the run
 config, so it imports their module, in series with the start of every stage of a trial (``_ray.torch_trainer``).

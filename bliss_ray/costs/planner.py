@@ -1,8 +1,8 @@
 """``bliss-ray plan``: before launch, per stage of the pipeline, the memory one worker needs, whether it fits the
 cluster's accelerator, the cheapest change that makes it fit, and what the run costs in GPU-hours.
 
-Memory comes from ``bliss_ray.memory`` (formulas there), stages from ``pipeline.plan``, FLOPs from the ledger
-(``bliss_ray.flops``, paper convention). Time = FLOPs × recompute factor ÷ (MFU × peak) per worker, with the MFU
+Memory comes from ``bliss_ray.costs.memory`` (formulas there), stages from ``pipeline.plan``, FLOPs from the ledger
+(``bliss_ray.costs.flops``, paper convention). Time = FLOPs × recompute factor ÷ (MFU × peak) per worker, with the MFU
 measured on that device type when ``bench/RESULTS.md`` holds a GPU run of it (``bench/gpu.sh``; its training
 rows by model, its bilevel and scoring rows), otherwise an assumption printed with the plan.
 
@@ -24,10 +24,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bliss_ray import memory
 from bliss_ray.config import ConfigError, Experiment
-from bliss_ray.flops import ledger, model_archs
-from bliss_ray.memory import DEVICES, GIB, Estimate, Shape
+from bliss_ray.costs import memory
+from bliss_ray.costs.flops import ledger, model_archs
+from bliss_ray.costs.memory import DEVICES, GIB, Estimate, Shape
 from bliss_ray.models.arch import LMArch, influence_arch
 from bliss_ray.pipeline import plan as stage_plan
 from bliss_ray.train.precision import resolve

@@ -1,7 +1,7 @@
 """The sweep file and its on-disk layout: parse and validate a sweep YAML before any compute, name each trial's run
-directory and files. No Ray here; ``bliss_ray.sweep`` runs sweeps, ``bliss_ray.sweep_objective`` scores trials.
+directory and files. No Ray here; ``bliss_ray.studies.sweep`` runs sweeps, ``bliss_ray.studies.sweep_objective`` scores trials.
 
-    from bliss_ray.sweep_spec import load_sweep
+    from bliss_ray.studies.sweep_spec import load_sweep
     sweep = load_sweep("experiments/sweeps/table2_proxy_sigmoid_tiny.yaml")   # raises ConfigError naming the field
     sweep.experiment({"bilevel.use_sigmoid": False})                             # one point's full Experiment
 
@@ -343,7 +343,7 @@ def variant_label(spec: SweepSpec, point: dict) -> str:
     return ", ".join(show(k, point[k]) for k in spec.space if k in point)
 
 
-# ---- on-disk layout (see bliss_ray.sweep) ---------------------------------------------------------------------
+# ---- on-disk layout (see bliss_ray.studies.sweep) ---------------------------------------------------------------------
 
 
 def trial_run(sweep: Sweep, config: dict, trial_id: str, out: str | Path, storage: str) -> Run:

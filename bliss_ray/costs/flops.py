@@ -8,7 +8,7 @@ Two conventions of counting what this platform computes, named in every output:
   3F. For the 410M recipe this gives 6.35e19 for pretraining and 0.07e19 for a true Pythia-31M proxy warm-up.
 * ``6nd`` — the usual 6·N·D (training) and 2·N·D (forward) with N all parameters.
 
-A third, ``rebuttal`` (``bliss_ray.flops_rebuttal``), reproduces the rebuttal's own rows and the assumptions
+A third, ``rebuttal`` (``bliss_ray.costs.rebuttal``), reproduces the rebuttal's own rows and the assumptions
 behind them, which are not what the pipeline computes.
 
 Rows follow ``pipeline.plan``: one per stage kind the plan runs, times the number of such stages (the random
@@ -76,7 +76,7 @@ def counted_train_flops_per_token(arch: LMArch, seq_len: int) -> float:
 
 
 def influence_forward_flops_per_token(arch: LMArch, seq_len: int, convention: str = "paper") -> float:
-    """Forward FLOPs per token of the influence model on rows of ``seq_len`` tokens (``bliss_ray.flops``'s
+    """Forward FLOPs per token of the influence model on rows of ``seq_len`` tokens (``bliss_ray.costs.flops``'s
     conventions; the model is ``mates/influence.py``'s). ``paper``: 2·P_mm + 4·c·d·n_layer with
     P_mm = n_layer·(4d² + 2·d·d_ff) (BERT's MLP is GeLU, two matrices) + the d→1 head, and attention over
     c = min(L, 512) tokens, since chunks attend only within themselves. ``6nd``: 2·N with N all parameters
@@ -113,7 +113,7 @@ def stage_counts(exp) -> Counter:
     counts = Counter(s.kind for s in plan(exp))
     unknown = set(counts) - _UNCHARGED_KINDS - _CHARGED_KINDS
     if unknown:
-        raise ValueError(f"FLOPs ledger: no row for stage kind(s) {sorted(unknown)}; add one to bliss_ray.flops")
+        raise ValueError(f"FLOPs ledger: no row for stage kind(s) {sorted(unknown)}; add one to bliss_ray.costs.flops")
     return counts
 
 

@@ -3,7 +3,7 @@
 A stage directory tells its own state: ``_SUCCESS`` (done; ``outputs.json`` has its duration and outputs),
 ``_RUNNING.json`` (the pid and host of the driver running it: a dead pid on this host means interrupted),
 ``_FAILED.json`` (the reason and where the traceback is). The pipeline writes the markers
-(``bliss_ray.console.StageConsole``); this module only reads files, so it works while a run is going and without
+(``bliss_ray.watch.console.StageConsole``); this module only reads files, so it works while a run is going and without
 Ray. The plan and identities come from the run's ``experiment.json`` (the experiment launched last in that
 directory), or from ``--config`` when several experiments share the directory (BLISS and its random baseline share
 round 0), so a stage that those settings would rerun shows as pending.

@@ -1,5 +1,5 @@
 """A method comparison (the rebuttal's Table 4 and Figure 3): variants × seeds of one base experiment. No Ray here;
-``bliss_ray.compare`` runs it.
+``bliss_ray.studies.compare`` runs it.
 
 A comparison file names a base experiment, the seeds, and the variants as dotted overrides of the base::
 
@@ -21,7 +21,7 @@ total, selection included, evaluation excluded — equal variant V's of the same
 ``tuning`` names the sweep that tuned a variant: its seeds must be disjoint from the comparison's, so the comparison
 is the held-out check of the tuned settings, and the report shows the search beside it.
 
-    from bliss_ray.compare_spec import load_compare
+    from bliss_ray.studies.compare_spec import load_compare
     spec = load_compare("experiments/compare/demo.yaml")   # raises ConfigError naming the field
 """
 
@@ -34,8 +34,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bliss_ray.config import ConfigError, Experiment, load_experiment
-from bliss_ray.flops import Row, forward_flops_per_token, ledger, model_archs, totals
-from bliss_ray.sweep_spec import resolve_base
+from bliss_ray.costs.flops import Row, forward_flops_per_token, ledger, model_archs, totals
+from bliss_ray.studies.sweep_spec import resolve_base
 
 
 class Variant(BaseModel):
@@ -156,7 +156,7 @@ def load_compare(path: str | Path, seeds: list[int] | None = None) -> CompareSpe
 def _checked_tuning(spec: CompareSpec, path: Path) -> Tuning:
     """``tuning`` with its sweep file resolved; the tuned variant must be judged on seeds its sweep never saw, from
     the same base experiment."""
-    from bliss_ray.sweep_spec import load_sweep
+    from bliss_ray.studies.sweep_spec import load_sweep
 
     sweep_path = resolve_base(spec.tuning.sweep, path)
     try:

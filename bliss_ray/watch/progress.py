@@ -4,7 +4,7 @@ Why not ``ray.train.report``: every report is a barrier across ranks and Train V
 metrics (cluster.md §6.3), so the pipeline reports at checkpoint cadence. Instead rank 0 buffers its per-step
 records and every ``flush_s`` seconds (and at its first step, so the console shows life early) sends them,
 fire-and-forget, to one small named actor, the ``ProgressBoard``; the driver reads it about once a second for the
-console and TensorBoard (``bliss_ray.console``, ``bliss_ray.tracking``). The board holds plain dicts keyed by the
+console and TensorBoard (``bliss_ray.watch.console``, ``bliss_ray.watch.tracking``). The board holds plain dicts keyed by the
 stage directory's name, costs no CPU reservation and lives as long as the driver's job: no file on a shared
 filesystem is needed, so it works when rank 0 runs on another node.
 
@@ -110,7 +110,7 @@ def device_peak_flops() -> tuple[str, float | None]:
 
     if not torch.cuda.is_available():
         return "cpu", None
-    from bliss_ray.memory import gpu_bf16_peak
+    from bliss_ray.costs.memory import gpu_bf16_peak
 
     name = torch.cuda.get_device_name()
     return name, gpu_bf16_peak(name)  # MFU is printed only where the peak is known

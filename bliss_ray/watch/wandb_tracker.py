@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bliss_ray.tracking import _scalars, phase_prefix, round_summary, stage_params, unseen_steps
+from bliss_ray.watch.tracking import _scalars, phase_prefix, round_summary, stage_params, unseen_steps
 
 
 class WandbTracker:

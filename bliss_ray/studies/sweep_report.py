@@ -1,7 +1,7 @@
 """Render a Ray Tune sweep (``bliss-ray sweep``) as report.md: the ablation table and learning curves per variant.
 
 Input: a sweep directory holding ``sweep.json``, ``sweep_results.parquet`` and ``sweep_curves.parquet`` (written by
-``bliss_ray.sweep.write_results`` into OUT/<sweep>/ and into the Tune experiment directory). No Ray needed.
+``bliss_ray.studies.sweep.write_results`` into OUT/<sweep>/ and into the Tune experiment directory). No Ray needed.
 
     bliss-ray report runs/table2_proxy_sigmoid_tiny --out report/table2_tiny      # build_report delegates here
 
@@ -26,7 +26,7 @@ matplotlib.use("Agg")  # headless: reports are written on clusters and in CI
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from bliss_ray.sweep_spec import PROXY_METRICS, proxy_keys
+from bliss_ray.studies.sweep_spec import PROXY_METRICS, proxy_keys
 
 RESULTS, CURVES, META = "sweep_results.parquet", "sweep_curves.parquet", "sweep.json"
 DESCRIBE = {

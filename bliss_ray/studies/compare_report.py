@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 
 from bliss_ray import storage
-from bliss_ray.compare_spec import CompareSpec, spent_flops
-from bliss_ray.flops import ledger, totals, unit_of
+from bliss_ray.costs.flops import ledger, totals, unit_of
 from bliss_ray.pipeline import setting
 from bliss_ray.report.collect import reach_step
+from bliss_ray.studies.compare_spec import CompareSpec, spent_flops
 
 METRIC = "reference_loss"  # lower is better; measured on the held-out part of the reference set
 
@@ -181,7 +181,7 @@ def tuning_and_check(spec: CompareSpec, out: str | Path, curves: list[Curve] = (
     its report (``heldout_check.json``) for a later comparison's ``tuning.check``."""
     if spec.tuning is None:
         return [], None
-    from bliss_ray.sweep_spec import load_sweep
+    from bliss_ray.studies.sweep_spec import load_sweep
 
     sweep = load_sweep(spec.tuning.sweep)
     name, metric, keys = spec.tuning.variant, sweep.spec.metric, list(sweep.spec.space)

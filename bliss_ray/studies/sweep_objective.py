@@ -1,8 +1,8 @@
 """A sweep trial's objective, read from its finished run directory: the proxy's upper/lower loss over the objective
 bilevel stage's last steps, the target's final evaluation, and for ``steps_to_baseline`` sweeps the target steps
-needed to reach the baseline's final held-out loss. No Ray; ``bliss_ray.sweep`` reports these to Tune.
+needed to reach the baseline's final held-out loss. No Ray; ``bliss_ray.studies.sweep`` reports these to Tune.
 
-    from bliss_ray.sweep_objective import steps_to_baseline
+    from bliss_ray.studies.sweep_objective import steps_to_baseline
     steps_to_baseline(checkpoints, {"steps": 180, "reference_loss": 5.69})   # → (133.0, True)
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from bliss_ray.pipeline import Run
-from bliss_ray.sweep_spec import SweepSpec, paper_chance, target_tokens
+from bliss_ray.studies.sweep_spec import SweepSpec, paper_chance, target_tokens
 
 
 def _nan(value):

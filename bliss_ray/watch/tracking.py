@@ -1,6 +1,6 @@
 """Experiment tracking: TensorBoard event files for every Train stage and every round, written by the driver.
 
-The driver receives each Train stage's per-step records live from rank 0 (``bliss_ray.stages._progress``) and
+The driver receives each Train stage's per-step records live from rank 0 (``bliss_ray.watch.progress``) and
 writes them here, so the event files land in the run directory whichever node rank 0 ran on (cluster.md §6.4):
 
     <run>/tb/<variant>/<stage key>/   per step: loss, lr, grad norm, tokens/s, FLOP/s, memory (warm-up,
@@ -142,14 +142,14 @@ def trackers(tracking: list[str], run_root: Path, experiment_name: str, variant:
         out.append(TensorBoardTracker(run_root, variant))
     if "wandb" in tracking:
         try:
-            from bliss_ray.stages._wandb import WandbTracker
+            from bliss_ray.watch.wandb_tracker import WandbTracker
 
             out.append(WandbTracker(run_root, experiment_name, variant))
         except ImportError as e:
             raise ImportError(f"tracking: [wandb] needs wandb: pip install 'bliss-ray[tracking]' ({e})") from e
     if "mlflow" in tracking:
         try:
-            from bliss_ray.stages._mlflow import MLflowTracker
+            from bliss_ray.watch.mlflow_tracker import MLflowTracker
 
             out.append(MLflowTracker(run_root, experiment_name, variant=variant))
         except ImportError as e:

@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from bliss_ray.tracking import _scalars, phase_prefix, round_summary, stage_params, unseen_steps
+from bliss_ray.watch.tracking import _scalars, phase_prefix, round_summary, stage_params, unseen_steps
 
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 

@@ -17,10 +17,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from bliss_ray.compare_spec import CompareSpec, matching_extra_steps
 from bliss_ray.config import Experiment
-from bliss_ray.flops import ledger, totals
+from bliss_ray.costs.flops import ledger, totals
 from bliss_ray.report.collect import pool_rows_per_round
+from bliss_ray.studies.compare_spec import CompareSpec, matching_extra_steps
 
 log = logging.getLogger("bliss_ray")
 
@@ -76,7 +76,7 @@ def run_compare(spec: CompareSpec, out, verbose: bool = False) -> list[Member]:
 
 
 def write_report(spec: CompareSpec, members: list[Member], path: Path, command: str, out) -> Path:
-    from bliss_ray.report import compare as report
+    from bliss_ray.studies import compare_report as report
 
     curves = [
         report.curve_of(m.variant, m.seed, m.exp, m.results["evaluate"], pool_rows_of(m.results)) for m in members

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from bliss_ray import storage
 from bliss_ray.data.packing import shard_of
 from bliss_ray.data.tokens import read_token_table
-from bliss_ray.selection import manifest, num_selected, select
+from bliss_ray.selection.rules import manifest, num_selected, select
 
 
 def pool_rows(files: list[str], shard: tuple[int, int] | None) -> tuple[np.ndarray, pd.Categorical]:

@@ -1,7 +1,7 @@
 """Ray Tune sweeps over BLISS ablations: ``bliss-ray sweep SWEEP.yaml [--out DIR|URI] [--storage URI]``.
 
 A sweep file (schema and examples: ``experiments/sweeps/README.md``; validated before anything runs by
-``bliss_ray.sweep_spec.load_sweep``, which raises ``ConfigError`` naming the field) names a ``base`` experiment,
+``bliss_ray.studies.sweep_spec.load_sweep``, which raises ``ConfigError`` naming the field) names a ``base`` experiment,
 ``overrides``, a ``space`` over dotted config keys, the objective (``stage: full``: the whole pipeline, scored by
 the target after selection at equal target tokens; ``stage: bilevel``: the proxy's upper-level loss after round
 ``round``'s bilevel stage, refused over a space that varies the proxy), ``metric``/``mode``, the ``search`` (grid
@@ -41,11 +41,10 @@ from ray import tune
 
 from bliss_ray.config import ConfigError
 from bliss_ray.pipeline import Run
-from bliss_ray.stages._tune_report import ForwardToTune
 from bliss_ray.storage import is_remote, read_bytes, write_bytes
 from bliss_ray.storage import join as join_uri
-from bliss_ray.sweep_objective import baseline_final, objective
-from bliss_ray.sweep_spec import (
+from bliss_ray.studies.sweep_objective import baseline_final, objective
+from bliss_ray.studies.sweep_spec import (
     FINAL_METRICS,
     Domain,
     Sweep,
@@ -56,6 +55,7 @@ from bliss_ray.sweep_spec import (
     trial_run,
     variant_label,
 )
+from bliss_ray.studies.tune_callback import ForwardToTune
 from bliss_ray.train.checkpoint import read_metrics
 
 log = logging.getLogger("bliss_ray")

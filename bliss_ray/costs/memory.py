@@ -1,7 +1,7 @@
 """Per-worker memory of BLISS's steps (LM training, the bilevel outer step, inference) and the devices they run on.
 
 Pure: the standard library, ``LMArch`` and the FLOPs ledger's parameter counts (no pydantic, no Ray), so the GPU
-runbook (``bench/gpu_bench.py``) prints these numbers beside what it measures and ``bliss_ray.plan`` turns them
+runbook (``bench/gpu_bench.py``) prints these numbers beside what it measures and ``bliss_ray.costs.planner`` turns them
 into a launch plan. Bytes per worker; P parameters, N workers, b micro-batch sequences, s tokens per sequence,
 h width, a heads, L layers, V vocabulary.
 
@@ -43,7 +43,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from bliss_ray.flops import matmul_params
+from bliss_ray.costs.flops import matmul_params
 from bliss_ray.models.arch import LMArch
 
 GIB = 2**30
