@@ -13,13 +13,15 @@ from __future__ import annotations
 import torch
 
 from bliss_ray.bilevel.hypergrad import ci_ghost, ci_loop
-from bliss_ray.bilevel.loop import BilevelSettings, BilevelState, outer_step
+from bliss_ray.bilevel.loop import BilevelState, outer_step
+from bliss_ray.bilevel.settings import BilevelSettings
 from bliss_ray.costs.flops import bilevel_flops_per_token, forward_flops_per_token
 from bliss_ray.models.arch import arch_from_preset
 from bliss_ray.models.lm import build_lm
 from bliss_ray.models.score import ScoreModel
 from bliss_ray.train.host_memory import retain_freed_memory
-from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
+from bliss_ray.train.loop import make_optimizer, train_lm
+from bliss_ray.train.settings import TrainSettings
 
 
 def sync(device: torch.device) -> None:
@@ -43,11 +45,14 @@ def train_step(preset: str, vocab: int, seq_len: int, batch: int, device: torch.
     # batches stay on the CPU, as the stage's memmap rows do: train_lm's own host-to-device copy is timed too
     batches = [random_ids(vocab, micro, seq_len, "cpu", seed=i) for i in range(batch // micro)]
     counter = iter(range(10**9))
-    cfg = LoopSettings("bench", ckpt_every_steps=1 << 30)
+    settings = TrainSettings(ckpt_every_steps=1 << 30, global_batch_seqs=batch, micro_batch_seqs=micro)
 
     def step():
         s = next(counter)
-        train_lm(model, opt, start_step=s, end_step=s + 1, lr_at=lambda _: 1e-4, batches_at=lambda _: batches, cfg=cfg)
+        train_lm(
+            model, opt, start_step=s, end_step=s + 1, lr_at=lambda _: 1e-4, batches_at=lambda _: batches,
+            settings=settings, stage="bench",
+        )  # fmt: skip
         sync(device)
 
     return step, 3 * forward_flops_per_token(arch, seq_len) * batch * seq_len, model

@@ -179,6 +179,7 @@ def main(argv=None) -> dict:
     from bliss_ray.config import load_experiment
     from bliss_ray.pipeline import Run
     from bliss_ray.stages._ray import ensure_ray
+    from bliss_ray.stages.executor import execute
 
     exp = load_experiment(REPO / args.config, args.set)
     ensure_ray(exp.resources, quiet=True)
@@ -186,7 +187,7 @@ def main(argv=None) -> dict:
     rng = random.Random(args.seed)
     t0 = time.perf_counter()
     base = Run(exp, work / "baseline")
-    base.execute(until=args.until)
+    execute(base, until=args.until)
     base_s = time.perf_counter() - t0
     points = {k: v for k, v in kill_points(base).items() if k in {s.key for s in base.select_until(args.until)}}
     failures = [f"baseline: {x}" for x in check_run(base, args.until)]
@@ -199,7 +200,7 @@ def main(argv=None) -> dict:
         }
         t1 = time.perf_counter()
         run = Run(exp, work / f"killed{i}")
-        run.execute(until=args.until, runner=runner_with_kills(kills))
+        execute(run, until=args.until, runner=runner_with_kills(kills))
         seconds = time.perf_counter() - t1
         fired = [k for k, v in kills.items() if Path(v["once"]).exists()]
         bad = check_run(run, args.until) + [f"kill in {k} never fired" for k in kills if k not in fired]

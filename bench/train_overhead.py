@@ -3,7 +3,7 @@
 What: the same model (``pythia-tiny`` with the demo's 8192-token BPE vocabulary), batch (16 × 128 tokens, one
 micro-batch, as the demo's pretraining), data (the bundled pool, packed), seed and torch thread count, trained
 (a) in this process by ``bliss_ray.train.loop.train_lm`` — the bare loop — and (b) by the Ray Train stage
-``bliss_ray.stages.train_lm.run`` with 1 worker (``resources.cpus_per_worker=1``, same threads), which runs the
+``bliss_ray.stages.train_lm.fit_lm`` with 1 worker (``resources.cpus_per_worker=1``, same threads), which runs the
 same ``train_lm`` inside a ``TorchTrainer`` worker. Both prepare the next step's batch on a background thread
 (``bliss_ray.data.tokens.Prefetcher``, as the stage worker does), so neither side gets a data path the other lacks.
 
@@ -38,17 +38,19 @@ import _ray_timeline
 from _common import alternate, line, median, paired_ratio, write_json
 
 
-def _settings(args) -> dict:
-    """TrainConfig fields shared by both sides (the demo's pretraining, without the decay branch)."""
-    return {
-        "steps": args.steps,
-        "warmup_steps": 6,
-        "decay_steps": 0,
-        "lr": 2e-3,
-        "micro_batch_seqs": args.batch,
-        "global_batch_seqs": args.batch,
-        "ckpt_every_steps": args.steps,  # one checkpoint, at the end: per-step times stay comparable
-    }
+def _settings(args):
+    """The training settings of both sides (the demo's pretraining, without the decay branch)."""
+    from bliss_ray.train.settings import TrainSettings
+
+    return TrainSettings(
+        steps=args.steps,
+        warmup_steps=6,
+        decay_steps=0,
+        lr=2e-3,
+        micro_batch_seqs=args.batch,
+        global_batch_seqs=args.batch,
+        ckpt_every_steps=args.steps,  # one checkpoint, at the end: per-step times stay comparable
+    )
 
 
 def bare_run(args, arch, tok_dir: Path, data_dir: Path, work: Path) -> dict:
@@ -59,7 +61,7 @@ def bare_run(args, arch, tok_dir: Path, data_dir: Path, work: Path) -> dict:
     from bliss_ray.models.lm import build_lm
     from bliss_ray.train.checkpoint import save_train_state
     from bliss_ray.train.host_memory import retain_freed_memory
-    from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
+    from bliss_ray.train.loop import make_optimizer, train_lm
     from bliss_ray.train.schedule import wsd_lr
 
     t = _settings(args)
@@ -69,7 +71,7 @@ def bare_run(args, arch, tok_dir: Path, data_dir: Path, work: Path) -> dict:
     tok = _fixtures.load_tok(tok_dir)
     tokens = TokenArray.open(data_dir).tokens
     model = build_lm(arch, args.seq_len, seed=0, eos_token_id=tok.eos_token_id)
-    opt = make_optimizer(model, t["lr"], (0.9, 0.95), 0.1)
+    opt = make_optimizer(model, t.lr, (0.9, 0.95), 0.1)
     history: list[dict] = []
     # the stage's background batch preparation, so the comparison measures Ray, not the prefetch thread
     prefetch = Prefetcher(lambda s: micro_batches(tokens, s, args.batch, args.batch, 0, 1, 0), pin=False)
@@ -77,10 +79,11 @@ def bare_run(args, arch, tok_dir: Path, data_dir: Path, work: Path) -> dict:
         model,
         opt,
         start_step=0,
-        end_step=t["steps"],
-        lr_at=lambda s: wsd_lr(s, t["lr"], t["warmup_steps"]),
+        end_step=t.steps,
+        lr_at=lambda s: wsd_lr(s, t.lr, t.warmup_steps),
         batches_at=prefetch,
-        cfg=LoopSettings("bench", ckpt_every_steps=t["ckpt_every_steps"]),
+        settings=t,
+        stage="bench",
         log=history.append,
         save=lambda step, skipped: save_train_state(work / "ckpt", model, opt, step, tokenizer=tok, metrics=history),
     )
@@ -89,7 +92,7 @@ def bare_run(args, arch, tok_dir: Path, data_dir: Path, work: Path) -> dict:
 
 def ray_run(args, arch, tok_dir: Path, data_dir: Path, work: Path) -> dict:
     """The Ray Train stage, 1 worker; a fresh run name each time (a reused one would resume, not train)."""
-    from bliss_ray.config import ResourcesConfig, TrainConfig
+    from bliss_ray.config import ResourcesConfig
     from bliss_ray.stages import train_lm as stage
     from bliss_ray.train.checkpoint import read_metrics
 
@@ -102,15 +105,15 @@ def ray_run(args, arch, tok_dir: Path, data_dir: Path, work: Path) -> dict:
         data_dir=str(data_dir),
         init_dir=None,
         start_step=0,
-        train=TrainConfig(**_settings(args)).model_dump(),
+        train=_settings(args),
         round_index=0,
         seed=0,
-        threads=args.threads,
+        resources=res,
     )
     out = work / "stage"
     out.mkdir(parents=True)
     t0, epoch0 = time.perf_counter(), time.time()
-    result = stage.run(spec, out, res, str(work / "ray_storage"), workers=1)
+    result = stage.fit_lm(spec, out, str(work / "ray_storage"), workers=1)
     wall = time.perf_counter() - t0
     history = [m for m in read_metrics(out / "metrics.jsonl") if "step_s" in m]
     assert result["final_step"] == args.steps and len(history) == args.steps, (result, len(history))

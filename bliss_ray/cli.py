@@ -16,11 +16,16 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from bliss_ray import storage
 from bliss_ray.config import GPU_TYPES, ConfigError, load_experiment
+from bliss_ray.costs.ledger import format_ledger, ledger
+from bliss_ray.costs.memory import device_of
+from bliss_ray.costs.planner import check_fits, format_plan, plan_experiment
+from bliss_ray.costs.rebuttal import format_rebuttal
+from bliss_ray.pipeline import stages_of
+from bliss_ray.watch.status import show
 
 
 def _setup_logging() -> None:
@@ -40,14 +45,10 @@ def _offline_unless_hub_needed(exp) -> None:
 def _check_plan(exp) -> None:
     """Refuse, before any compute, a config whose memory plan does not fit the workers' accelerator: the one
     ``resources.gpu_type`` names, else the local GPU of an embedded Ray; unknown (a cluster) is not checked."""
-    from bliss_ray.costs.planner import check_fits
-
     device, res = exp.resources.gpu_type, exp.resources
     local = res.ray_address in (None, "local") and not os.environ.get("RAY_ADDRESS")
     if device is None and local and res.use_gpu is not False:
         import torch
-
-        from bliss_ray.costs.memory import device_of
 
         if torch.cuda.is_available():
             device = device_of(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory)
@@ -56,8 +57,6 @@ def _check_plan(exp) -> None:
 
 
 def cmd_plan(args) -> int:
-    from bliss_ray.costs.planner import format_plan, plan_experiment
-
     exp = load_experiment(args.config, args.set)
     device = args.gpu or exp.resources.gpu_type
     if device is None:
@@ -72,50 +71,12 @@ def cmd_run(args) -> int:
     if not args.no_plan_check:
         _check_plan(exp)
     storage.check_writable(args.out)  # an unreachable or read-only store fails here, before any compute
-    return execute(exp, args.out, until=args.stage, verbose=args.verbose)[0]
+    from bliss_ray.stages.executor import run_experiment  # lazy: Ray, torch
 
-
-def execute(exp, out, until: str | None = None, verbose: bool = False, keep_ray: bool = False) -> tuple[int, dict]:
-    """One experiment's pipeline with a console: stage lines and live progress on screen, Ray's output and
-    tracebacks in ``<run>/logs/run-*.log`` (everything on screen too with ``verbose``). Returns (exit code, each
-    stage's outputs); a failed stage gives 1 and one message. Ray is shut down at the end if started here, unless
-    ``keep_ray`` (a caller that runs several experiments shuts it down itself)."""
-    import ray
-
-    from bliss_ray.pipeline import Run
-    from bliss_ray.watch.console import StageConsole, reason_of, route_logs
-    from bliss_ray.watch.progress import BoardReader
-    from bliss_ray.watch.tracking import trackers
-
-    run = Run(exp, out)
-    log_path = run.root / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    stream, restore = route_logs(log_path, verbose)
-    tracking: list = []  # filled inside the try: a tracker that cannot start is reported like any failure
-    console = StageConsole(stream, poll=BoardReader(), trackers=tracking, log_path=str(log_path))
-    ray_was_up = ray.is_initialized()
-    try:
-        tracking += trackers(exp.tracking, run.root, exp.name, run.variant)
-        results = run.execute(until=until, console=console)
-    except Exception as e:
-        if console.failed is None:  # not a stage's failure (those the console has announced)
-            logging.getLogger("bliss_ray").exception("run failed")
-            console.line(f"error: {reason_of(e)}; details: {log_path}")
-        return 1, {}
-    finally:
-        for tracker in tracking:
-            tracker.close()
-        if not ray_was_up and ray.is_initialized() and not keep_ray:
-            ray.shutdown()  # now, while its last streamed worker lines still go to the log, not at exit
-        restore()
-        run.sync_side_files()  # a remote run's log and TensorBoard files, into the store
-    report = results.get("report", {}).get("report")
-    console.line(f"run directory: {run.store}" + (f"\nreport: {report}" if report else "") + f"\nlogs: {log_path}")
-    return 0, results
+    return run_experiment(exp, args.out, until=args.stage, verbose=args.verbose)[0]
 
 
 def cmd_status(args) -> int:
-    from bliss_ray.watch.status import show
-
     try:
         exp = load_experiment(args.config, args.set) if args.config else None
         return show(args.run_dir, watch=args.watch, every_s=args.every, exp=exp)  # a path or a store URI
@@ -125,20 +86,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from bliss_ray.pipeline import plan
-
     exp = load_experiment(args.config, args.set)
-    print(f"{args.config}: valid; stages: {', '.join(s.key for s in plan(exp))}")
+    print(f"{args.config}: valid; stages: {', '.join(s.key for s in stages_of(exp))}")
     return 0
 
 
 def cmd_flops(args) -> int:
-    from bliss_ray.costs.flops import format_ledger, ledger
-
     exp = load_experiment(args.config, args.set)
     if args.convention == "rebuttal":  # the rebuttal's own rows and assumptions, not what the pipeline computes
-        from bliss_ray.costs.rebuttal import format_rebuttal
-
         print(format_rebuttal(exp))
         return 0
     print(format_ledger(ledger(exp, convention=args.convention), convention=args.convention))
@@ -146,15 +101,19 @@ def cmd_flops(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from bliss_ray.report.build import build_report
+    from bliss_ray.report.build import build_report  # lazy: torch, matplotlib
+    from bliss_ray.report.collect import local_view  # lazy: torch
+    from bliss_ray.studies.sweep_report import build_sweep_report, is_sweep_dir  # lazy: matplotlib
 
-    path = build_report(args.run_dirs, Path(args.out))  # local paths or store URIs
+    roots = [local_view(r) for r in args.run_dirs]  # local paths or store URIs
+    sweeps = [r for r in roots if is_sweep_dir(r)]  # `bliss-ray sweep` outputs: ablation tables, not pipeline runs
+    path = build_sweep_report(sweeps, Path(args.out)) if sweeps else build_report(roots, Path(args.out))
     print(f"report: {path}")
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from bliss_ray.studies.sweep import SweepFailed, load_sweep, run_sweep
+    from bliss_ray.studies.sweep import SweepFailed, load_sweep, run_sweep  # lazy: Ray Tune, torch
 
     sweep = load_sweep(args.sweep)  # the whole sweep is validated before Ray starts
     for loc in (args.out, args.storage):  # an unreachable or read-only store fails here, naming the URI
@@ -171,8 +130,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from bliss_ray.studies.compare import run_compare, write_report
-    from bliss_ray.studies.compare_spec import load_compare
+    from bliss_ray.studies.compare import run_compare, write_report  # lazy: Ray, torch
+    from bliss_ray.studies.compare_spec import load_compare  # lazy: with the line above
 
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     spec = load_compare(args.compare, seeds)  # every variant × seed validated before any compute

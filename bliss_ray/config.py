@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bliss_ray.bilevel.settings import BilevelSettings
+from bliss_ray.train.settings import TrainSettings
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
 
 class DataConfig(_Strict):
@@ -80,87 +84,6 @@ class ModelConfig(_Strict):
 class ModelsConfig(_Strict):
     target: ModelConfig = ModelConfig(arch="pythia-tiny")
     proxy: ModelConfig = ModelConfig(arch="pythia-tiny-proxy")
-
-
-class TrainConfig(_Strict):
-    """One LM training run (proxy warm-up, or one round of target pretraining)."""
-
-    steps: int = Field(100, ge=1)
-    """Optimizer steps (per round for target pretraining)."""
-    warmup_steps: int = Field(10, ge=0)
-    """Linear LR warm-up at the very start (counted in global steps across rounds)."""
-    decay_steps: int = Field(0, ge=0)
-    """Length of the decay branch kept for evaluation (paper: 200); 0 = none. The main run never decays."""
-    eval_branches: int = Field(0, ge=0)
-    """Extra decay branches inside each round, at evenly spaced stable steps strictly between its start and end
-    (``train.schedule.branch_steps``: 60 steps, 2 branches → steps 20 and 40 of the round), each evaluated like
-    the round's final one: more checkpoints per curve. Target pretraining only; needs ``decay_steps`` > 0."""
-    lr: float = Field(1e-3, gt=0)
-    lr_round_factor: float = Field(1.0, gt=0, le=1.0)
-    """Peak LR of round r is lr·factor^r. MATES: 1.0; the released BLISS code uses 0.5."""
-    micro_batch_seqs: int = Field(8, ge=1)
-    global_batch_seqs: int = Field(16, ge=1)
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = Field(1.0, gt=0)
-    ckpt_every_steps: int = Field(50, ge=1)
-    nonfinite_policy: Literal["fail", "skip_batch"] = "fail"
-    """``fail``: raise naming stage and step; ``skip_batch``: drop that update (at most ``max_skipped_steps``)."""
-    max_skipped_steps: int = Field(3, ge=0)
-
-
-class BilevelConfig(_Strict):
-    outer_steps: int = Field(50, ge=1)
-    """T: outer (score-model) steps per round. Paper: 3000."""
-    inner_steps: int = Field(1, ge=1)
-    """K: proxy AdamW steps per outer step. Paper: 1."""
-    z_steps: int = Field(3, ge=1)
-    """Q: damped Richardson iterations for z ≈ H⁻¹∇f. Released code: 3."""
-    z_lr: float = Field(1e-2, gt=0)
-    """η_z of the Richardson update."""
-    z_damping: float = Field(1e-2, ge=0)
-    """μ: damping added to the Hessian (z ← z − η_z (Hz − ∇f + μz))."""
-    z_init: Literal["zero", "constant", "grad"] = "zero"
-    """``zero``: the textbook Richardson start (default); ``constant``: 1/numel per tensor (the released code, whose
-    first c_i then carry a term ⟨∇CE_i, 1/numel⟩ unrelated to the reference set: on the demo it made the selection
-    erratic across seeds, docs/design.md); ``grad``: start at ∇f."""
-    z_clip: float | None = 1.0
-    """Per-tensor norm clip of each Richardson update (released code: 1.0); None disables."""
-    proxy_lr: float = Field(1e-5, gt=0)
-    score_lr: float = Field(1e-5, gt=0)
-    warmup_frac: float = Field(0.1, ge=0, lt=1)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.1, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    hypergrad_clip: float | None = 1.0
-    """Per-tensor norm clip of the score-model hypergradient (released code: 1.0)."""
-    gamma: float = Field(1e-2, ge=0)
-    """γ: weight of KL(target ‖ proxy) in the lower level; 0 skips loading the target."""
-    l2: float = Field(1e-6, ge=0)
-    """λ: weight of ‖θ_p‖² in the lower level (on top of AdamW weight decay)."""
-    micro_batch_seqs: int = Field(4, ge=1)
-    """Training sequences per worker per outer step (global batch = this × workers). Paper: 4 × 8 GPUs."""
-    reference_batch_seqs: int = Field(4, ge=1)
-    use_sigmoid: bool = True
-    """Score head ends in a sigmoid (paper); False is the rebuttal's "without sigmoid" ablation."""
-    score_init: Literal["proxy_warmup", "random"] = "proxy_warmup"
-    score_carry: Literal["inherit", "reset"] = "inherit"
-    weight_norm: Literal["global", "stale"] = "global"
-    """``global``: softmax over the global batch (paper); ``stale``: released code's previous-step normaliser."""
-    loss_scaling: Literal["global", "released"] = "global"
-    """``global``: g = Σ P_i CE_i + γ KL + λ‖θ‖² over the global batch; ``released``: the released code's effective
-    objective on ``released_devices`` GPUs under DDP averaging, (1/N)·[Σ P_i CE_i + Nγ KL + Nλ‖θ‖²]
-    (docs/design.md)."""
-    released_devices: int = Field(8, ge=1)
-    """N of ``released`` scaling: the released run's GPU count (run.sh: 8), independent of bilevel_workers."""
-    reuse_inner_batch: bool = True
-    """The outer step uses the last inner batch (what the released code does with K=1)."""
-    ci_method: Literal["ghost", "loop"] = "ghost"
-    """How c_i = ⟨∇CE_i, z⟩ is computed: batched ghost inner products, or the per-sample reference loop."""
-    ci_chunk_seqs: int = Field(8, ge=1)
-    """Sequences per ghost chunk: bounds memory (B·T·V logits); on a GPU use the whole batch."""
-    log_every_steps: int = Field(1, ge=1)
-    ckpt_every_steps: int = Field(25, ge=1)
 
 
 class SelectionConfig(_Strict):
@@ -310,11 +233,11 @@ class Experiment(_Strict):
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     models: ModelsConfig = ModelsConfig()
-    warmup: TrainConfig = TrainConfig()
+    warmup: TrainSettings = TrainSettings()
     """Proxy warm-up on random data (once per experiment)."""
-    pretrain: TrainConfig = TrainConfig(decay_steps=20)
+    pretrain: TrainSettings = TrainSettings(decay_steps=20)
     """Target pretraining, per round."""
-    bilevel: BilevelConfig = BilevelConfig()
+    bilevel: BilevelSettings = BilevelSettings()
     selection: SelectionConfig = SelectionConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     score: ScoreConfig = ScoreConfig()
@@ -332,12 +255,8 @@ class Experiment(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Experiment:
-        for name in ("warmup", "pretrain"):
-            t: TrainConfig = getattr(self, name)
-            if t.global_batch_seqs % t.micro_batch_seqs:
-                raise ValueError(f"{name}.global_batch_seqs must be a multiple of {name}.micro_batch_seqs")
         target, proxy = self.models.target.vocab_size, self.models.proxy.vocab_size
-        if self.bilevel.gamma > 0 and target is not None and proxy is not None and target != proxy:
+        if self.bilevel.uses_kl and target is not None and proxy is not None and target != proxy:
             raise ValueError(
                 f"bilevel.gamma > 0 needs a shared vocabulary, but models.target.vocab_size={target} "
                 f"!= models.proxy.vocab_size={proxy}; set bilevel.gamma=0 (as the paper does for LLaMA)"
@@ -396,11 +315,20 @@ def parse_experiment(tree: dict) -> Experiment:
     try:
         return Experiment.model_validate(tree)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "<experiment>"
-            lines.append(f"  {where}: {err['msg']}")
+        lines = [f"  {_where(err)}: {_reason(err)}" for err in e.errors()]
         raise ConfigError("invalid experiment config:\n" + "\n".join(lines)) from None
+
+
+def _where(err: dict) -> str:
+    """The dotted field of a validation error; a section's own check (``train.settings.require``) names its field
+    first in the message: ``warmup`` + ``steps: must be ≥ 1`` is ``warmup.steps``."""
+    where = ".".join(str(p) for p in err["loc"]) or "<experiment>"
+    field = re.match(r"Value error, (\w+): ", err["msg"])
+    return f"{where}.{field.group(1)}" if field and err["loc"] else where
+
+
+def _reason(err: dict) -> str:
+    return re.sub(r"^Value error, (\w+: )?", "", err["msg"]) if err["loc"] else err["msg"]
 
 
 def load_experiment(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Experiment:

@@ -17,27 +17,23 @@ uploaded, then ``outputs.json`` and ``_SUCCESS`` are written to the store, and t
 come from the store (``Run.input``: a node-local copy keyed by location). So a fresh driver with an empty disk
 skips every finished stage.
 
-    from bliss_ray.pipeline import Run
-    Run(load_experiment("experiments/demo.yaml"), Path("runs")).execute()
+    from bliss_ray.pipeline import Run, stages_of
+    run = Run(load_experiment("experiments/demo.yaml"), "runs")   # the layout; nothing runs
+    [st.key for st in stages_of(run.exp)], run.uri("r1.bilevel")
+
+This module only describes: what runs and where its files go. ``bliss_ray.stages.executor`` runs the stages.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import logging
-import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bliss_ray import storage
 from bliss_ray.config import Experiment, identity
 from bliss_ray.data.corpus import resolve_files
-
-log = logging.getLogger("bliss_ray")
 
 
 @dataclass(frozen=True)
@@ -52,7 +48,7 @@ class Stage:
 SHARDING = ("schedule.rounds", "schedule.pool_sharding")  # what decides a round's shard of the pool
 
 
-def plan(exp: Experiment) -> list[Stage]:
+def stages_of(exp: Experiment) -> list[Stage]:
     """The whole data flow of one experiment, in execution order."""
     method, rounds = exp.selection.method, exp.schedule.rounds
     st = [
@@ -105,11 +101,11 @@ def plan(exp: Experiment) -> list[Stage]:
 
 
 def setting(exp: Experiment, dotted: str):
-    """The experiment's value at a dotted key: a section as JSON-able dict, a leaf as itself."""
-    node = exp
+    """The experiment's value at a dotted key, as JSON holds it: a section as a dict, a leaf as itself."""
+    node = exp.model_dump(mode="json")
     for part in dotted.split("."):
-        node = getattr(node, part)
-    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+        node = node[part]
+    return node
 
 
 def flat_settings(tree: dict, prefix: str = "") -> dict:
@@ -163,7 +159,7 @@ class Run:
             self.root = storage.cache_root() / "runs" / hashlib.sha256(self.store.encode()).hexdigest()[:12]
         else:
             self.root = Path(self.store)
-        self.stages = plan(exp)
+        self.stages = stages_of(exp)
         self.by_key = {s.key: s for s in self.stages}
         self.ids: dict[str, str] = {}
         extra = {"tokenizer": pool_fingerprint(exp)}
@@ -212,65 +208,3 @@ class Run:
         if not kinds:
             raise ValueError(f"--stage {until}: no such stage; choose from {keys} or a kind")
         return self.stages[: kinds[-1] + 1]
-
-    def execute(self, until: str | None = None, runner: Callable | None = None, console=None) -> dict[str, dict]:
-        """Run (or skip, when done) every stage up to ``until``; returns each stage's outputs. ``console``
-        (``bliss_ray.watch.console.StageConsole``; default: plain lines on stderr, TensorBoard files) shows progress."""
-        from bliss_ray.stages.steps import run_stage  # orchestration layer: imports Ray
-
-        runner = runner or run_stage
-        console = console or default_console(self)
-        results = {}
-        self.root.mkdir(parents=True, exist_ok=True)
-        storage.write_bytes(storage.join(self.store, "experiment.json"), self.exp.model_dump_json(indent=2).encode())
-        for st in self.select_until(until):
-            d = self.dir(st.key)
-            if self.done(st.key):
-                results[st.key] = self.outputs(st.key)
-                console.skipped(st, d, results[st.key])
-                continue
-            d.mkdir(parents=True, exist_ok=True)
-            config = {
-                "stage": st.key,
-                "identity": self.ids[st.key],
-                "deps": {k: self.ids[k] for k in st.deps},
-                "settings": {s: setting(self.exp, s) for s in st.settings},
-            }
-            (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-            with console.stage(st, d, self.uri(st.key)) as finished:
-                t0 = time.perf_counter()
-                out = runner(self, st, d)
-                out = {"stage": st.key, "kind": st.kind, "round": st.round, "seconds": time.perf_counter() - t0, **out}
-                self._publish(st.key, out)
-                finished(out)
-            if self.remote:
-                shutil.rmtree(d, ignore_errors=True)  # the store holds it now; later readers use Run.input
-            results[st.key] = out
-            self.sync_side_files()
-        return results
-
-    def _publish(self, key: str, out: dict) -> None:
-        """Everything the stage wrote locally into the store, then ``outputs.json``, then ``_SUCCESS`` last: the
-        marker vouches only for files already there."""
-        d = self.dir(key)
-        if self.remote:
-            storage.upload(d, self.uri(key))
-        storage.write_json(self.uri(key, "outputs.json"), out)
-        storage.write_bytes(self.uri(key, "_SUCCESS"), b"")
-
-    def sync_side_files(self) -> None:
-        """The console log and TensorBoard files of a remote run, copied to the store (a fresh head sees them)."""
-        if not self.remote:
-            return
-        for sub in ("logs", "tb"):
-            if (self.root / sub).is_dir():
-                storage.upload(self.root / sub, storage.join(self.store, sub))
-
-
-def default_console(run: Run):
-    """Plain progress lines on stderr and the experiment's trackers (library and test use)."""
-    from bliss_ray.watch.console import StageConsole
-    from bliss_ray.watch.progress import BoardReader
-    from bliss_ray.watch.tracking import trackers
-
-    return StageConsole(poll=BoardReader(), trackers=trackers(run.exp.tracking, run.root, run.exp.name, run.variant))

@@ -60,9 +60,10 @@ def s3_bucket():
         yield bucket
 
 
-def micro_lm_spec(stage: str, tokenizer_dir: str, data_dir: str, train: dict, vocab: int, seq_len: int):
-    """A Train-stage spec for the 2-layer ``pythia-micro`` LM from scratch on one thread: the Ray Train tests'
-    model (``train``: the TrainConfig fields)."""
+def micro_lm_spec(stage: str, tokenizer_dir: str, data_dir: str, train, vocab: int, seq_len: int, resources=None):
+    """A Train-stage spec for the 2-layer ``pythia-micro`` LM from scratch: the Ray Train tests' model (``train``: a
+    ``TrainSettings``; ``resources``: default one thread per worker)."""
+    from bliss_ray.config import ResourcesConfig
     from bliss_ray.models.arch import arch_from_preset
     from bliss_ray.stages.train_lm import LMTrainSpec
 
@@ -77,7 +78,7 @@ def micro_lm_spec(stage: str, tokenizer_dir: str, data_dir: str, train: dict, vo
         train=train,
         round_index=0,
         seed=0,
-        threads=1,
+        resources=resources or ResourcesConfig(torch_threads=1),
     )
 
 

@@ -1,5 +1,7 @@
-"""Architecture rules: the math never imports Ray (or the pydantic config layer, for the GPU runbook), every
-shipped experiment YAML loads, invalid configs fail naming the field, no credentials in the tree.
+"""Architecture rules, read from the code: the package's floors (no import circle, no import that points up a
+floor, no function-local import of its own modules without a stated reason), Ray only where it is allowed, the
+GPU runbook's layer without pydantic; every shipped experiment YAML loads, invalid configs fail naming the
+field, no credentials in the tree.
 
     .venv/bin/python -m pytest tests/test_architecture.py -q
 """
@@ -16,7 +18,23 @@ from bliss_ray.config import ConfigError, load_experiment, parse_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "bliss_ray"
-ORCHESTRATION = {"stages", "pipeline.py", "sweep.py", "compare.py", "cli.py"}  # the only places allowed to import Ray
+# The floors of the house, bottom first (docs/design.md draws them): a module imports only its own floor and those
+# below. Within a floor, modules may import each other as long as no circle forms.
+FLOORS = [
+    {"storage", "testing"},
+    {"models", "data", "train", "bilevel", "selection", "mates", "evaluation"},  # the math: pure PyTorch / NumPy
+    {"config"},
+    {"pipeline"},
+    {"costs"},
+    {"report"},
+    {"watch"},
+    {"stages"},
+    {"studies"},
+    {"cli"},
+]
+# The only modules that may import Ray (the math and everything it stands on never do).
+RAY_MODULES = {"stages", "studies.sweep", "studies.compare", "studies.tune_callback"}
+RAY_MODULES |= {"watch.progress", "watch.mlflow_tracker", "watch.wandb_tracker"}
 # What bench/gpu.sh runs on GPU machines that have torch + transformers but no ray, pydantic or lm-eval.
 PURE_TORCH = [
     "bliss_ray.models.arch",
@@ -24,18 +42,129 @@ PURE_TORCH = [
     "bliss_ray.models.score",
     "bliss_ray.bilevel.loop",
     "bliss_ray.train.loop",
+    "bliss_ray.train.lm_run",
     "bliss_ray.selection.scoring",
     "bliss_ray.data.tokens",
     "bliss_ray.costs.flops",
+    "bliss_ray.costs.memory",
     "bliss_ray.selection.rules",
 ]
 
 
-def _math_modules():
-    for path in sorted(PKG.rglob("*.py")):
-        rel = path.relative_to(PKG)
-        if rel.parts[0] not in ORCHESTRATION:
-            yield path
+def modules(pkg: Path) -> dict[str, Path]:
+    """Dotted name (without the package's own name) → file, for every module of a package directory."""
+    out = {}
+    for path in sorted(pkg.rglob("*.py")):
+        parts = path.relative_to(pkg).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def internal_imports(pkg: Path) -> list[tuple[str, str, int, bool, str]]:
+    """(importer, imported module, line, inside a function, the line's text) for every import of the package's own
+    modules (``from pkg.a import b`` counts as importing ``a.b`` when that is a module)."""
+    mods, top, found = modules(pkg), pkg.name, []
+    for name, path in mods.items():
+        source = path.read_text()
+        lines, tree = source.splitlines(), ast.parse(source)
+        local = {
+            id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) for n in ast.walk(f)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if not target.startswith(f"{top}."):
+                    continue
+                dotted = target[len(top) + 1 :]
+                while dotted and dotted not in mods:
+                    dotted = dotted.rpartition(".")[0]
+                if dotted and dotted != name:
+                    found.append((name, dotted, node.lineno, id(node) in local, lines[node.lineno - 1]))
+    return found
+
+
+def floor_of(module: str) -> int:
+    head = module.split(".")[0]
+    return next(i for i, floor in enumerate(FLOORS) if head in floor)
+
+
+def circles(edges: list[tuple[str, str]]) -> list[list[str]]:
+    """The import circles (strongly connected components of more than one module), by Tarjan's algorithm."""
+    graph: dict[str, set[str]] = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+                on.discard(comp[-1])
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def violations(pkg: Path) -> dict[str, list]:
+    """Every breach of the floors in a package: circles, upward imports, unexplained function-local imports."""
+    found = internal_imports(pkg)
+    return {
+        "circles": circles([(a, b) for a, b, *_ in found]),
+        "upward": [f"{a} -> {b}" for a, b, *_ in found if floor_of(b) > floor_of(a)],
+        "local": sorted({f"{a}:{line}" for a, b, line, local, text in found if local and "# lazy:" not in text}),
+    }
+
+
+def test_the_package_has_no_circle_no_upward_import_and_no_unexplained_local_import():
+    assert violations(PKG) == {"circles": [], "upward": [], "local": []}
+
+
+def test_the_floor_checks_find_a_planted_circle_upward_import_and_local_import(tmp_path):
+    """Negative control: the same checks on a small package with one of each breach find all three."""
+    pkg = tmp_path / "bliss_ray"
+    files = {
+        "config.py": "from bliss_ray.pipeline import Run\n",  # upward (config is below pipeline) and a circle
+        "pipeline.py": "from bliss_ray.config import Experiment\n",
+        "storage.py": "def f():\n    from bliss_ray.models import arch\n",  # upward, local, no reason
+        "models/__init__.py": "",
+        "models/arch.py": "def g():\n    from bliss_ray.models import lm  # lazy: a stated reason\n",
+        "models/lm.py": "",
+    }
+    for name, text in files.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+    found = violations(pkg)
+    assert found["circles"] == [["config", "pipeline"]]
+    assert sorted(found["upward"]) == ["config -> pipeline", "storage -> models.arch"]
+    assert found["local"] == ["storage:2"]
+
+
+def test_every_module_has_a_floor():
+    assert [m for m in modules(PKG) if m and m.split(".")[0] not in set().union(*FLOORS)] == []
+
+
+def _ray_allowed(module: str) -> bool:
+    return any(module == m or module.startswith(f"{m}.") for m in RAY_MODULES)
 
 
 def _imports(path: Path):
@@ -47,20 +176,20 @@ def _imports(path: Path):
             yield node.module
 
 
-def test_math_modules_do_not_import_ray_directly():
+def test_ray_is_imported_only_where_allowed():
     offenders = [
-        f"{p.relative_to(REPO)}: {m}"
-        for p in _math_modules()
-        for m in _imports(p)
+        f"{name}: {m}"
+        for name, path in modules(PKG).items()
+        if not _ray_allowed(name)
+        for m in _imports(path)
         if m == "ray" or m.startswith("ray.")
     ]
     assert not offenders, offenders
 
 
-def test_math_modules_import_without_ray_installed():
-    """Transitively too: import every math module with `ray` made unimportable."""
-    mods = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in _math_modules()]
-    mods = [m[: -len(".__init__")] if m.endswith(".__init__") else m for m in mods]
+def test_everything_else_imports_without_ray_installed():
+    """Transitively too: import every module outside ``RAY_MODULES`` with ``ray`` made unimportable."""
+    mods = [f"bliss_ray.{m}" if m else "bliss_ray" for m in modules(PKG) if not _ray_allowed(m)]
     mods = [m for m in mods if not m.startswith("bliss_ray.evaluation.tasks")]  # lm-eval task plugins
     code = "import sys; sys.modules['ray'] = None\n" + "\n".join(f"import {m}" for m in mods)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -138,15 +267,20 @@ def test_vocab_mismatch_is_fine_without_kl():
     assert exp.bilevel.gamma == 0
 
 
-def test_bilevel_settings_mirror_the_config_schema():
-    """The Ray-free loop settings and the validated schema share names and defaults where they overlap."""
-    from bliss_ray.bilevel.loop import BilevelSettings
-    from bliss_ray.config import BilevelConfig
+def test_settings_are_defined_once_and_frozen():
+    """The sections the workers receive are the math layer's own frozen classes, not a mirror of them."""
+    import dataclasses
 
-    schema = BilevelConfig.model_fields
-    for name in BilevelSettings.__dataclass_fields__:
-        assert name in schema, name
-    assert parse_experiment({"name": "x"}).bilevel.z_steps == BilevelSettings().z_steps
+    from pydantic import ValidationError
+
+    from bliss_ray.bilevel.settings import BilevelSettings
+    from bliss_ray.train.settings import TrainSettings
+
+    exp = parse_experiment({"name": "x"})
+    assert type(exp.bilevel) is BilevelSettings and type(exp.pretrain) is type(exp.warmup) is TrainSettings
+    for section, field in ((exp.bilevel, "gamma"), (exp.pretrain, "steps"), (exp.resources, "train_workers")):
+        with pytest.raises((dataclasses.FrozenInstanceError, ValidationError)):
+            setattr(section, field, 2)
 
 
 TOKEN_PATTERNS = [

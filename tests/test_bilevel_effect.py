@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from bliss_ray.bilevel.loop import BilevelSettings, BilevelState, _inner_step, outer_step
+from bliss_ray.bilevel.loop import BilevelState, _inner_step, outer_step
 from bliss_ray.bilevel.losses import per_sample_ce
+from bliss_ray.bilevel.settings import BilevelSettings
 from bliss_ray.data.tokens import TokenArray, rank_rows
 from bliss_ray.models.lm import load_lm
 from bliss_ray.models.score import ScoreModel

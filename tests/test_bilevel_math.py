@@ -222,7 +222,8 @@ _NO_SCHED_WARNING = pytest.mark.filterwarnings("ignore:Detected call of `lr_sche
 def _outer_step_grads(**settings):
     """One outer step (K = 1) of bliss_ray on the whole global batch in one process; returns the proxy gradient of
     the inner step, the score-model hypergradient and the metrics. Models, batches and scores are fixed seeds."""
-    from bliss_ray.bilevel.loop import BilevelSettings, BilevelState, outer_step
+    from bliss_ray.bilevel.loop import BilevelState, outer_step
+    from bliss_ray.bilevel.settings import BilevelSettings
 
     arch = arch_from_preset("pythia-micro", vocab_size=97)
     proxy = build_lm(arch, max_seq_len=16, seed=0).double()

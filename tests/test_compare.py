@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from bliss_ray.config import ConfigError
-from bliss_ray.costs.flops import ledger, totals
-from bliss_ray.studies.compare_report import Curve, speedup, table4, tuning_and_check, tuning_section, write_report
+from bliss_ray.costs.ledger import ledger, totals
+from bliss_ray.studies.compare_report import Curve, speedup, table4, tuning_and_check, tuning_section, write_markdown
 from bliss_ray.studies.compare_spec import load_compare, matching_extra_steps, spent_flops, target_step_flops
 from tests.conftest import REPO
 
@@ -134,7 +134,7 @@ def test_table4_and_report_state_speedups_with_their_spread(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in table4(spec, curves)[2:]}
     assert expected in rows["bliss"]
     assert "not reached (0 of 2 seeds)" in rows["mates"] and "(baseline)" in rows["random"]
-    path = write_report(spec, curves, tmp_path / "report.md", "bliss-ray compare x.yaml")
+    path = write_markdown(spec, curves, tmp_path / "report.md", "bliss-ray compare x.yaml")
     text = path.read_text()
     assert "## Table 4" in text and "held-out evaluation part" in text and "`bliss-ray compare x.yaml`" in text
     for png in ("report_fig3_steps.png", "report_fig3_flops.png"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bliss_ray.config import load_experiment
-from bliss_ray.pipeline import plan
+from bliss_ray.pipeline import stages_of
 from tests.conftest import private_ray_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_terminal_shows_every_stage_and_train_progress_and_no_ray_internals(tiny
     screen = (run.root.parent / "typescript").read_bytes().decode(errors="replace")  # bytes: keep every \r
     for needle in RAY_INTERNALS:
         assert needle not in screen, needle
-    stages = plan(load_experiment(TINY))
+    stages = stages_of(load_experiment(TINY))
     lines = screen.replace("\r\n", "\n").split("\n")
     for st in stages:
         assert any(re.search(rf"\bstart {re.escape(st.key)}\s", ln) for ln in lines), st.key

@@ -14,8 +14,9 @@ from bliss_ray.config import ConfigError, load_experiment
 from bliss_ray.models.arch import arch_from_preset
 from bliss_ray.models.lm import build_lm
 from bliss_ray.train.branches import stable_state_kept
-from bliss_ray.train.loop import LoopSettings, make_optimizer, train_lm
+from bliss_ray.train.loop import make_optimizer, train_lm
 from bliss_ray.train.schedule import branch_steps, decay_lr
+from bliss_ray.train.settings import TrainSettings
 from tests.conftest import REPO
 
 
@@ -46,7 +47,15 @@ def _batches(step):
 
 def _train(model, opt, start, end, lr_at, log=lambda m: None):
     train_lm(
-        model, opt, start_step=start, end_step=end, lr_at=lr_at, batches_at=_batches, cfg=LoopSettings("t"), log=log
+        model,
+        opt,
+        start_step=start,
+        end_step=end,
+        lr_at=lr_at,
+        batches_at=_batches,
+        settings=TrainSettings(),
+        stage="t",
+        log=log,
     )
 
 

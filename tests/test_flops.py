@@ -1,5 +1,5 @@
 """The FLOPs ledger: the rebuttal's Table 1 rows derived from the architecture (not hard-coded), rows that follow
-the stages ``pipeline.plan`` runs, MATES probing at the reference's real length, the ``rebuttal`` convention's
+the stages ``pipeline.stages_of`` runs, MATES probing at the reference's real length, the ``rebuttal`` convention's
 reproduction of the rebuttal's own rows, the analytic per-token count against torch's FlopCounterMode on one real
 step, and the CLI.
 
@@ -17,7 +17,8 @@ import pytest
 
 from bliss_ray.config import load_experiment
 from bliss_ray.costs import rebuttal as rb
-from bliss_ray.costs.flops import counted_train_flops_per_token, forward_flops_per_token, ledger, totals
+from bliss_ray.costs.flops import counted_train_flops_per_token, forward_flops_per_token
+from bliss_ray.costs.ledger import ledger, totals
 from bliss_ray.models.arch import arch_from_preset
 from bliss_ray.pipeline import Stage
 
@@ -65,7 +66,7 @@ def test_selection_rows_are_our_operation_counts():
 
 
 def test_rows_follow_the_stages_the_plan_runs():
-    """The random baseline runs no proxy warm-up (pipeline.plan), so it is charged none: its total is pretraining
+    """The random baseline runs no proxy warm-up (pipeline.stages_of), so it is charged none: its total is pretraining
     alone, the 6.35e19 of Table 1's pretraining row (and of MATES's Random 410M)."""
     exp = load_experiment(PAPER / "pythia410m.yaml", ["selection.method=random"])
     rows = ledger(exp)
@@ -79,10 +80,10 @@ def test_rows_follow_the_stages_the_plan_runs():
 
 
 def test_a_stage_kind_without_a_row_fails_loudly(monkeypatch):
-    import bliss_ray.pipeline as pipeline
+    import bliss_ray.costs.ledger as ledger_module
 
-    real = pipeline.plan
-    monkeypatch.setattr(pipeline, "plan", lambda exp: [*real(exp), Stage("r1.new", "newkind", 1, (), ())])
+    real = ledger_module.stages_of
+    monkeypatch.setattr(ledger_module, "stages_of", lambda exp: [*real(exp), Stage("r1.new", "newkind", 1, (), ())])
     with pytest.raises(ValueError, match="newkind"):
         ledger(load_experiment(PAPER / "pythia410m.yaml"))
 

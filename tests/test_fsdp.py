@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from bliss_ray.config import ResourcesConfig
 from bliss_ray.data.tokenizer import train_bpe
 from bliss_ray.train.checkpoint import read_metrics
+from bliss_ray.train.settings import TrainSettings
 from tests.conftest import micro_lm_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -34,17 +35,17 @@ def data(tmp_path_factory):
     return d
 
 
-def _spec(data, stage: str, steps: int, micro: int, ckpt_every: int = 10, decay: int = 0):
-    train = {
-        "steps": steps,
-        "warmup_steps": 1,
-        "decay_steps": decay,
-        "lr": 1e-3,
-        "micro_batch_seqs": micro,
-        "global_batch_seqs": 8,
-        "ckpt_every_steps": ckpt_every,
-    }
-    return micro_lm_spec(stage, str(data / "tok"), str(data / "arr"), train, VOCAB, SEQ_LEN)
+def _spec(data, stage: str, steps: int, micro: int, resources, ckpt_every: int = 10, decay: int = 0):
+    train = TrainSettings(
+        steps=steps,
+        warmup_steps=1,
+        decay_steps=decay,
+        lr=1e-3,
+        micro_batch_seqs=micro,
+        global_batch_seqs=8,
+        ckpt_every_steps=ckpt_every,
+    )
+    return micro_lm_spec(stage, str(data / "tok"), str(data / "arr"), train, VOCAB, SEQ_LEN, resources)
 
 
 def _run(data, tmp_path, name, workers, parallelism, steps=4, micro=4, **kw):
@@ -53,7 +54,7 @@ def _run(data, tmp_path, name, workers, parallelism, steps=4, micro=4, **kw):
     res = ResourcesConfig(cpus_per_worker=1.0, torch_threads=1, max_failures=2, parallelism=parallelism)
     out = tmp_path / name
     out.mkdir()
-    result = train_lm.run(_spec(data, name, steps, micro, **kw), out, res, str(tmp_path / "ray"), workers)
+    result = train_lm.fit_lm(_spec(data, name, steps, micro, res, **kw), out, str(tmp_path / "ray"), workers)
     return out, result
 
 

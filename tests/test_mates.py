@@ -193,7 +193,7 @@ def test_influence_model_learns_a_learnable_target_and_reports_heldout_spearman(
 
 def test_ledger_has_the_mates_rows():
     from bliss_ray.config import load_experiment
-    from bliss_ray.costs.flops import format_ledger, ledger, totals
+    from bliss_ray.costs.ledger import format_ledger, ledger, totals
 
     exp = load_experiment(REPO / "experiments" / "paper" / "pythia410m_mates.yaml")
     rows = {r.stage: r.flops for r in ledger(exp)}
@@ -211,7 +211,7 @@ def test_report_ledger_counts_the_reference_batches_the_probe_stage_measured(tmp
     """``bliss-ray report`` charges probing with what a finished probe stage computed (its outputs'
     ``reference_batches``), not the config's estimate: the plumbing from run directory to ledger."""
     from bliss_ray.config import load_experiment
-    from bliss_ray.costs.flops import ledger
+    from bliss_ray.costs.ledger import ledger
     from bliss_ray.report.build import _variant_flops
     from bliss_ray.report.collect import Variant
 
@@ -232,13 +232,15 @@ def test_report_ledger_counts_the_reference_batches_the_probe_stage_measured(tmp
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_tiny_mates_pipeline_reuses_round_zero_and_reports_with_flops(tiny_run, tmp_path):
-    from bliss_ray.costs.flops import ledger, totals
+    from bliss_ray.costs.ledger import ledger, totals
     from bliss_ray.data.tokens import TokenArray
     from bliss_ray.pipeline import Run
     from bliss_ray.report.build import build_report
     from bliss_ray.report.collect import find_variants
+    from bliss_ray.stages.executor import execute
+    from bliss_ray.stages.inputs import pool_files
     from bliss_ray.stages.mates import probe_lr
-    from bliss_ray.stages.steps import _pool_files, run_stage
+    from bliss_ray.stages.steps import run_stage
 
     bliss_run, _ = tiny_run
     overrides = {
@@ -254,7 +256,7 @@ def test_tiny_mates_pipeline_reuses_round_zero_and_reports_with_flops(tiny_run, 
         return run_stage(r, st, d)
 
     run = Run(load_tiny(**overrides), bliss_run.root.parent)
-    results = run.execute(runner=counting)
+    results = execute(run, runner=counting)
     assert ran == ["r1.probe", "r1.influence", "r1.score", "r1.select", "r1.pretrain", "evaluate", "report"]
 
     probe = results["r1.probe"]
@@ -263,7 +265,7 @@ def test_tiny_mates_pipeline_reuses_round_zero_and_reports_with_flops(tiny_run, 
     assert probe["probes_per_s"] > 0 and probe["target_step"] == 6
     # the actor pool's (row id, loss) pairs equal in-process probes of the same rows: no chunk/row mix-up
     ids = probes.column("row_id").to_numpy()[[0, 17, 31]]
-    rows = TokenArray.build(_pool_files(run), tmp_path / "rows", keep_ids=ids)
+    rows = TokenArray.build(pool_files(run), tmp_path / "rows", keep_ids=ids)
     ref = TokenArray.open(run.dir("tokenize") / "reference" / "array")
     prober = Prober(run.dir("r0.pretrain") / "state", ref.tokens[:8], None, probe_lr(run, 1, 6))
     assert prober.baseline_loss == pytest.approx(probe["baseline_loss"], rel=1e-6)

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bliss_ray.data.corpus import resolve_files
 from bliss_ray.data.packing import shard_of
 from bliss_ray.pipeline import Run
+from bliss_ray.stages.executor import execute
 from tests.conftest import REPO, load_tiny
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -76,7 +77,7 @@ def test_rerun_is_a_noop(tiny_run):
         raise AssertionError(f"stage {args[1].key} ran again")
 
     t0 = time.perf_counter()
-    Run(load_tiny(), run.root.parent).execute(runner=must_not_run)
+    execute(Run(load_tiny(), run.root.parent), runner=must_not_run)
     assert time.perf_counter() - t0 < 10
 
 
@@ -110,7 +111,7 @@ def test_random_baseline_shares_round_zero_and_the_report_compares(tiny_run, tmp
         ran.append(st.key)
         return run_stage(r, st, d)
 
-    Run(load_tiny(**{"selection.method": "random"}), run.root.parent).execute(runner=counting)
+    execute(Run(load_tiny(**{"selection.method": "random"}), run.root.parent), runner=counting)
     assert ran == ["r1.select", "r1.pretrain", "evaluate", "report"]  # tokenize, warm-up and round 0 reused
 
     from bliss_ray.report.build import build_report
@@ -170,7 +171,7 @@ def test_stock_lm_eval_cli_on_a_pipeline_checkpoint(tiny_run, tmp_path):
 def test_compare_runs_four_methods_and_reports_table4(tiny_run, tmp_path):
     """``bliss-ray compare`` on the tiny comparison, one seed, into the session's run root: BLISS, MATES and random
     reuse what the other tests ran; the FLOPs-matched random adds only its longer last round; one report."""
-    from bliss_ray.costs.flops import ledger, totals
+    from bliss_ray.costs.ledger import ledger, totals
     from bliss_ray.studies.compare_spec import load_compare, target_step_flops
     from tests.conftest import private_ray_env
 

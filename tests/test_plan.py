@@ -162,7 +162,7 @@ def test_paper_preset_names_a_cluster_node_type_and_fits_it(path):
 
 
 def test_run_refuses_a_config_that_cannot_fit_before_any_compute(tmp_path, monkeypatch, capsys):
-    import bliss_ray.pipeline
+    from bliss_ray.stages import executor
 
     class Started(Exception):
         pass
@@ -170,7 +170,7 @@ def test_run_refuses_a_config_that_cannot_fit_before_any_compute(tmp_path, monke
     def no_run(*a, **k):
         raise Started
 
-    monkeypatch.setattr(bliss_ray.pipeline, "Run", no_run)
+    monkeypatch.setattr(executor, "run_experiment", no_run)
     args = ["run", str(P1B), "--set", "resources.parallelism=ddp", "--out", str(tmp_path)]
     assert cli.main(args) == 2
     err = capsys.readouterr().err

@@ -183,8 +183,6 @@ def test_ref_cloze_skips_the_selection_documents(corpus, tmp_path, monkeypatch):
 def test_evaluate_task_sets_the_skip_list_only_when_there_is_a_split(corpus, tmp_path, monkeypatch, frac):
     """``_evaluate`` (called directly, without Ray) points bliss_ref_cloze at the selection documents, and clears
     a stale setting a reused worker may hold when the reference set has no split."""
-    from bliss_ray.evaluation import harness
-
     _build(corpus, tmp_path, reference_eval_frac=frac)
     monkeypatch.setattr(os, "environ", dict(os.environ) | {ref_cloze.SKIP_IDS_ENV: "stale"})
     seen = {}
@@ -193,7 +191,7 @@ def test_evaluate_task_sets_the_skip_list_only_when_there_is_a_split(corpus, tmp
         seen["skip"] = os.environ.get(ref_cloze.SKIP_IDS_ENV)
         return {"tasks": {}}
 
-    monkeypatch.setattr(harness, "evaluate_checkpoint", fake_checkpoint)
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", fake_checkpoint)
     monkeypatch.setattr(evaluate, "reference_loss", lambda model_dir, reference_dir, dtype: reference_dir)
     eval_dir = tmp_path / "reference" / "eval_array"
     threads = torch.get_num_threads()  # _evaluate sets it for the whole process: keep this one's

@@ -6,6 +6,7 @@ the target-pretraining worker kill in test_train_stage.py, the sweep driver kill
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 def _final_bilevel_state(train_run: str) -> dict:
     """The optimizer/scheduler/normaliser state of the run's last registered checkpoint (the stage output drops it)."""
-    from bliss_ray.stages.bilevel import STATE
+    from bliss_ray.bilevel.checkpoint import STATE
 
     run_dir = Path(train_run)
     latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
@@ -54,11 +55,10 @@ def test_bilevel_worker_killed_resumes_to_the_exact_step(tiny_run, tmp_path, mon
     (safetensors), optimizer moments and the normaliser (Python floats of fp32 values) without rounding.
     ``weight_norm: stale`` makes the step after the resume depend on the saved normaliser: one that was lost
     would give that step per-worker softmax weights, and different weights from then on."""
-    from bliss_ray.bilevel.loop import BilevelSettings
     from bliss_ray.stages import bilevel
 
     run, _ = tiny_run
-    settings = {k: v for k, v in run.exp.bilevel.model_dump().items() if k in BilevelSettings.__dataclass_fields__}
+    settings = dataclasses.replace(run.exp.bilevel, outer_steps=4, weight_norm="stale", ckpt_every_steps=1)
     res = ResourcesConfig(max_failures=2, torch_threads=1)
     outs = {}
     for name in ("uninterrupted", "killed"):
@@ -68,21 +68,18 @@ def test_bilevel_worker_killed_resumes_to_the_exact_step(tiny_run, tmp_path, mon
             monkeypatch.setenv("BLISS_FAULTS", json.dumps(fault))
         spec = bilevel.BilevelSpec(
             stage="blkill" if name == "killed" else "blref",
-            settings=settings | {"outer_steps": 4, "weight_norm": "stale"},
+            settings=settings,
             proxy_dir=str(run.dir("warmup") / "state/model"),
             target_dir=str(run.dir("r0.pretrain") / "state/model"),
             score_dir=None,
-            score_init="proxy_warmup",
-            use_sigmoid=True,
             train_dir=str(run.dir("tokenize") / "reference/array"),
             reference_dir=str(run.dir("tokenize") / "reference/array"),
             seed=0,
-            threads=1,
-            ckpt_every_steps=1,
+            resources=res,
         )
         out = tmp_path / name
         out.mkdir()
-        result = bilevel.run(spec, out, res, str(tmp_path / "ray"), 1)
+        result = bilevel.fit_bilevel(spec, out, str(tmp_path / "ray"), 1)
         assert result["final_step"] == 4
         outs[name] = (out, _final_bilevel_state(result["train_run"]))
     assert marker.exists(), "the fault was not injected"
@@ -111,12 +108,9 @@ def test_nonfinite_loss_fails_the_stage_naming_stage_and_step(data, tmp_path, mo
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ray.train.TrainingFailedError, match=r"stage 'nanstage': non-finite loss .* at step 3"):
-        train_lm.run(
-            _lm_spec(data, "nanstage", 6, 8, ckpt_every=1),
-            out,
-            ResourcesConfig(max_failures=0),
-            str(tmp_path / "ray"),
-            1,
+        spec = _lm_spec(data, "nanstage", 6, 8, ckpt_every=1)
+        train_lm.fit_lm(
+            dataclasses.replace(spec, resources=ResourcesConfig(max_failures=0)), out, str(tmp_path / "ray"), 1
         )
     snapshot = json.loads((tmp_path / "ray" / "out" / "checkpoint_manager_snapshot.json").read_text())
     assert max(c["metrics"]["step"] for c in snapshot["checkpoint_results"]) == 2
@@ -128,7 +122,8 @@ def test_unschedulable_request_fails_fast_with_a_clear_error(ray_local, data, tm
 
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match=r"has 0 GPU but the stage asks for 1 workers × 1 GPU"):
-        train_lm.run(_lm_spec(data, "gpu", 2, 8), tmp_path, ResourcesConfig(use_gpu=True), str(tmp_path / "r"), 1)
+        spec = dataclasses.replace(_lm_spec(data, "gpu", 2, 8), resources=ResourcesConfig(use_gpu=True))
+        train_lm.fit_lm(spec, tmp_path, str(tmp_path / "r"), 1)
     assert time.perf_counter() - t0 < 5
 
 
@@ -139,16 +134,16 @@ def test_requests_are_checked_against_the_autoscalers_ceiling_not_what_is_up_now
 
     monkeypatch.setattr(_ray.ray, "cluster_resources", lambda: {"CPU": 2.0})  # a CPU head, no GPU node up yet
     monkeypatch.setattr(_ray, "cluster_ceiling", lambda: {"CPU": 66.0, "GPU": 8.0})
-    _ray.check_fits({"CPU": 1, "GPU": 1}, 8)
+    _ray.check_schedulable({"CPU": 1, "GPU": 1}, 8)
     assert _ray.use_gpu(ResourcesConfig(use_gpu=None))
     with pytest.raises(RuntimeError, match=r"autoscaler can provide at most 8 GPU but .* 16 workers × 1 GPU = 16"):
-        _ray.check_fits({"CPU": 1, "GPU": 1}, 16)
+        _ray.check_schedulable({"CPU": 1, "GPU": 1}, 16)
     monkeypatch.setattr(_ray, "cluster_ceiling", lambda: {"CPU": -1, "GPU": 0})  # unbounded CPUs, never a GPU
-    _ray.check_fits({"CPU": 4}, 100)
+    _ray.check_schedulable({"CPU": 4}, 100)
     assert not _ray.use_gpu(ResourcesConfig(use_gpu=None))
     monkeypatch.setattr(_ray, "cluster_ceiling", lambda: None)  # a fixed cluster: what is up is all there is
     with pytest.raises(RuntimeError, match=r"the Ray cluster has 2 CPU but .* = 4"):
-        _ray.check_fits({"CPU": 1}, 4)
+        _ray.check_schedulable({"CPU": 1}, 4)
 
 
 # extended (~40 s, CI budget): in CI, the ceiling checks above run with a faked autoscaler ceiling

@@ -86,9 +86,9 @@ def _sweep_dir(tmp_path, per_variant: dict, *, metric="upper_loss", keys=("bilev
 
 
 def _report(tmp_path, sweep_dir) -> str:
-    from bliss_ray.report.build import build_report
+    from bliss_ray.studies.sweep_report import build_sweep_report
 
-    return build_report([sweep_dir], tmp_path / "report").read_text()
+    return build_sweep_report([sweep_dir], tmp_path / "report").read_text()
 
 
 def test_seed_spread_pools_within_variant_variances():

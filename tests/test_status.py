@@ -52,6 +52,7 @@ def test_status_of_an_interrupted_run(tmp_path):
         from pathlib import Path
         from bliss_ray.config import load_experiment
         from bliss_ray.pipeline import Run
+        from bliss_ray.stages.executor import execute
         from bliss_ray.stages.steps import run_stage
 
         def runner(run, st, d):
@@ -59,7 +60,7 @@ def test_status_of_an_interrupted_run(tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)
             return run_stage(run, st, d)
 
-        Run(load_experiment({str(TINY)!r}), Path({str(tmp_path)!r})).execute(until="tokenize", runner=runner)
+        execute(Run(load_experiment({str(TINY)!r}), Path({str(tmp_path)!r})), until="tokenize", runner=runner)
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=REPO, capture_output=True, timeout=300)

@@ -16,10 +16,11 @@ import torch
 
 from bliss_ray.models.arch import arch_from_preset
 from bliss_ray.models.lm import build_lm
-from bliss_ray.train.checkpoint import NonFiniteCheckpointError, load_train_state, read_state, save_train_state
+from bliss_ray.train.checkpoint import load_train_state, read_state, save_train_state
 from bliss_ray.train.host_memory import worker_env
-from bliss_ray.train.loop import LoopSettings, NonFiniteLossError, clip_grad_norm, make_optimizer, train_lm
+from bliss_ray.train.loop import NonFiniteCheckpointError, NonFiniteLossError, clip_grad_norm, make_optimizer, train_lm
 from bliss_ray.train.schedule import decay_lr, round_peak_lr, wsd_lr
+from bliss_ray.train.settings import TrainSettings
 
 DATA = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0))
 
@@ -44,7 +45,8 @@ def test_loop_learns_and_logs():
         end_step=40,
         lr_at=lambda s: 1e-2,
         batches_at=_batches,
-        cfg=LoopSettings("test"),
+        settings=TrainSettings(),
+        stage="test",
         log=logs.append,
     )
     assert [m["step"] for m in logs] == list(range(1, 41))
@@ -65,7 +67,8 @@ def test_nonfinite_loss_fails_naming_stage_and_step_and_saves_nothing():
             end_step=10,
             lr_at=lambda s: 1e-2,
             batches_at=_batches,
-            cfg=LoopSettings("warmup", ckpt_every_steps=1),
+            settings=TrainSettings(ckpt_every_steps=1),
+            stage="warmup",
             save=lambda s, k: saved.append(s),
             loss_hook=hook,
         )
@@ -77,7 +80,7 @@ def test_skip_batch_policy_skips_then_gives_up():
     model, opt = _setup()
     logs = []
     hook = lambda step, loss: loss * float("inf") if step in (1, 4) else loss  # noqa: E731
-    cfg = LoopSettings("t", nonfinite_policy="skip_batch", max_skipped_steps=2)
+    settings = TrainSettings(nonfinite_policy="skip_batch", max_skipped_steps=2)
     skipped = train_lm(
         model,
         opt,
@@ -85,7 +88,8 @@ def test_skip_batch_policy_skips_then_gives_up():
         end_step=6,
         lr_at=lambda s: 1e-2,
         batches_at=_batches,
-        cfg=cfg,
+        settings=settings,
+        stage="t",
         log=logs.append,
         loss_hook=hook,
     )
@@ -98,7 +102,8 @@ def test_skip_batch_policy_skips_then_gives_up():
             end_step=6,
             lr_at=lambda s: 1e-2,
             batches_at=_batches,
-            cfg=LoopSettings("t", nonfinite_policy="skip_batch", max_skipped_steps=1),
+            settings=TrainSettings(nonfinite_policy="skip_batch", max_skipped_steps=1),
+            stage="t",
             loss_hook=hook,
         )
 
@@ -107,11 +112,25 @@ def test_checkpoint_resume_is_exact(tmp_path):
     """Train 10 steps straight vs 5 + save + load (weights_only) + 5: identical weights."""
     model_a, opt_a = _setup()
     train_lm(
-        model_a, opt_a, start_step=0, end_step=10, lr_at=lambda s: 1e-2, batches_at=_batches, cfg=LoopSettings("t")
+        model_a,
+        opt_a,
+        start_step=0,
+        end_step=10,
+        lr_at=lambda s: 1e-2,
+        batches_at=_batches,
+        settings=TrainSettings(),
+        stage="t",
     )
     model_b, opt_b = _setup()
     train_lm(
-        model_b, opt_b, start_step=0, end_step=5, lr_at=lambda s: 1e-2, batches_at=_batches, cfg=LoopSettings("t")
+        model_b,
+        opt_b,
+        start_step=0,
+        end_step=5,
+        lr_at=lambda s: 1e-2,
+        batches_at=_batches,
+        settings=TrainSettings(),
+        stage="t",
     )
     save_train_state(tmp_path / "ck", model_b, opt_b, 5, metrics=[{"step": 5}])
     model_c, state = load_train_state(tmp_path / "ck")
@@ -124,7 +143,8 @@ def test_checkpoint_resume_is_exact(tmp_path):
         end_step=10,
         lr_at=lambda s: 1e-2,
         batches_at=_batches,
-        cfg=LoopSettings("t"),
+        settings=TrainSettings(),
+        stage="t",
     )
     for a, c in zip(model_a.parameters(), model_c.parameters(), strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)

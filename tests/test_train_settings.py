@@ -9,8 +9,9 @@ import torch
 
 from bliss_ray.models.arch import arch_from_preset
 from bliss_ray.models.lm import build_lm, set_activation_checkpointing
-from bliss_ray.train.loop import LoopSettings, autocast_for, lm_loss, make_optimizer, train_lm
+from bliss_ray.train.loop import autocast_for, lm_loss, make_optimizer, train_lm
 from bliss_ray.train.precision import resolve
+from bliss_ray.train.settings import TrainSettings
 
 
 def _grads(preset: str, mode: str, k: int = 2) -> dict[str, torch.Tensor]:
@@ -70,7 +71,9 @@ def _fp16_run(start: int, hook=None):
         end_step=3,
         lr_at=lambda s: 1e-3,
         batches_at=lambda s: batches[s],
-        cfg=LoopSettings("t", precision="fp16-mixed"),
+        settings=TrainSettings(),
+        stage="t",
+        precision="fp16-mixed",
         log=log.append,
         loss_hook=hook,
     )
@@ -111,7 +114,9 @@ def test_fp16_loss_scale_is_the_callers_and_survives_a_checkpoint(tmp_path):
         end_step=3,
         lr_at=lambda s: 1e-3,
         batches_at=lambda s: [batches[s]],
-        cfg=LoopSettings("t", precision="fp16-mixed"),
+        settings=TrainSettings(),
+        stage="t",
+        precision="fp16-mixed",
         loss_hook=inflate,
         grad_scaler=scaler,
     )

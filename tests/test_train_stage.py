@@ -19,6 +19,7 @@ from bliss_ray.config import ResourcesConfig
 from bliss_ray.data.tokens import TokenArray
 from bliss_ray.models.lm import load_lm
 from bliss_ray.train.checkpoint import read_metrics
+from bliss_ray.train.settings import TrainSettings
 from tests.conftest import micro_lm_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -36,18 +37,17 @@ def data(tiny_run, tmp_path_factory):
     return run, d / "arr", str(run.dir("tokenizer") / "tokenizer"), len(arr)
 
 
-def _lm_spec(data, stage, steps, micro, ckpt_every=10):
+def _lm_spec(data, stage, steps, micro, ckpt_every=10, **train):
     run, arr, tok, _ = data
-    train = run.exp.pretrain.model_dump() | {
-        "steps": steps,
-        "micro_batch_seqs": micro,
-        "global_batch_seqs": 8,
-        "decay_steps": 0,
-        "eval_branches": 0,
-        "ckpt_every_steps": ckpt_every,
-        "warmup_steps": 1,
-    }
-    return micro_lm_spec(stage, tok, str(arr), train, 2048, 64)
+    train = dataclasses.replace(
+        run.exp.pretrain,
+        **{"decay_steps": 0, "eval_branches": 0, "warmup_steps": 1} | train,
+        steps=steps,
+        micro_batch_seqs=micro,
+        global_batch_seqs=8,
+        ckpt_every_steps=ckpt_every,
+    )
+    return micro_lm_spec(stage, tok, str(arr), train, 2048, 64, RES)
 
 
 def test_trains_controller_imports_no_bliss_ray_stage_model_or_transformers(ray_local, tmp_path):
@@ -65,10 +65,10 @@ def test_trains_controller_imports_no_bliss_ray_stage_model_or_transformers(ray_
     from bliss_ray.studies.tune_callback import ForwardToTune
     from bliss_ray.watch.progress import StepReporter
 
-    spec = micro_lm_spec("ctl", str(tmp_path / "tok"), str(tmp_path / "arr"), {"steps": 2}, 2048, 64)
+    spec = micro_lm_spec("ctl", str(tmp_path / "tok"), str(tmp_path / "arr"), TrainSettings(steps=2), 2048, 64)
     forward = ForwardToTune.__new__(ForwardToTune)  # its __init__ needs a Tune session; pickling needs only the class
     forward.extra, forward.metric = {}, "loss"
-    config = dataclasses.replace(run_config("ctl", str(tmp_path), RES), callbacks=[forward])
+    config = run_config("ctl", str(tmp_path), RES, callbacks=[forward])
     trainer = torch_trainer(train_lm._worker, {"spec": spec, "progress": StepReporter("ctl", 0, 2)}, RES, 1, config)
     code = (
         "import json, pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
@@ -97,7 +97,7 @@ def test_lm_training_1_vs_2_workers_same_losses(data, tmp_path):
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         out.mkdir()
-        train_lm.run(_lm_spec(data, f"parity{workers}", 4, 4), out, RES, str(tmp_path / "ray"), workers)
+        train_lm.fit_lm(_lm_spec(data, f"parity{workers}", 4, 4), out, str(tmp_path / "ray"), workers)
         losses[workers] = [m["loss"] for m in read_metrics(out / "metrics.jsonl")]
     assert len(losses[1]) == 4
     np.testing.assert_allclose(losses[1], losses[2], rtol=1e-4)
@@ -138,7 +138,7 @@ def test_killed_worker_resumes_and_finishes_at_the_exact_step(data, tmp_path, mo
     storage = tmp_path / "ray"
     ref = tmp_path / "uninterrupted"
     ref.mkdir()
-    train_lm.run(_lm_spec(data, "noKill", 8, 8, ckpt_every=2), ref, RES, str(storage), 1)
+    train_lm.fit_lm(_lm_spec(data, "noKill", 8, 8, ckpt_every=2), ref, str(storage), 1)
     marker = tmp_path / "killed"
     monkeypatch.setenv("BLISS_FAULTS", json.dumps({"kill": {"stage": "killme", "step": 5, "once": str(marker)}}))
     out = tmp_path / "out"
@@ -146,7 +146,7 @@ def test_killed_worker_resumes_and_finishes_at_the_exact_step(data, tmp_path, mo
     orphan = storage / out.name / "checkpoint_2000-01-01_00-00-00.000000"  # the Train run is named after out/
     orphan.mkdir(parents=True)
     (orphan / "train_state.pt").write_bytes(b"a partial upload")
-    result = train_lm.run(_lm_spec(data, "killme", 8, 8, ckpt_every=2), out, RES, str(storage), 1)
+    result = train_lm.fit_lm(_lm_spec(data, "killme", 8, 8, ckpt_every=2), out, str(storage), 1)
     assert marker.exists(), "the fault was not injected"
     assert result["final_step"] == 8
     state = torch.load(out / "state" / "train_state.pt", weights_only=True)
@@ -181,11 +181,10 @@ def test_mid_round_branches_are_kept_and_leave_the_stable_run_bit_identical(data
     from bliss_ray.stages import train_lm
 
     def run(stage: str, steps: int, branches: int):
-        spec = _lm_spec(data, stage, steps, 8, ckpt_every=2)
-        spec.train |= {"decay_steps": 3, "eval_branches": branches}
+        spec = _lm_spec(data, stage, steps, 8, ckpt_every=2, decay_steps=3, eval_branches=branches)
         out = tmp_path / stage
         out.mkdir()
-        result = train_lm.run(dataclasses.replace(spec, start_step=6), out, RES, str(tmp_path / "ray"), 1)
+        result = train_lm.fit_lm(dataclasses.replace(spec, start_step=6), out, str(tmp_path / "ray"), 1)
         return out, result
 
     ref, ref_result = run("plain", 8, 0)
@@ -231,38 +230,37 @@ def test_mid_round_branches_are_kept_and_leave_the_stable_run_bit_identical(data
 def test_bilevel_outer_step_1_vs_2_workers(data, tmp_path):
     """One outer step with the global batch split over 2 workers (scores all-gathered, HVPs / ∇f / c̄ /
     hypergradient all-reduced) equals the same step in one worker: same proxy and score-model weights."""
-    from bliss_ray.bilevel.loop import BilevelSettings
     from bliss_ray.models.score import ScoreModel
     from bliss_ray.stages import bilevel
 
     run, arr, _, _ = data
-    settings = {k: v for k, v in run.exp.bilevel.model_dump().items() if k in BilevelSettings.__dataclass_fields__}
     models = {}
     for workers in (1, 2):
-        settings |= {
-            "outer_steps": 1,
-            "micro_batch_seqs": 8 // workers,
-            "reference_batch_seqs": 4 // workers,
-            "warmup_frac": 0.0,
-            "gamma": 0.1,
-        }
+        settings = dataclasses.replace(
+            run.exp.bilevel,
+            outer_steps=1,
+            micro_batch_seqs=8 // workers,
+            reference_batch_seqs=4 // workers,
+            warmup_frac=0.0,
+            gamma=0.1,
+            score_init="proxy_warmup",
+            use_sigmoid=True,
+            ckpt_every_steps=1,
+        )
         spec = bilevel.BilevelSpec(
             stage=f"bl{workers}",
-            settings=dict(settings),
+            settings=settings,
             proxy_dir=str(run.dir("warmup") / "state" / "model"),
             target_dir=str(run.dir("r0.pretrain") / "state" / "model"),
             score_dir=None,
-            score_init="proxy_warmup",
-            use_sigmoid=True,
             train_dir=str(arr),
             reference_dir=str(run.dir("tokenize") / "reference" / "array"),
             seed=0,
-            threads=1,
-            ckpt_every_steps=1,
+            resources=RES,
         )
         out = tmp_path / f"w{workers}"
         out.mkdir()
-        bilevel.run(spec, out, RES, str(tmp_path / "ray"), workers)
+        bilevel.fit_bilevel(spec, out, str(tmp_path / "ray"), workers)
         models[workers] = ScoreModel.load(out / "score_model").state_dict()
         metrics = read_metrics(out / "metrics.jsonl")[0]
         models[f"m{workers}"] = metrics

@@ -32,39 +32,10 @@ from transformers import get_cosine_schedule_with_warmup
 
 from bliss_ray.bilevel.hypergrad import ci_ghost, ci_loop, make_hvp, score_hypergrad, solve_z
 from bliss_ray.bilevel.losses import per_sample_ce, weighted_lower_loss
+from bliss_ray.bilevel.settings import BilevelSettings
 from bliss_ray.bilevel.weights import Normaliser, global_softmax, stale_softmax, weight_stats
 from bliss_ray.train import dist
 from bliss_ray.train.loop import clip_grad_norm, make_optimizer
-
-
-@dataclass
-class BilevelSettings:
-    """The knobs of the loop (the validated user-facing schema is ``config.BilevelConfig``; same names)."""
-
-    outer_steps: int = 3000
-    inner_steps: int = 1
-    z_steps: int = 3
-    z_lr: float = 1e-2
-    z_damping: float = 1e-2
-    z_init: str = "zero"
-    z_clip: float | None = 1.0
-    proxy_lr: float = 1e-5
-    score_lr: float = 1e-5
-    warmup_frac: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    hypergrad_clip: float | None = 1.0
-    gamma: float = 1e-2
-    l2: float = 1e-6
-    micro_batch_seqs: int = 4
-    reference_batch_seqs: int = 4
-    weight_norm: str = "global"
-    loss_scaling: str = "global"
-    released_devices: int = 8
-    reuse_inner_batch: bool = True
-    ci_method: str = "ghost"
-    ci_chunk_seqs: int = 8
 
 
 @dataclass
@@ -85,6 +56,8 @@ class BilevelState:
         warmup = int(s.warmup_frac * s.outer_steps)
         p_opt = make_optimizer(proxy, s.proxy_lr, s.betas, s.weight_decay)
         s_opt = make_optimizer(score_model, s.score_lr, s.betas, s.weight_decay)
+        if s.uses_kl and target is None:
+            raise ValueError("bilevel.gamma > 0: the KL term needs the target model")
         if target is not None:
             target.eval().requires_grad_(False)
         return BilevelState(
@@ -98,8 +71,8 @@ class BilevelState:
         )
 
 
-def _target_logits(state: BilevelState, input_ids: torch.Tensor, gamma: float) -> torch.Tensor | None:
-    if gamma <= 0 or state.target is None:
+def _target_logits(state: BilevelState, input_ids: torch.Tensor, s: BilevelSettings) -> torch.Tensor | None:
+    if not s.uses_kl:
         return None
     with torch.no_grad():
         return state.target(input_ids=input_ids).logits.detach()  # (B, T, V)
@@ -111,12 +84,6 @@ def _global_mean(value: torch.Tensor) -> float:
     return float(t.item()) / dist.world_size()
 
 
-def ce_scale(s: BilevelSettings) -> float:
-    """Factor on the CE weights P of the lower objective: 1/N under ``released`` scaling (N = released_devices).
-    (1/N)·[Σ P CE + Nγ KL + Nλ‖θ‖²] = Σ (P/N) CE + γ KL + λ‖θ‖²: only the CE term changes."""
-    return 1.0 / s.released_devices if s.loss_scaling == "released" else 1.0
-
-
 def _inner_step(state: BilevelState, s: BilevelSettings, input_ids, scores, target_logits, global_batch) -> dict:
     """One proxy AdamW step on the weighted lower-level loss; weights are constants here."""
     if s.weight_norm == "stale":
@@ -124,7 +91,7 @@ def _inner_step(state: BilevelState, s: BilevelSettings, input_ids, scores, targ
     else:
         weights, _, _ = global_softmax(scores.detach())
     logits = state.proxy(input_ids=input_ids).logits  # (B, T, V)
-    loss, ce, kl = weighted_lower_loss(logits, input_ids, weights * ce_scale(s), target_logits, s.gamma, global_batch)
+    loss, ce, kl = weighted_lower_loss(logits, input_ids, weights * s.ce_scale, target_logits, s.gamma, global_batch)
     params = [p for p in state.proxy.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
     grads = [g.clone() for g in grads]
@@ -155,21 +122,21 @@ def outer_step(
     proxy_params = [p for p in state.proxy.parameters() if p.requires_grad]
 
     # 1. inner steps (scores of the outer batch are computed once, with graph, and reused when it is the same)
-    per_step = s.inner_steps + (0 if s.reuse_inner_batch else 1)  # training micro-batches consumed per step
+    per_step = s.micro_batches_per_step
     inner = {}
     cache = {}
     for k in range(s.inner_steps):
         ids = train_batch_at(t * per_step + k)
         with torch.no_grad():
             _, scores = state.score_model(ids)  # (B,)
-        tl = _target_logits(state, ids, s.gamma)
+        tl = _target_logits(state, ids, s)
         inner = _inner_step(state, s, ids, scores, tl, global_batch)
         cache = {"ids": ids, "target_logits": tl}
     if s.reuse_inner_batch:
         outer_ids, outer_tl = cache["ids"], cache["target_logits"]
     else:
         outer_ids = train_batch_at(t * per_step + s.inner_steps)  # the next, unseen batch
-        outer_tl = _target_logits(state, outer_ids, s.gamma)
+        outer_tl = _target_logits(state, outer_ids, s)
 
     # 2. ∇f on the reference set (global mean over workers)
     ref_ids, ref_mask = ref_batch_at(t)
@@ -181,7 +148,7 @@ def outer_step(
     # 3. z ≈ (H + μI)⁻¹ ∇f with HVPs of g on the outer batch
     _, scores = state.score_model(outer_ids)  # (B,) with graph to θ_s, used again in step 4
     p_local, p_all, normaliser = global_softmax(scores)
-    hvp = make_hvp(state.proxy, proxy_params, outer_ids, p_local * ce_scale(s), outer_tl, s.gamma, global_batch, s.l2)
+    hvp = make_hvp(state.proxy, proxy_params, outer_ids, p_local * s.ce_scale, outer_tl, s.gamma, global_batch, s.l2)
     z = solve_z(hvp, grad_f, s.z_steps, s.z_lr, s.z_damping, s.z_init, s.z_clip)
     del hvp  # frees the double-backward graph before the next forward
 

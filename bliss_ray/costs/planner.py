@@ -26,10 +26,10 @@ from pathlib import Path
 
 from bliss_ray.config import ConfigError, Experiment
 from bliss_ray.costs import memory
-from bliss_ray.costs.flops import ledger, model_archs
+from bliss_ray.costs.ledger import ledger, model_archs
 from bliss_ray.costs.memory import DEVICES, GIB, Estimate, Shape
 from bliss_ray.models.arch import LMArch, influence_arch
-from bliss_ray.pipeline import plan as stage_plan
+from bliss_ray.pipeline import stages_of
 from bliss_ray.train.precision import resolve
 
 RESULTS_MD = Path(__file__).resolve().parents[1] / "bench" / "RESULTS.md"
@@ -307,7 +307,7 @@ def plan_experiment(exp: Experiment, device: str, workers: int | None = None, re
     workers = workers or exp.resources.train_workers
     precision = resolve(exp.resources.precision, "cpu" if device == "CPU" else "cuda")
     counts: dict[str, int] = {}
-    for st in stage_plan(exp):
+    for st in stages_of(exp):
         counts[st.kind] = counts.get(st.kind, 0) + 1
     flops: dict[str, float] = {}
     for row in ledger(exp):

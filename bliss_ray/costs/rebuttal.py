@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from bliss_ray.costs.flops import Row, forward_flops_per_token, matmul_params, model_archs
+from bliss_ray.costs.flops import forward_flops_per_token, matmul_params
+from bliss_ray.costs.ledger import Row, model_archs
 
 PARTS = ("pretraining", "warm-up", "bilevel", "inference")
 # Published reference values (×1e19), compared with, never used as inputs of a row: Table 1 by target preset,

@@ -55,7 +55,7 @@ def _real_lengths(mask: np.ndarray | None, n: int, seq_len: int) -> np.ndarray:
 
 
 def batch_shapes(lengths: np.ndarray, batch_seqs: int) -> list[tuple[int, int]]:
-    """(rows, tokens per row) of each batch ``reference_loss`` computes: consecutive rows, cut after the batch's
+    """(rows, tokens per row) of each batch ``token_mean_loss`` computes: consecutive rows, cut after the batch's
     longest row. What one reference evaluation costs, so the FLOPs ledger counts exactly this."""
     return [
         (len(lengths[s : s + batch_seqs]), int(lengths[s : s + batch_seqs].max()))
@@ -64,14 +64,15 @@ def batch_shapes(lengths: np.ndarray, batch_seqs: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def reference_loss(
+def token_mean_loss(
     model: torch.nn.Module,
     ids: torch.Tensor,
     mask: torch.Tensor | None = None,
     batch_seqs: int = 32,
     lengths: np.ndarray | None = None,
 ) -> float:
-    """Mean next-token CE over all target tokens of a reference set (eval mode; the model's mode is restored).
+    """Mean next-token CE over all target tokens of a reference set (eval mode; the model's mode is restored): the
+    released prober's loss, a token average (``evaluation.reference.reference_loss`` averages per sequence).
 
     ``ids`` (N, L) int64, ``mask`` (N, L) or None (every position t ≥ 1 is a target), ``lengths`` (N,) the
     tokens each row needs (default: all); rows should be sorted by length so that batches are tight."""
@@ -173,7 +174,7 @@ class Prober:
         self.restore_optimizer()
 
     def reference_loss(self) -> float:
-        return reference_loss(
+        return token_mean_loss(
             self.model, self.reference_ids, self.reference_mask, self.reference_batch_seqs, self.reference_lengths
         )
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bliss_ray.config import parse_experiment
-from bliss_ray.costs.flops import format_ledger, ledger, totals
+from bliss_ray.costs.ledger import format_ledger, ledger, totals
 from bliss_ray.evaluation.harness import PAPER_NOTE
 from bliss_ray.report import figures
 from bliss_ray.report.collect import Variant, find_variants, local_view, reach_step, seed_groups
@@ -163,12 +163,7 @@ def _selection_tables(variants: list[Variant]) -> list[str]:
 
 def build_report(roots: list[str | Path], out: Path) -> Path:
     """The report of the run roots (local paths or store URIs) into the local directory ``out``."""
-    from bliss_ray.studies.sweep_report import build_sweep_report, is_sweep_dir
-
     roots = [local_view(r) for r in roots]
-
-    if any(is_sweep_dir(Path(r)) for r in roots):  # a `bliss-ray sweep` output: ablation tables, not a pipeline run
-        return build_sweep_report([Path(r) for r in roots if is_sweep_dir(Path(r))], out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     variants = find_variants([Path(r) for r in roots])

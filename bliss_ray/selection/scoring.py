@@ -19,6 +19,7 @@ import os
 import numpy as np
 import torch
 
+from bliss_ray.mates.influence import InfluenceModel
 from bliss_ray.models.score import ScoreModel
 from bliss_ray.train.host_memory import retain_freed_memory
 
@@ -54,8 +55,6 @@ class Scorer:
         if kind == "bliss":
             self.model = ScoreModel.load(model_dir)
         else:
-            from bliss_ray.mates.influence import InfluenceModel
-
             self.model = InfluenceModel.load(model_dir)
         self.model.to(self.device).eval()
         self.vocab = self.model.vocab_size() if kind != "bliss" else self.model.trunk.config.vocab_size

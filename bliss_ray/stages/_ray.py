@@ -7,12 +7,13 @@ Ray Data's read/write tasks and hangs forever without an error (../shared/docs/s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ray
@@ -104,23 +105,38 @@ def use_gpu(res: ResourcesConfig) -> bool:
     return cluster_has_gpus() if res.use_gpu is None else res.use_gpu
 
 
-def set_worker_threads(threads: int | None) -> int:
-    """Inside a Train worker: ``resources.torch_threads``, else this node's cores ÷ the workers on this node (the
-    driver's core count says nothing about a worker node's)."""
-    local = ray.train.get_context().get_local_world_size()
-    n = threads or max(1, (os.cpu_count() or 1) // max(1, local))
-    torch.set_num_threads(n)
-    return n
+def start_worker(threads: int | None) -> tuple[int, int]:
+    """Inside a Train worker: set torch's threads (``resources.torch_threads``, else this node's cores ÷ the workers
+    on this node: the driver's core count says nothing about a worker node's); returns (rank, world size)."""
+    ctx = ray.train.get_context()
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+@contextlib.contextmanager
+def resumed_checkpoint() -> Iterator[Path | None]:
+    """Inside a Train worker: a local copy of the checkpoint an earlier attempt registered (None on a first
+    attempt), removed when the block ends: everything needed is loaded by then (a 1B model's with AdamW state is
+    ~12 GB)."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        yield None
+        return
+    local = Path(ckpt.to_directory(tempfile.mkdtemp(prefix="resume_")))
+    try:
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def scaling_config(res: ResourcesConfig, workers: int) -> ray.train.ScalingConfig:
     gpu = use_gpu(res)
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if gpu else {})
-    check_fits(per_worker, workers)
+    check_schedulable(per_worker, workers)
     return ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=per_worker)
 
 
-def check_fits(per_worker: dict, workers: int) -> None:
+def check_schedulable(per_worker: dict, workers: int) -> None:
     """Fail fast, naming the resource, when a request can never be scheduled: more than a fixed cluster has, or
     more than an autoscaling cluster can grow to. A request within an autoscaler's ceiling waits for nodes
     (bounded by ``resources.worker_start_timeout_s`` × ``resources.controller_failure_limit``)."""
@@ -141,8 +157,9 @@ def storage_path(res: ResourcesConfig, run_store: str) -> str:
     return res.storage_path or storage.join(run_store, "_ray")
 
 
-def run_config(name: str, storage: str, res: ResourcesConfig) -> ray.train.RunConfig:
-    """Deterministic name ⇒ rerunning the same stage resumes from its last registered checkpoint (Train V2)."""
+def run_config(name: str, storage: str, res: ResourcesConfig, callbacks: list | None = None) -> ray.train.RunConfig:
+    """Deterministic name ⇒ rerunning the same stage resumes from its last registered checkpoint (Train V2).
+    ``callbacks``: Ray Train ``UserCallback``s that see every report (a sweep forwards rank 0's to Tune)."""
     env = {k: os.environ[k] for k in ("BLISS_FAULTS", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if k in os.environ}
     env |= QUIET_ENV | worker_env(gpu=use_gpu(res))  # the CPU allocator setting must be there at process start
     return ray.train.RunConfig(
@@ -153,6 +170,7 @@ def run_config(name: str, storage: str, res: ResourcesConfig) -> ray.train.RunCo
         ),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         worker_runtime_env={"env_vars": env} if env else None,
+        callbacks=callbacks or [],
     )
 
 
@@ -168,6 +186,14 @@ def torch_trainer(
     return TorchTrainer(
         functools.partial(worker, loop_config), scaling_config=scaling_config(res, workers), run_config=config
     )
+
+
+def fit(worker: Callable[[dict], None], loop_config: dict, res, workers: int, config) -> ray.train.Result:
+    """Fit a TorchTrainer of ``workers`` running ``worker(loop_config)``, then delete the checkpoint directories
+    that Train never registered (``gc_orphan_checkpoints``)."""
+    result = torch_trainer(worker, loop_config, res, workers, config).fit()
+    gc_orphan_checkpoints(config.storage_path, config.name)
+    return result
 
 
 def report(metrics: dict, ckpt_dir: Path | None) -> None:

@@ -24,36 +24,16 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 
 from bliss_ray import storage
-from bliss_ray.evaluation.harness import evaluates_offline
+from bliss_ray.evaluation.harness import evaluate_checkpoint, evaluates_offline
+from bliss_ray.evaluation.reference import reference_loss
 from bliss_ray.evaluation.tasks.ref_cloze import SKIP_IDS_ENV as REF_CLOZE_SKIP_ENV
 from bliss_ray.stages._ray import QUIET_ENV, use_gpu
 from bliss_ray.storage import local_copy
 from bliss_ray.train.precision import inference_dtype, resolve
-
-
-def reference_loss(model_dir: str, reference_dir: str, batch_seqs: int = 16, dtype: str = "float32") -> float:
-    """Mean next-token CE of a checkpoint on the reference set (continuation tokens only for cloze items), with
-    the weights in ``dtype`` as lm-eval loads them; the CE itself in fp32."""
-    from bliss_ray.bilevel.losses import per_sample_ce
-    from bliss_ray.data.tokens import TokenArray
-    from bliss_ray.models.lm import load_lm
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_lm(model_dir).to(device, getattr(torch, dtype)).eval()
-    ref = TokenArray.open(reference_dir)
-    losses = []
-    with torch.inference_mode():
-        for s in range(0, len(ref), batch_seqs):
-            ids = torch.from_numpy(np.asarray(ref.tokens[s : s + batch_seqs], dtype=np.int64)).to(device)
-            mask = None if ref.loss_mask is None else torch.from_numpy(np.asarray(ref.loss_mask[s : s + batch_seqs]))
-            mask = None if mask is None else mask.to(device)
-            losses.append(per_sample_ce(model(input_ids=ids).logits.float(), ids, mask).cpu())
-    return float(torch.cat(losses).mean())
 
 
 def _evaluate(
@@ -77,8 +57,6 @@ def _evaluate(
         else:
             os.environ.pop(key, None)
     torch.set_num_threads(threads)
-    from bliss_ray.evaluation.harness import evaluate_checkpoint
-
     model_dir, reference_dir = str(local_copy(model_dir)), str(local_copy(reference_dir))  # this node's copies
     # bliss_ref_cloze (lm-eval imports ref_cloze.py in this process) skips the passages selection may see; a reused
     # worker may still hold an earlier task's setting, so an absent list clears it

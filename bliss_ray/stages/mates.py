@@ -1,4 +1,4 @@
-"""Stages r.probe and r.influence of ``selection.method: mates``, on Ray (method.md §5.1 steps 1–2).
+"""Stages r.probe and r.influence of ``selection.method: mates``, on Ray (docs/method.md, "MATES").
 
 r.probe — oracle probing on a Ray actor pool.
   Inputs: the target's full training state at the end of round r−1 (``r{r-1}.pretrain/state``), the first
@@ -49,20 +49,20 @@ from ray.util import ActorPool
 from bliss_ray import storage
 from bliss_ray.data.tokens import TokenArray
 from bliss_ray.mates.influence import train_influence_model
+from bliss_ray.mates.probe import Prober
 from bliss_ray.models.arch import influence_arch
 from bliss_ray.stages._ray import (
-    check_fits,
+    check_schedulable,
     cluster_ceiling,
     copy_checkpoint,
-    gc_orphan_checkpoints,
+    fit,
     report,
     run_config,
-    set_worker_threads,
+    start_worker,
     storage_path,
-    torch_trainer,
     use_gpu,
 )
-from bliss_ray.stages.steps import _pool_rows, _shard, _share_array, _vocab
+from bliss_ray.stages.inputs import round_rows, shared_rows, vocab_size
 from bliss_ray.storage import local_copy
 from bliss_ray.train.checkpoint import read_state, write_metrics
 from bliss_ray.train.host_memory import retain_freed_memory
@@ -77,8 +77,6 @@ class _ProbeActor:
     """Holds one ``Prober``: the checkpoint is read from disk once, in the constructor."""
 
     def __init__(self, state_dir: str, cand_dir: str, ref_ids: np.ndarray, ref_mask, lr: float, grad_clip: float):
-        from bliss_ray.mates.probe import Prober
-
         torch.set_num_threads(1)  # one core per actor: the pool, not the actor, is the parallelism
         device = "cuda" if torch.cuda.is_available() else "cpu"
         retain_freed_memory(torch.device(device))
@@ -129,9 +127,9 @@ def probe_stage(run, st, d: Path) -> dict:
     state_dir = run.uri(f"r{r - 1}.pretrain", "state")
     step = int(read_state(run.input(f"r{r - 1}.pretrain", "state"))["step"])
     lr = probe_lr(run, r, step)
-    shard_ids, _ = _pool_rows(run, _shard(run, r))
+    shard_ids, _ = round_rows(run, r)
     keep = np.random.default_rng([exp.seed, r, 2]).choice(shard_ids, min(m.probes, len(shard_ids)), replace=False)
-    cand_dir = _share_array(run, st, d, "candidates", keep)  # rows in pool order
+    cand_dir = shared_rows(run, st, d, "candidates", keep)  # rows in pool order
     cand = TokenArray.open(local_copy(cand_dir))
     ref = TokenArray.open(run.input("tokenize", "reference", "array"))
     n_ref = min(m.reference_seqs, len(ref))
@@ -144,7 +142,7 @@ def probe_stage(run, st, d: Path) -> dict:
     todo = [c for c in range(n_chunks) if not (chunks_dir / f"{c:06d}.parquet").exists()]
     gpu = use_gpu(res)
     per_actor = {"CPU": res.data_actor_cpus} | ({"GPU": 1} if gpu else {})
-    check_fits(per_actor, 1)
+    check_schedulable(per_actor, 1)
     n_actors = max(1, min(res.data_actors[1], len(todo), _capacity(per_actor)))
     actors = [
         _ProbeActor.options(
@@ -217,7 +215,7 @@ class InfluenceSpec:
 
 def _influence_worker(loop_config: dict) -> None:
     spec: InfluenceSpec = loop_config["spec"]
-    set_worker_threads(spec.threads)
+    start_worker(spec.threads)
     if ray.train.get_checkpoint() is not None:  # the final checkpoint is registered: nothing left to do
         report({"resumed": 1}, None)
         return
@@ -270,13 +268,13 @@ def influence_stage(run, st, d: Path) -> dict:
     probes = pq.read_table(run.input(f"r{r}.probe") / "probes.parquet")
     loss = probes.column("loss").to_numpy()
     row_ids = probes.column("row_id").to_numpy()[np.isfinite(loss)]  # a non-finite probe has no target
-    data_dir = _share_array(run, st, d, "train_data", row_ids)
+    data_dir = shared_rows(run, st, d, "train_data", row_ids)
     spec = InfluenceSpec(
         stage=st.key,
         data_dir=data_dir,
         probes_path=probes_path,
         arch=m.influence_arch,
-        vocab_size=_vocab(run, "target"),
+        vocab_size=vocab_size(run, "target"),
         lr=m.influence_lr,
         epochs=m.influence_epochs,
         batch_seqs=m.influence_batch_seqs,
@@ -288,8 +286,7 @@ def influence_stage(run, st, d: Path) -> dict:
     )
     train_storage = storage_path(res, run.store)
     t0 = time.perf_counter()
-    result = torch_trainer(_influence_worker, {"spec": spec}, res, 1, run_config(d.name, train_storage, res)).fit()
-    gc_orphan_checkpoints(train_storage, d.name)
+    result = fit(_influence_worker, {"spec": spec}, res, 1, run_config(d.name, train_storage, res))
     copy_checkpoint(result, d)
     storage.remove(data_dir)
     summary = json.loads((d / "summary.json").read_text())

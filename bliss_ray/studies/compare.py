@@ -17,9 +17,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+
 from bliss_ray.config import Experiment
-from bliss_ray.costs.flops import ledger, totals
+from bliss_ray.costs.ledger import ledger, totals
 from bliss_ray.report.collect import pool_rows_per_round
+from bliss_ray.stages.executor import run_experiment
+from bliss_ray.studies import compare_report as report
 from bliss_ray.studies.compare_spec import CompareSpec, matching_extra_steps
 
 log = logging.getLogger("bliss_ray")
@@ -46,10 +50,6 @@ def total_flops(member: Member) -> float:
 
 def run_compare(spec: CompareSpec, out, verbose: bool = False) -> list[Member]:
     """Run every variant × seed (skipping finished stages); raises ``RuntimeError`` naming the first that fails."""
-    import ray
-
-    from bliss_ray.cli import execute
-
     members: list[Member] = []
     ray_was_up = ray.is_initialized()
     try:
@@ -62,7 +62,7 @@ def run_compare(spec: CompareSpec, out, verbose: bool = False) -> list[Member]:
                     extra = matching_extra_steps(exp, total_flops(done[goal]), pool_rows_of(done[goal].results))
                     exp = spec.experiment(name, seed, extra_steps=extra)
                     log.info("%s seed %d: %d extra target steps match %s's FLOPs", name, seed, extra, goal)
-                code, results = execute(exp, out, verbose=verbose, keep_ray=True)  # one Ray for all of them
+                code, results = run_experiment(exp, out, verbose=verbose, keep_ray=True)  # one Ray for all of them
                 if code:
                     raise RuntimeError(
                         f"variant {name}, seed {seed} failed (its log is under {Path(out) / spec.name})"
@@ -76,13 +76,11 @@ def run_compare(spec: CompareSpec, out, verbose: bool = False) -> list[Member]:
 
 
 def write_report(spec: CompareSpec, members: list[Member], path: Path, command: str, out) -> Path:
-    from bliss_ray.studies import compare_report as report
-
     curves = [
         report.curve_of(m.variant, m.seed, m.exp, m.results["evaluate"], pool_rows_of(m.results)) for m in members
     ]
     tuning, check = report.tuning_and_check(spec, out, curves)
-    written = report.write_report(spec, curves, path, command, tuning)
+    written = report.write_markdown(spec, curves, path, command, tuning)
     if check is not None:  # for a later comparison's tuning.check
         (written.parent / "heldout_check.json").write_text(json.dumps(check | {"command": command}, indent=1) + "\n")
     return written

@@ -27,10 +27,11 @@ import numpy as np
 import pandas as pd
 
 from bliss_ray import storage
-from bliss_ray.costs.flops import ledger, totals, unit_of
+from bliss_ray.costs.ledger import ledger, totals, unit_of
 from bliss_ray.pipeline import setting
 from bliss_ray.report.collect import reach_step
 from bliss_ray.studies.compare_spec import CompareSpec, spent_flops
+from bliss_ray.studies.sweep_spec import load_sweep
 
 METRIC = "reference_loss"  # lower is better; measured on the held-out part of the reference set
 
@@ -181,8 +182,6 @@ def tuning_and_check(spec: CompareSpec, out: str | Path, curves: list[Curve] = (
     its report (``heldout_check.json``) for a later comparison's ``tuning.check``."""
     if spec.tuning is None:
         return [], None
-    from bliss_ray.studies.sweep_spec import load_sweep
-
     sweep = load_sweep(spec.tuning.sweep)
     name, metric, keys = spec.tuning.variant, sweep.spec.metric, list(sweep.spec.space)
     used = _point_of(spec, name, keys)
@@ -305,7 +304,7 @@ def _render_check(record: dict, source: str = "") -> list[str]:
     ]
 
 
-def write_report(spec: CompareSpec, curves: list[Curve], path: Path, command: str, tuning: list[str] = ()) -> Path:
+def write_markdown(spec: CompareSpec, curves: list[Curve], path: Path, command: str, tuning: list[str] = ()) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stem = path.stem

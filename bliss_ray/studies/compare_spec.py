@@ -34,11 +34,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bliss_ray.config import ConfigError, Experiment, load_experiment
-from bliss_ray.costs.flops import Row, forward_flops_per_token, ledger, model_archs, totals
-from bliss_ray.studies.sweep_spec import resolve_base
+from bliss_ray.costs.flops import forward_flops_per_token
+from bliss_ray.costs.ledger import Row, ledger, model_archs, totals
+from bliss_ray.studies.sweep_spec import load_sweep, resolve_base
 
 
-class Variant(BaseModel):
+class VariantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     overrides: dict[str, Any] = {}
@@ -83,7 +84,7 @@ class CompareSpec(BaseModel):
     """Each seed sets ``seed`` and ``selection.seed`` of every variant."""
     baseline: str
     """The variant whose final held-out reference loss the others race to (Figure 3's speed-up)."""
-    variants: dict[str, Variant] = Field(min_length=2)
+    variants: dict[str, VariantSpec] = Field(min_length=2)
     tuning: Tuning | None = None
 
     @model_validator(mode="after")
@@ -156,8 +157,6 @@ def load_compare(path: str | Path, seeds: list[int] | None = None) -> CompareSpe
 def _checked_tuning(spec: CompareSpec, path: Path) -> Tuning:
     """``tuning`` with its sweep file resolved; the tuned variant must be judged on seeds its sweep never saw, from
     the same base experiment."""
-    from bliss_ray.studies.sweep_spec import load_sweep
-
     sweep_path = resolve_base(spec.tuning.sweep, path)
     try:
         sweep = load_sweep(sweep_path)

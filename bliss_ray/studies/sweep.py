@@ -41,6 +41,8 @@ from ray import tune
 
 from bliss_ray.config import ConfigError
 from bliss_ray.pipeline import Run
+from bliss_ray.stages import _ray, bilevel, steps
+from bliss_ray.stages.executor import execute
 from bliss_ray.storage import is_remote, read_bytes, write_bytes
 from bliss_ray.storage import join as join_uri
 from bliss_ray.studies.sweep_objective import baseline_final, objective
@@ -89,24 +91,20 @@ def _setup_keys(run: Run) -> list[str]:
 
 
 class _TuneBilevel:
-    """A trial's bilevel launcher: ``stages.bilevel.run`` with the Train run named ``<trial id>-<stage>`` and its
+    """A trial's bilevel launcher: ``stages.bilevel.fit_bilevel`` with the Train run named ``<trial id>-<stage>`` and its
     rank-0 reports forwarded to Tune (the Train V2 idiom)."""
 
     def __init__(self, trial_id: str, metric: str):
         self.trial_id, self.metric, self.callbacks = trial_id, metric, []
 
-    def __call__(self, spec, out_dir: Path, res, storage: str, workers: int) -> dict:
-        from bliss_ray.stages import bilevel
-
+    def __call__(self, spec, out_dir: Path, storage: str, workers: int) -> dict:
         cb = ForwardToTune({"stage": spec.stage, "final": 0}, self.metric)
         self.callbacks.append(cb)
         name = f"{self.trial_id}-{spec.stage}"
-        return bilevel.run(spec, out_dir, res, storage, workers, name=name, callbacks=[cb])
+        return bilevel.fit_bilevel(spec, out_dir, storage, workers, name=name, callbacks=[cb])
 
     def runner(self, run: Run, st, d: Path) -> dict:
         """The pipeline's stage runner, with this launcher for bilevel stages."""
-        from bliss_ray.stages import steps
-
         if st.kind in OUTSIDE_TRIAL_GROUP:
             return ray.get(_run_stage_outside.options(scheduling_strategy="DEFAULT").remote(run, st, d))
         return steps.run_stage(
@@ -125,8 +123,6 @@ class _TuneBilevel:
 
 @ray.remote(num_cpus=0)
 def _run_stage_outside(run: Run, st, d: Path) -> dict:
-    from bliss_ray.stages import steps
-
     return steps.run_stage(run, st, d)
 
 
@@ -140,7 +136,7 @@ def bliss_sweep_trial(config: dict, sweep: Sweep, out: str, storage: str, baseli
     run = trial_run(sweep, config, trial_id, out, storage)
     launcher = _TuneBilevel(trial_id, sweep.spec.metric)
     until = f"r{sweep.spec.round}.bilevel" if sweep.spec.stage == "bilevel" else "evaluate"
-    results = run.execute(until=until, runner=launcher.runner)
+    results = execute(run, until=until, runner=launcher.runner)
     final = objective(sweep.spec, run, results, (baselines or {}).get(run.exp.seed))
     launcher.drain()
     tune.report(final)
@@ -188,7 +184,7 @@ def precompute_shared(sweep: Sweep, out: str) -> list[str]:
                 ids = Run(sweep.experiment(pt | {key: v}), out).ids
                 keys = list(itertools.takewhile(lambda k, ids=ids, run=run: ids[k] == run.ids[k], keys))
         if keys:
-            run.execute(until=keys[-1])
+            execute(run, until=keys[-1])
             used += [run.uri(k) for k in keys if run.uri(k) not in used]
     return used
 
@@ -200,7 +196,7 @@ def run_baselines(sweep: Sweep, out: str) -> dict[int, dict]:
         return {}
     finals = {}
     for seed in sweep.seeds():
-        results = Run(sweep.baseline_experiment(seed), out).execute(until="evaluate")
+        results = execute(Run(sweep.baseline_experiment(seed), out), until="evaluate")
         finals[seed] = baseline_final(results["evaluate"])
         log.info("sweep %s: baseline seed %d ends at %s", sweep.spec.name, seed, finals[seed])
     return finals
@@ -270,8 +266,6 @@ def run_sweep(path: str | Path, storage: str | None = None, out: str | Path = "r
     ``so_far``: only write the results of the trials the experiment has now (running, stopped early or
     interrupted; read without Ray, nothing runs): unfinished trials are listed with status ``stopped``, those never
     started with ``pending``."""
-    from bliss_ray.stages import _ray
-
     sweep = load_sweep(path)
     spec, out = sweep.spec, str(out) if is_remote(out) else str(Path(out).resolve())
     storage = storage or join_uri(out, "sweeps")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 
 from bliss_ray.pipeline import Run
+from bliss_ray.report.collect import reach_step
 from bliss_ray.studies.sweep_spec import SweepSpec, paper_chance, target_tokens
+from bliss_ray.train.checkpoint import read_metrics
 
 
 def _nan(value):
@@ -29,8 +31,6 @@ def steps_to_baseline(checkpoints: list[dict], baseline: dict) -> tuple[float, b
     interpolation between evaluated checkpoints), and whether it does. A trial that never reaches it still gets a
     number, because Optuna learns nothing from a missing value: its final steps × (1 + relative loss gap), larger
     than any reaching trial's and growing with how far it ends from the goal."""
-    from bliss_ray.report.collect import reach_step
-
     cks = sorted(checkpoints, key=lambda c: c["steps"])
     goal = baseline["reference_loss"]
     at = reach_step([c["steps"] for c in cks], [c["reference_loss"] for c in cks], goal, higher_is_better=False)
@@ -45,8 +45,6 @@ def objective(spec: SweepSpec, run: Run, results: dict, baseline: dict | None = 
     full trials the final checkpoint's evaluation (reference loss, paper average with its stderr and chance level)
     and the tokens the target trained on; with ``baseline`` (``baseline_final`` of this seed's baseline run), the
     steps to reach its final loss and the speed-up (baseline's steps ÷ those)."""
-    from bliss_ray.train.checkpoint import read_metrics
-
     rounds = run.exp.schedule.rounds if spec.stage == "full" else spec.round
     out: dict = {"final": 1}
     key = f"r{rounds}.bilevel"

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,8 +30,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bliss_ray.config import ConfigError, Experiment, load_experiment
+from bliss_ray.evaluation.harness import LOCAL_PAPER_TASKS, PAPER_GROUP
 from bliss_ray.models.arch import PRESETS
-from bliss_ray.pipeline import Run, plan, setting
+from bliss_ray.pipeline import Run, setting, stages_of
 from bliss_ray.storage import join as storage_join
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,16 +174,25 @@ def _loc(loc: tuple) -> str:
     return ".".join(f"[{p}]" if isinstance(p, str) and "." in p else str(p) for p in loc).replace(".[", "[")
 
 
+def _fields(section: type) -> dict[str, type]:
+    """Field name → type of a config section: a pydantic model, or a settings dataclass of the math layer."""
+    if dataclasses.is_dataclass(section):
+        hints = typing.get_type_hints(section)
+        return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+    return {name: f.annotation for name, f in section.model_fields.items()}
+
+
 def _check_key(key: str, where: str) -> None:
     """A dotted key must name a value (not a section) of the Experiment schema."""
-    model: type[BaseModel] = Experiment
+    model: type = Experiment
     parts = key.split(".")
     for i, part in enumerate(parts):
-        if part not in model.model_fields:
+        fields = _fields(model)
+        if part not in fields:
             parent = ".".join(parts[:i]) or "the experiment"
             raise ConfigError(f"{where}: '{key}' is not a config key ({parent} has no field '{part}')")
-        ann = model.model_fields[part].annotation
-        is_section = isinstance(ann, type) and issubclass(ann, BaseModel)
+        ann = fields[part]
+        is_section = isinstance(ann, type) and (issubclass(ann, BaseModel) or dataclasses.is_dataclass(ann))
         if i < len(parts) - 1 and not is_section:
             raise ConfigError(f"{where}: '{key}' is not a config key ('{'.'.join(parts[: i + 1])}' is a value)")
         if i == len(parts) - 1 and is_section:
@@ -225,8 +236,6 @@ def target_tokens(exp: Experiment) -> int:
 
 def paper_tasks(tasks) -> list[str]:
     """Hub names of the paper tasks among evaluated task names (hub, ``*_local`` or the local paper group)."""
-    from bliss_ray.evaluation.harness import LOCAL_PAPER_TASKS, PAPER_GROUP
-
     hub_of = {local: hub for hub, local in LOCAL_PAPER_TASKS.items() if local}
     found: set[str] = set()
     for t in tasks:
@@ -307,7 +316,7 @@ def load_sweep(path: str | Path) -> Sweep:
         if bad:
             raise ConfigError(f"{where}: point {pt}: unknown model preset {bad}; choose from {sorted(PRESETS)}")
         key = f"r{spec.round}.bilevel"
-        if spec.stage == "bilevel" and key not in {s.key for s in plan(exp)}:
+        if spec.stage == "bilevel" and key not in {s.key for s in stages_of(exp)}:
             raise ConfigError(
                 f"{where}: round: point {pt} has no stage {key} (needs selection.method bliss and "
                 f"schedule.rounds >= {spec.round})"

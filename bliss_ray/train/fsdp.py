@@ -33,8 +33,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForCausalLM
 
+from bliss_ray.models.lm import save_lm
 from bliss_ray.train import dist
+from bliss_ray.train.loop import NonFiniteCheckpointError
 from bliss_ray.train.precision import compute_dtype
 
 
@@ -61,8 +64,6 @@ def assert_finite_shards(model: torch.nn.Module, what: str) -> None:
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     bad = not all(bool(torch.isfinite(t).all()) for t in local)
     if dist.any_true(bad, local[0].device):
-        from bliss_ray.train.checkpoint import NonFiniteCheckpointError
-
         raise NonFiniteCheckpointError(f"{what}: a parameter shard is not finite; no checkpoint written")
 
 
@@ -83,11 +84,7 @@ def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> None
 def export_hf(model: torch.nn.Module, path, tokenizer=None) -> dict | None:
     """Collective: gather the full fp32 weights to rank 0, which saves a stock HF directory at ``path``.
     Returns the full state dict on rank 0, None elsewhere. (``save_pretrained`` of the sharded module would
-    write shards: transformers gathers only models it sharded itself, cluster.md §4.5.)"""
-    from transformers import AutoModelForCausalLM
-
-    from bliss_ray.models.lm import save_lm
-
+    write shards: transformers gathers only models it sharded itself, docs/ray.md, "FSDP2".)"""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.rank() != 0:
         return None

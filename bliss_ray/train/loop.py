@@ -5,7 +5,8 @@ with DDP's ``no_sync`` on all but the last micro-batch (one all-reduce per step)
 checks that loss and grad norm are finite on every rank, and steps AdamW. ``log`` receives per-step metrics;
 ``save`` is called every ``ckpt_every_steps`` and at the end, never after a non-finite step.
 
-    train_lm(model, opt, start_step=0, end_step=100, lr_at=lambda s: 1e-3, batches_at=..., cfg=LoopSettings("warmup"))
+    train_lm(model, opt, start_step=0, end_step=100, lr_at=lambda s: 1e-3, batches_at=..., settings=TrainSettings(),
+             stage="warmup")
 """
 
 from __future__ import annotations
@@ -13,26 +14,26 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from bliss_ray.train import dist
 from bliss_ray.train import precision as precision_
+from bliss_ray.train.settings import TrainSettings
 
 
 class NonFiniteLossError(FloatingPointError):
     """A non-finite loss or gradient; the message names the stage and step."""
 
 
-@dataclass
-class LoopSettings:
-    stage: str
-    grad_clip: float = 1.0
-    ckpt_every_steps: int = 50
-    nonfinite_policy: str = "fail"  # or "skip_batch"
-    max_skipped_steps: int = 3
-    precision: str = "auto"  # resources.precision (train.precision): auto = bf16-mixed on GPU, fp32 on CPU
+class NonFiniteCheckpointError(RuntimeError):
+    """Refusing to write a checkpoint whose weights are not all finite."""
+
+
+def assert_finite(module: torch.nn.Module, what: str) -> None:
+    for name, p in module.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NonFiniteCheckpointError(f"{what}: parameter '{name}' is not finite; no checkpoint written")
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
@@ -77,20 +78,23 @@ def train_lm(
     end_step: int,
     lr_at: Callable[[int], float],
     batches_at: Callable[[int], list[torch.Tensor]],
-    cfg: LoopSettings,
+    settings: TrainSettings,
+    stage: str,
+    precision: str = "auto",
     log: Callable[[dict], None] = lambda m: None,
     save: Callable[[int, int], None] = lambda step, skipped: None,
     skipped: int = 0,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
 ) -> int:
-    """Train steps [start_step, end_step). Returns the number of skipped (non-finite) steps so far.
+    """Train steps [start_step, end_step). Returns the number of skipped (non-finite) steps so far. ``stage``
+    names the stage in errors; ``precision`` is ``resources.precision`` (auto: bf16-mixed on GPU, fp32 on CPU).
 
     ``save(next_step, skipped)`` must persist everything needed to resume at ``next_step``; with fp16, that
     includes ``grad_scaler``'s state (the caller's scaler, updated in place; None: a fresh one for this call)."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    scaler = grad_scaler or precision_.grad_scaler(precision_.resolve(cfg.precision, device.type), device)
+    scaler = grad_scaler or precision_.grad_scaler(precision_.resolve(precision, device.type), device)
     for step in range(start_step, end_step):
         t0 = time.perf_counter()
         lr = lr_at(step)
@@ -102,7 +106,7 @@ def train_lm(
         for i, input_ids in enumerate(micro):
             input_ids = input_ids.to(device, non_blocking=True)
             sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync(), autocast_for(device, cfg.precision):
+            with contextlib.nullcontext() if sync else model.no_sync(), autocast_for(device, precision):
                 loss = lm_loss(model, input_ids)
                 if loss_hook is not None:
                     loss = loss_hook(step, loss)
@@ -111,25 +115,25 @@ def train_lm(
             n_tokens += input_ids.numel()
         if scaler is not None:
             scaler.unscale_(optimizer)
-        grad_norm = clip_grad_norm(params, cfg.grad_clip)
+        grad_norm = clip_grad_norm(params, settings.grad_clip)
         # every rank takes the same branch: both flags are reduced over workers
         overflow = scaler is not None and dist.any_true(not torch.isfinite(grad_norm), device)
         if overflow and not dist.any_true(not torch.isfinite(loss_sum), device):
             scaler.update()  # an fp16 overflow, not a divergence: lower the scale and drop this step's update
             optimizer.zero_grad(set_to_none=True)
             log({"step": step + 1, "fp16_overflow": 1, "lr": lr})
-            if (step + 1) % cfg.ckpt_every_steps == 0 or step + 1 == end_step:
+            if (step + 1) % settings.ckpt_every_steps == 0 or step + 1 == end_step:
                 save(step + 1, skipped)
             continue
         nonfinite = not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
         if dist.any_true(nonfinite, device):
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
-            if cfg.nonfinite_policy == "fail" or skipped > cfg.max_skipped_steps:
+            if settings.nonfinite_policy == "fail" or skipped > settings.max_skipped_steps:
                 raise NonFiniteLossError(
-                    f"stage '{cfg.stage}': non-finite loss or gradient at step {step + 1} "
+                    f"stage '{stage}': non-finite loss or gradient at step {step + 1} "
                     f"(loss={loss_sum.item() / len(micro):.4g}, grad_norm={grad_norm.item():.4g}); "
-                    f"policy={cfg.nonfinite_policy}, skipped so far={skipped}"
+                    f"policy={settings.nonfinite_policy}, skipped so far={skipped}"
                 )
             log({"step": step + 1, "skipped_step": 1, "lr": lr})
             continue
@@ -154,6 +158,6 @@ def train_lm(
                 "step_s": step_s,
             }
         )
-        if (step + 1) % cfg.ckpt_every_steps == 0 or step + 1 == end_step:
+        if (step + 1) % settings.ckpt_every_steps == 0 or step + 1 == end_step:
             save(step + 1, skipped)
     return skipped

@@ -22,6 +22,8 @@ import time
 import psutil
 import ray
 
+from bliss_ray.costs.memory import gpu_bf16_peak
+
 BOARD_NAME = "bliss_ray_progress"
 
 
@@ -110,8 +112,6 @@ def device_peak_flops() -> tuple[str, float | None]:
 
     if not torch.cuda.is_available():
         return "cpu", None
-    from bliss_ray.costs.memory import gpu_bf16_peak
-
     name = torch.cuda.get_device_name()
     return name, gpu_bf16_peak(name)  # MFU is printed only where the peak is known
 

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from bliss_ray import storage
+from bliss_ray.config import parse_experiment
+from bliss_ray.pipeline import Run
 
 RUNNING, FAILED, SUCCESS = "_RUNNING.json", "_FAILED.json", "_SUCCESS"
 
@@ -132,9 +134,6 @@ def _duration(seconds: float | None) -> str:
 def stage_states(run_dir: str | Path, exp=None) -> list[dict]:
     """One dict per stage of ``exp``'s plan (default: the experiment launched last in ``run_dir``): key, kind,
     identity, state, seconds, headline, error, log."""
-    from bliss_ray.config import parse_experiment
-    from bliss_ray.pipeline import Run
-
     run_dir = str(run_dir) if storage.is_remote(run_dir) else str(Path(run_dir).resolve())
     recorded = storage.read_json(storage.join(run_dir, "experiment.json"))
     if recorded is None:

@@ -22,14 +22,14 @@ import json
 import math
 from pathlib import Path
 
+from bliss_ray.pipeline import flat_settings
+
 # record fields that are bookkeeping, not metrics
 _NOT_SCALARS = {"step", "done_steps", "total_steps", "time", "round", "worker_start_time"}
 
 
 def stage_params(d: Path) -> dict[str, str]:
     """The settings a stage's ``config.json`` records, as an MLflow/W&B run's parameters: dotted key → text."""
-    from bliss_ray.pipeline import flat_settings
-
     config = d / "config.json"
     settings = json.loads(config.read_text()).get("settings", {}) if config.exists() else {}
     return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in flat_settings(settings).items()}
@@ -131,27 +131,4 @@ def round_summary(kind: str, round_index: int | None, outputs: dict, d: Path) ->
             values |= {task: v.get("value") for task, v in (c.get("tasks") or {}).items()}
             # by target steps: a round has several evaluated checkpoints (its mid-round branches and its end)
             out += [(f"eval/{name}", float(v), int(c["steps"])) for name, v in values.items() if v is not None]
-    return out
-
-
-def trackers(tracking: list[str], run_root: Path, experiment_name: str, variant: str = "") -> list:
-    """The trackers an experiment's ``tracking`` setting names (MLflow's and W&B's through Ray's integrations).
-    ``variant`` (``Run.variant``) keeps apart the variants of one run root (methods, seeds, settings)."""
-    out: list = []
-    if "tensorboard" in tracking:
-        out.append(TensorBoardTracker(run_root, variant))
-    if "wandb" in tracking:
-        try:
-            from bliss_ray.watch.wandb_tracker import WandbTracker
-
-            out.append(WandbTracker(run_root, experiment_name, variant))
-        except ImportError as e:
-            raise ImportError(f"tracking: [wandb] needs wandb: pip install 'bliss-ray[tracking]' ({e})") from e
-    if "mlflow" in tracking:
-        try:
-            from bliss_ray.watch.mlflow_tracker import MLflowTracker
-
-            out.append(MLflowTracker(run_root, experiment_name, variant=variant))
-        except ImportError as e:
-            raise ImportError(f"tracking: [mlflow] needs MLflow: pip install 'bliss-ray[tracking]' ({e})") from e
     return out

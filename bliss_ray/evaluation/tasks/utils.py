@@ -43,7 +43,7 @@ __all__ = [
 def _eval_data():
     """`bliss_ray.evaluation.eval_data`, also when the package is not importable (stock CLI from elsewhere)."""
     try:
-        from bliss_ray.evaluation import eval_data
+        from bliss_ray.evaluation import eval_data  # lazy: lm-eval loads this file by path, maybe without bliss_ray
     except ImportError:
         path = Path(__file__).resolve().parents[1] / "eval_data.py"
         spec = importlib.util.spec_from_file_location("_bliss_eval_data", path)
