@@ -11,11 +11,11 @@ STAMP := $(VENV)/.bliss-installed
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu so pip cannot fall back to a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
-# The project's own packages go in with uv (17 s here against pip's 280 s of resolving, the same versions); uv reads
-# no pip.conf, so where only a pip-configured mirror is reachable the install falls back to pip. uv compiles no
+# The project's own packages go in with uv (the same versions, resolved far faster than by pip); uv reads no
+# pip.conf, so where only a pip-configured mirror is reachable the install falls back to pip. uv compiles no
 # bytecode unless told to, and where PYTHONDONTWRITEBYTECODE is set (these machines, CI) no import writes any:
-# every Python process, each Ray worker included, then compiled Ray, transformers & co. from source at every start
-# (the CI tier: 1388 s without bytecode, 968 s with it, on 2 cores; docs/design.md).
+# every Python process, each Ray worker included, would then compile Ray, transformers & co. from source at every
+# start (docs/design.md, "Where a Train stage's fixed cost goes").
 UV_VERSION ?= 0.13.9
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 

@@ -1,5 +1,5 @@
-"""The console's budgets (issue 15): how soon a Train stage's first progress update reaches the driver, and how many
-lines a run prints in a terminal.
+"""The console's budgets: how soon a Train stage's first progress update reaches the driver, and how many lines a
+run prints in a terminal.
 
 What: ``bliss-ray run CONFIG`` (default the tiny pipeline: every stage, a fresh embedded Ray) in a pseudo-terminal
 (``script``, as a person sees it). Rank 0's progress reporter stamps when its train function received it (the

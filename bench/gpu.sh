@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU runbook (issue 9 §5, issue 14): MFU and peak memory of 160M/410M/1B training in bf16, with and without
-# activation checkpointing, beside bliss_ray.costs.memory's estimate (what `bliss-ray plan` says); one bilevel outer step
-# (31M proxy, 410M target: time and peak memory) and scoring throughput, on the pure PyTorch layer. Needs only
+# GPU runbook: MFU and peak memory of 160M/410M/1B training in bf16, with and without activation checkpointing,
+# beside bliss_ray.costs.memory's estimate (what `bliss-ray plan` says); one bilevel outer step (31M proxy, 410M
+# target: time and peak memory) and scoring throughput, on the pure PyTorch layer. Needs only
 # torch, transformers, pyarrow, pandas and numpy (no ray/pydantic/optuna/lm-eval, no network). The RESULTS.md
 # section it writes names the planner's device type: `bliss-ray plan --gpu THAT` then uses the measured MFU.
 #

@@ -1,28 +1,30 @@
-"""GPU runbook benchmark (issue 9 §5, issue 14): MFU and peak memory of 160M/410M/1B training in bf16, with and
-without activation checkpointing, beside the memory planner's estimate; one bilevel outer step with a 31M proxy
-and a 410M target (time, peak memory), and scoring throughput — on the pure PyTorch layer only.
+"""GPU runbook benchmark: MFU and peak memory of 160M/410M/1B training in bf16, with and without activation
+checkpointing, beside the memory planner's estimate; one bilevel outer step with a 31M proxy and a 410M target
+(time, peak memory), and scoring throughput — on the pure PyTorch layer only.
 
 Runs on GPU machines that have torch, transformers, pyarrow, pandas and numpy but NO ray, optuna, pydantic or
 lm-eval and no network: it imports only ``bliss_ray.models``, ``bliss_ray.bilevel``, ``bliss_ray.train``,
-``bliss_ray.selection.scoring``, ``bliss_ray.costs.flops``, ``bliss_ray.costs.memory`` (and ``bliss_ray.data.tokens`` via them), and fails
-if any forbidden module was imported anyway (``forbidden_modules_loaded`` in the JSON). Start it with ``bench/gpu.sh``.
+``bliss_ray.selection.scoring``, ``bliss_ray.costs.flops``, ``bliss_ray.costs.memory`` (and
+``bliss_ray.data.tokens`` via them), and fails if any forbidden module was imported anyway
+(``forbidden_modules_loaded`` in the JSON). Start it with ``bench/gpu.sh``.
 
 What and how:
 
 * training MFU (``bench/mfu.py``'s measurement, bf16 autocast, fused AdamW, SDPA attention, seq_len 1024): model
   FLOPs per second by the ledger (3 × forward, paper convention; attention counted as the causal kernels compute
   it, ``bench/_attention.py``, the full-L² MFU recorded beside it) ÷ the device's dense bf16 peak (table in
-  ``bliss_ray.costs.memory.GPU_BF16_PEAK``, by ``torch.cuda.get_device_name()``); the achieved bf16 matmul rate is recorded;
-  every case prints ``torch.cuda.max_memory_allocated`` beside ``bliss_ray.costs.memory.train_step``'s estimate for
-  one worker (1 GPU: no DDP buckets; FSDP's sharding needs several GPUs, so it is not measured here), and the
-  ledger-count MFU that ``bliss-ray plan`` reads back from the RESULTS.md section (with the planner's device type);
+  ``bliss_ray.costs.memory.GPU_BF16_PEAK``, by ``torch.cuda.get_device_name()``); the achieved bf16 matmul rate
+  is recorded; every case prints ``torch.cuda.max_memory_allocated`` beside
+  ``bliss_ray.costs.memory.train_step``'s estimate for one worker (1 GPU: no DDP buckets; FSDP's sharding needs
+  several GPUs, so it is not measured here), and the ledger-count MFU that ``bliss-ray plan`` reads back from the
+  RESULTS.md section (with the planner's device type);
 * one ``outer_step`` (K = 1, Q = 3, γ = 0.01 with the 410M target for the KL term), 4 × 1024 tokens: median
   seconds, peak allocated memory, MFU by the ledger's op count. It runs in fp32 (no autocast in the loop) and
   the HVPs use the math attention path, so expect it far below training;
 * scoring: ``bliss_ray.selection.scoring.Scorer`` on a saved score model (31M trunk), bf16 and fp32, rows/s and MFU.
 
-Goals (issue 9): ≥ 45 % MFU for 160M/410M training on an H100. Not yet timed with the 1B and checkpointing
-cases (gpu.sh stops it at 480 s); before them it took < 8 min on one H100.
+Goal: ≥ 45 % MFU for 160M/410M training on an H100. ``gpu.sh`` stops it after 480 s (a short device lease), and
+the JSON is written only at the end.
 
     bash bench/gpu.sh                   # on the GPU machine; writes bench/out/gpu_bench.json, fills RESULTS.md
     bash bench/gpu.sh --cpu             # tiny CPU smoke run, seconds (the test suite runs this)

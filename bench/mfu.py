@@ -14,9 +14,9 @@ printed beside it (``full-L² count``).
 Peak: on CPU the best fp32 2048² / 4096² matmul rate, re-measured right before every timed call, so each MFU
 sample is a ratio of two rates measured back to back under the same machine load (the median is reported): a
 CPU MFU is a fraction of the measured fp32 GEMM peak, not of a datasheet number, and every CPU line says so. On
-GPU the device's dense bf16 peak from ``bliss_ray.costs.memory.GPU_BF16_PEAK`` (training in bf16 autocast); the achieved bf16
-matmul rate is recorded too. Every model prints ``config._attn_implementation``: training and scoring must run
-SDPA, never eager attention (issue 9: eager costs ~25 % of a 160M step on CPU).
+GPU the device's dense bf16 peak from ``bliss_ray.costs.memory.GPU_BF16_PEAK`` (training in bf16 autocast); the
+achieved bf16 matmul rate is recorded too. Every model prints ``config._attn_implementation``: training and
+scoring must run SDPA, never eager attention, which is much slower on CPU.
 
 Conditions on CPU: seq_len 1024; training at batch 1 and (the goal case, ≥ 0.80) at one micro-batch of 4
 sequences; scoring at batch 4; the outer step at seq_len 256 × batch 1 (the math-attention double backward is

@@ -1,4 +1,4 @@
-"""The tiny pipeline with its run root in an object store vs on local disk (issue 13): wall-time ratio.
+"""The tiny pipeline with its run root in an object store vs on local disk: wall-time ratio.
 
 What: ``bliss-ray run experiments/tiny.yaml`` (every stage, one round, a fresh embedded Ray per run, as a user
 runs it) with ``--out s3://…`` on a local S3-compatible server (moto in this process, 127.0.0.1 only; no network)

@@ -31,11 +31,11 @@ from _common import OUT, REPO, get_section
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 BENCHES = {  # name → (title, extra arguments of the full run)
-    "train_overhead": ("Ray Train stage vs bare PyTorch loop (issue 2 #11)", []),
-    "hypergrad": ("Batched vs per-sample c_i; outer step vs plain step (issue 3)", []),
-    "score_throughput": ("Ray Data scoring vs bare PyTorch loop (issue 4)", []),
-    "mfu": ("Model FLOPs utilisation (issue 9 §2)", []),
-    "scaling": ("Data-path scaling and driver memory (issue 9 §3)", []),
+    "train_overhead": ("Ray Train stage vs bare PyTorch loop", []),
+    "hypergrad": ("Batched vs per-sample c_i; outer step vs plain step", []),
+    "score_throughput": ("Ray Data scoring vs bare PyTorch loop", []),
+    "mfu": ("Model FLOPs utilisation", []),
+    "scaling": ("Data-path scaling and driver memory", []),
 }
 
 

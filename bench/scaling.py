@@ -84,7 +84,7 @@ def _experiment(pool_dir: Path, keep_frac: float = 0.2):
         selection=SelectionConfig(method="bliss", rule="topk", keep_frac=keep_frac),
         schedule=ScheduleConfig(rounds=1, pool_sharding="shared"),
         # one actor per pool at every size (the demo autoscales 1 → 2): a second actor started only at some
-        # sizes is a fixed cost that differs by size, and it made per-row time look size-dependent
+        # sizes is a fixed cost that differs by size, and would make per-row time look size-dependent
         resources=ResourcesConfig(data_actors=(1, 1), data_actor_cpus=0.5),
     )
 
@@ -207,7 +207,7 @@ def spawn(*args: str, timeout: int = 900) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="base 200 rows, sizes 1× and 4×, selection at 1 M")
-    # 4 000: the first interval must hold seconds of per-row work, or the actor start's ±2 s swamps it
+    # 4 000: the first interval must hold seconds of per-row work, or the actor start's jitter swamps it
     p.add_argument("--base", type=int, default=4000, help="rows at 1×")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--select-rows", type=int, default=10_000_000)

@@ -13,10 +13,9 @@ Threads match: the stage gives each actor ``int(2 × data_actor_cpus)`` torch th
 ``data_actor_cpus = threads / 2`` (1 actor × 1 thread, ``data_actor_cpus`` = 0.5 as in the demo, against 1
 thread in the bare loop by default). Cores match too: the whole benchmark — this process, and every Ray
 daemon and worker (``pin_cores``) — runs on the same ``--cores`` cores (default: as many as ``--threads``).
-Without that the stage's read, filter and write tasks, actor start, raylet and GCS ran on the machine's other
-core while the bare loop had one: a comparison of 2 cores against 1 (rows/s ratio 0.45 in the last ``make
-bench``, 2 cores unpinned; 0.24 with both on 1 core, ``--quick`` at a load average of 3–8: the stage's fixed
-start is CPU work, not waiting).
+Without that the stage's read, filter and write tasks, actor start, raylet and GCS would run on the machine's
+other core while the bare loop had one: a comparison of 2 cores against 1 (the stage's fixed start is CPU work,
+not waiting).
 
 How: each side runs on the BIG input (``--files`` files) and a SMALL one (1/32 of one file: ~140 rows, nearly
 all fixed cost), the four runs alternating. Headline: rows/s of the stage ÷ rows/s of the bare loop on the big
@@ -28,20 +27,12 @@ blind to idle waits) for each side and their ratio.
 
 Where Ray's extra CPU goes: the big Ray run's CPU-seconds by process (``TreeCpu.by_role``: the driver, the
 scoring actor, the read / shard-filter / write task workers, raylet, GCS, ...) beside the bare loop's, and Ray
-Data's own per-operator remote CPU time (``ds.stats()``, which the stage saves as ``ray_data_stats.txt``). Found
-(``--quick``, 4540 rows, 1 core, load average 3–8): Ray 37 CPU-s against the bare loop's 9. The actor's batches
-took 11 CPU-s (8.3 in the bare loop: blocks now cross the object store); every task body together 0.3 CPU-s
-(``ds.stats()``). The rest is fixed cost: the actor's start, 8.4 CPU-s (a fresh process imports torch and
-transformers, which the bare loop's process had, and loads the model); the worker processes that ran the read,
-repartition and write tasks, 9 CPU-s, nearly all process start and imports (they show as ``ray::IDLE``); the
-driver's planning, streaming executor and validation, 3.9; the daemons, ~2. The stage fuses the shard filter into
-the read tasks (one operator and object-store hop fewer). The actor's imports are torch and transformers, ~10
-CPU-s on this machine; importing it without the stage's config and Train layers saved nothing measurable.
+Data's own per-operator remote CPU time (``ds.stats()``, which the stage saves as ``ray_data_stats.txt``). What
+such a breakdown has shown is in docs/design.md, "Where the scoring stage's CPU goes".
 
 Threads: 1 by default (``--threads``), the same on both sides. On a 2-core machine shared with other users, a
-2-thread OpenMP pool spin-waits through its partner's lost time slices: at load ≈ 10 a bare pythia-tiny step
-took 5.8 s wall / 1.26 CPU-s with 2 threads against 2.4 s / 0.40 CPU-s with 1 thread, which buries any
-orchestration overhead in scheduling noise.
+2-thread OpenMP pool spin-waits through its partner's lost time slices: a bare step then takes longer and burns
+several times the CPU of a 1-thread step, which buries any orchestration overhead in scheduling noise.
 
     .venv/bin/python bench/score_throughput.py           # 2 files × 2 reps, ~3 min on 2 cores
     .venv/bin/python bench/score_throughput.py --quick   # 1 file, 1 rep
@@ -122,7 +113,7 @@ def operator_cpu(stats: str) -> dict[str, float]:
 def pin_cores(n: int) -> list[int]:
     """Restrict this process and all its descendants — after ``ray.init``, Ray's daemons and workers; the raylet
     passes its affinity on to the workers it starts later — to the first ``n`` of this process's cores. (Pinned
-    before ``ray.init``, a 1-core Ray start timed out at a load average of 40.)"""
+    before ``ray.init``, a 1-core Ray start can time out on a loaded machine.)"""
     import os
 
     import psutil

@@ -17,9 +17,8 @@ start, checkpoint reporting and copy-out, shutdown; goal ≤ 10 s per stage (eve
 per run (``_common.TreeCpu``), Ray ÷ bare — robust to other users' load, fixed costs included.
 
 Threads: 1 by default (``--threads``), the same on both sides. On a 2-core machine shared with other users, a
-2-thread OpenMP pool spin-waits through its partner's lost time slices: at load ≈ 10 a bare pythia-tiny step
-took 5.8 s wall / 1.26 CPU-s with 2 threads against 2.4 s / 0.40 CPU-s with 1 thread, which buries any
-orchestration overhead in scheduling noise.
+2-thread OpenMP pool spin-waits through its partner's lost time slices: a bare step then takes longer and burns
+several times the CPU of a 1-thread step, which buries any orchestration overhead in scheduling noise.
 
     .venv/bin/python bench/train_overhead.py            # 3 pairs × 40 steps, ~3 min on 2 cores
     .venv/bin/python bench/train_overhead.py --quick    # 1 pair × 20 steps

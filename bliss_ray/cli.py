@@ -148,16 +148,16 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bliss-ray", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give a subcommand the experiment YAML argument and its repeatable ``--set`` overrides."""
+    p.add_argument("config", help="experiment YAML (see experiments/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    return p
 
-    def with_config(p):
-        p.add_argument("config", help="experiment YAML (see experiments/)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-        return p
 
-    p = with_config(sub.add_parser("run", help="run the pipeline"))
+def _add_run_commands(sub) -> None:
+    """The subcommands about one experiment config or run: run, status, validate, flops, plan."""
+    p = _with_config(sub.add_parser("run", help="run the pipeline"))
     p.add_argument("--stage", help="stop after this stage (a key like r1.bilevel, or a kind like tokenize)")
     p.add_argument("--out", default="runs", help="root of run directories (default: runs/)")
     p.add_argument("-v", "--verbose", action="store_true", help="Ray's own output on screen too, not only in the log")
@@ -170,14 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="the plan of this config, not of the experiment launched last in RUN_DIR")
     p.add_argument("--set", action="append", default=[], help="override with --config: key=value (repeatable)")
     p.set_defaults(fn=cmd_status)
-    with_config(sub.add_parser("validate", help="validate a config")).set_defaults(fn=cmd_validate)
-    p = with_config(sub.add_parser("flops", help="print the FLOPs ledger of a config"))
+    _with_config(sub.add_parser("validate", help="validate a config")).set_defaults(fn=cmd_validate)
+    p = _with_config(sub.add_parser("flops", help="print the FLOPs ledger of a config"))
     p.add_argument("--convention", choices=["paper", "6nd", "rebuttal"], default="paper")
     p.set_defaults(fn=cmd_flops)
-    p = with_config(sub.add_parser("plan", help="per-stage memory, fit and GPU-hours on a device type"))
+    p = _with_config(sub.add_parser("plan", help="per-stage memory, fit and GPU-hours on a device type"))
     p.add_argument("--gpu", choices=GPU_TYPES, help="device type (default: resources.gpu_type)")
     p.add_argument("--gpus", type=int, help="training workers (default: resources.train_workers)")
     p.set_defaults(fn=cmd_plan)
+
+
+def _add_study_commands(sub) -> None:
+    """The subcommands over several runs: report, sweep, compare."""
     p = sub.add_parser("report", help="tables and figures from run directories")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", required=True)
@@ -204,7 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="Ray's own output on screen too")
     p.set_defaults(fn=cmd_compare)
 
-    args = parser.parse_args(argv)
+
+def _parser() -> argparse.ArgumentParser:
+    """The ``bliss-ray`` argument parser: one subcommand per ``cmd_*`` function, in the order ``--help`` lists."""
+    parser = argparse.ArgumentParser(prog="bliss-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_study_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     _setup_logging()
     try:
         return args.fn(args)

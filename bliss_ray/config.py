@@ -115,7 +115,8 @@ class ScoreConfig(_Strict):
 
 
 class MatesConfig(_Strict):
-    """The MATES baseline (method.md §5; ``bliss_ray.mates``): oracle probing, influence model, Gumbel selection."""
+    """The MATES baseline (docs/method.md, "MATES"; ``bliss_ray.mates``): oracle probing, influence model, Gumbel
+    selection."""
 
     probes: int = Field(64, ge=1)
     """Oracle probes per round (MATES: 80k), a seeded sample of the round's pool shard."""
@@ -199,8 +200,8 @@ class ResourcesConfig(_Strict):
     """torch.compile the model in training (off by default on CPU)."""
     dashboard: bool = False
     """Start the embedded local Ray's dashboard (State API, ``ray list``, Train's placement-group clean-up). Off by
-    default: +1.1 GB and 11 processes, and on a loaded 2-core machine its agent can start too slowly for the raylet.
-    A cluster started with ``ray start`` has its own."""
+    default: it costs a dozen processes and a gigabyte of memory, and on a loaded 2-core machine its agent can
+    start too slowly for the raylet. A cluster started with ``ray start`` has its own."""
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     """How proxy warm-up and target pretraining use ``train_workers``: ``ddp`` keeps a full copy of weights, grads
     and AdamW state on every worker (16 B/param); ``fsdp`` shards them (FSDP2 ``fully_shard`` per transformer

@@ -5,10 +5,11 @@ ride in the URI's query string (``s3://bkt/runs?region=us-east-1&endpoint_overri
 worker on another node resolves the same store from the location alone, with no environment to forward.
 Credentials come only from the environment or the instance/workload identity; nothing here writes them anywhere.
 
-Why pyarrow.fs and not fsspec (docs/design.md, "Storage"): Ray Train, Tune and Data resolve their storage with it,
-it ships S3, GCS, Azure and HDFS in the pyarrow wheel we already pin, and ``copy_files`` is a threaded C++ bulk
-copy. Single-object writes are atomic on object stores, so a marker (``_SUCCESS``) written last is what readers
-trust; local writes go through a temporary file and ``os.replace`` for the same guarantee.
+Why pyarrow.fs and not fsspec (docs/design.md, "Storage: run roots in object stores"): Ray Train, Tune and Data
+resolve their storage with it, it ships S3, GCS, Azure and HDFS in the pyarrow wheel we already pin, and
+``copy_files`` is a threaded C++ bulk copy. Single-object writes are atomic on object stores, so a marker
+(``_SUCCESS``) written last is what readers trust; local writes go through a temporary file and ``os.replace`` for
+the same guarantee.
 
     from bliss_ray import storage
     storage.write_json(storage.join(root, "r0.select-ab12", "outputs.json"), {...})

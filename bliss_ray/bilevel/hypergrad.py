@@ -1,4 +1,4 @@
-"""The implicit hypergradient of BLISS (method.md §1.5), pure PyTorch.
+"""The implicit hypergradient of BLISS (docs/method.md, "The hypergradient"), pure PyTorch.
 
     ∇Φ(θ_s) = −∇²_{θ_s θ_p} g · z,   z ≈ H⁻¹ ∇_{θ_p} f,   H = ∇²_{θ_p θ_p} g
 

@@ -1,4 +1,5 @@
-"""The BLISS bilevel loop (method.md §2.2), pure PyTorch: no Ray, no config layer, collectives via ``train.dist``.
+"""The BLISS bilevel loop (docs/method.md, "The hypergradient"), pure PyTorch: no Ray, no config layer, collectives
+via ``train.dist``.
 
 One outer step t:
   1. K inner steps: weights P from the score model (no gradient), proxy AdamW step on
@@ -107,52 +108,35 @@ def _inner_step(state: BilevelState, s: BilevelSettings, input_ids, scores, targ
     return {"lower_loss": float(stats[0]), "kl": float(stats[1]) / global_batch, "proxy_grad_norm": float(grad_norm)}
 
 
-def outer_step(
-    state: BilevelState,
-    s: BilevelSettings,
-    train_batch_at: Callable[[int], torch.Tensor],
-    ref_batch_at: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]],
-) -> dict:
-    """One outer step (K inner steps + one score-model step). ``train_batch_at(i)`` is this worker's i-th
-    micro-batch of training rows; ``ref_batch_at(t)`` its t-th reference micro-batch (ids, loss mask)."""
-    t0 = time.perf_counter()
-    t = state.step
-    world = dist.world_size()
-    global_batch = s.micro_batch_seqs * world
-    proxy_params = [p for p in state.proxy.parameters() if p.requires_grad]
-
-    # 1. inner steps (scores of the outer batch are computed once, with graph, and reused when it is the same)
-    per_step = s.micro_batches_per_step
-    inner = {}
-    cache = {}
+def _inner_steps(state: BilevelState, s: BilevelSettings, train_batch_at, global_batch: int):
+    """Step 1: K proxy steps with the score model's weights as constants. Returns their last metrics and the
+    outer batch with its target logits: the last inner batch when ``reuse_inner_batch``, else the next one."""
+    per_step, t = s.micro_batches_per_step, state.step
+    inner, ids, tl = {}, None, None
     for k in range(s.inner_steps):
         ids = train_batch_at(t * per_step + k)
         with torch.no_grad():
             _, scores = state.score_model(ids)  # (B,)
         tl = _target_logits(state, ids, s)
         inner = _inner_step(state, s, ids, scores, tl, global_batch)
-        cache = {"ids": ids, "target_logits": tl}
-    if s.reuse_inner_batch:
-        outer_ids, outer_tl = cache["ids"], cache["target_logits"]
-    else:
-        outer_ids = train_batch_at(t * per_step + s.inner_steps)  # the next, unseen batch
-        outer_tl = _target_logits(state, outer_ids, s)
+    if not s.reuse_inner_batch:
+        ids = train_batch_at(t * per_step + s.inner_steps)  # the next, unseen batch
+        tl = _target_logits(state, ids, s)
+    return inner, ids, tl
 
-    # 2. ∇f on the reference set (global mean over workers)
-    ref_ids, ref_mask = ref_batch_at(t)
+
+def _reference_grad(state: BilevelState, proxy_params, ref_batch_at) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Step 2: ∇f, the proxy's gradient on a reference micro-batch (mean over workers), and the loss f."""
+    ref_ids, ref_mask = ref_batch_at(state.step)
     upper = per_sample_ce(state.proxy(input_ids=ref_ids).logits, ref_ids, ref_mask).mean()
     grad_f = [g.clone() for g in torch.autograd.grad(upper, proxy_params)]
     dist.all_reduce_sum_(*grad_f)
-    grad_f = [g / world for g in grad_f]
+    return [g / dist.world_size() for g in grad_f], upper
 
-    # 3. z ≈ (H + μI)⁻¹ ∇f with HVPs of g on the outer batch
-    _, scores = state.score_model(outer_ids)  # (B,) with graph to θ_s, used again in step 4
-    p_local, p_all, normaliser = global_softmax(scores)
-    hvp = make_hvp(state.proxy, proxy_params, outer_ids, p_local * s.ce_scale, outer_tl, s.gamma, global_batch, s.l2)
-    z = solve_z(hvp, grad_f, s.z_steps, s.z_lr, s.z_damping, s.z_init, s.z_clip)
-    del hvp  # frees the double-backward graph before the next forward
 
-    # 4. c_i and the score-model step
+def _score_step(state: BilevelState, s: BilevelSettings, proxy_params, outer_ids, scores, p_local, z) -> tuple:
+    """Step 4: c_i = ⟨∇CE_i, z⟩, the hypergradient, its per-tensor clip and the score-model AdamW step.
+    Returns (the hypergradient's norm before clipping, c̄)."""
     z_map = dict(zip(proxy_params, z, strict=True))
     if s.ci_method == "ghost":
         c = ci_ghost(state.proxy, outer_ids, z_map, s.ci_chunk_seqs)
@@ -167,6 +151,31 @@ def outer_step(
                 torch.nn.utils.clip_grad_norm_([q], s.hypergrad_clip)  # per tensor, as the released code
     state.score_opt.step()
     state.score_opt.zero_grad(set_to_none=True)
+    return hyper_norm, c_bar
+
+
+def outer_step(
+    state: BilevelState,
+    s: BilevelSettings,
+    train_batch_at: Callable[[int], torch.Tensor],
+    ref_batch_at: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]],
+) -> dict:
+    """One outer step (K inner steps + one score-model step). ``train_batch_at(i)`` is this worker's i-th
+    micro-batch of training rows; ``ref_batch_at(t)`` its t-th reference micro-batch (ids, loss mask)."""
+    t0 = time.perf_counter()
+    global_batch = s.micro_batch_seqs * dist.world_size()
+    proxy_params = [p for p in state.proxy.parameters() if p.requires_grad]
+    inner, outer_ids, outer_tl = _inner_steps(state, s, train_batch_at, global_batch)
+    grad_f, upper = _reference_grad(state, proxy_params, ref_batch_at)
+
+    # 3. z ≈ (H + μI)⁻¹ ∇f with HVPs of g on the outer batch
+    _, scores = state.score_model(outer_ids)  # (B,) with graph to θ_s, used again in step 4
+    p_local, p_all, normaliser = global_softmax(scores)
+    hvp = make_hvp(state.proxy, proxy_params, outer_ids, p_local * s.ce_scale, outer_tl, s.gamma, global_batch, s.l2)
+    z = solve_z(hvp, grad_f, s.z_steps, s.z_lr, s.z_damping, s.z_init, s.z_clip)
+    del hvp  # frees the double-backward graph before the next forward
+
+    hyper_norm, c_bar = _score_step(state, s, proxy_params, outer_ids, scores, p_local, z)
     state.proxy_sched.step()
     state.score_sched.step()
     state.normaliser = normaliser

@@ -1,4 +1,4 @@
-"""BLISS losses (method.md §1.2).
+"""BLISS losses (docs/method.md, "The bilevel problem").
 
 Lower level, on a training batch B with sample weights P (Σ_{i∈B} P_i = 1):
 
@@ -25,7 +25,7 @@ def _nll(logp: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token negative log-likelihood per position from log-probabilities (B, T, V) → (B, T-1).
 
     A gather on ``log_softmax`` rather than ``F.cross_entropy``: same value and gradient, but its double
-    backward (every Hessian-vector product of the bilevel step) is ~1.5× cheaper on CPU. The gather runs on all
+    backward (every Hessian-vector product of the bilevel step) is cheaper on CPU. The gather runs on all
     T positions (the last one reads a dummy target) and the (B, T) result is sliced: slicing the (B, T, V)
     input instead would cost a vocabulary-sized zero-fill and copy in every backward."""
     next_ids = torch.roll(input_ids, -1, dims=1)  # (B, T): position t predicts t+1; the last entry is unused

@@ -1,4 +1,5 @@
-"""Sample weights from score-model outputs: a softmax over the *global* batch (method.md §1.3).
+"""Sample weights from score-model outputs: a softmax over the *global* batch (docs/method.md, "The bilevel
+problem").
 
     P_i = exp(s_i) / Σ_{j ∈ global batch} exp(s_j)
 

@@ -42,9 +42,9 @@ class Row:
     published: float | None = None  # the rebuttal's printed value (×1e19), ``rebuttal`` convention only
 
 
-# Stage kinds of ``pipeline.stages_of`` that cost no model FLOPs worth a row (tokenizing, sampling ids), or that Table 1
-# leaves out (lm-eval's forward passes). Any other kind without a row fails loudly: the ledger charges exactly the
-# stages the pipeline runs, no more (the random baseline has no warm-up) and no fewer.
+# Stage kinds of ``pipeline.stages_of`` that cost no model FLOPs worth a row (tokenizing, sampling ids), or that
+# Table 1 leaves out (lm-eval's forward passes). Any other kind without a row fails loudly: the ledger charges
+# exactly the stages the pipeline runs, no more (the random baseline has no warm-up) and no fewer.
 _UNCHARGED_KINDS = {"tokenizer", "tokenize", "select", "evaluate", "report"}
 _CHARGED_KINDS = {"pretrain", "warmup", "bilevel", "score", "probe", "influence"}
 
@@ -78,6 +78,72 @@ def estimated_reference_batches(exp) -> tuple[list[tuple[int, float]], str]:
     return [(n_ref, per_seq)], "flops.reference_tokens_per_seq, an estimate"
 
 
+def _train_tokens(t, seq_len: int) -> int:
+    """Tokens one stage of a training config (``pretrain``, ``warmup``) trains on: steps × global batch × length."""
+    return t.steps * t.global_batch_seqs * seq_len
+
+
+def _pretraining_row(exp, n, fwd, target) -> Row:
+    """The target's stable pretraining over all rounds, plus the last round's FLOPs-matching extra steps."""
+    L, p = exp.data.seq_len, exp.pretrain
+    extra = exp.schedule.final_extra_steps  # the last round's extra steps (a FLOPs-matched baseline)
+    return Row(
+        "pretraining",
+        "target pretraining",
+        3 * fwd(target) * (_train_tokens(p, L) * n["pretrain"] + extra * p.global_batch_seqs * L),
+        f"{n['pretrain']} rounds × {p.steps} steps × {p.global_batch_seqs}×{L} tokens"
+        + (f" + {extra} steps in the last round" if extra else ""),
+    )
+
+
+def _warmup_row(exp, n, fwd, proxy) -> Row:
+    """The proxy's warm-up training, once per warm-up stage the plan runs."""
+    L = exp.data.seq_len
+    return Row(
+        "warm-up",
+        "proxy warm-up",
+        3 * fwd(proxy) * _train_tokens(exp.warmup, L) * n["warmup"],
+        f"{exp.warmup.steps} steps × {exp.warmup.global_batch_seqs}×{L} tokens",
+    )
+
+
+def _bilevel_row(exp, n, proxy, target, convention: str) -> Row:
+    """BLISS's bilevel optimisation, the target's term counted only when ``gamma`` > 0 uses it."""
+    L, b = exp.data.seq_len, exp.bilevel
+    global_batch = b.micro_batch_seqs * exp.resources.bilevel_workers
+    per_token = bilevel_flops_per_token(b, proxy, target if b.gamma > 0 else None, L, convention)
+    return Row(
+        "selection",
+        "bilevel optimisation",
+        per_token * b.outer_steps * global_batch * L * n["bilevel"],
+        f"{n['bilevel']} rounds × T={b.outer_steps} × B={global_batch}×{L}, K={b.inner_steps}, Q={b.z_steps}",
+    )
+
+
+def _score_row(exp, n, fwd, proxy, pool_rows: int) -> Row:
+    """BLISS's score-model inference over each round's pool: the proxy's trunk, no LM head."""
+    L = exp.data.seq_len
+    return Row(
+        "selection",
+        "score-model inference",
+        fwd(proxy, head=False) * pool_rows * L * n["score"],
+        f"{n['score']} rounds × {pool_rows:,} rows × {L} tokens (trunk only)",
+    )
+
+
+def _decay_row(exp, n, fwd, target) -> Row:
+    """The decay branches (each round's final one and its mid-round ones): evaluation overhead, not in the total."""
+    L, p = exp.data.seq_len, exp.pretrain
+    branches = 1 + p.eval_branches  # per round: the final decay branch and the mid-round ones
+    per_round = f"{branches} branches × " if p.eval_branches else ""
+    return Row(
+        "evaluation",
+        "decay branches",
+        3 * fwd(target) * branches * p.decay_steps * p.global_batch_seqs * L * n["pretrain"],
+        f"{per_round}{p.decay_steps} decay steps per round, for evaluation only (not in the total)",
+    )
+
+
 def ledger(
     exp,
     convention: str = "paper",
@@ -96,62 +162,18 @@ def ledger(
     def fwd(a, head=True, seq_len=L):
         return forward_flops_per_token(a, seq_len, head, convention)
 
-    tr_tokens = lambda t: t.steps * t.global_batch_seqs * L  # noqa: E731
-    p = exp.pretrain
-    extra = exp.schedule.final_extra_steps  # the last round's extra steps (a FLOPs-matched baseline)
-    rows = [
-        Row(
-            "pretraining",
-            "target pretraining",
-            3 * fwd(target) * (tr_tokens(p) * n["pretrain"] + extra * p.global_batch_seqs * L),
-            f"{n['pretrain']} rounds × {p.steps} steps × {p.global_batch_seqs}×{L} tokens"
-            + (f" + {extra} steps in the last round" if extra else ""),
-        ),
-    ]
+    rows = [_pretraining_row(exp, n, fwd, target)]
     pool_rows = pool_rows_per_round or exp.flops.pool_rows_per_round
     if n["warmup"]:
-        rows.append(
-            Row(
-                "warm-up",
-                "proxy warm-up",
-                3 * fwd(proxy) * tr_tokens(exp.warmup) * n["warmup"],
-                f"{exp.warmup.steps} steps × {exp.warmup.global_batch_seqs}×{L} tokens",
-            )
-        )
+        rows.append(_warmup_row(exp, n, fwd, proxy))
     if n["bilevel"]:
-        b = exp.bilevel
-        global_batch = b.micro_batch_seqs * exp.resources.bilevel_workers
-        per_token = bilevel_flops_per_token(b, proxy, target if b.gamma > 0 else None, L, convention)
-        rows.append(
-            Row(
-                "selection",
-                "bilevel optimisation",
-                per_token * b.outer_steps * global_batch * L * n["bilevel"],
-                f"{n['bilevel']} rounds × T={b.outer_steps} × B={global_batch}×{L}, K={b.inner_steps}, Q={b.z_steps}",
-            )
-        )
+        rows.append(_bilevel_row(exp, n, proxy, target, convention))
     if n["score"] and pool_rows and exp.selection.method == "bliss":
-        rows.append(
-            Row(
-                "selection",
-                "score-model inference",
-                fwd(proxy, head=False) * pool_rows * L * n["score"],
-                f"{n['score']} rounds × {pool_rows:,} rows × {L} tokens (trunk only)",
-            )
-        )
+        rows.append(_score_row(exp, n, fwd, proxy, pool_rows))
     if n["probe"]:
         rows += _mates_rows(exp, n, pool_rows, fwd, target, reference_batches, convention)
-    if p.decay_steps:
-        branches = 1 + p.eval_branches  # per round: the final decay branch and the mid-round ones
-        per_round = f"{branches} branches × " if p.eval_branches else ""
-        rows.append(
-            Row(
-                "evaluation",
-                "decay branches",
-                3 * fwd(target) * branches * p.decay_steps * p.global_batch_seqs * L * n["pretrain"],
-                f"{per_round}{p.decay_steps} decay steps per round, for evaluation only (not in the total)",
-            )
-        )
+    if exp.pretrain.decay_steps:
+        rows.append(_decay_row(exp, n, fwd, target))
     return rows
 
 

@@ -1,8 +1,8 @@
 """Per-worker memory of BLISS's steps (LM training, the bilevel outer step, inference) and the devices they run on.
 
 Pure: the standard library, ``LMArch`` and the FLOPs ledger's parameter counts (no pydantic, no Ray), so the GPU
-runbook (``bench/gpu_bench.py``) prints these numbers beside what it measures and ``bliss_ray.costs.planner`` turns them
-into a launch plan. Bytes per worker; P parameters, N workers, b micro-batch sequences, s tokens per sequence,
+runbook (``bench/gpu_bench.py``) prints these numbers beside what it measures and ``bliss_ray.costs.planner`` turns
+them into a launch plan. Bytes per worker; P parameters, N workers, b micro-batch sequences, s tokens per sequence,
 h width, a heads, L layers, V vocabulary.
 
 Training step (warm-up, pretraining, MATES probes, the influence model):

@@ -1,8 +1,9 @@
 """The BLISS rebuttal's FLOPs tables, reverse-engineered: ``bliss-ray flops CONFIG --convention rebuttal``.
 
-Each row of the rebuttal's Table 1 (docs: rebuttal.md; method.md §4) with the assumption that reproduces it,
-computed from the config's target and proxy with the paper's per-token forward F = 2·P_mm + 4·L·d·n
-(``bliss_ray.costs.flops.forward_flops_per_token``), D = 5 × 10k steps × 512 × 1024 = 26.2144e9 target tokens:
+Each row of the rebuttal's Table 1 (docs/method.md, "The rebuttal's tables" and "FLOPs") with the assumption
+that reproduces it, computed from the config's target and proxy with the paper's per-token forward
+F = 2·P_mm + 4·L·d·n (``bliss_ray.costs.flops.forward_flops_per_token``), D = 5 × 10k steps × 512 × 1024 =
+26.2144e9 target tokens:
 
 * model pretraining = 3·F(target)·D: 6.3517 for 410M (printed 6.35). For 1B it gives 15.34, not the printed
   17.67, nor does any other convention tried (L = 2048: 16.40; 2N + attention: 16.97): 17.67 may be copied from
@@ -17,7 +18,8 @@ computed from the config's target and proxy with the paper's per-token forward F
   fraction 30k/50k, the warm-up not.
 * Table 1's 410M shares sum to 100.87 %: they were divided by 8.01, not by the printed total 8.08.
 
-``bliss_ray.costs.flops.ledger`` (``paper``/``6nd``) counts what this platform computes instead; docs/design.md compares.
+``bliss_ray.costs.flops.ledger`` (``paper``/``6nd``) counts what this platform computes instead; docs/design.md
+compares.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
-# The paper's 9 zero-shot tasks (method.md §3.4) under their lm-eval hub names.
+# The paper's 9 zero-shot tasks (docs/method.md, "Evaluation") under their lm-eval hub names.
 PAPER_TASKS: tuple[str, ...] = (
     "sciq",
     "arc_easy",
@@ -45,8 +45,8 @@ LOCAL_PAPER_TASKS: dict[str, str | None] = {
     "piqa": "piqa_local",
     "winogrande": "winogrande_local",
 }
-# The metric the paper averages per task (CODE-B `calculate_acc_mean_with_norm`): acc_norm where harness v0.3
-# had it, else acc.
+# The metric the paper averages per task (the released code's `calculate_acc_mean_with_norm`): acc_norm where
+# harness v0.3 had it, else acc.
 PAPER_METRIC: dict[str, str] = {t: "acc" if t in ("boolq", "winogrande") else "acc_norm" for t in PAPER_TASKS}
 PAPER_GROUP = "bliss_paper_local"
 REF_CLOZE_TASK = "bliss_ref_cloze"
@@ -158,6 +158,25 @@ def _compact(res: Mapping[str, Any]) -> dict[str, dict]:
     return out
 
 
+def _checked_request(tasks: str | Iterable[str], model_dir: str | Path) -> tuple[list[str], Path]:
+    """(task names, checkpoint dir), refusing an empty task list or a dir that is not a saved HF checkpoint."""
+    names = _expand(tasks)
+    if not names:
+        raise ValueError("no tasks given")
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a saved HF checkpoint (no config.json)")
+    return names, model_dir
+
+
+def _model_args(model_dir: Path, dtype: str, max_length: int | None) -> str:
+    """lm-eval's ``--model_args`` string for the ``hf`` model."""
+    model_args = f"pretrained={model_dir.resolve()},dtype={dtype}"
+    if max_length:
+        model_args += f",max_length={max_length}"
+    return model_args
+
+
 def evaluate_checkpoint(
     model_dir: str | Path,
     tasks: str | Iterable[str] = PAPER_GROUP,
@@ -179,21 +198,13 @@ def evaluate_checkpoint(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    names = _expand(tasks)
-    if not names:
-        raise ValueError("no tasks given")
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a saved HF checkpoint (no config.json)")
+    names, model_dir = _checked_request(tasks, model_dir)
     # Indexing lm-eval's ~15k built-in YAMLs takes seconds; only do it when a non-local task is asked for.
     include_defaults = any(n not in LOCAL_TASKS for n in names)
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
-    model_args = f"pretrained={model_dir.resolve()},dtype={dtype}"
-    if max_length:
-        model_args += f",max_length={max_length}"
     res = lm_eval.simple_evaluate(
         model="hf",
-        model_args=model_args,
+        model_args=_model_args(model_dir, dtype, max_length),
         tasks=names,
         num_fewshot=0,
         batch_size=batch_size,

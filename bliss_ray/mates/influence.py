@@ -165,6 +165,63 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(spearmanr(a, b).statistic)
 
 
+def _z_scored(losses: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(mean, std, z-scored losses): MATES z-scores all labels before splitting."""
+    losses = np.asarray(losses, dtype=np.float64)
+    mean, std = float(losses.mean()), float(losses.std())
+    return mean, std, (losses - mean) / (std if std > 0 else 1.0)
+
+
+def _adamw_linear_decay(
+    model: nn.Module, lr: float, weight_decay: float, total: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with HF Trainer's default schedule: the learning rate decays linearly to 0 over ``total`` steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))
+
+
+def _train_epoch(
+    model: InfluenceModel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    ids: np.ndarray,
+    z: np.ndarray,
+    order: np.ndarray,
+    batch_seqs: int,
+    device: torch.device,
+) -> tuple[float, int]:
+    """One pass over the shuffled training rows ``order``: MSE steps on the z-scored targets.
+    Returns (sum of per-row squared errors, optimizer steps taken)."""
+    sq_sum, steps = 0.0, 0
+    for s in range(0, len(order), batch_seqs):
+        rows = np.sort(order[s : s + batch_seqs])  # sorted reads from a memmap are faster
+        x = torch.as_tensor(np.asarray(ids[rows]), dtype=torch.long, device=device)  # (b, L)
+        y = torch.as_tensor(z[rows], dtype=torch.float32, device=device)  # (b,)
+        with autocast_for(device):
+            pred = model(x)[0]  # (b,) fp32
+        loss = F.mse_loss(pred.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        steps += 1
+        sq_sum += loss.item() * len(rows)
+    return sq_sum, steps
+
+
+def _heldout_metrics(
+    model: InfluenceModel, ids: np.ndarray, z: np.ndarray, held_idx: np.ndarray, batch_seqs: int, device
+) -> dict:
+    """Held-out MSE and Spearman of the model's predictions against the z-scored targets (empty: no held-out rows)."""
+    if not len(held_idx):
+        return {}
+    pred = predict(model, ids[held_idx], batch_seqs, device)
+    return {
+        "heldout_mse": float(np.mean((pred - z[held_idx]) ** 2)),
+        "spearman": spearman(pred, z[held_idx]),
+    }
+
+
 def train_influence_model(
     ids: np.ndarray,
     losses: np.ndarray,
@@ -183,47 +240,20 @@ def train_influence_model(
 ) -> InfluenceFit:
     """Fit an ``InfluenceModel`` to (rows ``ids`` (N, L), probed ``losses`` (N,)); see the module docstring."""
     device = torch.device(device)
-    losses = np.asarray(losses, dtype=np.float64)
-    mean, std = float(losses.mean()), float(losses.std())
-    z = (losses - mean) / (std if std > 0 else 1.0)  # MATES z-scores all labels before splitting
+    mean, std, z = _z_scored(losses)
     train_idx, held_idx = split_rows(len(losses), heldout_frac, seed)
     model = InfluenceModel(arch, dropout=dropout, seed=seed)
     pretrained = model.load_pretrained_trunk(pretrained_dir) if pretrained_dir else {}
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / batch_seqs)
-    total = max(1, steps_per_epoch * epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))  # HF Trainer default
+    opt, sched = _adamw_linear_decay(model, lr, weight_decay, max(1, math.ceil(len(train_idx) / batch_seqs) * epochs))
     rng = np.random.default_rng([seed, 1])
     history, best, best_state, best_epoch, step = [], -math.inf, None, None, 0
     for epoch in range(1, epochs + 1):
-        sq_sum = 0.0
         order = rng.permutation(train_idx)  # a fresh seeded shuffle every epoch
-        for s in range(0, len(order), batch_seqs):
-            rows = np.sort(order[s : s + batch_seqs])  # sorted reads from a memmap are faster
-            x = torch.as_tensor(np.asarray(ids[rows]), dtype=torch.long, device=device)  # (b, L)
-            y = torch.as_tensor(z[rows], dtype=torch.float32, device=device)  # (b,)
-            with autocast_for(device):
-                pred = model(x)[0]  # (b,) fp32
-            loss = F.mse_loss(pred.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            sq_sum += loss.item() * len(rows)
-        entry = {
-            "epoch": epoch,
-            "step": step,
-            "train_mse": sq_sum / max(1, len(train_idx)),
-            "lr": sched.get_last_lr()[0],
-        }
-        if len(held_idx):
-            pred = predict(model, ids[held_idx], batch_seqs, device)
-            entry |= {
-                "heldout_mse": float(np.mean((pred - z[held_idx]) ** 2)),
-                "spearman": spearman(pred, z[held_idx]),
-            }
+        sq_sum, steps = _train_epoch(model, opt, sched, ids, z, order, batch_seqs, device)
+        step += steps
+        entry = {"epoch": epoch, "step": step, "train_mse": sq_sum / max(1, len(train_idx))}
+        entry |= {"lr": sched.get_last_lr()[0]} | _heldout_metrics(model, ids, z, held_idx, batch_seqs, device)
         history.append(entry)
         if on_epoch is not None:
             on_epoch(entry)

@@ -1,7 +1,7 @@
 """MATES oracle probing (pure PyTorch): the reference-set loss after one AdamW step on a single candidate.
 
 For a target checkpoint M (model + AdamW state + step) and a candidate x, MATES's oracle influence is
-I(x) ∝ −L(D_ref | M) + L(D_ref | A(M, x)), where A is one optimizer step on the batch {x} (method.md §5.1).
+I(x) ∝ −L(D_ref | M) + L(D_ref | A(M, x)), where A is one optimizer step on the batch {x} (docs/method.md, "MATES").
 The released code stores only L(D_ref | A(M, x)): the baseline L(D_ref | M) is the same for every probe of a
 checkpoint (cxcscmu/MATES#5). So do we: ``Prober.probe`` returns post-step losses, ``Prober.baseline_loss`` the
 constant.

@@ -6,7 +6,8 @@
 The trunk has exactly the proxy's config (released code: ``GPTRegression`` from the same lit-gpt config).
 ``score_init="proxy_warmup"`` copies the trunk from the warmed-up proxy (released default); ``"random"`` keeps
 the fresh init. Ranking the corpus uses the fp32 ``logit``: σ is monotone, so the order is the same as by s_i,
-without the ties that fp16 sigmoid scores create at the selection cut-off (method.md §6.2 pitfall 8).
+without the ties that fp16 sigmoid scores create at the selection cut-off (docs/method.md, "Scoring and
+selection").
 
     score_model = ScoreModel.from_proxy(proxy, use_sigmoid=True)
     logit, score = score_model(input_ids)          # (B,), (B,)

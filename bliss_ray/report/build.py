@@ -161,24 +161,10 @@ def _selection_tables(variants: list[Variant]) -> list[str]:
     return lines
 
 
-def build_report(roots: list[str | Path], out: Path) -> Path:
-    """The report of the run roots (local paths or store URIs) into the local directory ``out``."""
-    roots = [local_view(r) for r in roots]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    variants = find_variants([Path(r) for r in roots])
-    if not variants:
-        raise FileNotFoundError(f"no finished runs (evaluate-*/_SUCCESS) under {', '.join(map(str, roots))}")
-    md = [
-        "# BLISS report",
-        "",
-        f"Variants: {', '.join(v.label for v in variants)} — from "
-        f"{', '.join(sorted({str(v.root) for v in variants}))}.",
-        "",
-    ]
-    first = next((v for v in variants if v.method == "bliss"), variants[0])
+def _flops_section(first: Variant) -> list[str]:
+    """Table 1: the FLOPs ledger of one variant (the first BLISS one, else the first)."""
     rows, _ = _variant_flops(first)
-    md += [
+    return [
         "## FLOPs (Table 1 style)",
         "",
         f"Ledger of **{first.label}** (pool rows per round from its scoring "
@@ -187,7 +173,11 @@ def build_report(roots: list[str | Path], out: Path) -> Path:
         format_ledger(rows),
         "",
     ]
-    md += [
+
+
+def _downstream_section(variants: list[Variant], first: Variant) -> list[str]:
+    """Tables 2–4: final-checkpoint downstream results, with where the tasks' data and reference losses come from."""
+    return [
         "## Downstream results of the final checkpoints (Tables 2–4 style)",
         "",
         "Accuracy % (standard error), zero-shot, the decay-branch checkpoint of the last round; the method column "
@@ -207,15 +197,18 @@ def build_report(roots: list[str | Path], out: Path) -> Path:
         ),
         "",
     ]
-    md += _seed_table(variants)
-    md += ["## Per round", "", *_rounds_table(variants), ""]
+
+
+def _figure_sections(variants: list[Variant], out: Path) -> list[str]:
+    """Draw the figures into ``out``; the sections that show them: bilevel curves, downstream vs steps with the
+    speed-ups, and the selection diagnostics."""
     figs = {
         "bilevel": figures.bilevel_curves(variants, out / "bilevel_curves.png"),
         "downstream": figures.downstream_curves(variants, out / "downstream_vs_steps.png"),
         "hist": figures.score_histograms(variants, out / "score_histograms.png"),
         "domains": figures.domain_shares(variants, out / "domain_shares.png"),
     }
-    md += ["## Bilevel training (Figures 1–2 style)", ""]
+    md = ["## Bilevel training (Figures 1–2 style)", ""]
     md += [f"![bilevel curves]({figs['bilevel'].name})", ""] if figs["bilevel"] else ["No bilevel stages.", ""]
     md += ["## Downstream vs target steps (Figure 3 style)", "", f"![downstream]({figs['downstream'].name})", ""]
     if len(variants) > 1:
@@ -230,6 +223,30 @@ def build_report(roots: list[str | Path], out: Path) -> Path:
     md += ["## Selection diagnostics", "", *_selection_tables(variants), ""]
     md += [f"![score histograms]({figs['hist'].name})", ""] if figs["hist"] else []
     md += [f"![domain shares]({figs['domains'].name})", ""] if figs["domains"] else []
+    return md
+
+
+def build_report(roots: list[str | Path], out: Path) -> Path:
+    """The report of the run roots (local paths or store URIs) into the local directory ``out``."""
+    roots = [local_view(r) for r in roots]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = find_variants([Path(r) for r in roots])
+    if not variants:
+        raise FileNotFoundError(f"no finished runs (evaluate-*/_SUCCESS) under {', '.join(map(str, roots))}")
+    md = [
+        "# BLISS report",
+        "",
+        f"Variants: {', '.join(v.label for v in variants)} — from "
+        f"{', '.join(sorted({str(v.root) for v in variants}))}.",
+        "",
+    ]
+    first = next((v for v in variants if v.method == "bliss"), variants[0])
+    md += _flops_section(first)
+    md += _downstream_section(variants, first)
+    md += _seed_table(variants)
+    md += ["## Per round", "", *_rounds_table(variants), ""]
+    md += _figure_sections(variants, out)
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path

@@ -6,7 +6,7 @@
   ``topk``; this is exact Gumbel-top-k (Plackett–Luce) sampling from softmax(logit/τ).
 * ``mates`` — MATES's code convention: the k *smallest* of prediction/τ + G_i (low predicted post-step
   reference loss = good). Note it adds +G to a quantity it minimises, which is not the textbook sampler over
-  −prediction/τ (method.md §5.1); we copy it on purpose so MATES numbers reproduce.
+  −prediction/τ (docs/method.md, "Scoring and selection"); we copy it on purpose so MATES numbers reproduce.
 * ``random`` — a seeded, truly uniform subset (the released BLISS "random" takes the first rows; not here).
 
 All noise is counter-based: row i's uniform draw is a hash of (seed, row id), so selections are reproducible and
@@ -39,7 +39,7 @@ def gumbel_of(row_ids: np.ndarray, seed: int) -> np.ndarray:
 
 def _top(values: np.ndarray, row_ids: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values; equal values → smaller row id first. A partition finds the cut-off and
-    only the rows at or above it are sorted: on 10 M rows that halves the peak memory of a full lexsort."""
+    only the rows at or above it are sorted, which keeps the peak memory well below a full lexsort's."""
     n = len(values)
     cand = np.arange(n)
     if 0 < k < n:

@@ -1,8 +1,9 @@
 """Ray glue shared by the stages: the embedded Ray session, resource budgets, Train configs, checkpoint hygiene.
 
 Budgets are explicit because on a small machine an actor or worker group that claims every logical CPU starves
-Ray Data's read/write tasks and hangs forever without an error (../shared/docs/stack.md §0): Train workers take
-``resources.cpus_per_worker`` CPUs, Data actors ``resources.data_actor_cpus``, Tune trial drivers ~0.
+Ray Data's read/write tasks and hangs forever without an error (docs/ray.md, "Resources on small machines"):
+Train workers take ``resources.cpus_per_worker`` CPUs, Data actors ``resources.data_actor_cpus``, Tune trial
+drivers ~0.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "err
 def train_env(local: bool) -> dict[str, str]:
     """Ray Train's settings (environment variables, read by its controller) for the Ray that bliss_ray starts or
     joins; ``local``: an embedded single-machine Ray. ``bench/`` starts its Ray with the same."""
-    # Train's controller notices that the workers finished at its next poll (default every 2 s): every stage's
-    # end waited ~2 s for it (measured: a no-op fit 14.1 s → 12.2 s)
+    # Train's controller notices that the workers finished only at its next poll (default every 2 s), so every
+    # stage's end would wait up to that long for it (docs/ray.md, "The controller")
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     if local:
         # one machine is never preempted by a cloud provider, and Train's preemption watcher is one more actor
@@ -53,7 +54,8 @@ def ensure_ray(res: ResourcesConfig, quiet: bool = False) -> bool:
     for key, value in train_env(local=address in (None, "local")).items():
         os.environ.setdefault(key, value)
     if address in (None, "local"):
-        # never attach to a cluster somebody started with `ray start` on this machine (ray.md G1)
+        # never attach to a cluster somebody started with `ray start` on this machine (docs/ray.md, "Resources on
+        # small machines")
         kwargs |= {
             "address": "local",
             "num_cpus": res.num_cpus or os.cpu_count(),
@@ -73,12 +75,12 @@ def _local_dashboard() -> dict:
 
     Train's PlacementGroupCleaner asks the State API every second whether the controller lives. Without the
     dashboard it logs "Failed to query Ray Train Controller actor state" all run long (to the run's log file, not
-    the console) and its clean-up of a dead controller's placement group never fires (cluster.md §6.1); and with
-    another Ray instance on the machine the State API client cannot tell which cluster is ours (it finds several
-    GCS processes) unless ``RAY_API_SERVER_ADDRESS`` names it. Workers inherit the variable from the raylet, which
-    inherits it from here. Why it is off by default, measured on the 2-core machine: +11 processes, +1.1 GB RSS,
-    +4 CPU-s at start, and at load averages of 35-45 the raylet gave up waiting for the dashboard agent's port
-    file and ``ray.init`` failed (3 of 3 tries; the same load without the dashboard started in 37-48 s)."""
+    the console) and its clean-up of a dead controller's placement group never fires; and with another Ray
+    instance on the machine the State API client cannot tell which cluster is ours (it finds several GCS
+    processes) unless ``RAY_API_SERVER_ADDRESS`` names it. Workers inherit the variable from the raylet, which
+    inherits it from here (docs/ray.md, "The State API and the dashboard"). It is off by default because it costs
+    a dozen processes and a gigabyte of memory, and on a loaded small machine the raylet can give up waiting for
+    the dashboard agent's port file, failing ``ray.init``."""
     if "RAY_API_SERVER_ADDRESS" in os.environ:
         return {"include_dashboard": None}
     with socket.socket() as s:  # a free port now; Ray binds it a moment later
@@ -91,7 +93,8 @@ def _local_dashboard() -> dict:
 def cluster_ceiling() -> dict[str, float] | None:
     """The most of each resource the cluster can ever have: what its autoscaler publishes (the launcher's or
     KubeRay's ``max_workers`` × node types; a negative amount is unbounded), or None on a fixed cluster (``ray
-    start`` by hand, the embedded local Ray), where what is up now is all there will be (cluster.md §2.4)."""
+    start`` by hand, the embedded local Ray), where what is up now is all there will be (docs/ray.md,
+    "Autoscaling")."""
     return ray._private.state.state.get_max_resources_from_cluster_config()
 
 
@@ -180,9 +183,10 @@ def torch_trainer(
     """A TorchTrainer whose workers run ``worker(loop_config)``.
 
     ``loop_config`` travels inside the worker function, which Train keeps in an object that only the workers fetch,
-    not as Train's ``train_loop_config``: Train's controller unpickles that one, and bliss_ray's spec classes in it
-    made the controller import bliss_ray's stages, the models and transformers before it started any worker, in
-    series with every stage's start (docs/design.md, "Where a Train stage's fixed cost goes")."""
+    not as Train's ``train_loop_config``: Train's controller unpickles that one (docs/ray.md, "The controller"),
+    and bliss_ray's spec classes in it would make the controller import bliss_ray's stages, the models and
+    transformers before it started any worker, in series with every stage's start (docs/design.md, "Where a Train
+    stage's fixed cost goes")."""
     return TorchTrainer(
         functools.partial(worker, loop_config), scaling_config=scaling_config(res, workers), run_config=config
     )
@@ -204,7 +208,7 @@ def report(metrics: dict, ckpt_dir: Path | None) -> None:
 
 def gc_orphan_checkpoints(train_storage: str, name: str) -> list[str]:
     """Delete checkpoint dirs that Train never registered (left behind when a worker dies right after
-    uploading; ray.md §3.4 #1, issue #41700), locally or in an object store. Returns the removed locations."""
+    uploading; docs/ray.md, "Checkpoints"), locally or in an object store. Returns the removed locations."""
     run = storage.join(train_storage, name)
     snapshot = storage.read_bytes(storage.join(run, "checkpoint_manager_snapshot.json"))
     if snapshot is None:

@@ -1,4 +1,6 @@
-"""Stage r.bilevel: train the score model by bilevel optimisation, on Ray Train (docs/method.md, "The bilevel problem").
+"""Stage r.bilevel: train the score model by bilevel optimisation, on Ray Train.
+
+What it computes: docs/method.md, "The bilevel problem" and "The hypergradient".
 
 Inputs: the warmed-up proxy (reset to it every round), the target's un-decayed checkpoint at the end of round
 r−1 (only when γ > 0: the KL term), the previous round's score model (``score_carry: inherit``), the round's pool

@@ -81,12 +81,8 @@ def _cache_uri(run, args: tuple) -> str:
     return storage.join(run.store, "_eval_cache", f"{digest}.json")
 
 
-def evaluate_checkpoints(run, st, d: Path) -> dict:
-    exp, e = run.exp, run.exp.eval
-    keys = list(st.deps) if e.every_round else list(st.deps)[-1:]
-    gpu = use_gpu(exp.resources)
-    cpus = max(1.0, exp.resources.cpus_per_worker)
-    task = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_retries=2)(_evaluate)
+def _checkpoint_rows(run, keys: list[str]) -> list[dict]:
+    """One row per checkpoint to evaluate: each round's mid-round decay branches, then its final checkpoint."""
     rows = []
     for key in keys:
         final = run.uri(key, "decay") if storage.exists(run.uri(key, "decay")) else run.uri(key, "state", "model")
@@ -104,21 +100,32 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
                     "branch": branch,
                 }
             )
-    device = "cuda" if gpu else "cpu"
+    return rows
+
+
+def _evaluate_args(run, model_dir: str, cpus: float, device: str) -> tuple:
+    """The arguments of ``_evaluate`` for one checkpoint (also the cache key, see ``_cache_uri``)."""
+    exp, e = run.exp, run.exp.eval
+    return (
+        model_dir,
+        run.uri("tokenize", "reference", "eval_array"),  # held out from selection (data.reference_eval_frac)
+        e.tasks,
+        e.limit,
+        e.batch_size,
+        e.bootstrap_iters,
+        max(1, int(cpus)),
+        device,
+        inference_dtype(resolve(exp.resources.precision, device)),
+        evaluates_offline(e.tasks, e.offline),
+    )
+
+
+def _evaluate_or_reuse(run, rows: list[dict], task, cpus: float, device: str) -> list[dict]:
+    """Each row's result: from the run root's evaluation cache, else from a Ray task launched for it (all tasks
+    run in parallel); marks each row ``evaluated_earlier`` and caches the fresh results."""
     cached, results = [], []
     for row in rows:
-        args = (
-            row["model_dir"],
-            run.uri("tokenize", "reference", "eval_array"),  # held out from selection (data.reference_eval_frac)
-            e.tasks,
-            e.limit,
-            e.batch_size,
-            e.bootstrap_iters,
-            max(1, int(cpus)),
-            device,
-            inference_dtype(resolve(exp.resources.precision, device)),
-            evaluates_offline(e.tasks, e.offline),
-        )
+        args = _evaluate_args(run, row["model_dir"], cpus, device)
         cached.append(_cache_uri(run, args))
         blob = storage.read_bytes(cached[-1])
         results.append(json.loads(blob) if blob else task.remote(*args))
@@ -128,22 +135,38 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
         storage.write_json(cached[i], result)  # after the result exists: a killed stage caches nothing half-done
     for i, row in enumerate(rows):
         row["evaluated_earlier"] = i not in pending  # by another variant sharing this checkpoint, or a rerun
+    return results
+
+
+def _summary(result: dict) -> dict:
+    """The fields of a checkpoint's lm-eval result that its ``outputs.json`` row keeps."""
+    avg = result.get("paper_average") or {}
+    return {
+        "paper_average": avg.get("value"),
+        "paper_average_n_tasks": avg.get("n_tasks"),
+        "paper_average_stderr": avg.get("stderr"),
+        "reference_loss": result["reference_loss"],
+        "lm_eval_version": result.get("lm_eval_version"),
+        "tasks": {
+            t: {"value": v["value"], "stderr": v["stderr"], "metric": v["metric"], "n": v["n"]}
+            for t, v in result["tasks"].items()
+        },
+    }
+
+
+def evaluate_checkpoints(run, st, d: Path) -> dict:
+    exp, e = run.exp, run.exp.eval
+    keys = list(st.deps) if e.every_round else list(st.deps)[-1:]
+    gpu = use_gpu(exp.resources)
+    cpus = max(1.0, exp.resources.cpus_per_worker)
+    task = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_retries=2)(_evaluate)
+    rows = _checkpoint_rows(run, keys)
+    results = _evaluate_or_reuse(run, rows, task, cpus, "cuda" if gpu else "cpu")
     (d / "results").mkdir(exist_ok=True)
     for row, result in zip(rows, results, strict=True):
         name = f"{row['stage']}.branch{row['steps']}" if row["branch"] else row["stage"]
         storage.write_json(d / "results" / f"{name}.json", result)
-        avg = result.get("paper_average") or {}
-        row |= {
-            "paper_average": avg.get("value"),
-            "paper_average_n_tasks": avg.get("n_tasks"),
-            "paper_average_stderr": avg.get("stderr"),
-            "reference_loss": result["reference_loss"],
-            "lm_eval_version": result.get("lm_eval_version"),
-            "tasks": {
-                t: {"value": v["value"], "stderr": v["stderr"], "metric": v["metric"], "n": v["n"]}
-                for t, v in result["tasks"].items()
-            },
-        }
+        row |= _summary(result)
     stage_dirs = {s.key: run.dir(s.key).name for s in run.stages}  # lets reports find this variant's stages
     split = "eval" if exp.data.reference_eval_frac > 0 else "all"  # "all": no split, the selection rows
     return {

@@ -122,42 +122,54 @@ def probe_lr(run, r: int, step: int) -> float:
     return wsd_lr(step, round_peak_lr(p.lr, p.lr_round_factor, r), p.warmup_steps)
 
 
-def probe_stage(run, st, d: Path) -> dict:
-    exp, r, m, res = run.exp, st.round, run.exp.mates, run.exp.resources
-    state_dir = run.uri(f"r{r - 1}.pretrain", "state")
-    step = int(read_state(run.input(f"r{r - 1}.pretrain", "state"))["step"])
-    lr = probe_lr(run, r, step)
+def _chunk_row_ids(cand: TokenArray, c: int) -> np.ndarray:
+    """The row ids of the candidates in probe chunk ``c``."""
+    return cand.row_ids[c * PROBES_PER_CHUNK : (c + 1) * PROBES_PER_CHUNK]
+
+
+def _sample_candidates(run, st, d: Path) -> str:
+    """A seeded sample of ``mates.probes`` rows of the round's pool shard, written as a shared TokenArray."""
+    r = st.round
     shard_ids, _ = round_rows(run, r)
-    keep = np.random.default_rng([exp.seed, r, 2]).choice(shard_ids, min(m.probes, len(shard_ids)), replace=False)
-    cand_dir = shared_rows(run, st, d, "candidates", keep)  # rows in pool order
-    cand = TokenArray.open(local_copy(cand_dir))
+    n = min(run.exp.mates.probes, len(shard_ids))
+    keep = np.random.default_rng([run.exp.seed, r, 2]).choice(shard_ids, n, replace=False)
+    return shared_rows(run, st, d, "candidates", keep)  # rows in pool order
+
+
+def _reference_rows(run) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(ids (R, L), loss mask or None, R): the first ``mates.reference_seqs`` rows of the reference set."""
     ref = TokenArray.open(run.input("tokenize", "reference", "array"))
-    n_ref = min(m.reference_seqs, len(ref))
+    n_ref = min(run.exp.mates.reference_seqs, len(ref))
     ref_ids = np.array(ref.tokens[:n_ref])  # (R, L)
     ref_mask = None if ref.loss_mask is None else np.array(ref.loss_mask[:n_ref])
+    return ref_ids, ref_mask, n_ref
 
-    chunks_dir = d / "_chunks"
-    chunks_dir.mkdir(exist_ok=True)
-    n_chunks = math.ceil(len(cand) / PROBES_PER_CHUNK)
-    todo = [c for c in range(n_chunks) if not (chunks_dir / f"{c:06d}.parquet").exists()]
+
+def _start_probe_actors(res, n_todo: int, *actor_args) -> list:
+    """As many probe actors as the chunks, ``resources.data_actors[1]`` and the cluster allow (at least one)."""
     gpu = use_gpu(res)
     per_actor = {"CPU": res.data_actor_cpus} | ({"GPU": 1} if gpu else {})
     check_schedulable(per_actor, 1)
-    n_actors = max(1, min(res.data_actors[1], len(todo), _capacity(per_actor)))
-    actors = [
+    n_actors = max(1, min(res.data_actors[1], n_todo, _capacity(per_actor)))
+    return [
         _ProbeActor.options(
             num_cpus=res.data_actor_cpus,
             num_gpus=1 if gpu else 0,
             max_restarts=res.max_failures,
             max_task_retries=res.max_failures,  # a probe chunk is idempotent: retrying it is always safe
-        ).remote(state_dir, cand_dir, ref_ids, ref_mask, lr, exp.pretrain.grad_clip)
+        ).remote(*actor_args)
         for _ in range(n_actors)
     ]
+
+
+def _probe_chunks(actors: list, todo: list[int], cand: TokenArray, chunks_dir: Path) -> tuple[dict, float]:
+    """Probe the chunks in ``todo`` on the actor pool, writing each chunk's file as soon as it is done; the actors
+    are killed at the end. Returns (the first actor's ``info``, seconds spent probing)."""
     try:
         info = ray.get(actors[0].info.remote())
         t0 = time.perf_counter()
         for c, losses in ActorPool(actors).map_unordered(lambda actor, c: actor.probe.remote(c), todo):
-            ids = cand.row_ids[c * PROBES_PER_CHUNK : (c + 1) * PROBES_PER_CHUNK]
+            ids = _chunk_row_ids(cand, c)
             tmp = chunks_dir / f"{c:06d}.tmp"
             pq.write_table(pa.table({"row_id": pa.array(ids, pa.int64()), "loss": pa.array(losses)}), tmp)
             tmp.replace(chunks_dir / f"{c:06d}.parquet")  # a chunk is done only once its file is complete
@@ -165,16 +177,40 @@ def probe_stage(run, st, d: Path) -> dict:
     finally:
         for a in actors:
             ray.kill(a)
+    return info, seconds
 
+
+def _gather_probes(chunks_dir: Path, n_cand: int, d: Path) -> pa.Table:
+    """Merge the chunk files into ``probes.parquet`` (sorted by row id), checking every candidate has a result."""
     table = pq.read_table(sorted(str(p) for p in chunks_dir.glob("*.parquet"))).sort_by("row_id")
-    if len(table) != len(cand):
-        raise AssertionError(f"probing: {len(cand)} candidates but {len(table)} probe results")
+    if len(table) != n_cand:
+        raise AssertionError(f"probing: {n_cand} candidates but {len(table)} probe results")
     pq.write_table(table, d / "probes.parquet")
     shutil.rmtree(chunks_dir)
+    return table
+
+
+def probe_stage(run, st, d: Path) -> dict:
+    exp, r, res = run.exp, st.round, run.exp.resources
+    state_dir = run.uri(f"r{r - 1}.pretrain", "state")
+    step = int(read_state(run.input(f"r{r - 1}.pretrain", "state"))["step"])
+    lr = probe_lr(run, r, step)
+    cand_dir = _sample_candidates(run, st, d)
+    cand = TokenArray.open(local_copy(cand_dir))
+    ref_ids, ref_mask, n_ref = _reference_rows(run)
+
+    chunks_dir = d / "_chunks"
+    chunks_dir.mkdir(exist_ok=True)
+    n_chunks = math.ceil(len(cand) / PROBES_PER_CHUNK)
+    todo = [c for c in range(n_chunks) if not (chunks_dir / f"{c:06d}.parquet").exists()]
+    actors = _start_probe_actors(res, len(todo), state_dir, cand_dir, ref_ids, ref_mask, lr, exp.pretrain.grad_clip)
+    info, seconds = _probe_chunks(actors, todo, cand, chunks_dir)
+
+    table = _gather_probes(chunks_dir, len(cand), d)
     storage.remove(cand_dir)
     loss = table.column("loss").to_numpy()
     finite = np.isfinite(loss)
-    probed = sum(len(cand.row_ids[c * PROBES_PER_CHUNK : (c + 1) * PROBES_PER_CHUNK]) for c in todo)
+    probed = sum(len(_chunk_row_ids(cand, c)) for c in todo)
     return {
         "probes": len(table),
         "probes_finite": int(finite.sum()),
@@ -188,7 +224,7 @@ def probe_stage(run, st, d: Path) -> dict:
         # [rows, tokens] per batch, the FLOPs ledger's input; lists, so the result equals its outputs.json
         "reference_batches": [list(b) for b in info["reference_batches"]],
         "candidates_from": f"round {r} pool shard (seeded sample)",
-        "actors": n_actors,
+        "actors": len(actors),
         "probe_seconds": seconds,  # probing proper, after the first actor loaded the checkpoint
         "probes_per_s": probed / seconds if probed and seconds > 0 else None,
     }

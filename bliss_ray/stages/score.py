@@ -68,25 +68,19 @@ class _RayScorer(Scorer):
         return super().__call__(batch) | {"src": batch["src"]}
 
 
-def score_pool(
-    exp: Experiment,
-    model_dir: str,
-    pool_files: list[str],
-    shard: tuple[int, int] | None,
-    out: str | Path,
-    kind: str = "bliss",
-    work_dir: Path | None = None,
-) -> dict:
-    """Score into ``out`` (the stage's location: scores, markers and the actor census go straight to the store);
-    ``work_dir`` (default: ``out`` itself, when local) gets the local files (Ray Data's stats)."""
-    res = exp.resources
-    work_dir = Path(work_dir or out)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    scores_dir, done_dir, census = (storage.join(out, sub) for sub in ("scores", "_done", "_actors"))
-    expected = {f: _expected_ids(f, shard) for f in pool_files}
+def _partition_of(scores_dir: str, f: str) -> str:
+    """The hive partition the partitioned write puts input file ``f``'s scores in."""
+    return storage.join(scores_dir, f"src={file_key(f)}")
+
+
+def _files_to_score(
+    pool_files: list[str], expected: dict[str, np.ndarray], scores_dir: str, done_dir: str
+) -> list[str]:
+    """The input files still to score: validates what a previous (possibly killed) run left behind, marking complete
+    files done and deleting incomplete partitions so they are rescored from scratch."""
     todo = []
-    for f in pool_files:  # validate what a previous (possibly killed) run left behind
-        part, done = storage.join(scores_dir, f"src={file_key(f)}"), storage.join(done_dir, file_key(f))
+    for f in pool_files:
+        part, done = _partition_of(scores_dir, f), storage.join(done_dir, file_key(f))
         if storage.exists(done):
             continue
         if len(expected[f]) == 0 or _partition_complete(part, expected[f]):  # no row in the shard, or all scored
@@ -94,46 +88,64 @@ def score_pool(
             continue
         storage.remove(part)
         todo.append(f)
-    t0 = time.perf_counter()
-    rows_todo = int(sum(len(expected[f]) for f in todo))
-    if todo:
-        gpu = use_gpu(res)
-        lo, hi = res.data_actors
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        # Ray Data gets the store's filesystem and plain paths: it would read a URI's query string as part of a path
-        fs = storage.resolve(todo[0])[0]
-        paths = [storage.resolve(f)[1] for f in todo]
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=["row_id", "input_ids"], include_paths=True)
-        # the shard filter has the read's resources, so Ray Data fuses it into the read tasks: no operator, tasks
-        # and object-store hop of its own, and the repartition below moves only this round's shard
-        ds = ds.map_batches(keep_shard, fn_kwargs={"shard": shard}, batch_format="numpy")
-        blocks = 2 * max(hi, 2)
-        if len(todo) < blocks:  # a file is one block: split a few files so every actor gets work
-            ds = ds.repartition(blocks)  # (a barrier: many files stream through without it)
-        ds = ds.map_batches(
-            _RayScorer,
-            fn_constructor_kwargs={
-                "census_dir": census,
-                "model_dir": model_dir,
-                "kind": kind,
-                "batch_seqs": exp.score.batch_seqs,
-                "dtype": scoring_dtype(exp, gpu),
-                "threads": None if gpu else max(1, int(res.data_actor_cpus * 2)),
-            },
-            batch_size=exp.score.batch_seqs * 4,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-            num_cpus=res.data_actor_cpus,
-            num_gpus=1 if gpu else 0,
-        )
-        out_fs, out_path = storage.resolve(scores_dir)
-        ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["src"])
-        (work_dir / "ray_data_stats.txt").write_text(ds.stats())  # per-operator wall and CPU time: where it went
-        for f in todo:
-            if not _partition_complete(storage.join(scores_dir, f"src={file_key(f)}"), expected[f]):
-                raise AssertionError(f"scoring: the output for {f} does not hold each of its rows exactly once")
-            storage.write_bytes(storage.join(done_dir, file_key(f)), b"")
-    elapsed = time.perf_counter() - t0
+    return todo
+
+
+def _scoring_dataset(
+    exp: Experiment, model_dir: str, todo: list[str], shard: tuple[int, int] | None, kind: str, census: str
+) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline: read ``todo`` → keep the round's shard → score on an actor pool."""
+    res = exp.resources
+    gpu = use_gpu(res)
+    lo, hi = res.data_actors
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Data gets the store's filesystem and plain paths: it would read a URI's query string as part of a path
+    fs = storage.resolve(todo[0])[0]
+    paths = [storage.resolve(f)[1] for f in todo]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["row_id", "input_ids"], include_paths=True)
+    # the shard filter has the read's resources, so Ray Data fuses it into the read tasks: no operator, tasks
+    # and object-store hop of its own, and the repartition below moves only this round's shard
+    ds = ds.map_batches(keep_shard, fn_kwargs={"shard": shard}, batch_format="numpy")
+    blocks = 2 * max(hi, 2)
+    if len(todo) < blocks:  # a file is one block: split a few files so every actor gets work
+        ds = ds.repartition(blocks)  # (a barrier: many files stream through without it)
+    return ds.map_batches(
+        _RayScorer,
+        fn_constructor_kwargs={
+            "census_dir": census,
+            "model_dir": model_dir,
+            "kind": kind,
+            "batch_seqs": exp.score.batch_seqs,
+            "dtype": scoring_dtype(exp, gpu),
+            "threads": None if gpu else max(1, int(res.data_actor_cpus * 2)),
+        },
+        batch_size=exp.score.batch_seqs * 4,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_cpus=res.data_actor_cpus,
+        num_gpus=1 if gpu else 0,
+    )
+
+
+def _mark_scored(todo: list[str], expected: dict[str, np.ndarray], scores_dir: str, done_dir: str) -> None:
+    """Check each freshly scored file's partition holds its shard rows exactly once, then write its done marker."""
+    for f in todo:
+        if not _partition_complete(_partition_of(scores_dir, f), expected[f]):
+            raise AssertionError(f"scoring: the output for {f} does not hold each of its rows exactly once")
+        storage.write_bytes(storage.join(done_dir, file_key(f)), b"")
+
+
+def _score_summary(
+    exp: Experiment,
+    pool_files: list[str],
+    expected: dict[str, np.ndarray],
+    todo: list[str],
+    rows_todo: int,
+    elapsed: float,
+    scores_dir: str,
+    census: str,
+) -> dict:
+    """The manifest: row counts over all of ``scores_dir`` (checked against the rows in), throughput of this run."""
     fs, root = storage.resolve(scores_dir)
     table = pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive").to_table(columns=["row_id", "ok"])
     ok = table.column("ok").to_numpy(zero_copy_only=False)
@@ -151,5 +163,33 @@ def score_pool(
         "rows_per_s": rows_todo / elapsed if todo and elapsed > 0 else None,
         "tokens_per_s": rows_todo * seq_len / elapsed if todo and elapsed > 0 else None,
         "actors_used": len(storage.listdir(census)),
-        "actor_pool": list(res.data_actors),
+        "actor_pool": list(exp.resources.data_actors),
     }
+
+
+def score_pool(
+    exp: Experiment,
+    model_dir: str,
+    pool_files: list[str],
+    shard: tuple[int, int] | None,
+    out: str | Path,
+    kind: str = "bliss",
+    work_dir: Path | None = None,
+) -> dict:
+    """Score into ``out`` (the stage's location: scores, markers and the actor census go straight to the store);
+    ``work_dir`` (default: ``out`` itself, when local) gets the local files (Ray Data's stats)."""
+    work_dir = Path(work_dir or out)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    scores_dir, done_dir, census = (storage.join(out, sub) for sub in ("scores", "_done", "_actors"))
+    expected = {f: _expected_ids(f, shard) for f in pool_files}
+    todo = _files_to_score(pool_files, expected, scores_dir, done_dir)
+    t0 = time.perf_counter()
+    rows_todo = int(sum(len(expected[f]) for f in todo))
+    if todo:
+        ds = _scoring_dataset(exp, model_dir, todo, shard, kind, census)
+        out_fs, out_path = storage.resolve(scores_dir)
+        ds.write_parquet(out_path, filesystem=out_fs, partition_cols=["src"])
+        (work_dir / "ray_data_stats.txt").write_text(ds.stats())  # per-operator wall and CPU time: where it went
+        _mark_scored(todo, expected, scores_dir, done_dir)
+    elapsed = time.perf_counter() - t0
+    return _score_summary(exp, pool_files, expected, todo, rows_todo, elapsed, scores_dir, census)

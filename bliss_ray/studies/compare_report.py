@@ -172,45 +172,34 @@ def tuning_section(spec: CompareSpec, out: str | Path, curves: list[Curve] = ())
     return tuning_and_check(spec, out, curves)[0]
 
 
-def tuning_and_check(spec: CompareSpec, out: str | Path, curves: list[Curve] = ()) -> tuple[list[str], dict | None]:
-    """Where the tuned variant's settings came from: the sweep's trials (read from ``<out>/<sweep name>/`` or
-    ``tuning.results``), its best point, whether the compared settings are that point, and the held-out check: with
-    a ``candidate`` (a variant running the best point), does it beat the tuned variant on every seed of this
-    comparison (``load_compare`` refuses seeds the sweep tuned on)? With ``before`` (the best point has become the
-    defaults), the same check of the defaults against the settings they replaced. Returns the section's lines and
-    the check this comparison ran (``check_record``; None if it ran none), which ``bliss-ray compare`` keeps beside
-    its report (``heldout_check.json``) for a later comparison's ``tuning.check``."""
-    if spec.tuning is None:
-        return [], None
-    sweep = load_sweep(spec.tuning.sweep)
-    name, metric, keys = spec.tuning.variant, sweep.spec.metric, list(sweep.spec.space)
-    used = _point_of(spec, name, keys)
-    shown = ", ".join(f"`{k}` = {v}" for k, v in used.items())
-    search = sweep.spec.search
-    lines = [
+def _search_intro(spec: CompareSpec, sweep, used: dict) -> list[str]:
+    """The section's heading and where the tuned variant's settings were searched (tuning seeds vs held-out ones)."""
+    search, shown = sweep.spec.search, ", ".join(f"`{k}` = {v}" for k, v in used.items())
+    return [
         "## Tuning: the search and the held-out check",
         "",
-        f"`{name}`'s settings are searched by `bliss-ray sweep {Path(spec.tuning.sweep).name}` ({search.type}, "
-        f"{search.num_samples} trials, objective `{metric}`, {sweep.spec.mode}imised) on tuning seeds "
-        f"{sweep.seeds()}; this comparison's seeds {spec.seeds} are held out from it. Compared here: {shown}.",
+        f"`{spec.tuning.variant}`'s settings are searched by `bliss-ray sweep {Path(spec.tuning.sweep).name}` "
+        f"({search.type}, {search.num_samples} trials, objective `{sweep.spec.metric}`, {sweep.spec.mode}imised) "
+        f"on tuning seeds {sweep.seeds()}; this comparison's seeds {spec.seeds} are held out from it. "
+        f"Compared here: {shown}.",
         "",
     ]
-    results = storage.join(spec.tuning.results or storage.join(out, sweep.spec.name), "sweep_results.parquet")
-    blob = storage.read_bytes(results)
-    if blob is None:
-        return [*lines, f"**The search has not been run into this run root** (`{results}` is missing).", ""], None
-    df = pd.read_parquet(io.BytesIO(blob))
-    ok = df[df["status"] == "ok"].sort_values(metric, ascending=sweep.spec.mode == "min")
+
+
+def _trials_table(ok: pd.DataFrame, keys: list[str], metric: str) -> list[str]:
+    """The finished trials, best first: each one's point and its objective (and speed-up columns when recorded)."""
     cols = [metric, *(c for c in ("reached_baseline", "speedup", "reference_loss") if c in ok)]
-    lines += ["| rank | " + " | ".join([*keys, *cols]) + " |", "|---" * (len(keys) + len(cols) + 1) + "|"]
+    lines = ["| rank | " + " | ".join([*keys, *cols]) + " |", "|---" * (len(keys) + len(cols) + 1) + "|"]
     for rank, (_, r) in enumerate(ok.iterrows(), 1):
         point = json.loads(r["variant_key"])
         cells = [*(point[k] for k in keys), *(r[c] for c in cols)]
         lines.append(f"| {rank} | " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells) + " |")
-    if len(ok) == 0:
-        return [*lines, "", f"No trial of the search finished ({len(df)} recorded).", ""], None
-    best = json.loads(ok.iloc[0]["variant_key"])
-    verdict = (
+    return lines
+
+
+def _best_verdict(spec: CompareSpec, used: dict, best: dict, keys: list[str]) -> str:
+    """Whether the compared settings are the search's best trial (and, if not, what that trial was)."""
+    return (
         "The compared settings are the search's best trial"
         + (", which became the defaults after the held-out check below." if spec.tuning.before else ".")
         if _is_point(used, best)
@@ -218,8 +207,14 @@ def tuning_and_check(spec: CompareSpec, out: str | Path, curves: list[Curve] = (
         + ", ".join(f"`{k}` = {best[k]}" for k in keys)
         + "): the base experiment's settings are kept until the best trial also wins on these held-out seeds."
     )
-    planned = f"{len(ok)} of the {search.num_samples} planned trials finished ({len(df)} recorded)"
-    lines += ["", f"{planned}. {verdict}", ""]
+
+
+def _heldout_check(
+    spec: CompareSpec, curves: list[Curve], keys: list[str], used: dict, best: dict, lines: list[str]
+) -> tuple[list[str], dict | None]:
+    """Append the held-out check to ``lines``: the one this comparison runs (a candidate, or defaults that are the
+    best point; refused when the candidate does not run that point), else one an earlier comparison stored
+    (``tuning.check``)."""
     if spec.tuning.candidate is not None or (spec.tuning.before is not None and _is_point(used, best)):
         record = check_record(spec, curves, keys)
         if not _is_point(record["point"], best):
@@ -234,6 +229,35 @@ def tuning_and_check(spec: CompareSpec, out: str | Path, curves: list[Curve] = (
     if spec.tuning.check is not None:
         lines += _stored_check(spec, curves, keys, best)
     return lines, None
+
+
+def tuning_and_check(spec: CompareSpec, out: str | Path, curves: list[Curve] = ()) -> tuple[list[str], dict | None]:
+    """Where the tuned variant's settings came from: the sweep's trials (read from ``<out>/<sweep name>/`` or
+    ``tuning.results``), its best point, whether the compared settings are that point, and the held-out check: with
+    a ``candidate`` (a variant running the best point), does it beat the tuned variant on every seed of this
+    comparison (``load_compare`` refuses seeds the sweep tuned on)? With ``before`` (the best point has become the
+    defaults), the same check of the defaults against the settings they replaced. Returns the section's lines and
+    the check this comparison ran (``check_record``; None if it ran none), which ``bliss-ray compare`` keeps beside
+    its report (``heldout_check.json``) for a later comparison's ``tuning.check``."""
+    if spec.tuning is None:
+        return [], None
+    sweep = load_sweep(spec.tuning.sweep)
+    metric, keys = sweep.spec.metric, list(sweep.spec.space)
+    used = _point_of(spec, spec.tuning.variant, keys)
+    lines = _search_intro(spec, sweep, used)
+    results = storage.join(spec.tuning.results or storage.join(out, sweep.spec.name), "sweep_results.parquet")
+    blob = storage.read_bytes(results)
+    if blob is None:
+        return [*lines, f"**The search has not been run into this run root** (`{results}` is missing).", ""], None
+    df = pd.read_parquet(io.BytesIO(blob))
+    ok = df[df["status"] == "ok"].sort_values(metric, ascending=sweep.spec.mode == "min")
+    lines += _trials_table(ok, keys, metric)
+    if len(ok) == 0:
+        return [*lines, "", f"No trial of the search finished ({len(df)} recorded).", ""], None
+    best = json.loads(ok.iloc[0]["variant_key"])
+    planned = f"{len(ok)} of the {sweep.spec.search.num_samples} planned trials finished ({len(df)} recorded)"
+    lines += ["", f"{planned}. {_best_verdict(spec, used, best, keys)}", ""]
+    return _heldout_check(spec, curves, keys, used, best, lines)
 
 
 def check_record(spec: CompareSpec, curves: list[Curve], keys: list[str]) -> dict:

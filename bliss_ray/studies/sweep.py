@@ -1,11 +1,12 @@
 """Ray Tune sweeps over BLISS ablations: ``bliss-ray sweep SWEEP.yaml [--out DIR|URI] [--storage URI]``.
 
 A sweep file (schema and examples: ``experiments/sweeps/README.md``; validated before anything runs by
-``bliss_ray.studies.sweep_spec.load_sweep``, which raises ``ConfigError`` naming the field) names a ``base`` experiment,
-``overrides``, a ``space`` over dotted config keys, the objective (``stage: full``: the whole pipeline, scored by
-the target after selection at equal target tokens; ``stage: bilevel``: the proxy's upper-level loss after round
-``round``'s bilevel stage, refused over a space that varies the proxy), ``metric``/``mode``, the ``search`` (grid
-or seeded Optuna), ``seeds`` repeats, ``max_concurrent_trials`` and ``asha``.
+``bliss_ray.studies.sweep_spec.load_sweep``, which raises ``ConfigError`` naming the field) names a ``base``
+experiment, ``overrides``, a ``space`` over dotted config keys, the objective (``stage: full``: the whole
+pipeline, scored by the target after selection at equal target tokens; ``stage: bilevel``: the proxy's
+upper-level loss after round ``round``'s bilevel stage, refused over a space that varies the proxy),
+``metric``/``mode``, the ``search`` (grid or seeded Optuna), ``seeds`` repeats, ``max_concurrent_trials`` and
+``asha``.
 
 Layout (OUT = ``--out`` and STORAGE = ``--storage``: local paths or ``s3://``/``gs://`` URIs; on a cluster whose
 nodes share no disk, a bucket; STORAGE defaults to OUT/sweeps):
@@ -91,8 +92,8 @@ def _setup_keys(run: Run) -> list[str]:
 
 
 class _TuneBilevel:
-    """A trial's bilevel launcher: ``stages.bilevel.fit_bilevel`` with the Train run named ``<trial id>-<stage>`` and its
-    rank-0 reports forwarded to Tune (the Train V2 idiom)."""
+    """A trial's bilevel launcher: ``stages.bilevel.fit_bilevel`` with the Train run named ``<trial id>-<stage>``
+    and its rank-0 reports forwarded to Tune (the Train V2 idiom)."""
 
     def __init__(self, trial_id: str, metric: str):
         self.trial_id, self.metric, self.callbacks = trial_id, metric, []
@@ -235,7 +236,7 @@ def _tuner(sweep: Sweep, trainable, storage: str) -> tune.Tuner:
     spec = sweep.spec
     optuna = spec.search.type == "optuna"
     scheduler = None
-    if spec.asha:  # off by default: the upper-level loss is noisy and non-monotone (method.md §6.1)
+    if spec.asha:  # off by default: the upper-level loss is noisy and non-monotone
         scheduler = ASHAScheduler(time_attr="training_iteration", **spec.asha.model_dump())
     return tune.Tuner(
         trainable,

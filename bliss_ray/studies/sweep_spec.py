@@ -1,5 +1,6 @@
 """The sweep file and its on-disk layout: parse and validate a sweep YAML before any compute, name each trial's run
-directory and files. No Ray here; ``bliss_ray.studies.sweep`` runs sweeps, ``bliss_ray.studies.sweep_objective`` scores trials.
+directory and files. No Ray here; ``bliss_ray.studies.sweep`` runs sweeps, ``bliss_ray.studies.sweep_objective``
+scores trials.
 
     from bliss_ray.studies.sweep_spec import load_sweep
     sweep = load_sweep("experiments/sweeps/table2_proxy_sigmoid_tiny.yaml")   # raises ConfigError naming the field
@@ -252,18 +253,20 @@ def paper_chance(tasks) -> float | None:
     return sum(PAPER_TASK_CHANCE[t] for t in hubs) / len(hubs) if hubs else None
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Parse and validate a sweep file; raise ``ConfigError`` naming the bad field. No Ray, no compute."""
-    path = Path(path)
+def _parse_spec(path: Path) -> SweepSpec:
+    """Read the sweep YAML and validate it against the schema, listing every bad field in one ``ConfigError``."""
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     tree = yaml.safe_load(path.read_text()) or {}
     try:
-        spec = SweepSpec.model_validate(tree)
+        return SweepSpec.model_validate(tree)
     except ValidationError as e:
         lines = [f"  {_loc(err['loc']) or '<sweep>'}: {err['msg']}" for err in e.errors()]
         raise ConfigError(f"invalid sweep {path}:\n" + "\n".join(lines)) from None
-    where = f"sweep {path}"
+
+
+def _check_keys(spec: SweepSpec, where: str) -> None:
+    """The space, overrides and baseline must name config values, and the space's domains must suit the search."""
     for key, dom in spec.space.items():
         _check_key(key, f"{where}: space")
         if key in ("name", "label") or (key == "seed" and spec.seeds):
@@ -275,6 +278,11 @@ def load_sweep(path: str | Path) -> Sweep:
         _check_key(key, f"{where}: overrides")
     for key in spec.baseline or {}:
         _check_key(key, f"{where}: baseline")
+
+
+def _check_objective(spec: SweepSpec, where: str) -> None:
+    """Labels, metric, mode, seeds and ASHA must agree with each other and with the stage; a proxy-level metric
+    must not rank points that change the proxy itself."""
     if (spec.metric == "steps_to_baseline") != (spec.baseline is not None):
         raise ConfigError(f"{where}: baseline: metric steps_to_baseline needs one, and no other metric uses it")
     for key in spec.labels:
@@ -296,41 +304,71 @@ def load_sweep(path: str | Path) -> Sweep:
             "about which proxy selects better data. Use stage: full with metric reference_loss (the target's "
             "reference-set loss after selection) or paper_average"
         )
-    base_path = resolve_base(spec.base, path)
-    sweep = Sweep(spec, path, base_path, _validated(load_experiment, base_path, spec.overrides, f"{where}: overrides"))
+
+
+def _check_start_from_base(sweep: Sweep, where: str) -> None:
+    """``start_from_base`` needs Optuna, and the base's own point must lie inside the space."""
+    spec = sweep.spec
     if spec.search.start_from_base:
         if spec.search.type != "optuna":
             raise ConfigError(f"{where}: search: start_from_base needs type optuna (a grid runs its own points)")
         for key, value in sweep.base_point().items():
             if not spec.space[key].contains(value):
                 raise ConfigError(f"{where}: search: start_from_base: the base's {key} = {value} is outside space")
+
+
+def _check_point(spec: SweepSpec, exp: Experiment, pt: dict, where: str) -> None:
+    """One point's experiment must evaluate what the metric needs, use known model presets and run the stage."""
+    if spec.metric == "paper_average" and not paper_tasks(exp.eval.tasks):
+        raise ConfigError(f"{where}: metric: point {pt} evaluates no paper task (eval.tasks={exp.eval.tasks})")
+    bad = [f"models.{m}.arch={a}" for m in ("target", "proxy") if (a := getattr(exp.models, m).arch) not in PRESETS]
+    if bad:
+        raise ConfigError(f"{where}: point {pt}: unknown model preset {bad}; choose from {sorted(PRESETS)}")
+    key = f"r{spec.round}.bilevel"
+    if spec.stage == "bilevel" and key not in {s.key for s in stages_of(exp)}:
+        raise ConfigError(
+            f"{where}: round: point {pt} has no stage {key} (needs selection.method bliss and "
+            f"schedule.rounds >= {spec.round})"
+        )
+
+
+def _check_points(sweep: Sweep, where: str) -> dict[int, dict]:
+    """Build and check every point's experiment; return target tokens → the first point training on that many."""
+    spec = sweep.spec
     tokens: dict[int, dict] = {}
     for pt in points(spec, ranges=True):
         exp = _validated(sweep.experiment, pt, None, f"{where}: point {pt}")
         tokens.setdefault(target_tokens(exp), pt)
-        if spec.metric == "paper_average" and not paper_tasks(exp.eval.tasks):
-            raise ConfigError(f"{where}: metric: point {pt} evaluates no paper task (eval.tasks={exp.eval.tasks})")
-        bad = [
-            f"models.{m}.arch={a}" for m in ("target", "proxy") if (a := getattr(exp.models, m).arch) not in PRESETS
-        ]
-        if bad:
-            raise ConfigError(f"{where}: point {pt}: unknown model preset {bad}; choose from {sorted(PRESETS)}")
-        key = f"r{spec.round}.bilevel"
-        if spec.stage == "bilevel" and key not in {s.key for s in stages_of(exp)}:
-            raise ConfigError(
-                f"{where}: round: point {pt} has no stage {key} (needs selection.method bliss and "
-                f"schedule.rounds >= {spec.round})"
-            )
+        _check_point(spec, exp, pt, where)
     if spec.stage == "full" and len(tokens) > 1:  # selection is judged by the target at equal training tokens
         shown = "; ".join(f"{n:,} tokens at {pt}" for n, pt in tokens.items())
         raise ConfigError(f"{where}: space: the points train the target on different token counts ({shown})")
-    for seed in sweep.seeds() if spec.baseline else []:
+    return tokens
+
+
+def _check_baseline(sweep: Sweep, tokens: dict[int, dict], where: str) -> None:
+    """Each seed's baseline must build and train the target on the trials' token count (steps are compared)."""
+    for seed in sweep.seeds() if sweep.spec.baseline else []:
         baseline = _validated(lambda s, _: sweep.baseline_experiment(s), seed, None, f"{where}: baseline")
         if target_tokens(baseline) not in tokens:
             raise ConfigError(
                 f"{where}: baseline: it trains the target on {target_tokens(baseline):,} tokens, the trials on "
                 f"{', '.join(f'{n:,}' for n in tokens)}: steps to reach its final loss would not be like for like"
             )
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and validate a sweep file; raise ``ConfigError`` naming the bad field. No Ray, no compute."""
+    path = Path(path)
+    spec = _parse_spec(path)
+    where = f"sweep {path}"
+    _check_keys(spec, where)
+    _check_objective(spec, where)
+    base_path = resolve_base(spec.base, path)
+    sweep = Sweep(spec, path, base_path, _validated(load_experiment, base_path, spec.overrides, f"{where}: overrides"))
+    _check_start_from_base(sweep, where)
+    tokens = _check_points(sweep, where)
+    _check_baseline(sweep, tokens, where)
     return sweep
 
 
@@ -352,7 +390,7 @@ def variant_label(spec: SweepSpec, point: dict) -> str:
     return ", ".join(show(k, point[k]) for k in spec.space if k in point)
 
 
-# ---- on-disk layout (see bliss_ray.studies.sweep) ---------------------------------------------------------------------
+# ---- on-disk layout (see bliss_ray.studies.sweep) -------------------------------------------------------------------
 
 
 def trial_run(sweep: Sweep, config: dict, trial_id: str, out: str | Path, storage: str) -> Run:

@@ -84,7 +84,7 @@ def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> None
 def export_hf(model: torch.nn.Module, path, tokenizer=None) -> dict | None:
     """Collective: gather the full fp32 weights to rank 0, which saves a stock HF directory at ``path``.
     Returns the full state dict on rank 0, None elsewhere. (``save_pretrained`` of the sharded module would
-    write shards: transformers gathers only models it sharded itself, docs/ray.md, "FSDP2".)"""
+    write shards: transformers gathers only models it sharded itself, docs/ray.md, "FSDP2 inside Ray Train".)"""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.rank() != 0:
         return None

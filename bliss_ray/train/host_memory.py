@@ -3,12 +3,11 @@
 Why: glibc serves every allocation above its mmap threshold (128 KiB, raised as it sees larger frees, up to
 32 MiB) with its own ``mmap`` and returns it to the kernel on ``free``. A CPU training step allocates and frees
 its activations every step (a 160M model at 1024 tokens: a 206 MB logits tensor and hundreds of smaller ones),
-so every step the kernel hands out and zeroes those pages again: 340,000 page faults and 0.3 s of a 3.7 s
-step, and 1.4 M faults per bilevel outer step of a 31M proxy. With mmap off and trimming off, freed blocks stay
-in the heap and the next step reuses them: no page faults in steady state. Measured by ``bench/mfu.py`` (MFU
-of a 160M step at batch 1: 0.72 → 0.77; bilevel outer step of a 31M proxy: 0.21 → 0.33). The cost: the
-process's RSS stays at its peak instead of shrinking between steps, which is where a training worker's RSS is
-anyway.
+so every step the kernel hands out and zeroes those pages again, hundreds of thousands of page faults per step.
+With mmap off and trimming off, freed blocks stay in the heap and the next step reuses them: no page faults in
+steady state, and a higher MFU in ``bench/mfu.py`` (docs/design.md, "Measurements behind choices in the code").
+The cost: the process's RSS stays at its peak instead of shrinking between steps, which is where a training
+worker's RSS is anyway.
 
 Ray Train workers (warm-up, pretraining, bilevel, MATES) get it through their environment (``worker_env``);
 scoring and probing actors, and the benchmarks that stand in for the workers, call ``retain_freed_memory``.

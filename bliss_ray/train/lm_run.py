@@ -34,20 +34,17 @@ from bliss_ray.train.settings import TrainSettings
 
 
 class Branches:
-    """The mid-round branch models this rank has (rank 0 keeps them), in a local directory of its own."""
+    """The mid-round branch models finished so far, in a local directory of rank 0's own: those a resumed
+    checkpoint carries, then each new one. (A resumed run starts after every branch its checkpoint carries.)"""
 
     def __init__(self, rank: int, carried: Path | None = None):
         self.rank, self.root = rank, Path(tempfile.mkdtemp(prefix="branches_"))
-        self.done: set[int] = set()
-        if carried is not None and carried.is_dir():  # every rank reads the same checkpoint: the same branches
-            if rank == 0:
-                shutil.copytree(carried, self.root, dirs_exist_ok=True)
-            self.done = {int(p.name) for p in carried.iterdir()}
+        if rank == 0 and carried is not None and carried.is_dir():
+            shutil.copytree(carried, self.root, dirs_exist_ok=True)
 
     def save(self, model: torch.nn.Module, step: int, tokenizer) -> None:
         if self.rank == 0:
             save_lm(model, self.root / str(step), tokenizer)
-        self.done.add(step)
 
     def close(self) -> None:
         shutil.rmtree(self.root)
@@ -78,7 +75,7 @@ class LMRun:
     def train(self) -> None:
         """The stable run from ``record.step``, then the final decay branch, each checkpointed."""
         t = self.settings
-        pending = [s for s in branch_steps(self.start_step, t.steps, t.eval_branches) if s not in self.branches.done]
+        pending = branch_steps(self.start_step, t.steps, t.eval_branches)
         if self.record.phase == "stable" and self.record.step < self.end_step:
             self.record.skipped = train_lm(
                 self.model,

@@ -264,7 +264,7 @@ class StageConsole:
             else:
                 records = self.poll(d.name)
             for rec in records:
-                if "worker_start_time" in rec:  # the budget of issue 15: within 10 s of the workers' start
+                if "worker_start_time" in rec:  # logged: the console's latency from the workers' start
                     log.info(
                         "first progress update of %s: %.1f s after its train function started",
                         st.key,

@@ -1,12 +1,12 @@
 """The light channel that carries a Train stage's per-step metrics from rank 0 to the driver, live.
 
 Why not ``ray.train.report``: every report is a barrier across ranks and Train V2 keeps only checkpoint-attached
-metrics (cluster.md §6.3), so the pipeline reports at checkpoint cadence. Instead rank 0 buffers its per-step
-records and every ``flush_s`` seconds (and at its first step, so the console shows life early) sends them,
-fire-and-forget, to one small named actor, the ``ProgressBoard``; the driver reads it about once a second for the
-console and TensorBoard (``bliss_ray.watch.console``, ``bliss_ray.watch.tracking``). The board holds plain dicts keyed by the
-stage directory's name, costs no CPU reservation and lives as long as the driver's job: no file on a shared
-filesystem is needed, so it works when rank 0 runs on another node.
+metrics (docs/ray.md, "Reports"), so the pipeline reports at checkpoint cadence. Instead rank 0 buffers its
+per-step records and every ``flush_s`` seconds (and at its first step, so the console shows life early) sends
+them, fire-and-forget, to one small named actor, the ``ProgressBoard``; the driver reads it about once a second
+for the console and TensorBoard (``bliss_ray.watch.console``, ``bliss_ray.watch.tracking``). The board holds plain
+dicts keyed by the stage directory's name, costs no CPU reservation and lives as long as the driver's job: no
+file on a shared filesystem is needed, so it works when rank 0 runs on another node.
 
     reporter = StepReporter(stage_dir.name, start_step=0, total_steps=60)  # driver: passed to the workers
     reporter({"step": 1, "loss": 9.1, "tokens_per_s": 4e3})               # rank 0, every step
@@ -56,8 +56,8 @@ _handles: dict[str, ray.actor.ActorHandle] = {}  # per Ray job: a new ray.init i
 
 def board():
     """The job's board, created on first use (by the driver: it must outlive the worker groups). The handle is
-    kept for the process's lifetime: a non-detached actor dies when its creator drops its last handle, and a
-    temporary handle per call made Ray destroy and recreate the board every few seconds, losing its records."""
+    kept for the process's lifetime: a non-detached actor dies when its creator drops its last handle, so a
+    temporary handle per call would make Ray destroy and recreate the board every few seconds, losing its records."""
     job = ray.get_runtime_context().get_job_id()
     if job not in _handles:
         _handles[job] = ProgressBoard.options(name=BOARD_NAME, get_if_exists=True, lifetime=None).remote()
@@ -184,7 +184,7 @@ class StepReporter:
     def flush(self, wait: bool = False) -> None:
         """Send the buffer: fire-and-forget (never blocks a training step), except with ``wait`` at the stage's
         last step: a worker that exits right after would drop the calls its core worker had not sent yet (on a
-        loaded machine no record of a 6-step warm-up reached the driver without this)."""
+        loaded machine, every record of a short stage)."""
         if not self._buffer:
             return
         if self._board is None:

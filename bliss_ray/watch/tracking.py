@@ -1,7 +1,7 @@
 """Experiment tracking: TensorBoard event files for every Train stage and every round, written by the driver.
 
 The driver receives each Train stage's per-step records live from rank 0 (``bliss_ray.watch.progress``) and
-writes them here, so the event files land in the run directory whichever node rank 0 ran on (cluster.md §6.4):
+writes them here, so the event files land in the run directory whichever node rank 0 ran on:
 
     <run>/tb/<variant>/<stage key>/   per step: loss, lr, grad norm, tokens/s, FLOP/s, memory (warm-up,
         pretraining with its decay branch as ``decay/…``); upper/lower loss, KL, weight entropy, norms (bilevel)
