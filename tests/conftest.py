@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from bliss_ray.testing import use_fake_aws_credentials
 
@@ -121,3 +122,24 @@ def tiny_run(ray_local, tmp_path_factory):
     assert proc.returncode == 0, screen[-3000:]
     run = Run(load_tiny(), out)
     return run, {st.key: run.outputs(st.key) for st in run.stages}
+
+
+def without_timings(metrics: list[dict]) -> list[dict]:
+    """Per-step metrics without wall-clock values (keys in seconds end in ``_s``): those differ between runs."""
+    return [{k: v for k, v in m.items() if not k.endswith("_s")} for m in metrics]
+
+
+def assert_same_state(a, b, where="state"):
+    """Recursive equality of checkpoint state (dicts, lists, tensors), tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)

@@ -312,3 +312,43 @@ def test_paper_presets_reproduce_the_released_eight_gpu_objective():
         exp = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "paper" / f"{name}.yaml", [])
         assert exp.bilevel.loss_scaling == "released" and exp.bilevel.released_devices == 8
         assert exp.resources.bilevel_workers == 8 and exp.bilevel.micro_batch_seqs * 8 == 32  # run.sh: 8 × 4
+
+
+def test_a_bilevel_stage_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tmp_path):
+    """``bilevel.checkpoint``: 4 outer steps straight vs 2 steps, a checkpoint, a fresh process's state loaded from
+    it, 2 more: proxy and score model, both AdamW states, both schedulers, the stale normaliser and every step's
+    metrics agree bit for bit (``weight_norm: stale`` makes step 3 depend on the saved normaliser)."""
+    from bliss_ray.bilevel.checkpoint import load_bilevel, save_bilevel
+    from bliss_ray.bilevel.loop import BilevelState, run_bilevel
+    from bliss_ray.bilevel.settings import BilevelSettings
+    from tests.conftest import assert_same_state
+
+    arch = arch_from_preset("pythia-micro", vocab_size=97)
+    s = BilevelSettings(
+        outer_steps=4, weight_norm="stale", gamma=0.1, micro_batch_seqs=4, proxy_lr=1e-3, score_lr=1e-3
+    )
+    ids = torch.randint(0, 97, (32, 16), generator=torch.Generator().manual_seed(3))
+    target = build_lm(arch, max_seq_len=16, seed=2).eval()
+
+    def fresh() -> BilevelState:
+        proxy = build_lm(arch, max_seq_len=16, seed=0)
+        return BilevelState.create(proxy, ScoreModel.from_proxy(proxy, True, copy_trunk=True, seed=1), target, s)
+
+    def run(state: BilevelState, end: int) -> BilevelState:
+        return run_bilevel(
+            state, s, lambda i: ids[4 * i : 4 * i + 4], lambda t: (ids[-4:], None), end_step=end, ckpt_every_steps=1
+        )
+
+    ref = run(fresh(), 4)
+    save_bilevel(run(fresh(), 2), tmp_path, resumed_from=[])
+    resumed, resumed_from = load_bilevel(tmp_path, s, target, torch.device("cpu"))
+    assert resumed_from == [2] and resumed.normaliser is not None
+    end = run(resumed, 4)
+    for a, b in ((end.proxy, ref.proxy), (end.score_model, ref.score_model)):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(p, q), name
+    for opt in ("proxy_opt", "score_opt", "proxy_sched", "score_sched"):
+        assert_same_state(getattr(end, opt).state_dict(), getattr(ref, opt).state_dict(), opt)
+    assert (end.normaliser.max, end.normaliser.denom) == (ref.normaliser.max, ref.normaliser.denom)
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.endswith("_s")} for m in ms]  # noqa: E731
+    assert strip(end.metrics) == strip(ref.metrics)

@@ -16,6 +16,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from bliss_ray.data.packing import shard_of
 from bliss_ray.selection.scoring import Scorer
 from tests.conftest import load_tiny
 
@@ -126,7 +127,12 @@ def test_ray_data_scores_equal_direct_scorer(tiny_run, tmp_path):
 
     run, files, model = _score_inputs(tiny_run)
     out = score_pool(run.exp, model, files, (1, 2), tmp_path / "s")
-    assert out["rows_in"] == out["rows_scored"] + out["rows_quarantined"] and out["actors_used"] >= 1
+    # rows in, counted from the input files (shard 1 of 2), against the rows the output holds, by their ok flag
+    ids_in = np.concatenate([pq.read_table(f, columns=["row_id"]).column("row_id").to_numpy() for f in files])
+    rows_in = int((shard_of(ids_in, 2) == 1).sum())
+    ok = pads.dataset(str(tmp_path / "s" / "scores"), format="parquet", partitioning="hive").to_table().column("ok")
+    assert rows_in == out["rows_in"] == len(ok) and out["actors_used"] >= 1
+    assert (out["rows_scored"], out["rows_quarantined"]) == (ok.to_numpy().sum(), (~ok.to_numpy()).sum())
     via_ray = _scores(tmp_path / "s")
     t = pq.read_table(files[0], columns=["row_id", "input_ids"])
     direct = Scorer(str(model), batch_seqs=7)(

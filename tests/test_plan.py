@@ -1,5 +1,5 @@
-"""The memory planner (``bliss_ray.costs.memory``, ``bliss_ray.costs.planner``, ``bliss-ray plan``): its estimate against a real
-step's measured peak, its verdicts on the paper presets, and ``bliss-ray run`` refusing what cannot fit.
+"""The memory planner (``bliss_ray.costs.memory``, ``bliss_ray.costs.planner``, ``bliss-ray plan``): its estimate
+against a real step's measured peak, its verdicts on the paper presets, and ``bliss-ray run`` refusing what cannot fit.
 
     .venv/bin/python -m pytest tests/test_plan.py -q
 """

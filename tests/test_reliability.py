@@ -24,13 +24,8 @@ from safetensors.torch import load_file
 
 from bliss_ray.config import ResourcesConfig
 from bliss_ray.train.checkpoint import read_metrics
-from tests.conftest import REPO
-from tests.test_train_stage import (  # noqa: F401  (data: the shared TokenArray fixture)
-    _lm_spec,
-    _without_timings,
-    assert_same_state,
-    data,
-)
+from tests.conftest import REPO, assert_same_state, without_timings
+from tests.test_train_stage import _lm_spec, data  # noqa: F401  (data: the shared TokenArray fixture)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -44,8 +39,6 @@ def _final_bilevel_state(train_run: str) -> dict:
     return torch.load(run_dir / latest["checkpoint_dir_name"] / STATE, weights_only=True)
 
 
-# extended (~90 s, CI budget): in CI, test_train_stage kills a Train worker and proves the exact resume
-@pytest.mark.extended
 def test_bilevel_worker_killed_resumes_to_the_exact_step(tiny_run, tmp_path, monkeypatch):
     """Scenario 1 (bilevel stage): SIGKILL the worker at outer step 3 of 4. The restarted attempt resumes from the
     last registered checkpoint (step 2, or 1 if the last one was not registered yet: ray.md §3.4 #1), which its
@@ -92,9 +85,7 @@ def test_bilevel_worker_killed_resumes_to_the_exact_step(tiny_run, tmp_path, mon
     for key in ("step", "proxy_opt", "score_opt", "proxy_sched", "score_sched", "normaliser"):
         assert_same_state(state[key], ref_state[key], key)
     assert state["normaliser"] is not None
-    assert _without_timings(read_metrics(out / "metrics.jsonl")) == _without_timings(
-        read_metrics(ref / "metrics.jsonl")
-    )
+    assert without_timings(read_metrics(out / "metrics.jsonl")) == without_timings(read_metrics(ref / "metrics.jsonl"))
 
 
 def test_nonfinite_loss_fails_the_stage_naming_stage_and_step(data, tmp_path, monkeypatch):  # noqa: F811
@@ -146,8 +137,6 @@ def test_requests_are_checked_against_the_autoscalers_ceiling_not_what_is_up_now
         _ray.check_schedulable({"CPU": 1}, 4)
 
 
-# extended (~40 s, CI budget): in CI, the ceiling checks above run with a faked autoscaler ceiling
-@pytest.mark.extended
 def test_unschedulable_request_on_an_autoscaling_cluster_times_out(tmp_path):
     """Scenario 8 on an autoscaling cluster whose ceiling allows the request (here a published ceiling of 8 GPUs
     that no node ever provides): Ray Train's worker-group start timeout and our finite controller failure limit
@@ -182,9 +171,6 @@ except ray.train.ControllerError as e:
     assert failed["s"] < 120  # one controller attempt of 5 s plus start-up
 
 
-# extended (~100 s): in CI, killed Train and bilevel workers resume (below, test_train_stage); the extended sweep
-# test kills its driver too
-@pytest.mark.extended
 def test_driver_killed_inside_a_stage_resumes_to_identical_outputs(tiny_run, tmp_path):
     """Scenario 2: SIGKILL the `bliss-ray run` driver (and with it the embedded Ray) while r0.pretrain is
     training, once a checkpoint is registered; rerun the same command: finished stages are skipped, r0.pretrain

@@ -1,5 +1,5 @@
-"""Ray Tune sweeps (bliss_ray.studies.sweep): validation before compute (including the rules that keep a ranking about data
-selection), the objective and results files, and the tiny Table-2 sweep end to end through ``bliss-ray sweep``
+"""Ray Tune sweeps (bliss_ray.studies.sweep): validation before compute (including the rules that keep a ranking about
+data selection), the objective and results files, and the tiny Table-2 sweep end to end through ``bliss-ray sweep``
 (cut to 2 whole-pipeline trials), its driver killed mid-sweep and resumed with the same command. The sweep
 report's arithmetic is tested on synthetic frames in tests/test_report.py.
 

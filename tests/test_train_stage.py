@@ -1,4 +1,4 @@
-"""Ray Train stages: 1 vs 2 workers compute the same thing (LM training and one bilevel outer step), and a
+"""Ray Train stages: 1 vs 2 workers compute the same bilevel outer step (LM training: test_fsdp), and a
 SIGKILLed worker resumes from a checkpoint, ends at the exact step count and equals an uninterrupted run; mid-round
 evaluation branches (``pretrain.eval_branches``) survive a restart and leave the stable run bit for bit unchanged.
 
@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,7 +19,7 @@ from bliss_ray.data.tokens import TokenArray
 from bliss_ray.models.lm import load_lm
 from bliss_ray.train.checkpoint import read_metrics
 from bliss_ray.train.settings import TrainSettings
-from tests.conftest import micro_lm_spec
+from tests.conftest import assert_same_state, micro_lm_spec, without_timings
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -82,46 +81,7 @@ def test_trains_controller_imports_no_bliss_ray_stage_model_or_transformers(ray_
         timeout=120,
     )
     imported = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    assert imported == ["bliss_ray", "bliss_ray.stages", "bliss_ray.studies.tune_callback"], imported
-
-
-# extended: DDP parity (test_fsdp's one worker = 2 DDP = 2 FSDP workers, also extended, covers it too)
-@pytest.mark.extended
-def test_lm_training_1_vs_2_workers_same_losses(data, tmp_path):
-    """Same global batch (8 rows): 1 worker × 2 micro-batches of 4 vs 2 workers × 1 micro-batch of 4 (DDP).
-    The rows are identical by construction; only float32 summation order differs (gradient accumulation vs
-    all-reduce), so per-step losses agree to ~1e-6 relative; 1e-4 leaves room for 4 AdamW steps of drift."""
-    from bliss_ray.stages import train_lm
-
-    losses = {}
-    for workers in (1, 2):
-        out = tmp_path / f"w{workers}"
-        out.mkdir()
-        train_lm.fit_lm(_lm_spec(data, f"parity{workers}", 4, 4), out, str(tmp_path / "ray"), workers)
-        losses[workers] = [m["loss"] for m in read_metrics(out / "metrics.jsonl")]
-    assert len(losses[1]) == 4
-    np.testing.assert_allclose(losses[1], losses[2], rtol=1e-4)
-
-
-def _without_timings(metrics: list[dict]) -> list[dict]:
-    """Per-step metrics without wall-clock values (keys in seconds end in ``_s``): those differ between runs."""
-    return [{k: v for k, v in m.items() if not k.endswith("_s")} for m in metrics]
-
-
-def assert_same_state(a, b, where="state"):
-    """Recursive equality of checkpoint state (dicts, lists, tensors), tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
+    assert imported == ["bliss_ray", "bliss_ray.studies", "bliss_ray.studies.tune_callback"], imported
 
 
 @pytest.mark.timeout(900)  # two 8-step runs, one with a worker-group restart
@@ -159,7 +119,7 @@ def test_killed_worker_resumes_and_finishes_at_the_exact_step(data, tmp_path, mo
     weights = load_file(out / "state" / "model" / "model.safetensors")
     assert_same_state(weights, load_file(ref / "state" / "model" / "model.safetensors"), "weights")
     assert_same_state(state["optimizer"], ref_state["optimizer"], "optimizer")
-    assert _without_timings(history) == _without_timings(read_metrics(ref / "metrics.jsonl"))
+    assert without_timings(history) == without_timings(read_metrics(ref / "metrics.jsonl"))
     run_dir = Path(result["train_run"])
     snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
     dirs = sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir())
@@ -167,8 +127,8 @@ def test_killed_worker_resumes_and_finishes_at_the_exact_step(data, tmp_path, mo
     assert dirs and all(d in snapshot for d in dirs), (dirs, snapshot)
 
 
-# extended (~140 s): in CI, test_eval_branches holds the stable state bit-identical across a branch without Ray,
-# and the tiny pipeline evaluates its mid-round branches
+# extended: in CI, test_lm_run resumes a run killed inside a branch without Ray (the branch carried, the run bit
+# identical), test_killed_worker_resumes_and_finishes_at_the_exact_step the Ray Train restart
 @pytest.mark.extended
 @pytest.mark.timeout(900)  # three short runs, one with a worker-group restart
 def test_mid_round_branches_are_kept_and_leave_the_stable_run_bit_identical(data, tmp_path, monkeypatch):
@@ -213,20 +173,17 @@ def test_mid_round_branches_are_kept_and_leave_the_stable_run_bit_identical(data
 
     # metrics: each branch's steps once under its own phase (the carried branch at 8 was not run again), the
     # stable and decay steps exactly the run's without branches
-    history = _without_timings(read_metrics(out / "metrics.jsonl"))
+    history = without_timings(read_metrics(out / "metrics.jsonl"))
     for at in (8, 11):
         assert [m["step"] for m in history if m["phase"] == f"branch@{at}"] == [at + 1, at + 2, at + 3]
-    cut_decay = [m for m in _without_timings(read_metrics(cut / "metrics.jsonl")) if m["phase"] == "decay"]
+    cut_decay = [m for m in without_timings(read_metrics(cut / "metrics.jsonl")) if m["phase"] == "decay"]
     branch_11 = [m | {"phase": "decay"} for m in history if m["phase"] == "branch@11"]
     assert branch_11 == cut_decay
-    assert [m for m in history if not m["phase"].startswith("branch@")] == _without_timings(
+    assert [m for m in history if not m["phase"].startswith("branch@")] == without_timings(
         read_metrics(ref / "metrics.jsonl")
     )
 
 
-# extended (~70 s, CI budget): 1 worker = 2 workers for the bilevel step; in CI, test_bilevel_math checks the
-# multi-worker normalisation without Ray
-@pytest.mark.extended
 def test_bilevel_outer_step_1_vs_2_workers(data, tmp_path):
     """One outer step with the global batch split over 2 workers (scores all-gathered, HVPs / ∇f / c̄ /
     hypergradient all-reduced) equals the same step in one worker: same proxy and score-model weights."""
