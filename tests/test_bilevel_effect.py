@@ -1,4 +1,4 @@
-"""Does the bilevel loop move the proxy where the upper level wants it? (issue 3, last acceptance item)
+"""Does the bilevel loop move the proxy where the upper level wants it?
 
 On the bundled corpus (the session's ``tiny_run``: its warmed-up pythia-micro proxy, packed pool and reference
 set), three copies of the same proxy take the same 120 inner steps on the same training batches:
@@ -36,7 +36,7 @@ def _rows(array: TokenArray, idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(array.tokens[np.sort(idx)], dtype=np.int64))  # (n, L)
 
 
-# extended (~75 s, CI budget): in CI, test_bilevel_math checks the hypergradient against finite differences and
+# extended: in CI, test_bilevel_math checks the hypergradient against finite differences and
 # the tiny pipeline's bilevel stage runs end to end
 @pytest.mark.ray  # reads the outputs of the session's tiny pipeline run
 @pytest.mark.extended

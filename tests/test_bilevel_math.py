@@ -174,7 +174,7 @@ def test_weights_sum_to_one_and_stats():
     assert torch.allclose(stale, p_all)
     stats = weight_stats(torch.full((8,), 1 / 8))
     assert math.isclose(stats["weight_entropy"], math.log(8)) and stats["weight_max_min_ratio"] == 1.0
-    # sigmoid scores bound the weight ratio by e (method.md §1.3)
+    # sigmoid scores bound the weight ratio by e (docs/method.md, "The bilevel problem")
     wide = global_softmax(torch.sigmoid(torch.tensor([-50.0, 50.0, 0.0])))[1]
     assert weight_stats(wide)["weight_max_min_ratio"] <= math.e + 1e-6
 

@@ -1,4 +1,4 @@
-"""Proof of the console (issue 15): the session's tiny pipeline (``tiny_run``: ``bliss-ray run`` in a pseudo-terminal
+"""Proof of the console: the session's tiny pipeline (``tiny_run``: ``bliss-ray run`` in a pseudo-terminal
 recorded by ``script``) showed a start and an end line for every stage and a live progress bar for every Train
 stage, and nothing of Ray's internals; a run without a terminal prints plain lines with no control characters.
 Ray's output is in the run's log file instead. Each run starts its own embedded Ray (the CLI's ``ensure_ray``; no

@@ -109,7 +109,7 @@ def _offline_env(extra: dict[str, str]) -> dict[str, str]:
 # (a) the stock CLI ------------------------------------------------------------------------------------------
 
 
-# extended (~40 s): in CI, test_pipeline runs the stock lm-eval CLI offline on a local task of a pipeline checkpoint
+# extended: in CI, test_pipeline runs the stock lm-eval CLI offline on a local task of a pipeline checkpoint
 @pytest.mark.extended
 def test_stock_cli_runs_local_tasks_offline(tiny_model_dir, corpus_env, tmp_path, monkeypatch):
     """The stock ``lm_eval`` CLI runs the local tasks offline, and the in-process harness (what the evaluate stage

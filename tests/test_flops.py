@@ -45,7 +45,7 @@ def test_paper_410m_recipe_gives_table_1_pretraining_and_warmup_rows():
     rows = {r.stage: r.flops for r in ledger(load_experiment(REPO / "experiments/paper/pythia410m.yaml"))}
     assert round(rows["target pretraining"] / 1e19, 2) == 6.35  # rebuttal Table 1
     assert round(rows["proxy warm-up"] / 1e19, 2) == 0.07
-    # the 6·N·D convention does not reproduce it (method.md §4.2): the conventions really differ
+    # the 6·N·D convention does not reproduce it (docs/method.md, "FLOPs"): the conventions really differ
     six = {r.stage: r.flops for r in ledger(load_experiment(REPO / "experiments/paper/pythia410m.yaml"), "6nd")}
     assert round(six["target pretraining"] / 1e19, 2) == 6.38
 

@@ -1,4 +1,4 @@
-"""Reliability scenarios of the reliability issue that need a live Ray (the others live next to the code they
+"""Reliability scenarios that need a live Ray (the others live next to the code they
 test: bad rows and corrupt files in test_data_stages.py, invalid configs and security in test_architecture.py,
 the target-pretraining worker kill in test_train_stage.py, the sweep driver kill in test_sweep.py).
 
@@ -41,8 +41,8 @@ def _final_bilevel_state(train_run: str) -> dict:
 
 def test_bilevel_worker_killed_resumes_to_the_exact_step(tiny_run, tmp_path, monkeypatch):
     """Scenario 1 (bilevel stage): SIGKILL the worker at outer step 3 of 4. The restarted attempt resumes from the
-    last registered checkpoint (step 2, or 1 if the last one was not registered yet: ray.md §3.4 #1), which its
-    state records, and ends equal to an uninterrupted run: proxy and score model weights, both AdamW states, both
+    last registered checkpoint (step 2, or 1 if the last one was not registered yet: docs/ray.md, "Checkpoints"),
+    which its state records, and ends equal to an uninterrupted run: proxy and score model weights, both AdamW states, both
     LR schedulers, the stale normaliser and every outer step's metrics, bit for bit. Exact because one worker on
     one thread replays the same float operations on the same data, and the checkpoint restores fp32 weights
     (safetensors), optimizer moments and the normaliser (Python floats of fp32 values) without rounding.

@@ -121,14 +121,14 @@ def test_sweep_report_keeps_a_difference_beyond_the_band(tmp_path):
 
 
 def test_one_seed_per_variant_says_the_noise_is_unknown(tmp_path):
-    """The issue's sigmoid case: 0.0001 nats apart, one seed each."""
+    """A sigmoid case as once reported: 0.0001 nats apart, one seed each."""
     text = _report(tmp_path, _sweep_dir(tmp_path, {(True,): [7.0300], (False,): [7.0301]}))
     assert "**One seed per variant: the seed spread of `upper_loss` is unknown" in text
     assert "| +0.0001 | n = 1: noise unknown |" in text and "best (n = 1: noise unknown)" in text
 
 
 def test_a_proxy_level_metric_across_proxies_is_flagged_and_not_ranked(tmp_path):
-    """The issue's Table 2 report: the 160M proxy 'won' on its own upper-level loss (7.03 vs 7.34)."""
+    """A Table 2 report as once written: the 160M proxy 'won' on its own upper-level loss (7.03 vs 7.34)."""
     keys = ("models.proxy.arch", "bilevel.use_sigmoid")
     runs = {("micro", True): [7.34, 7.35], ("micro", False): [7.33, 7.36], ("mini", True): [7.03, 7.02]}
     text = _report(tmp_path, _sweep_dir(tmp_path, runs | {("mini", False): [7.04, 7.03]}, keys=keys))

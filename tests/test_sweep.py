@@ -67,7 +67,7 @@ BAD = {
         {"stage": "bilevel", "metric": "upper_loss", "space": {"bilevel.use_sigmoid": {"grid": [True]}}, "round": 2},
         "round",
     ),
-    # the issue's Table 2: the proxy's own loss ranks proxy capacity, not the data the proxy selects
+    # Table 2 as once reported: the proxy's own loss ranks proxy capacity, not the data the proxy selects
     "proxy-level metric across proxies": ({"stage": "bilevel", "metric": "upper_loss"}, "metric: 'upper_loss'"),
     "proxy-level metric across warm-ups": (
         {"metric": "lower_loss", "space": {"warmup.steps": {"grid": [4, 6]}}},
@@ -494,10 +494,9 @@ def test_tiny_tuning_sweep_scores_trials_against_the_random_baseline_of_the_same
     assert "`steps_to_baseline` = the target steps at which the target's held-out reference loss" in text
 
 
-# In CI (131 s of the tier's 911 s on 2 cores, 2026-12-02; most of it Ray Train's process starts for its three
-# Train stages, docs/design.md): issue 13's sweep proof. Its setup stages are the session's tiny run, uploaded:
-# every setup stage of a bucket run root is proven by tests/test_two_node.py; here only Tune's storage and the
-# trials are new.
+# In CI (one of the tier's slowest: most of it Ray Train's process starts for its three Train stages): the sweep in
+# a bucket. Its setup stages are the session's tiny run, uploaded: every setup stage of a bucket run root is proven
+# by tests/test_two_node.py; here only Tune's storage and the trials are new.
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # with the session's tiny run, if this test is the first to ask for it

@@ -10,7 +10,7 @@ import torch
 from bliss_ray.models.arch import arch_from_preset
 from bliss_ray.models.lm import build_lm, set_activation_checkpointing
 from bliss_ray.train.loop import autocast_for, lm_loss, make_optimizer, train_lm
-from bliss_ray.train.precision import resolve
+from bliss_ray.train.precision import resolve_precision
 from bliss_ray.train.settings import TrainSettings
 
 
@@ -49,8 +49,8 @@ def test_checkpointing_really_recomputes():
 
 
 def test_precision_resolves_by_device_and_sets_the_autocast():
-    assert resolve("auto", "cuda") == "bf16-mixed" and resolve("auto", "cpu") == "fp32"
-    assert resolve("fp16-mixed", "cpu") == "fp16-mixed"
+    assert resolve_precision("auto", "cuda") == "bf16-mixed" and resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("fp16-mixed", "cpu") == "fp16-mixed"
     a = torch.randn(8, 8)
     with autocast_for(torch.device("cpu")):
         assert (a @ a).dtype == torch.float32

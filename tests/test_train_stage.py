@@ -87,8 +87,8 @@ def test_trains_controller_imports_no_bliss_ray_stage_model_or_transformers(ray_
 @pytest.mark.timeout(900)  # two 8-step runs, one with a worker-group restart
 def test_killed_worker_resumes_and_finishes_at_the_exact_step(data, tmp_path, monkeypatch):
     """Scenario 1 (target pretraining): SIGKILL the worker while it fetches step 6's batches; Ray Train restarts
-    the group from the last registered checkpoint (step 4 here, or 2: possibly older, ray.md §3.4 #1), which the
-    state records as the step the resumed attempt started from. The run ends at exactly step 8 with each step
+    the group from the last registered checkpoint (step 4 here, or 2: possibly older, docs/ray.md, "Checkpoints"),
+    which the state records as the step the resumed attempt started from. The run ends at exactly step 8 with each step
     logged once, and equals an uninterrupted run bit for bit: weights, AdamW state and every step's metrics (one
     worker on one thread replays the same float operations on the same batches, and the checkpoint restores fp32
     weights from safetensors and the optimizer moments unrounded). An orphan checkpoint directory planted in the

@@ -46,7 +46,7 @@ def _free_port() -> int:
 
 def _kill_marked(mark: str) -> None:
     """SIGKILL every process whose command line names ``mark`` (a node's private temp dir): a killed raylet's
-    agents are re-parented to init and ignore SIGTERM (cluster.md §3.2). Never ``ray stop``."""
+    agents are re-parented to init and ignore SIGTERM (docs/ray.md, "Two nodes on one machine"). Never ``ray stop``."""
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -119,8 +119,7 @@ def _refused_namespaces() -> str | None:
     return f"this machine refuses unshare --net --mount: {probe.stderr.decode().strip()}" if probe.returncode else None
 
 
-# In CI (the tier's slowest test: 190 s of 911 s on 2 cores, 2026-12-02): the issue's proof, one pipeline run
-# that a node death interrupts
+# In CI (the tier's slowest test): one pipeline run that a node death interrupts
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(1700)

@@ -30,7 +30,7 @@ from bliss_ray.costs.ledger import ledger, model_archs
 from bliss_ray.costs.memory import DEVICES, GIB, Estimate, Shape
 from bliss_ray.models.arch import LMArch, influence_arch
 from bliss_ray.pipeline import stages_of
-from bliss_ray.train.precision import resolve
+from bliss_ray.train.precision import resolve_precision
 
 RESULTS_MD = Path(__file__).resolve().parents[1] / "bench" / "RESULTS.md"
 # MFU (model FLOPs by the ledger ÷ peak) when bench/RESULTS.md has no run on the device: 16-bit steps against the
@@ -305,7 +305,7 @@ def plan_experiment(exp: Experiment, device: str, workers: int | None = None, re
     if device not in DEVICES:
         raise ConfigError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
     workers = workers or exp.resources.train_workers
-    precision = resolve(exp.resources.precision, "cpu" if device == "CPU" else "cuda")
+    precision = resolve_precision(exp.resources.precision, "cpu" if device == "CPU" else "cuda")
     counts: dict[str, int] = {}
     for st in stages_of(exp):
         counts[st.kind] = counts.get(st.kind, 0) + 1

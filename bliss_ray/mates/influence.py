@@ -136,7 +136,7 @@ class InfluenceFit:
     pretrained: dict = field(default_factory=dict)
 
 
-def split_rows(n: int, heldout_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def heldout_split(n: int, heldout_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded (train, held-out) split of row indices; at least 2 rows in each part when n ≥ 4."""
     order = np.random.default_rng(seed).permutation(n)
     held = min(max(2, round(n * heldout_frac)), n - 2) if n >= 4 else 0
@@ -241,7 +241,7 @@ def train_influence_model(
     """Fit an ``InfluenceModel`` to (rows ``ids`` (N, L), probed ``losses`` (N,)); see the module docstring."""
     device = torch.device(device)
     mean, std, z = _z_scored(losses)
-    train_idx, held_idx = split_rows(len(losses), heldout_frac, seed)
+    train_idx, held_idx = heldout_split(len(losses), heldout_frac, seed)
     model = InfluenceModel(arch, dropout=dropout, seed=seed)
     pretrained = model.load_pretrained_trunk(pretrained_dir) if pretrained_dir else {}
     model.to(device).train()

@@ -33,7 +33,7 @@ from bliss_ray.evaluation.reference import reference_loss
 from bliss_ray.evaluation.tasks.ref_cloze import SKIP_IDS_ENV as REF_CLOZE_SKIP_ENV
 from bliss_ray.stages._ray import QUIET_ENV, use_gpu
 from bliss_ray.storage import local_copy
-from bliss_ray.train.precision import inference_dtype, resolve
+from bliss_ray.train.precision import inference_dtype, resolve_precision
 
 
 def _evaluate(
@@ -115,7 +115,7 @@ def _evaluate_args(run, model_dir: str, cpus: float, device: str) -> tuple:
         e.bootstrap_iters,
         max(1, int(cpus)),
         device,
-        inference_dtype(resolve(exp.resources.precision, device)),
+        inference_dtype(resolve_precision(exp.resources.precision, device)),
         evaluates_offline(e.tasks, e.offline),
     )
 

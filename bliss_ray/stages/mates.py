@@ -55,6 +55,7 @@ from bliss_ray.stages._ray import (
     check_schedulable,
     cluster_ceiling,
     copy_checkpoint,
+    ensure_ray,
     fit,
     report,
     run_config,
@@ -192,6 +193,7 @@ def _gather_probes(chunks_dir: Path, n_cand: int, d: Path) -> pa.Table:
 
 def probe_stage(run, st, d: Path) -> dict:
     exp, r, res = run.exp, st.round, run.exp.resources
+    ensure_ray(res)
     state_dir = run.uri(f"r{r - 1}.pretrain", "state")
     step = int(read_state(run.input(f"r{r - 1}.pretrain", "state"))["step"])
     lr = probe_lr(run, r, step)
@@ -300,6 +302,7 @@ def _influence_worker(loop_config: dict) -> None:
 
 def influence_stage(run, st, d: Path) -> dict:
     exp, r, m, res = run.exp, st.round, run.exp.mates, run.exp.resources
+    ensure_ray(res)
     probes_path = run.uri(f"r{r}.probe", "probes.parquet")
     probes = pq.read_table(run.input(f"r{r}.probe") / "probes.parquet")
     loss = probes.column("loss").to_numpy()

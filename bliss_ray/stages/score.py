@@ -33,14 +33,14 @@ from bliss_ray.selection.scoring import Scorer
 from bliss_ray.stages._data_tasks import keep_shard
 from bliss_ray.stages._ray import use_gpu
 from bliss_ray.storage import local_copy
-from bliss_ray.train.precision import inference_dtype, resolve
+from bliss_ray.train.precision import inference_dtype, resolve_precision
 
 
 def scoring_dtype(exp: Experiment, gpu: bool) -> str:
     """``score.dtype: bfloat16`` forces bf16; the default follows ``resources.precision`` (bf16 on GPU)."""
     if exp.score.dtype == "bfloat16":
         return "bfloat16"
-    return inference_dtype(resolve(exp.resources.precision, "cuda" if gpu else "cpu"))
+    return inference_dtype(resolve_precision(exp.resources.precision, "cuda" if gpu else "cpu"))
 
 
 def _expected_ids(path: str, shard: tuple[int, int] | None) -> np.ndarray:

@@ -151,16 +151,6 @@ def report_stage(run: Run, st: Stage, d: Path) -> dict:
     return {"report": storage.join(run.uri(st.key), path.name)}
 
 
-def probe_stage(run: Run, st: Stage, d: Path) -> dict:
-    _ray.ensure_ray(run.exp.resources)
-    return mates.probe_stage(run, st, d)
-
-
-def influence_stage(run: Run, st: Stage, d: Path) -> dict:
-    _ray.ensure_ray(run.exp.resources)
-    return mates.influence_stage(run, st, d)
-
-
 RUNNERS = {
     "tokenizer": tokenizer_stage,
     "tokenize": tokenize_stage,
@@ -171,8 +161,8 @@ RUNNERS = {
     "score": score_stage,
     "evaluate": evaluate_stage,
     "report": report_stage,
-    "probe": probe_stage,
-    "influence": influence_stage,
+    "probe": mates.probe_stage,
+    "influence": mates.influence_stage,
 }
 
 

@@ -45,7 +45,7 @@ from bliss_ray.train import fsdp
 from bliss_ray.train.checkpoint import LMCheckpoint, RunRecord
 from bliss_ray.train.lm_run import Branches, LMRun
 from bliss_ray.train.loop import make_optimizer
-from bliss_ray.train.precision import grad_scaler, resolve
+from bliss_ray.train.precision import grad_scaler, resolve_precision
 from bliss_ray.train.schedule import round_peak_lr
 from bliss_ray.train.settings import TrainSettings
 from bliss_ray.watch.progress import StepReporter
@@ -74,7 +74,7 @@ def _prepare(model, spec: LMTrainSpec, peak_lr: float, tokenizer, rank: int, wor
     res, device = spec.resources, get_device()
     set_activation_checkpointing(model, res.activation_checkpointing, res.activation_checkpointing_k)
     sharded = res.parallelism == "fsdp" and world > 1
-    precision = resolve(res.precision, device.type)
+    precision = resolve_precision(res.precision, device.type)
     # FSDP: its mixed-precision policy casts the parameters, so the loop runs without autocast
     model = fsdp.shard(model, device, precision) if sharded else prepare_model(model)  # (DDP when world > 1)
     optimizer = make_optimizer(model, peak_lr, spec.train.betas, spec.train.weight_decay)

@@ -28,7 +28,7 @@ from bliss_ray.models.lm import save_lm
 from bliss_ray.train.branches import stable_state_kept
 from bliss_ray.train.checkpoint import LMCheckpoint, RunRecord
 from bliss_ray.train.loop import train_lm
-from bliss_ray.train.precision import grad_scaler, resolve
+from bliss_ray.train.precision import grad_scaler, resolve_precision
 from bliss_ray.train.schedule import branch_steps, decay_lr, wsd_lr
 from bliss_ray.train.settings import TrainSettings
 
@@ -137,7 +137,7 @@ class LMRun:
         branch_lr = wsd_lr(at - 1, self.peak_lr, t.warmup_steps)
         scaler = None
         if self.ckpt.scaler is not None:
-            scaler = grad_scaler(resolve(self.precision, self._device.type), self._device)
+            scaler = grad_scaler(resolve_precision(self.precision, self._device.type), self._device)
             scaler.load_state_dict(self.ckpt.scaler.state_dict())
         train_lm(
             self.model,

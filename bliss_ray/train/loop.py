@@ -67,7 +67,7 @@ def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 def autocast_for(device: torch.device, precision: str = "auto"):
     """The autocast of ``resources.precision`` on ``device`` (fp32 master weights; auto: bf16 on GPU, fp32 on CPU)."""
-    return precision_.autocast(precision_.resolve(precision, device.type), device)
+    return precision_.autocast(precision_.resolve_precision(precision, device.type), device)
 
 
 def train_lm(
@@ -94,7 +94,7 @@ def train_lm(
     includes ``grad_scaler``'s state (the caller's scaler, updated in place; None: a fresh one for this call)."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    scaler = grad_scaler or precision_.grad_scaler(precision_.resolve(precision, device.type), device)
+    scaler = grad_scaler or precision_.grad_scaler(precision_.resolve_precision(precision, device.type), device)
     for step in range(start_step, end_step):
         t0 = time.perf_counter()
         lr = lr_at(step)

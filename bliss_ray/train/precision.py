@@ -4,7 +4,7 @@
 adds a dynamic loss scale, since its gradients underflow); ``fp32``: no autocast. ``auto`` is bf16-mixed on GPU
 and fp32 on CPU (CPUs without AMX run bf16 matmuls slower than fp32).
 
-    with autocast(resolve("auto", device.type), device):
+    with autocast(resolve_precision("auto", device.type), device):
         loss = lm_loss(model, ids)
 
 torch is imported inside the functions that build tensors' settings: ``bliss-ray plan`` resolves precisions
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 PRECISIONS = ("bf16-mixed", "fp16-mixed", "fp32")
 
 
-def resolve(precision: str, device_type: str) -> str:
+def resolve_precision(precision: str, device_type: str) -> str:
     """``auto`` → bf16-mixed on a GPU, fp32 elsewhere; any other value as given."""
     if precision == "auto":
         return "bf16-mixed" if device_type == "cuda" else "fp32"
