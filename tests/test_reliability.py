@@ -42,12 +42,12 @@ def _final_bilevel_state(train_run: str) -> dict:
 def test_bilevel_worker_killed_resumes_to_the_exact_step(tiny_run, tmp_path, monkeypatch):
     """Scenario 1 (bilevel stage): SIGKILL the worker at outer step 3 of 4. The restarted attempt resumes from the
     last registered checkpoint (step 2, or 1 if the last one was not registered yet: docs/ray.md, "Checkpoints"),
-    which its state records, and ends equal to an uninterrupted run: proxy and score model weights, both AdamW states, both
-    LR schedulers, the stale normaliser and every outer step's metrics, bit for bit. Exact because one worker on
-    one thread replays the same float operations on the same data, and the checkpoint restores fp32 weights
-    (safetensors), optimizer moments and the normaliser (Python floats of fp32 values) without rounding.
-    ``weight_norm: stale`` makes the step after the resume depend on the saved normaliser: one that was lost
-    would give that step per-worker softmax weights, and different weights from then on."""
+    which its state records, and ends equal to an uninterrupted run: proxy and score model weights, both AdamW
+    states, both LR schedulers, the stale normaliser and every outer step's metrics, bit for bit. Exact because one
+    worker on one thread replays the same float operations on the same data, and the checkpoint restores fp32
+    weights (safetensors), optimizer moments and the normaliser (Python floats of fp32 values) without rounding.
+    ``weight_norm: stale`` makes the step after the resume depend on the saved normaliser: one that was lost would
+    give that step per-worker softmax weights, and different weights from then on."""
     from bliss_ray.stages import bilevel
 
     run, _ = tiny_run
