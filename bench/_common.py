@@ -237,12 +237,6 @@ def peak_rss_mb() -> float:
 def start_ray(num_cpus: int = 4):
     """A private local Ray instance (4 logical CPUs on any machine, as the test suite: budgets stay explicit)."""
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="brb_", dir="/tmp"))  # short: socket paths
-    from bliss_ray.stages._ray import train_env
-
-    # Train's settings on the embedded Ray that `bliss-ray run` starts, so a stage measured here costs what it costs
-    # there
-    for key, value in train_env(local=True).items():
-        os.environ.setdefault(key, value)
     import ray
     import ray.data
 

@@ -196,6 +196,11 @@ class ResourcesConfig(_Strict):
     controller_failure_limit: int = Field(3, ge=1)
     """Worker-group attempts (start timeouts, lost nodes) before a Train stage fails: with the start timeout,
     the bound on waiting for a request that never fits (3 × 600 s by default)."""
+    stage_retries: int = Field(2, ge=0)
+    """Times a stage interrupted by lost infrastructure that Ray did not retry itself (a node lost while a worker
+    group starts, an actor or object lost under Ray Data, tasks or the driver) is run again in the same command,
+    resuming from what it saved; each attempt is shown on the console with its cause. Errors no retry can fix (a
+    bad config, a non-finite loss, a request above the cluster's ceiling) fail at once."""
     compile: bool = False
     """torch.compile the model in training (off by default on CPU)."""
     dashboard: bool = False

@@ -19,9 +19,10 @@ from bliss_ray.testing import use_fake_aws_credentials
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="brt_", dir="/tmp"))  # short: unix socket paths
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private single-process test cluster
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's settings for trainers a test builds itself; stages._ray.fit sets a stage's own (train_env)
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as bliss_ray's ensure_ray sets it
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as ensure_ray sets it on an embedded Ray
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

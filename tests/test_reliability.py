@@ -140,23 +140,23 @@ def test_requests_are_checked_against_the_autoscalers_ceiling_not_what_is_up_now
 def test_unschedulable_request_on_an_autoscaling_cluster_times_out(tmp_path):
     """Scenario 8 on an autoscaling cluster whose ceiling allows the request (here a published ceiling of 8 GPUs
     that no node ever provides): Ray Train's worker-group start timeout and our finite controller failure limit
-    turn the wait into an error in bounded time. Runs in its own Ray (the timeout must be set before ray.init)
-    with a 5 s start timeout and one controller attempt (``resources.controller_failure_limit=1``)."""
+    turn the wait into an error in bounded time. Runs in its own Ray, started with a 60 s start timeout in its
+    environment, and a stage whose resources say 5 s and one controller attempt
+    (``resources.controller_failure_limit=1``): ``fit`` hands the stage's own setting to Train."""
     code = f"""
 import json, os, sys, time
-os.environ.update(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5", RAY_AUTH_MODE="disabled")
+os.environ.update(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="60", RAY_AUTH_MODE="disabled")
 sys.path.insert(0, {str(REPO)!r})
 import ray, ray.train
-from ray.train.torch import TorchTrainer
 from bliss_ray.config import ResourcesConfig
 from bliss_ray.stages import _ray
-from bliss_ray.stages._ray import ensure_ray, run_config, scaling_config
+from bliss_ray.stages._ray import ensure_ray, fit, run_config
 _ray.cluster_ceiling = lambda: {{"CPU": 16, "GPU": 8}}  # what an autoscaler would publish
-ensure_ray(ResourcesConfig(num_cpus=2, worker_start_timeout_s=5), quiet=True)
+ensure_ray(ResourcesConfig(num_cpus=2), quiet=True)
+res = ResourcesConfig(use_gpu=True, worker_start_timeout_s=5, controller_failure_limit=1)
 t0 = time.perf_counter()
 try:
-    TorchTrainer(lambda c: None, scaling_config=scaling_config(ResourcesConfig(use_gpu=True), 1),
-                 run_config=run_config("gpu", {str(tmp_path)!r}, ResourcesConfig(controller_failure_limit=1))).fit()
+    fit(lambda c: None, {{}}, res, 1, run_config("gpu", {str(tmp_path)!r}, res))
 except ray.train.ControllerError as e:
     print("FAILED", json.dumps({{"s": time.perf_counter() - t0, "cause": type(e.controller_failure).__name__,
                                 "message": str(e)}}))

@@ -587,3 +587,35 @@ def test_a_sweep_in_a_bucket_resumes_from_it_after_its_driver_dies_without_dupli
     df = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(exp_dir, "sweep_results.parquet"))))
     assert sorted(json.loads(k)["bilevel.outer_steps"] for k in df["variant_key"]) == [6, 12]
     assert set(df["status"]) == {"ok"} and np.isfinite(df["upper_loss"]).all()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_train_stage_started_by_a_tune_trial_gets_its_own_start_timeout(ray_local, tmp_path):
+    """The worker-group start timeout a Train worker sees when a Tune trial starts its stage is the stage's
+    ``resources.worker_start_timeout_s`` (123 s here), not what the trial's process inherited (the session's 60 s):
+    ``stages._ray.fit`` sets Train's settings in whichever process starts the stage."""
+    from ray import tune
+
+    from bliss_ray.config import ResourcesConfig
+    from bliss_ray.stages._ray import fit, run_config
+
+    def trial(config):
+        def worker(loop_config):
+            import os
+            import tempfile
+
+            import ray.train
+
+            with tempfile.TemporaryDirectory() as d:  # Train keeps the metrics of checkpointed reports
+                seen = float(os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"])
+                ray.train.report({"timeout": seen}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+        res = ResourcesConfig(worker_start_timeout_s=123.0, torch_threads=1, max_failures=0)
+        result = fit(worker, {}, res, 1, run_config("timeout", str(tmp_path / "train"), res))
+        tune.report({"timeout": result.metrics["timeout"]})
+
+    run = tune.RunConfig(storage_path=str(tmp_path / "tune"), name="timeout")
+    grid = tune.Tuner(tune.with_resources(trial, {"CPU": 0.01}), run_config=run).fit()
+    assert grid[0].error is None, grid[0].error
+    assert grid[0].metrics["timeout"] == 123.0

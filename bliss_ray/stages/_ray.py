@@ -21,6 +21,7 @@ import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
 
 from bliss_ray import storage
 from bliss_ray.config import ResourcesConfig
@@ -31,15 +32,20 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def train_env(local: bool) -> dict[str, str]:
-    """Ray Train's settings (environment variables, read by its controller) for the Ray that bliss_ray starts or
-    joins; ``local``: an embedded single-machine Ray. ``bench/`` starts its Ray with the same."""
-    # Train's controller notices that the workers finished only at its next poll (default every 2 s), so every
-    # stage's end would wait up to that long for it (docs/ray.md, "The controller")
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    if local:
-        # one machine is never preempted by a cloud provider, and Train's preemption watcher is one more actor
-        # process (importing Ray) started in series with every Train stage's workers (docs/design.md)
+def train_env(res: ResourcesConfig) -> dict[str, str]:
+    """Ray Train's settings: its controller reads them from the environment of the process that calls ``fit()`` (a
+    driver, or a Tune trial on any node) and passes them to the workers, so ``fit`` sets them there from the stage's
+    own resources, never trusting whatever environment that process inherited."""
+    env = {
+        # a cold GPU node (autoscaler, image pull, boot) takes minutes to join: Train's default waits 60 s
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(res.worker_start_timeout_s),
+        # Train's controller notices that the workers finished only at its next poll (default every 2 s), so every
+        # stage's end would wait up to that long for it (docs/ray.md, "The controller")
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    }
+    if cluster_ceiling() is None and len([n for n in ray.nodes() if n["Alive"]]) == 1:
+        # one machine and no autoscaler is never preempted by a cloud provider, and Train's preemption watcher is
+        # one more actor process started in series with every Train stage's workers (docs/design.md)
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     return env
 
@@ -48,11 +54,8 @@ def ensure_ray(res: ResourcesConfig, quiet: bool = False) -> bool:
     """Start (or join, with ``ray_address``) Ray unless already initialised. Returns True if started here."""
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(res.worker_start_timeout_s)))
     kwargs: dict = {"include_dashboard": False, "log_to_driver": not quiet}
     address = res.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else None)  # inside `ray job submit`
-    for key, value in train_env(local=address in (None, "local")).items():
-        os.environ.setdefault(key, value)
     if address in (None, "local"):
         # never attach to a cluster somebody started with `ray start` on this machine (docs/ray.md, "Resources on
         # small machines")
@@ -192,9 +195,52 @@ def torch_trainer(
     )
 
 
+# Lost infrastructure: a node, an actor or worker process, an object whose copies were all on a lost node. A stage
+# interrupted by one of these is run again (``stages.executor``) and resumes from what it saved.
+LOST = (
+    ray.exceptions.RayActorError,  # ActorDiedError, ActorUnavailableError: their node died or is unreachable
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.LocalRayletDiedError,
+    ray.exceptions.ObjectLostError,  # OwnerDiedError, ObjectReconstructionFailedError, ObjectFetchTimedOutError
+    ray.exceptions.TaskPlacementGroupRemoved,
+    ray.exceptions.ActorPlacementGroupRemoved,
+)
+
+
+def lost_infrastructure(error: BaseException) -> BaseException | None:
+    """The lost infrastructure that caused ``error``, if Ray itself did not retry it; None when the stage's own code,
+    data or settings caused it. Ray Train retries a worker group's failures (``max_failures``) and its start
+    failures and timeouts (``controller_failure_limit``): when those limits are spent the error is final. Other
+    errors in Train's controller are final to Train however they were caused — a worker's node lost while the group
+    starts its train function surfaces as ``ControllerError(ActorUnavailableError)`` (docs/ray.md, "The
+    controller") — and those caused by a lost node are ours to retry, as are those of Ray Data, tasks and actors.
+    Follows a Ray task's wrapped cause and Python's exception chain."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ray.train.WorkerGroupError):
+            return None  # Train retried it up to max_failures
+        if isinstance(e, ray.train.ControllerError):
+            retried = isinstance(e.controller_failure, (WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError))
+            todo += [] if retried else [e.controller_failure]
+            continue
+        if isinstance(e, LOST):
+            return e
+        if isinstance(e, ray.exceptions.RayTaskError):
+            todo.append(e.cause)
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
 def fit(worker: Callable[[dict], None], loop_config: dict, res, workers: int, config) -> ray.train.Result:
     """Fit a TorchTrainer of ``workers`` running ``worker(loop_config)``, then delete the checkpoint directories
-    that Train never registered (``gc_orphan_checkpoints``)."""
+    that Train never registered (``gc_orphan_checkpoints``). Train's settings (``train_env``) are set in this
+    process first: it may be a Tune trial whose environment never saw the driver's."""
+    os.environ.update(train_env(res))
     result = torch_trainer(worker, loop_config, res, workers, config).fit()
     gc_orphan_checkpoints(config.storage_path, config.name)
     return result

@@ -16,13 +16,16 @@ import json
 import logging
 import shutil
 import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import ray
 
 from bliss_ray import storage
 from bliss_ray.config import Experiment
 from bliss_ray.pipeline import Run, setting
+from bliss_ray.stages import _ray
 from bliss_ray.stages.steps import run_stage
 from bliss_ray.watch.console import StageConsole, reason_of, route_logs
 from bliss_ray.watch.progress import BoardReader
@@ -55,7 +58,7 @@ def execute(run: Run, until: str | None = None, runner: Callable = run_stage, co
         (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         with console.stage(st, d, run.uri(st.key)) as finished:
             t0 = time.perf_counter()
-            out = runner(run, st, d)
+            out = _with_retries(run, st, d, runner, console)
             out = {"stage": st.key, "kind": st.kind, "round": st.round, "seconds": time.perf_counter() - t0, **out}
             publish(run, st.key, out)
             finished(out)
@@ -64,6 +67,26 @@ def execute(run: Run, until: str | None = None, runner: Callable = run_stage, co
         results[st.key] = out
         sync_side_files(run)
     return results
+
+
+def _with_retries(run: Run, st, d: Path, runner: Callable, console) -> dict:
+    """The stage, run again when lost infrastructure interrupted it (``_ray.lost_infrastructure``), at most
+    ``resources.stage_retries`` times: each attempt resumes from what the last one saved (Train checkpoints, scored
+    files, evaluated checkpoints, probed chunks). Any other error fails the stage at once."""
+    retries, attempt = run.exp.resources.stage_retries, 1
+    while True:
+        try:
+            return runner(run, st, d)
+        except Exception as e:
+            lost = _ray.lost_infrastructure(e)
+            if attempt > retries or lost is None:
+                raise
+            log.warning("stage %s, attempt %d of %d: %s", st.key, attempt, retries + 1, traceback.format_exc())
+            cause = f"{type(lost).__name__}: {str(lost).strip().splitlines()[0] if str(lost).strip() else ''}"
+            console.line(
+                f"      {st.key}: attempt {attempt} of {retries + 1} lost its infrastructure ({cause}); again"
+            )
+            attempt += 1
 
 
 def publish(run: Run, key: str, out: dict) -> None:

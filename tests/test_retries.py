@@ -1,0 +1,103 @@
+"""A stage interrupted by lost infrastructure runs again in the same command; any other error fails it at once. The
+classification of Ray's errors (``stages._ray.lost_infrastructure``) and the executor's bounded retries, without
+a Ray cluster (the two-node test loses real nodes).
+
+    .venv/bin/python -m pytest tests/test_retries.py -q
+"""
+
+import io
+
+import pytest
+import ray.exceptions
+import ray.train
+from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+
+from bliss_ray.pipeline import Run
+from bliss_ray.stages._ray import lost_infrastructure
+from bliss_ray.stages.executor import execute
+from bliss_ray.train.loop import NonFiniteLossError
+from bliss_ray.watch.console import StageConsole
+from tests.conftest import load_tiny
+
+ACTOR_ID = b"\x01" * 16
+
+
+def _lost_actor():
+    return ray.exceptions.ActorUnavailableError("the actor's node is unreachable", ACTOR_ID)
+
+
+def _chained(cause: BaseException) -> RuntimeError:
+    try:
+        raise cause
+    except BaseException as e:
+        try:
+            raise RuntimeError("the stage's own wrapper") from e
+        except RuntimeError as wrapper:
+            return wrapper
+
+
+@pytest.mark.parametrize(
+    "error,lost",
+    [
+        # a worker's node lost while the group starts its train function: final to Train, ours to retry
+        (ray.train.ControllerError(_lost_actor()), True),
+        (ray.train.ControllerError(ray.exceptions.ActorDiedError()), True),
+        # start failures and timeouts: Train retried them up to controller_failure_limit already
+        (ray.train.ControllerError(WorkerGroupStartupFailedError("a worker died starting")), False),
+        (ray.train.ControllerError(WorkerGroupStartupTimeoutError(num_workers=2)), False),
+        # a worker group's failure: Train retried it up to max_failures; a worker's own error is never ours
+        (ray.train.WorkerGroupError("group failed", {0: _lost_actor()}), False),
+        (ray.train.ControllerError(ValueError("a bug in a callback")), False),
+        # Ray Data, tasks, the driver: a lost node's objects and actors, possibly inside a task's error or a chain
+        (ray.exceptions.ObjectLostError("00" * 28, "owner", "call site"), True),
+        (ray.exceptions.RayTaskError("map_batches", "traceback", ray.exceptions.NodeDiedError("gone")), True),
+        (_chained(ray.exceptions.OwnerDiedError("00" * 28, "owner", "call site")), True),
+        (ray.exceptions.RayTaskError("f", "traceback", ValueError("bad row")), False),
+        (NonFiniteLossError("stage 'warmup': non-finite loss at step 3"), False),
+        (RuntimeError("the cluster has 0 GPU but the stage asks for 1"), False),
+    ],
+    ids=lambda x: type(x).__name__ if isinstance(x, BaseException) else str(x),
+)
+def test_lost_infrastructure_is_told_from_the_stages_own_errors(error, lost):
+    assert (lost_infrastructure(error) is not None) is lost
+
+
+class _Runner:
+    """Fails the tokenizer stage with ``errors`` in turn, then succeeds."""
+
+    def __init__(self, *errors):
+        self.errors, self.calls = list(errors), 0
+
+    def __call__(self, run, st, d):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return {"vocab_size": 300}
+
+
+def _execute(tmp_path, runner, retries=2):
+    run = Run(load_tiny(**{"resources.stage_retries": retries}), tmp_path)
+    screen = io.StringIO()
+    try:
+        return execute(run, until="tokenizer", runner=runner, console=StageConsole(screen, tty=False)), screen
+    finally:
+        runner.screen = screen.getvalue()
+
+
+def test_a_stage_that_lost_its_node_runs_again_and_says_why(tmp_path):
+    runner = _Runner(ray.train.ControllerError(_lost_actor()), _chained(ray.exceptions.ActorDiedError()))
+    results, screen = _execute(tmp_path, runner)
+    assert runner.calls == 3 and results["tokenizer"]["vocab_size"] == 300
+    lines = [line for line in screen.getvalue().splitlines() if "lost its infrastructure" in line]
+    assert len(lines) == 2 and "attempt 1 of 3" in lines[0] and "ActorUnavailableError" in lines[0], lines
+
+
+def test_retries_are_bounded_and_other_errors_fail_at_once(tmp_path):
+    lost = _Runner(*[ray.train.ControllerError(_lost_actor()) for _ in range(3)])
+    with pytest.raises(ray.train.ControllerError):
+        _execute(tmp_path / "a", lost, retries=2)
+    assert lost.calls == 3 and "FAILED tokenizer" in lost.screen
+    bug = _Runner(ValueError("a bad setting"))
+    with pytest.raises(ValueError):
+        _execute(tmp_path / "b", bug)
+    assert bug.calls == 1 and "lost its infrastructure" not in bug.screen
