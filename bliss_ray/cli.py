@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 from bliss_ray import storage
-from bliss_ray.config import GPU_TYPES, ConfigError, load_experiment
+from bliss_ray.config import GPU_TYPES, ConfigError, load_experiment, parse_overrides
 from bliss_ray.costs.ledger import format_ledger, ledger
 from bliss_ray.costs.memory import device_of
-from bliss_ray.costs.planner import check_fits, format_plan, plan_experiment
+from bliss_ray.costs.planner import check_fits, format_arms, format_plan, plan_arms, plan_experiment
 from bliss_ray.costs.rebuttal import format_rebuttal
 from bliss_ray.pipeline import stages_of
 from bliss_ray.watch.status import show
@@ -42,26 +42,41 @@ def _offline_unless_hub_needed(exp) -> None:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def _check_plan(exp) -> None:
-    """Refuse, before any compute, a config whose memory plan does not fit the workers' accelerator: the one
-    ``resources.gpu_type`` names, else the local GPU of an embedded Ray; unknown (a cluster) is not checked."""
-    device, res = exp.resources.gpu_type, exp.resources
-    local = res.ray_address in (None, "local") and not os.environ.get("RAY_ADDRESS")
-    if device is None and local and res.use_gpu is not False:
+def _check_plan(exp, arm: str = "") -> None:
+    """Refuse, before any compute, a config whose memory plan does not fit its accelerators: the ones
+    ``resources.gpu_type`` and ``gpu_types`` name, else the local GPU of an embedded Ray; unknown (a cluster without
+    a named type) is not checked. ``arm``: the sweep point or comparison variant, named in the refusal."""
+    res, device = exp.resources, None
+    if res.gpu_type is None and not res.gpu_types:
+        local = res.ray_address in (None, "local") and not os.environ.get("RAY_ADDRESS")
+        if not local or res.use_gpu is False:
+            return
         import torch
 
-        if torch.cuda.is_available():
-            device = device_of(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory)
-    if device is not None:
-        check_fits(exp, device)
+        if not torch.cuda.is_available():
+            return
+        device = device_of(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory)
+        if device is None:
+            return
+    check_fits(exp, device, arm)
+
+
+def _check_arms(arms: dict, args) -> int | None:
+    """``--plan``: print every arm's fit and return the exit code (0: all fit); else refuse what cannot fit (unless
+    ``--no-plan-check``) and return None to go on. An arm that names no accelerator is planned on CPU."""
+    if args.plan:
+        plans = plan_arms(arms)
+        print(format_arms(plans))
+        return 0 if all(p.fits for p in plans.values()) else 1
+    if not args.no_plan_check:
+        for name, exp in arms.items():
+            _check_plan(exp, arm=name)
+    return None
 
 
 def cmd_plan(args) -> int:
     exp = load_experiment(args.config, args.set)
-    device = args.gpu or exp.resources.gpu_type
-    if device is None:
-        raise ConfigError("no device to plan for: pass --gpu TYPE or set resources.gpu_type")
-    print(format_plan(plan_experiment(exp, device, args.gpus)))
+    print(format_plan(plan_experiment(exp, args.gpu, args.gpus)))
     return 0
 
 
@@ -115,13 +130,15 @@ def cmd_report(args) -> int:
 def cmd_sweep(args) -> int:
     from bliss_ray.studies.sweep import SweepFailed, load_sweep, run_sweep  # lazy: Ray Tune, torch
 
-    sweep = load_sweep(args.sweep)  # the whole sweep is validated before Ray starts
+    sweep = load_sweep(args.sweep, parse_overrides(args.set))  # every point validated before Ray starts
+    if (code := _check_arms(sweep.arms(), args)) is not None:
+        return code
     for loc in (args.out, args.storage):  # an unreachable or read-only store fails here, naming the URI
         if loc:
             storage.check_writable(loc)
     _offline_unless_hub_needed(sweep.base)
     try:
-        result = run_sweep(Path(args.sweep), storage=args.storage, out=args.out, so_far=args.results_so_far)
+        result = run_sweep(sweep, storage=args.storage, out=args.out, so_far=args.results_so_far)
     except SweepFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -130,11 +147,13 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from bliss_ray.studies.compare import run_compare, write_report  # lazy: Ray, torch
+    from bliss_ray.studies.compare import publish_report, run_compare  # lazy: Ray, torch
     from bliss_ray.studies.compare_spec import load_compare  # lazy: with the line above
 
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
-    spec = load_compare(args.compare, seeds)  # every variant × seed validated before any compute
+    spec = load_compare(args.compare, seeds, parse_overrides(args.set))  # every variant × seed validated
+    if (code := _check_arms(spec.arms(), args)) is not None:
+        return code
     storage.check_writable(args.out)
     _offline_unless_hub_needed(spec.experiment(spec.baseline, spec.seeds[0]))
     try:
@@ -143,8 +162,9 @@ def cmd_compare(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     command = " ".join(["bliss-ray compare", args.compare] + (["--seeds", args.seeds] if args.seeds else []))
-    report = Path(args.report) if args.report else Path(args.out) / spec.name / "compare" / "report.md"
-    print(f"report: {write_report(spec, members, report, command, args.out)}")
+    command += "".join(f" --set {item}" for item in args.set)
+    report = args.report or storage.join(args.out, spec.name, "compare", "report.md")
+    print(f"report: {publish_report(spec, members, report, command, args.out)}")
     return 0
 
 
@@ -180,6 +200,14 @@ def _add_run_commands(sub) -> None:
     p.set_defaults(fn=cmd_plan)
 
 
+def _with_arm_checks(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--set`` for every arm, and the memory plan of every arm before anything starts."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base experiment")
+    p.add_argument("--plan", action="store_true", help="run nothing: print every arm's memory fit on its GPU type")
+    p.add_argument("--no-plan-check", action="store_true", help="start even if an arm's memory plan does not fit")
+    return p
+
+
 def _add_study_commands(sub) -> None:
     """The subcommands over several runs: report, sweep, compare."""
     p = sub.add_parser("report", help="tables and figures from run directories")
@@ -199,14 +227,14 @@ def _add_study_commands(sub) -> None:
         action="store_true",
         help="run nothing: write the results of the trials the sweep has now (it may be running or stopped)",
     )
-    p.set_defaults(fn=cmd_sweep)
+    _with_arm_checks(p).set_defaults(fn=cmd_sweep)
     p = sub.add_parser("compare", help="variants × seeds of a method comparison, then Table 4 and Figure 3")
     p.add_argument("compare", help="comparison YAML (see experiments/compare/)")
     p.add_argument("--out", default="runs", help="root of run directories (default: runs/)")
     p.add_argument("--seeds", help="comma-separated seeds instead of the file's")
     p.add_argument("--report", help="where the report goes (default: <out>/<name>/compare/report.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="Ray's own output on screen too")
-    p.set_defaults(fn=cmd_compare)
+    _with_arm_checks(p).set_defaults(fn=cmd_compare)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -168,6 +168,8 @@ class FlopsConfig(_Strict):
 
 # The accelerators ``bliss-ray plan`` knows (``bliss_ray.costs.memory.DEVICES`` holds their memory and peaks).
 GPU_TYPES = ("A10G-24GB", "L4-24GB", "A100-40GB", "A100-80GB", "H100-80GB", "H200-141GB", "CPU")
+# The stage kinds that run on an accelerator when the cluster has one.
+GPU_KINDS = ("warmup", "pretrain", "bilevel", "score", "probe", "influence", "evaluate")
 
 
 class ResourcesConfig(_Strict):
@@ -220,8 +222,17 @@ class ResourcesConfig(_Strict):
     """Compute precision of training, scoring and evaluation. ``*-mixed``: fp32 master weights and optimizer state,
     16-bit matmuls. ``auto``: bf16-mixed on GPU, fp32 on CPU. The bilevel stage always computes in fp32."""
     gpu_type: Literal[GPU_TYPES] | None = None
-    """The accelerator of the cluster's worker nodes (``bliss_ray.costs.memory.DEVICES``). ``bliss-ray run`` refuses a
-    config whose memory plan does not fit it; None: detected on a local GPU, otherwise not checked."""
+    """The accelerator the stages run on (``bliss_ray.costs.memory.DEVICES``): a placement constraint for every Train
+    worker, Ray Data actor and evaluation task that uses a GPU, which the cluster's node types must declare
+    (``cluster/``). ``bliss-ray run``, ``sweep`` and ``compare`` refuse a config whose memory plan does not fit it;
+    None: placed on any GPU, checked against a local GPU only."""
+    gpu_types: dict[Literal[GPU_KINDS], Literal[GPU_TYPES]] = {}
+    """Stage kinds that run on another accelerator than ``gpu_type``, e.g. ``{probe: A100-40GB}``: MATES's 1B
+    probes, or a 160M proxy's bilevel stage, need more memory than the target's pretraining."""
+
+    def gpu_type_for(self, kind: str) -> str | None:
+        """The accelerator a stage of this kind runs on."""
+        return self.gpu_types.get(kind, self.gpu_type)
 
     @model_validator(mode="after")
     def _fsdp_precision(self) -> ResourcesConfig:
@@ -300,18 +311,20 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key.sub=value`` strings (``--set``; values parsed as YAML) as a {dotted: value} dict."""
+    parsed = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like dotted.key=value")
+        key, raw = item.split("=", 1)
+        parsed[key.strip()] = yaml.safe_load(raw)
+    return parsed
+
+
 def apply_overrides(tree: dict, overrides: list[str] | dict[str, Any]) -> dict:
-    """Apply ``key.sub=value`` strings (values parsed as YAML) or a {dotted: value} dict to a raw config tree."""
-    items = overrides.items() if isinstance(overrides, dict) else []
-    if not isinstance(overrides, dict):
-        parsed = []
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' must look like dotted.key=value")
-            key, raw = item.split("=", 1)
-            parsed.append((key.strip(), yaml.safe_load(raw)))
-        items = parsed
-    for key, value in items:
+    """Apply ``key.sub=value`` strings or a {dotted: value} dict to a raw config tree."""
+    for key, value in (overrides if isinstance(overrides, dict) else parse_overrides(overrides)).items():
         _set_dotted(tree, key, value)
     return tree
 

@@ -559,8 +559,10 @@ def _drop_limits(doc: dict[str, Any]) -> None:
 
 
 def _drop_gpu(doc: dict[str, Any]) -> None:
-    for kind in ("requests", "limits"):
-        del _gpu_group(doc)["template"]["spec"]["containers"][0]["resources"][kind]["nvidia.com/gpu"]
+    """No group asks for a GPU any more (the cluster has two GPU groups: L4 and A100)."""
+    for group in kuberay_cluster_spec(doc)["workerGroupSpecs"]:
+        for kind in ("requests", "limits"):
+            group["template"]["spec"]["containers"][0]["resources"][kind].pop("nvidia.com/gpu", None)
 
 
 @pytest.mark.parametrize(
@@ -661,3 +663,70 @@ def test_sweep_manifest_gpu_ceiling_holds_its_concurrent_trials() -> None:
     group = _gpu_group(doc)
     per_pod = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert group["maxReplicas"] * per_pod >= sweep["max_concurrent_trials"] * per_trial
+
+
+# ---- GPU-typed placement: what each cluster serves, and every shipped study placed on it -------------------------
+
+CLUSTERS = [*LAUNCHER_YAMLS, RAYCLUSTER_YAML, RAYJOB_YAML]
+STUDIES = [
+    *sorted((REPO / "experiments" / "paper").glob("*.yaml")),
+    *[REPO / "experiments" / "sweeps" / f"{n}.yaml" for n in ("table2_proxy_sigmoid", "table3_score_init")],
+    REPO / "experiments" / "sweeps" / "gamma_lambda.yaml",
+]
+
+
+def cluster_gpu_types(path: Path) -> set[str]:
+    """The ``resources.gpu_type`` values a cluster config's node types serve: their ``accelerator_type:<X>``
+    resources (what the autoscaler knows before any node is up)."""
+    from bliss_ray.costs.memory import DEVICES
+
+    ours = {d.ray_type: name for name, d in DEVICES.items() if d.ray_type}
+    doc = load_yaml(path)
+    if "available_node_types" in doc:
+        declared = [t.get("resources") or {} for t in doc["available_node_types"].values()]
+    else:
+        declared = [g.get("resources") or {} for g in kuberay_cluster_spec(doc)["workerGroupSpecs"]]
+    keys = {k.split(":", 1)[1] for d in declared for k in d if k.startswith("accelerator_type:")}
+    assert keys <= set(ours), f"{path.name}: unknown accelerator types {keys - set(ours)}"
+    return {ours[k] for k in keys}
+
+
+def _arms(path: Path, overrides: dict | None = None) -> dict:
+    from bliss_ray.config import load_experiment
+    from bliss_ray.studies.sweep_spec import load_sweep
+
+    if "space" in load_yaml(path):
+        return load_sweep(path, overrides).arms()
+    return {path.stem: load_experiment(path, overrides or {})}
+
+
+def test_every_cluster_declares_the_gpu_types_it_serves() -> None:
+    assert cluster_gpu_types(CLUSTER / "aws.yaml") == {"A10G-24GB", "A100-40GB"}
+    assert cluster_gpu_types(CLUSTER / "gcp.yaml") == {"L4-24GB"}
+    for path in (RAYCLUSTER_YAML, RAYJOB_YAML):
+        assert cluster_gpu_types(path) == {"L4-24GB", "A100-40GB"}, path.name
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_every_shipped_study_fits_every_cluster_that_serves_its_gpu_types(study: Path) -> None:
+    """Each arm's stages (on ``resources.gpu_type`` / ``gpu_types``) are served by at least one shipped cluster, and
+    on those the memory plan fits: the check `bliss-ray run`, `sweep` and `compare` make before they start."""
+    from bliss_ray.costs.planner import check_fits, stage_devices
+
+    for arm, exp in _arms(study).items():
+        devices = set(stage_devices(exp).values())
+        serving = [c.name for c in CLUSTERS if devices <= cluster_gpu_types(c)]
+        assert serving, f"{study.name}, {arm}: no shipped cluster serves {sorted(devices)}"
+        check_fits(exp, arm=arm)
+
+
+def test_the_rayjobs_sweep_is_served_by_its_own_cluster() -> None:
+    """The RayJob's entrypoint (its sweep and --set) places every arm on GPU types its own cluster declares."""
+    from bliss_ray.config import parse_overrides
+    from bliss_ray.costs.planner import check_fits, stage_devices
+
+    words = load_yaml(RAYJOB_YAML)["spec"]["entrypoint"].split()
+    sets = parse_overrides([words[i + 1] for i, w in enumerate(words) if w == "--set"])
+    for arm, exp in _arms(REPO / words[2], sets).items():
+        assert set(stage_devices(exp).values()) <= cluster_gpu_types(RAYJOB_YAML), arm
+        check_fits(exp, arm=arm)

@@ -137,6 +137,26 @@ def test_requests_are_checked_against_the_autoscalers_ceiling_not_what_is_up_now
         _ray.check_schedulable({"CPU": 1}, 4)
 
 
+def test_stages_ask_for_their_gpu_type_and_a_type_no_node_serves_fails_before_compute(monkeypatch):
+    """``resources.gpu_type`` (and ``gpu_types`` per stage kind) becomes Ray's accelerator type of Train workers,
+    tasks and actors; on an autoscaling cluster whose node types declare A10G and A100-40G, a stage on an H100
+    fails at once, naming the type, instead of waiting for a node that never comes."""
+    from bliss_ray.stages import _ray
+
+    monkeypatch.setattr(_ray.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    ceiling = {"CPU": 64.0, "GPU": 12.0, "accelerator_type:A10G": 2.0, "accelerator_type:A100-40G": 1.0}
+    monkeypatch.setattr(_ray, "cluster_ceiling", lambda: ceiling)
+    res = ResourcesConfig(gpu_type="A10G-24GB", gpu_types={"bilevel": "A100-40GB", "probe": "H100-80GB"})
+    assert _ray.scaling_config(res, 4, "pretrain").accelerator_type == "A10G"
+    assert _ray.scaling_config(res, 4, "bilevel").accelerator_type == "A100-40G"
+    opts = _ray.task_options(res, "evaluate", 1.0)
+    assert opts["accelerator_type"] == "A10G" and opts["num_gpus"] == 1 and opts["scheduling_strategy"] == "DEFAULT"
+    with pytest.raises(RuntimeError, match=r"no H100 GPU .*accelerator_type:H100"):
+        _ray.task_options(res, "probe", 1.0)
+    cpu_only = ResourcesConfig(gpu_type="A10G-24GB", use_gpu=False)  # a CPU run ignores the type
+    assert _ray.scaling_config(cpu_only, 2, "pretrain").accelerator_type is None
+
+
 def test_unschedulable_request_on_an_autoscaling_cluster_times_out(tmp_path):
     """Scenario 8 on an autoscaling cluster whose ceiling allows the request (here a published ceiling of 8 GPUs
     that no node ever provides): Ray Train's worker-group start timeout and our finite controller failure limit
@@ -156,7 +176,7 @@ ensure_ray(ResourcesConfig(num_cpus=2), quiet=True)
 res = ResourcesConfig(use_gpu=True, worker_start_timeout_s=5, controller_failure_limit=1)
 t0 = time.perf_counter()
 try:
-    fit(lambda c: None, {{}}, res, 1, run_config("gpu", {str(tmp_path)!r}, res))
+    fit(lambda c: None, {{}}, res, 1, run_config("gpu", {str(tmp_path)!r}, res), "pretrain")
 except ray.train.ControllerError as e:
     print("FAILED", json.dumps({{"s": time.perf_counter() - t0, "cause": type(e.controller_failure).__name__,
                                 "message": str(e)}}))

@@ -252,7 +252,10 @@ def test_resuming_a_changed_sweep_is_refused_before_ray_starts(tmp_path):
     assert how.fingerprint() == sweep.fingerprint()  # how to run may change between runs
     changed = _write_sweep(tmp_path, overrides=overrides | {"bilevel.outer_steps": 9})
     with pytest.raises(ConfigError, match="changed since"):
-        run_sweep(changed, storage=str(tmp_path / "storage"), out=tmp_path / "runs")
+        run_sweep(load_sweep(changed), storage=str(tmp_path / "storage"), out=tmp_path / "runs")
+    # a --set that changes a result changes the sweep as much as its file does
+    with pytest.raises(ConfigError, match="changed since"):
+        run_sweep(load_sweep(_write_sweep(tmp_path), {"bilevel.outer_steps": 9}), str(tmp_path / "storage"), tmp_path)
 
 
 class _FakeResult:  # the parts of ray.tune.Result that write_results reads
@@ -612,7 +615,7 @@ def test_a_train_stage_started_by_a_tune_trial_gets_its_own_start_timeout(ray_lo
                 ray.train.report({"timeout": seen}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
         res = ResourcesConfig(worker_start_timeout_s=123.0, torch_threads=1, max_failures=0)
-        result = fit(worker, {}, res, 1, run_config("timeout", str(tmp_path / "train"), res))
+        result = fit(worker, {}, res, 1, run_config("timeout", str(tmp_path / "train"), res), "pretrain")
         tune.report({"timeout": result.metrics["timeout"]})
 
     run = tune.RunConfig(storage_path=str(tmp_path / "tune"), name="timeout")

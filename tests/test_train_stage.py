@@ -68,7 +68,8 @@ def test_trains_controller_imports_no_bliss_ray_stage_model_or_transformers(ray_
     forward = ForwardToTune.__new__(ForwardToTune)  # its __init__ needs a Tune session; pickling needs only the class
     forward.extra, forward.metric = {}, "loss"
     config = run_config("ctl", str(tmp_path), RES, callbacks=[forward])
-    trainer = torch_trainer(train_lm._worker, {"spec": spec, "progress": StepReporter("ctl", 0, 2)}, RES, 1, config)
+    progress = StepReporter("ctl", 0, 2)
+    trainer = torch_trainer(train_lm._worker, {"spec": spec, "progress": progress}, RES, 1, config, "pretrain")
     code = (
         "import json, pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('bliss_ray', 'transformers'))))"

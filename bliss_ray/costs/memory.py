@@ -60,6 +60,9 @@ class Device:
     bf16_flops: float | None = None  # dense 16-bit tensor-core peak, FLOP/s (no sparsity)
     fp32_flops: float | None = None  # fp32 peak without TF32, FLOP/s
     names: tuple[str, ...] = ()  # substrings of torch.cuda.get_device_name() that identify it
+    # Ray's accelerator type of the device: nodes carry ``accelerator_type:<it>`` (Ray detects A10G, L4, H100 and
+    # H200 itself; the cluster configs declare the A100s' memory variants), and stages ask for it
+    ray_type: str | None = None
 
 
 # GPU dense bf16 peaks (FLOP/s, no sparsity, NVIDIA's data sheets; H100/H200: SXM parts) by a substring of
@@ -77,12 +80,12 @@ def gpu_bf16_peak(cuda_name: str) -> float | None:
 DEVICES: dict[str, Device] = {
     d.name: d
     for d in (
-        Device("A10G-24GB", 22.5, GPU_BF16_PEAK["A10G"], 31.2e12, ("A10G",)),  # AWS g5 (cluster/aws.yaml)
-        Device("L4-24GB", 22.5, GPU_BF16_PEAK["L4"], 30.3e12, ("L4",)),  # GCP g2 (cluster/gcp.yaml)
-        Device("A100-40GB", 39.6, GPU_BF16_PEAK["A100"], 19.5e12, ("A100",)),
-        Device("A100-80GB", 79.3, GPU_BF16_PEAK["A100"], 19.5e12, ("A100",)),
-        Device("H100-80GB", 79.6, GPU_BF16_PEAK["H100"], 67e12, ("H100",)),
-        Device("H200-141GB", 140.4, GPU_BF16_PEAK["H200"], 67e12, ("H200",)),
+        Device("A10G-24GB", 22.5, GPU_BF16_PEAK["A10G"], 31.2e12, ("A10G",), "A10G"),  # AWS g5 (cluster/aws.yaml)
+        Device("L4-24GB", 22.5, GPU_BF16_PEAK["L4"], 30.3e12, ("L4",), "L4"),  # GCP g2 (cluster/gcp.yaml)
+        Device("A100-40GB", 39.6, GPU_BF16_PEAK["A100"], 19.5e12, ("A100",), "A100-40G"),
+        Device("A100-80GB", 79.3, GPU_BF16_PEAK["A100"], 19.5e12, ("A100",), "A100-80G"),
+        Device("H100-80GB", 79.6, GPU_BF16_PEAK["H100"], 67e12, ("H100",), "H100"),
+        Device("H200-141GB", 140.4, GPU_BF16_PEAK["H200"], 67e12, ("H200",), "H200"),
         Device("CPU", None),
     )
 }

@@ -20,23 +20,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bliss_ray.config import ConfigError, Experiment
+from bliss_ray.config import GPU_KINDS, ConfigError, Experiment
 from bliss_ray.costs import memory
 from bliss_ray.costs.ledger import ledger, model_archs
 from bliss_ray.costs.memory import DEVICES, GIB, Estimate, Shape
+from bliss_ray.costs.throughput import RESULTS_MD, measured_mfu, rate_of
 from bliss_ray.models.arch import LMArch, influence_arch
 from bliss_ray.pipeline import stages_of
 from bliss_ray.train.precision import resolve_precision
 
-RESULTS_MD = Path(__file__).resolve().parents[1] / "bench" / "RESULTS.md"
-# MFU (model FLOPs by the ledger ÷ peak) when bench/RESULTS.md has no run on the device: 16-bit steps against the
-# bf16 peak, fp32 ones (the bilevel step, fp32 training) against the fp32 peak. Assumptions, printed as such.
-ASSUMED_MFU = {"train": 0.35, "inference": 0.30, "bilevel": 0.30}
-ASSUMED_CPU_FLOPS = 100e9  # per worker, when RESULTS.md has no CPU measurement
 FSDP_COST, MICRO_HALVING_COST, FULL_MICRO_TOKENS = 1.03, 1.05, 8192
 TRAIN_KINDS = {"warmup": "warmup", "pretrain": "pretrain"}  # stage kind → its TrainConfig section
 LEDGER_KIND = {
@@ -49,7 +44,6 @@ LEDGER_KIND = {
     "oracle probing": "probe",
     "influence-model training": "influence",
 }
-MFU_KIND = {"pretrain": "train", "warmup": "train", "probe": "train", "influence": "train", "bilevel": "bilevel"}
 
 
 class PlanError(ConfigError):
@@ -73,6 +67,7 @@ class StagePlan:
     mfu_note: str = ""
     note: str = ""
     time_factor: float = 1.0  # step time with the fix ÷ as configured (recompute, FSDP, micro-batch)
+    device: str = ""  # the stage kind's accelerator (resources.gpu_type_for, or the one planned for)
 
     @property
     def fits(self) -> bool:
@@ -94,61 +89,6 @@ class Plan:
 
 def _arch_name(exp: Experiment, which: str) -> str:
     return getattr(exp.models, which).arch
-
-
-def measured_mfu(device: str, results_md: Path = RESULTS_MD) -> dict:
-    """What ``bench/RESULTS.md`` measured on this device type, by the ledger's FLOP count: {"train": {preset:
-    value}, "bilevel": value, "inference": value, "unit": "mfu" (of the bf16 peak, GPU) or "flops" (achieved
-    FLOP/s per worker, CPU), "source": …}. Empty when it has none."""
-    if not results_md.is_file():
-        return {}
-    text = results_md.read_text()
-    out: dict = {"train": {}}
-    if device == "CPU":  # bench/mfu.py's lines: "MFU train pythia-160m L=1024 B=4: 0.828  (269.3 GFLOP/s of …"
-        pattern = (
-            r"MFU (train|score|outer) (\S+)(?: \+ \S+ target)? L=\d+ B=\d+[^:\n]*: [0-9.]+\s+\(([0-9.,]+) GFLOP/s"
-        )
-        for kind, preset, rate in re.findall(pattern, text):
-            flops = float(rate.replace(",", "")) * 1e9
-            if kind == "train":
-                out["train"][preset] = max(flops, out["train"].get(preset, 0.0))
-            else:
-                out["inference" if kind == "score" else "bilevel"] = flops
-        return out | {"unit": "flops", "source": "bench/RESULTS.md, CPU"} if out["train"] else {}
-    # bench/gpu_bench.py's section names the planner's device type and each row's MFU by the ledger's count
-    section = re.search(r"<!-- gpu:begin -->(.*?)<!-- gpu:end -->", text, re.S)
-    body = section.group(1) if section else ""
-    if f"planner type {device}" not in body:
-        return {}
-    ledger_mfu = r"ledger MFU ([0-9.]+)"
-    out["train"] = {p: float(v) for p, v in re.findall(r"^\| MFU training (\S+) \|.*?" + ledger_mfu, body, re.M)}
-    for key, row in (("bilevel", r"^\| bilevel outer step "), ("inference", r"^\| scoring, \S+ trunk, bfloat16 ")):
-        if m := re.search(row + r".*?" + ledger_mfu, body, re.M):
-            out[key] = float(m.group(1))
-    return out | {"unit": "mfu", "source": f"bench/RESULTS.md, {device}"} if out["train"] else {}
-
-
-def _rate(kind: str, preset: str, precision: str, device: str, measured: dict) -> tuple[float, str]:
-    """Achieved model FLOP/s per worker, and where it comes from: measured on this device type (the same model,
-    else the nearest measured one), else the assumption."""
-    key = MFU_KIND.get(kind, "inference")
-    got = measured.get(key)
-    if isinstance(got, dict):  # training, by model
-        which = preset if preset in got else max(got, key=got.get, default=None)
-        got = got.get(which) if which else None
-        source = measured.get("source", "") + ("" if which == preset else f", {which}")
-    else:
-        source = measured.get("source", "")
-    d = DEVICES[device]
-    if got is not None:
-        if measured["unit"] == "flops":
-            return got, f"{got / 1e9:.0f} GFLOP/s measured ({source})"
-        return got * d.bf16_flops, f"MFU {got:.2f} measured ({source})"
-    if device == "CPU":
-        return ASSUMED_CPU_FLOPS, f"{ASSUMED_CPU_FLOPS / 1e9:.0f} GFLOP/s assumed"
-    sixteen = key != "bilevel" and precision != "fp32"
-    peak = d.bf16_flops if sixteen else d.fp32_flops
-    return ASSUMED_MFU[key] * peak, f"MFU {ASSUMED_MFU[key]:.2f} of the {'bf16' if sixteen else 'fp32'} peak, assumed"
 
 
 def _train_shape(exp: Experiment, section: str, workers: int, precision: str, **change) -> Shape:
@@ -300,30 +240,46 @@ def _inference_stage(exp, kind, count, device, precision, capacity) -> StagePlan
     return sp
 
 
-def plan_experiment(exp: Experiment, device: str, workers: int | None = None, results_md: Path = RESULTS_MD) -> Plan:
-    """The plan of every stage kind of ``exp`` on ``workers`` (default ``resources.train_workers``) × ``device``."""
-    if device not in DEVICES:
-        raise ConfigError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+def stage_devices(exp: Experiment, device: str | None = None) -> dict[str, str]:
+    """Each GPU stage kind of ``exp``'s plan → the accelerator it runs on: ``device`` for all when given, else
+    ``resources.gpu_type_for(kind)``. Raises ``ConfigError`` when a stage has none, or an unknown one."""
+    kinds = dict.fromkeys(st.kind for st in stages_of(exp) if st.kind in GPU_KINDS)
+    devices = {kind: device or exp.resources.gpu_type_for(kind) for kind in kinds}
+    if missing := [k for k, d in devices.items() if d is None]:
+        raise ConfigError(f"no device to plan {', '.join(missing)} for: pass --gpu TYPE or set resources.gpu_type")
+    if unknown := sorted({d for d in devices.values() if d not in DEVICES}):
+        raise ConfigError(f"unknown device {unknown}; choose from {', '.join(DEVICES)}")
+    return devices
+
+
+def plan_experiment(
+    exp: Experiment, device: str | None = None, workers: int | None = None, results_md: Path = RESULTS_MD
+) -> Plan:
+    """The plan of every stage kind of ``exp`` on ``workers`` (default ``resources.train_workers``), each kind on
+    its accelerator (``stage_devices``: ``device`` for all when given)."""
+    devices = stage_devices(exp, device)
     workers = workers or exp.resources.train_workers
-    precision = resolve_precision(exp.resources.precision, "cpu" if device == "CPU" else "cuda")
     counts: dict[str, int] = {}
     for st in stages_of(exp):
         counts[st.kind] = counts.get(st.kind, 0) + 1
     flops: dict[str, float] = {}
     for row in ledger(exp):
         flops[LEDGER_KIND[row.stage]] = flops.get(LEDGER_KIND[row.stage], 0.0) + row.flops
-    measured = measured_mfu(device, results_md)
     stages = []
     for kind, count in counts.items():
-        sp = _stage(exp, kind, count, device, workers, precision)
+        on = devices.get(kind, next(iter(devices.values()), "CPU"))
+        precision = resolve_precision(exp.resources.precision, "cpu" if on == "CPU" else "cuda")
+        sp = _stage(exp, kind, count, on, workers, precision)
         if sp is None:
             continue
+        sp.device = on
         if kind in flops:
-            rate, sp.mfu_note = _rate(kind, sp.model.split()[0], precision, device, measured)
+            rate, sp.mfu_note = rate_of(kind, sp.model.split()[0], precision, on, measured_mfu(on, results_md))
             sp.flops = flops[kind]
             sp.gpu_hours = flops[kind] * sp.time_factor / rate / 3600
         stages.append(sp)
-    return Plan(exp, device, workers, stages, _merge([s.fix for s in stages if not s.fits]))
+    main = device or exp.resources.gpu_type or next(iter(devices.values()), "CPU")
+    return Plan(exp, main, workers, stages, _merge([s.fix for s in stages if not s.fits]))
 
 
 def fix_flags(fix: dict) -> str:
@@ -332,6 +288,31 @@ def fix_flags(fix: dict) -> str:
 
 def _hours(h: float) -> str:
     return f"{h:,.1f}" if h >= 10 else f"{h:.2g}"
+
+
+def _label(s: StagePlan, p: Plan) -> str:
+    return s.kind if s.device == p.device else f"{s.kind} on {s.device}"
+
+
+def _bigger_flag(s: StagePlan) -> str:
+    """The cheapest fix of a stage no setting fits: that stage kind alone on the smallest device that holds it."""
+    return f"--set resources.gpu_types.{s.kind}={s.bigger_device}"
+
+
+def _misfit_lines(p: Plan) -> list[str]:
+    """What does not fit, each stage's need, and the merged fix."""
+    if p.fits:
+        return []
+    lines = ["", f"does not fit on {p.device}:"]
+    for s in p.stages:
+        if not s.fits:
+            need, usable = s.estimate.peak / GIB, s.capacity / GIB
+            lines.append(f"  {_label(s, p)}: needs {need:.1f} GiB per worker, {usable:.1f} usable")
+            if s.bigger_device and not s.fix:
+                lines.append(f"    no setting makes it fit; the smallest device that does: {_bigger_flag(s)}")
+    if p.fix:
+        lines.append(f"fix: {fix_flags(p.fix)}")
+    return lines
 
 
 def format_plan(p: Plan) -> str:
@@ -355,7 +336,7 @@ def format_plan(p: Plan) -> str:
         fits = "yes" if s.fits else ("no → fix" if s.fixed else "**no**")
         hours = "—" if s.gpu_hours is None else _hours(s.gpu_hours)
         lines.append(
-            f"| {s.kind} | {s.count} | {s.workers} | {s.model} | {s.settings} | {gib} | {fits} | {hours} | "
+            f"| {_label(s, p)} | {s.count} | {s.workers} | {s.model} | {s.settings} | {gib} | {fits} | {hours} | "
             f"{s.mfu_note or '—'} |"
         )
     total = sum(s.gpu_hours or 0.0 for s in p.stages)
@@ -363,30 +344,55 @@ def format_plan(p: Plan) -> str:
     for s in p.stages:
         detail = s.estimate.describe() + (f" — {s.note}" if s.note else "")
         lines.append(f"- {s.kind}: {detail}")
-    if not p.fits:
-        lines += ["", f"does not fit on {p.device}:"]
-        for s in p.stages:
-            if not s.fits:
-                lines.append(
-                    f"  {s.kind}: needs {s.estimate.peak / GIB:.1f} GiB per worker, {s.capacity / GIB:.1f} usable"
-                )
-                if s.bigger_device and not s.fix:
-                    lines.append(f"    no setting makes it fit; smallest device that does: --gpu {s.bigger_device}")
-        if p.fix:
-            lines.append(f"fix: {fix_flags(p.fix)}")
+    lines += _misfit_lines(p)
     return "\n".join(lines)
 
 
-def check_fits(exp: Experiment, device: str) -> None:
-    """Raise ``PlanError`` with the fix when the plan says ``exp`` cannot fit ``device`` (``bliss-ray run``)."""
+def check_fits(exp: Experiment, device: str | None = None, arm: str = "") -> None:
+    """Raise ``PlanError`` with the cheapest fix when the plan says ``exp`` cannot fit its accelerators (``device``
+    for every stage when given); ``arm`` names the sweep point or comparison variant in the message."""
     p = plan_experiment(exp, device)
-    if not p.fits:
-        bad = [s for s in p.stages if not s.fits]
-        parts = [f"{s.kind} needs {s.estimate.peak / GIB:.1f} GiB per worker" for s in bad]
-        msg = f"the memory plan does not fit {device} ({bad[0].capacity / GIB:.1f} GiB usable): " + "; ".join(parts)
-        if p.fix:
-            msg += f"\n  fix: {fix_flags(p.fix)}"
-        bigger = [s.bigger_device for s in bad if s.bigger_device and not s.fix]
-        if bigger:
-            msg += f"\n  no setting fits {bad[0].kind}; it needs at least {bigger[0]}"
-        raise PlanError(msg + "\n  (`bliss-ray plan` shows the whole plan; `--no-plan-check` runs anyway)")
+    if p.fits:
+        return
+    bad = [s for s in p.stages if not s.fits]
+    parts = [f"{_label(s, p)} needs {s.estimate.peak / GIB:.1f} GiB per worker" for s in bad]
+    where = f"{arm}: " if arm else ""
+    msg = f"{where}the memory plan does not fit {p.device} ({bad[0].capacity / GIB:.1f} GiB usable): " + "; ".join(
+        parts
+    )
+    if p.fix:
+        msg += f"\n  fix: {fix_flags(p.fix)}"
+    for s in bad:
+        if s.bigger_device and not s.fix:
+            msg += f"\n  no setting fits {s.kind}; it needs at least {s.bigger_device}: {_bigger_flag(s)}"
+    raise PlanError(msg + "\n  (`bliss-ray plan` shows the whole plan; `--no-plan-check` runs anyway)")
+
+
+def plan_arms(arms: dict[str, Experiment], device: str | None = None) -> dict[str, Plan]:
+    """The plan of every arm of a sweep or comparison (name → experiment), each stage on its accelerator (an arm
+    that names none: on CPU, as the embedded Ray runs it)."""
+    named = lambda e: e.resources.gpu_type or e.resources.gpu_types  # noqa: E731
+    return {name: plan_experiment(exp, device or (None if named(exp) else "CPU")) for name, exp in arms.items()}
+
+
+def format_arms(plans: dict[str, Plan]) -> str:
+    """One line per arm × GPU stage: its accelerator, the memory it needs, whether it fits; then the fixes."""
+    lines = ["| arm | stage | device | GiB/worker | usable | fits |", "|---|---|---|---|---|---|"]
+    for name, p in plans.items():
+        for s in p.stages:
+            fits = "yes" if s.fits else "**no**"
+            lines.append(
+                f"| {name} | {s.kind} | {s.device} | {s.estimate.peak / GIB:.1f} | {s.capacity / GIB:.1f} | {fits} |"
+            )
+    bad = {name: p for name, p in plans.items() if not p.fits}
+    lines += ["", f"{len(plans) - len(bad)} of {len(plans)} arms fit."]
+    for name, p in bad.items():
+        cheapest = fix_flags(p.fix) or "; ".join(_bigger_flag(s) for s in p.stages if not s.fits and s.bigger_device)
+        lines.append(f"- {name} does not fit; cheapest fix: {cheapest or 'none found'}")
+    return "\n".join(lines)
+
+
+def check_arms(arms: dict[str, Experiment], device: str | None = None) -> None:
+    """Raise ``PlanError`` naming the first arm, stage and cheapest fix that do not fit, before anything starts."""
+    for name, exp in arms.items():
+        check_fits(exp, device, arm=name)

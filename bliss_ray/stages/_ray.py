@@ -25,6 +25,7 @@ from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, Wor
 
 from bliss_ray import storage
 from bliss_ray.config import ResourcesConfig
+from bliss_ray.costs.memory import DEVICES
 from bliss_ray.train.host_memory import worker_env
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
@@ -135,11 +136,40 @@ def resumed_checkpoint() -> Iterator[Path | None]:
         shutil.rmtree(local, ignore_errors=True)
 
 
-def scaling_config(res: ResourcesConfig, workers: int) -> ray.train.ScalingConfig:
+def accelerator_type(res: ResourcesConfig, kind: str) -> str | None:
+    """Ray's accelerator type a stage of this kind asks for: its ``resources.gpu_type_for(kind)``, when it uses a
+    GPU at all."""
+    device = res.gpu_type_for(kind)
+    return DEVICES[device].ray_type if device is not None and use_gpu(res) else None
+
+
+def _typed(per_worker: dict, typed: str | None) -> dict:
+    """``per_worker`` plus the accelerator type as the resource Ray places it by (``accelerator_type:<type>``)."""
+    return per_worker | ({f"accelerator_type:{typed}": 0.001} if typed else {})
+
+
+def scaling_config(res: ResourcesConfig, workers: int, kind: str) -> ray.train.ScalingConfig:
     gpu = use_gpu(res)
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if gpu else {})
-    check_schedulable(per_worker, workers)
-    return ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=per_worker)
+    typed = accelerator_type(res, kind)
+    check_schedulable(_typed(per_worker, typed), workers)
+    return ray.train.ScalingConfig(
+        num_workers=workers, use_gpu=gpu, resources_per_worker=per_worker, accelerator_type=typed
+    )
+
+
+def task_options(res: ResourcesConfig, kind: str, cpus: float, at_least: int = 1, gpu: bool | None = None) -> dict:
+    """Ray options of a task or actor a stage starts (an evaluation task, a probe or scoring actor): its CPUs, a GPU
+    of the stage's accelerator type when the stage uses one (``gpu``, default: when the cluster has GPUs), and the
+    default scheduling strategy, so that a Tune trial's placement group (sized for the trial's own process) never
+    captures it. Fails at once, naming the resource, when ``at_least`` of them can never be scheduled: an actor
+    pool would otherwise wait for them forever."""
+    gpu = use_gpu(res) if gpu is None else gpu
+    typed = accelerator_type(res, kind) if gpu else None
+    check_schedulable(_typed({"CPU": cpus} | ({"GPU": 1} if gpu else {}), typed), at_least)
+    return {"num_cpus": cpus, "num_gpus": 1 if gpu else 0, "scheduling_strategy": "DEFAULT"} | (
+        {"accelerator_type": typed} if typed else {}
+    )
 
 
 def check_schedulable(per_worker: dict, workers: int) -> None:
@@ -151,6 +181,11 @@ def check_schedulable(per_worker: dict, workers: int) -> None:
     what = "the Ray cluster has" if ceiling is None else "the cluster's autoscaler can provide at most"
     for key, amount in per_worker.items():
         need, most = amount * workers, have.get(key, 0)
+        if key.startswith("accelerator_type:") and most <= 0 and (ceiling is None or most == 0):
+            raise RuntimeError(
+                f"{what} no {key.split(':', 1)[1]} GPU (a node type with resource {key}); the stage asks for one: set "
+                "resources.gpu_type (or resources.gpu_types) to a type the cluster's node types declare"
+            )
         if (ceiling is None or most >= 0) and need > most + 1e-9:
             raise RuntimeError(
                 f"{what} {most:g} {key} but the stage asks for {workers} workers × {amount:g} {key} = {need:g}; "
@@ -181,9 +216,14 @@ def run_config(name: str, storage: str, res: ResourcesConfig, callbacks: list | 
 
 
 def torch_trainer(
-    worker: Callable[[dict], None], loop_config: dict, res: ResourcesConfig, workers: int, config: ray.train.RunConfig
+    worker: Callable[[dict], None],
+    loop_config: dict,
+    res: ResourcesConfig,
+    workers: int,
+    config: ray.train.RunConfig,
+    kind: str,
 ) -> TorchTrainer:
-    """A TorchTrainer whose workers run ``worker(loop_config)``.
+    """A TorchTrainer whose workers run ``worker(loop_config)``, placed as a stage of ``kind`` asks.
 
     ``loop_config`` travels inside the worker function, which Train keeps in an object that only the workers fetch,
     not as Train's ``train_loop_config``: Train's controller unpickles that one (docs/ray.md, "The controller"),
@@ -191,7 +231,7 @@ def torch_trainer(
     transformers before it started any worker, in series with every stage's start (docs/design.md, "Where a Train
     stage's fixed cost goes")."""
     return TorchTrainer(
-        functools.partial(worker, loop_config), scaling_config=scaling_config(res, workers), run_config=config
+        functools.partial(worker, loop_config), scaling_config=scaling_config(res, workers, kind), run_config=config
     )
 
 
@@ -236,12 +276,12 @@ def lost_infrastructure(error: BaseException) -> BaseException | None:
     return None
 
 
-def fit(worker: Callable[[dict], None], loop_config: dict, res, workers: int, config) -> ray.train.Result:
-    """Fit a TorchTrainer of ``workers`` running ``worker(loop_config)``, then delete the checkpoint directories
-    that Train never registered (``gc_orphan_checkpoints``). Train's settings (``train_env``) are set in this
-    process first: it may be a Tune trial whose environment never saw the driver's."""
+def fit(worker: Callable[[dict], None], loop_config: dict, res, workers: int, config, kind: str) -> ray.train.Result:
+    """Fit a TorchTrainer of ``workers`` running ``worker(loop_config)`` for a stage of ``kind``, then delete the
+    checkpoint directories that Train never registered (``gc_orphan_checkpoints``). Train's settings (``train_env``)
+    are set in this process first: it may be a Tune trial whose environment never saw the driver's."""
     os.environ.update(train_env(res))
-    result = torch_trainer(worker, loop_config, res, workers, config).fit()
+    result = torch_trainer(worker, loop_config, res, workers, config, kind).fit()
     gc_orphan_checkpoints(config.storage_path, config.name)
     return result
 

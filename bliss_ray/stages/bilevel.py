@@ -115,7 +115,7 @@ def fit_bilevel(
     res = spec.resources
     config = run_config(name or out_dir.name, storage, res, callbacks=callbacks)
     progress = StepReporter(out_dir.name, 0, spec.settings.outer_steps)
-    result = fit(_worker, {"spec": spec, "progress": progress}, res, workers, config)
+    result = fit(_worker, {"spec": spec, "progress": progress}, res, workers, config, "bilevel")
     copy_checkpoint(result, out_dir)
     (out_dir / STATE).unlink()  # optimizer state is only needed to resume; the outputs are the models
     return {"final_step": result.metrics.get("step"), "train_run": result.path}

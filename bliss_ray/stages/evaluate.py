@@ -31,7 +31,7 @@ from bliss_ray import storage
 from bliss_ray.evaluation.harness import evaluate_checkpoint, evaluates_offline
 from bliss_ray.evaluation.reference import reference_loss
 from bliss_ray.evaluation.tasks.ref_cloze import SKIP_IDS_ENV as REF_CLOZE_SKIP_ENV
-from bliss_ray.stages._ray import QUIET_ENV, use_gpu
+from bliss_ray.stages._ray import QUIET_ENV, task_options, use_gpu
 from bliss_ray.storage import local_copy
 from bliss_ray.train.precision import inference_dtype, resolve_precision
 
@@ -159,7 +159,7 @@ def evaluate_checkpoints(run, st, d: Path) -> dict:
     keys = list(st.deps) if e.every_round else list(st.deps)[-1:]
     gpu = use_gpu(exp.resources)
     cpus = max(1.0, exp.resources.cpus_per_worker)
-    task = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_retries=2)(_evaluate)
+    task = ray.remote(max_retries=2)(_evaluate).options(**task_options(exp.resources, "evaluate", cpus))
     rows = _checkpoint_rows(run, keys)
     results = _evaluate_or_reuse(run, rows, task, cpus, "cuda" if gpu else "cpu")
     (d / "results").mkdir(exist_ok=True)

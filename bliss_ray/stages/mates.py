@@ -52,7 +52,6 @@ from bliss_ray.mates.influence import train_influence_model
 from bliss_ray.mates.probe import Prober
 from bliss_ray.models.arch import influence_arch
 from bliss_ray.stages._ray import (
-    check_schedulable,
     cluster_ceiling,
     copy_checkpoint,
     ensure_ray,
@@ -61,7 +60,7 @@ from bliss_ray.stages._ray import (
     run_config,
     start_worker,
     storage_path,
-    use_gpu,
+    task_options,
 )
 from bliss_ray.stages.inputs import round_rows, shared_rows, vocab_size
 from bliss_ray.storage import local_copy
@@ -148,14 +147,12 @@ def _reference_rows(run) -> tuple[np.ndarray, np.ndarray | None, int]:
 
 def _start_probe_actors(res, n_todo: int, *actor_args) -> list:
     """As many probe actors as the chunks, ``resources.data_actors[1]`` and the cluster allow (at least one)."""
-    gpu = use_gpu(res)
-    per_actor = {"CPU": res.data_actor_cpus} | ({"GPU": 1} if gpu else {})
-    check_schedulable(per_actor, 1)
+    options = task_options(res, "probe", res.data_actor_cpus)
+    per_actor = {"CPU": options["num_cpus"]} | ({"GPU": 1} if options["num_gpus"] else {})
     n_actors = max(1, min(res.data_actors[1], n_todo, _capacity(per_actor)))
     return [
         _ProbeActor.options(
-            num_cpus=res.data_actor_cpus,
-            num_gpus=1 if gpu else 0,
+            **options,
             max_restarts=res.max_failures,
             max_task_retries=res.max_failures,  # a probe chunk is idempotent: retrying it is always safe
         ).remote(*actor_args)
@@ -325,7 +322,7 @@ def influence_stage(run, st, d: Path) -> dict:
     )
     train_storage = storage_path(res, run.store)
     t0 = time.perf_counter()
-    result = fit(_influence_worker, {"spec": spec}, res, 1, run_config(d.name, train_storage, res))
+    result = fit(_influence_worker, {"spec": spec}, res, 1, run_config(d.name, train_storage, res), "influence")
     copy_checkpoint(result, d)
     storage.remove(data_dir)
     summary = json.loads((d / "summary.json").read_text())

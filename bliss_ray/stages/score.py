@@ -31,7 +31,7 @@ from bliss_ray.data.packing import file_key, shard_of
 from bliss_ray.data.tokens import read_token_table
 from bliss_ray.selection.scoring import Scorer
 from bliss_ray.stages._data_tasks import keep_shard
-from bliss_ray.stages._ray import use_gpu
+from bliss_ray.stages._ray import task_options, use_gpu
 from bliss_ray.storage import local_copy
 from bliss_ray.train.precision import inference_dtype, resolve_precision
 
@@ -122,9 +122,13 @@ def _scoring_dataset(
         batch_size=exp.score.batch_seqs * 4,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_cpus=res.data_actor_cpus,
-        num_gpus=1 if gpu else 0,
+        **_actor_resources(task_options(res, "score", res.data_actor_cpus, at_least=lo, gpu=gpu)),
     )
+
+
+def _actor_resources(options: dict) -> dict:
+    """Ray Data's resource arguments from ``_ray.task_options`` (Data schedules its actors itself)."""
+    return {k: v for k, v in options.items() if k in ("num_cpus", "num_gpus", "accelerator_type")}
 
 
 def _mark_scored(todo: list[str], expected: dict[str, np.ndarray], scores_dir: str, done_dir: str) -> None:

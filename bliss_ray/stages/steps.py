@@ -78,6 +78,7 @@ def _lm_spec(run: Run, st: Stage, d: Path, which: str, train: TrainSettings) -> 
         round_index=r,
         seed=exp.seed,
         resources=exp.resources,
+        kind=which,
     )
 
 

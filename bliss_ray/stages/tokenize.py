@@ -30,6 +30,7 @@ from bliss_ray.data.reference_split import cloze_items, eval_doc_ids, split_rows
 from bliss_ray.data.tokenize import tokenize_file
 from bliss_ray.data.tokenizer import load_tokenizer
 from bliss_ray.data.tokens import TokenArray, read_token_table
+from bliss_ray.stages._ray import task_options
 from bliss_ray.storage import local_copy
 
 
@@ -82,7 +83,7 @@ def tokenize_pool(exp: Experiment, tokenizer_dir: str, out_dir: str) -> dict:
             },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=min(hi, max(1, len(todo)))),
-            num_cpus=res.data_actor_cpus,
+            num_cpus=task_options(res, "tokenize", res.data_actor_cpus, at_least=lo, gpu=False)["num_cpus"],
         )
         .take_all()
     )

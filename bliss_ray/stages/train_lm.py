@@ -66,6 +66,7 @@ class LMTrainSpec:
     round_index: int
     seed: int
     resources: ResourcesConfig
+    kind: str = "pretrain"  # or "warmup": the stage kind, which resources.gpu_types may place apart
 
 
 def _prepare(model, spec: LMTrainSpec, peak_lr: float, tokenizer, rank: int, world: int):
@@ -139,7 +140,8 @@ def fit_lm(spec: LMTrainSpec, out_dir: Path, storage: str, workers: int) -> dict
     total = spec.train.steps + spec.train.decay_steps
     fpt = 3 * forward_flops_per_token(spec.arch, spec.seq_len)  # the FLOPs ledger's training FLOPs per token
     progress = StepReporter(out_dir.name, spec.start_step, total, flops_per_token=fpt)
-    result = fit(_worker, {"spec": spec, "progress": progress}, res, workers, run_config(out_dir.name, storage, res))
+    config = run_config(out_dir.name, storage, res)
+    result = fit(_worker, {"spec": spec, "progress": progress}, res, workers, config, spec.kind)
     tmp = copy_checkpoint(result, out_dir / "_final")
     state = out_dir / "state"
     shutil.rmtree(state, ignore_errors=True)

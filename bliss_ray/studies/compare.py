@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
+from bliss_ray import storage
 from bliss_ray.config import Experiment
 from bliss_ray.costs.ledger import ledger, totals
 from bliss_ray.report.collect import pool_rows_per_round
@@ -84,3 +86,14 @@ def write_report(spec: CompareSpec, members: list[Member], path: Path, command: 
     if check is not None:  # for a later comparison's tuning.check
         (written.parent / "heldout_check.json").write_text(json.dumps(check | {"command": command}, indent=1) + "\n")
     return written
+
+
+def publish_report(spec: CompareSpec, members: list[Member], where: str, command: str, out) -> str:
+    """The report at ``where``, a local path or a store location: with a store, written to a local directory and
+    uploaded with its figures and held-out check, so that a cluster's head keeps nothing of it."""
+    if not storage.is_remote(where):
+        return str(write_report(spec, members, Path(where), command, out))
+    with tempfile.TemporaryDirectory() as local:
+        written = write_report(spec, members, Path(local) / storage.name(where), command, out)
+        storage.upload(local, storage.parent(where))
+    return storage.join(storage.parent(where), written.name)

@@ -112,6 +112,10 @@ class CompareSpec(BaseModel):
             raise ValueError("tuning.before: the tuned variant itself; name the variant with the earlier settings")
         return self
 
+    def arms(self) -> dict[str, Experiment]:
+        """Every variant at the first seed, for checks before launch (seeds do not change what a variant needs)."""
+        return {name: self.experiment(name, self.seeds[0]) for name in self.variants}
+
     def order(self) -> list[str]:
         """Variants in run order: those another variant matches come first."""
         first = [n for n, v in self.variants.items() if v.match_flops is None]
@@ -133,8 +137,11 @@ class CompareSpec(BaseModel):
         )
 
 
-def load_compare(path: str | Path, seeds: list[int] | None = None) -> CompareSpec:
-    """The comparison, its ``base`` resolved to a file; every variant × seed is validated here, before compute."""
+def load_compare(
+    path: str | Path, seeds: list[int] | None = None, overrides: dict[str, Any] | None = None
+) -> CompareSpec:
+    """The comparison, its ``base`` resolved to a file; every variant × seed is validated here, before compute.
+    ``overrides`` (``--set``) apply to every variant after the file's own ``overrides``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"comparison file not found: {path}")
@@ -142,7 +149,8 @@ def load_compare(path: str | Path, seeds: list[int] | None = None) -> CompareSpe
         spec = CompareSpec.model_validate(yaml.safe_load(path.read_text()) or {})
     except ValidationError as e:
         raise ConfigError("\n".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from e
-    spec = spec.model_copy(update={"base": str(resolve_base(spec.base, path))} | ({"seeds": seeds} if seeds else {}))
+    update = {"base": str(resolve_base(spec.base, path))} | ({"seeds": seeds} if seeds else {})
+    spec = spec.model_copy(update=update | ({"overrides": spec.overrides | overrides} if overrides else {}))
     if spec.tuning:
         spec = spec.model_copy(update={"tuning": _checked_tuning(spec, path)})
     for name in spec.variants:

@@ -68,10 +68,6 @@ CURVE_METRICS = ("step", "upper_loss", "lower_loss", "kl")
 FINAL_EXTRA = ("objective_stage", "paper_average_stderr", "paper_average_chance", "target_steps", "target_tokens")
 FINAL_EXTRA += ("reached_baseline", "speedup", "baseline_steps", "baseline_reference_loss")
 SETUP_KINDS = {"tokenizer", "tokenize", "select", "warmup", "pretrain"}  # round-0 / round-free stages
-# Stages that start plain Ray tasks or actors (Ray Train and Ray Data place their own). Tune captures a trial's
-# child tasks into the trial's placement group, sized for its ~0.01-CPU driver, where a 1-CPU evaluation task can
-# never fit; a trial runs these stages from a 0-CPU task scheduled outside that group.
-OUTSIDE_TRIAL_GROUP = {"evaluate", "probe"}
 __all__ = ["ConfigError", "SweepFailed", "load_sweep", "run_sweep"]
 
 
@@ -105,9 +101,9 @@ class _TuneBilevel:
         return bilevel.fit_bilevel(spec, out_dir, storage, workers, name=name, callbacks=[cb])
 
     def runner(self, run: Run, st, d: Path) -> dict:
-        """The pipeline's stage runner, with this launcher for bilevel stages."""
-        if st.kind in OUTSIDE_TRIAL_GROUP:
-            return ray.get(_run_stage_outside.options(scheduling_strategy="DEFAULT").remote(run, st, d))
+        """The pipeline's stage runner, with this launcher for bilevel stages. Every stage runs in the trial's own
+        process, as in ``bliss-ray run``'s driver: the tasks and actors a stage starts escape the trial's placement
+        group by their own scheduling strategy (``stages._ray.task_options``), and the trial publishes the stage."""
         return steps.run_stage(
             run, st, d, runners=steps.RUNNERS | {"bilevel": partial(steps.bilevel_stage, launch=self)}
         )
@@ -120,11 +116,6 @@ class _TuneBilevel:
                 time.sleep(0.1)
         if self.callbacks:
             time.sleep(1.0)  # the session moves the item it took to its result queue just after taking it
-
-
-@ray.remote(num_cpus=0)
-def _run_stage_outside(run: Run, st, d: Path) -> dict:
-    return steps.run_stage(run, st, d)
 
 
 def bliss_sweep_trial(config: dict, sweep: Sweep, out: str, storage: str, baselines: dict | None = None) -> None:
@@ -262,12 +253,11 @@ def _tuner(sweep: Sweep, trainable, storage: str) -> tune.Tuner:
     )
 
 
-def run_sweep(path: str | Path, storage: str | None = None, out: str | Path = "runs", so_far: bool = False) -> str:
+def run_sweep(sweep: Sweep, storage: str | None = None, out: str | Path = "runs", so_far: bool = False) -> str:
     """Run, resume, or (when finished) re-collect a sweep; returns the path of its ``sweep_results.parquet``.
     ``so_far``: only write the results of the trials the experiment has now (running, stopped early or
     interrupted; read without Ray, nothing runs): unfinished trials are listed with status ``stopped``, those never
     started with ``pending``."""
-    sweep = load_sweep(path)
     spec, out = sweep.spec, str(out) if is_remote(out) else str(Path(out).resolve())
     storage = storage or join_uri(out, "sweeps")
     storage = storage if "://" in storage else str(Path(storage).resolve())
@@ -276,12 +266,12 @@ def run_sweep(path: str | Path, storage: str | None = None, out: str | Path = "r
     old = read_bytes(join_uri(exp_dir, "sweep.json")) if resume else None
     if old and json.loads(old)["fingerprint"] != sweep.fingerprint():
         raise ConfigError(
-            f"{path}: the sweep or its base changed since {exp_dir} was started; resuming would mix "
+            f"{sweep.path}: the sweep or its base changed since {exp_dir} was started; resuming would mix "
             "configurations. Give the sweep a new name (or delete the old experiment) to start afresh."
         )
     if so_far:
         if not resume:
-            raise ConfigError(f"{path}: no sweep state in {exp_dir} to collect results from")
+            raise ConfigError(f"{sweep.path}: no sweep state in {exp_dir} to collect results from")
         return write_results(tune.ResultGrid(tune.ExperimentAnalysis(exp_dir)), sweep, exp_dir, out, train_storage)
     if resume and (done := _finished(exp_dir, sweep)) is not None:
         log.info("sweep %s: all %d trials finished, nothing to run (no Ray started)", spec.name, len(done))

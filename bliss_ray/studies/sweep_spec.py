@@ -162,6 +162,11 @@ class Sweep:
         """The base experiment's own value of each key of the space."""
         return {key: setting(self.base, key) for key in self.spec.space}
 
+    def arms(self) -> dict[str, Experiment]:
+        """Every configuration the sweep can run, by its label (a grid point, or an Optuna range's bounds), for
+        checks before launch; seeds do not change what a configuration needs."""
+        return {variant_label(self.spec, pt) or "base": self.experiment(pt) for pt in points(self.spec, True)}
+
     def fingerprint(self) -> str:
         """What a resumed sweep must share with the original: the base with its overrides (except ``resources``)
         and the search; how to run (resources, concurrency, retries) may change."""
@@ -357,10 +362,13 @@ def _check_baseline(sweep: Sweep, tokens: dict[int, dict], where: str) -> None:
             )
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Parse and validate a sweep file; raise ``ConfigError`` naming the bad field. No Ray, no compute."""
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
+    """Parse and validate a sweep file; raise ``ConfigError`` naming the bad field. No Ray, no compute.
+    ``overrides`` (``--set``) apply to the base after the file's own ``overrides``."""
     path = Path(path)
     spec = _parse_spec(path)
+    if overrides:
+        spec = spec.model_copy(update={"overrides": spec.overrides | overrides})
     where = f"sweep {path}"
     _check_keys(spec, where)
     _check_objective(spec, where)
