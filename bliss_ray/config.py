@@ -135,7 +135,8 @@ class MatesConfig(_Strict):
     influence_heldout_frac: float = Field(0.1, gt=0, lt=1)
     """Fraction of the probes held out to pick the best epoch by Spearman (MATES: 10 %)."""
     pretrained_bert: str | None = None
-    """Local directory of pretrained ``bert-base-uncased`` weights; None trains from random init."""
+    """Pretrained ``bert-base-uncased`` weights (a directory: a local path or a store location, read on whichever
+    node trains the influence model through its cache); None trains from random init."""
     temperature: float = Field(1.0, gt=0)
     """τ of MATES's Gumbel selection (paper 1.0, code 0.5)."""
 

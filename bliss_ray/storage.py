@@ -55,9 +55,13 @@ def parent(loc: str | Path) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _remote_fs(scheme_and_query: str) -> pafs.FileSystem:
-    # one client per (scheme, bucket, options): creating an S3 client per call costs milliseconds and sockets
-    return pafs.FileSystem.from_uri(scheme_and_query)[0]
+def _remote_fs(root: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of a store root (``scheme://authority?options``) and the path pyarrow gives that root. One
+    client per root: creating an S3 client per call costs milliseconds and sockets. How an authority maps to a path
+    is pyarrow's (s3/gs: the bucket; abfs: the container of ``container@account``; hdfs: nothing)."""
+    base, _, query = root.partition("?")
+    fs, path = pafs.FileSystem.from_uri(f"{base}/_" + (f"?{query}" if query else ""))
+    return fs, path.removesuffix("_")
 
 
 def resolve(loc: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -67,9 +71,9 @@ def resolve(loc: str | Path) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(loc.removeprefix("file://")).resolve())
     base, _, query = loc.partition("?")
     scheme, rest = base.split("://", 1)
-    bucket = rest.split("/", 1)[0]
-    fs = _remote_fs(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))
-    return fs, rest.rstrip("/")
+    authority, _, path = rest.partition("/")
+    fs, root = _remote_fs(f"{scheme}://{authority}" + (f"?{query}" if query else ""))
+    return fs, (root + path).rstrip("/")
 
 
 def exists(loc: str | Path) -> bool:

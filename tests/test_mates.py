@@ -23,11 +23,13 @@ import dataclasses
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bliss_ray import storage
 from bliss_ray.mates.influence import InfluenceModel, train_influence_model
 from bliss_ray.mates.probe import Prober
 from bliss_ray.models.arch import arch_from_preset, influence_arch
@@ -238,7 +240,7 @@ def test_tiny_mates_pipeline_reuses_round_zero_and_reports_with_flops(tiny_run, 
     from bliss_ray.report.build import build_report
     from bliss_ray.report.collect import find_variants
     from bliss_ray.stages.executor import execute
-    from bliss_ray.stages.inputs import pool_files
+    from bliss_ray.stages.inputs import pool_files, round_rows
     from bliss_ray.stages.mates import probe_lr
     from bliss_ray.stages.steps import run_stage
 
@@ -256,6 +258,13 @@ def test_tiny_mates_pipeline_reuses_round_zero_and_reports_with_flops(tiny_run, 
         return run_stage(r, st, d)
 
     run = Run(load_tiny(**overrides), bliss_run.root.parent)
+    # a chunk an earlier attempt finished, in the stage's location in the store: probing resumes without it
+    shard_ids, _ = round_rows(run, 1)
+    keep = np.random.default_rng([run.exp.seed, 1, 2]).choice(shard_ids, 32, replace=False)
+    chunk_ids = TokenArray.build(pool_files(run), tmp_path / "cand", keep_ids=keep).row_ids[16:32]
+    planted = pa.table({"row_id": pa.array(chunk_ids, pa.int64()), "loss": pa.array(np.full(16, 1e6))})
+    pq.write_table(planted, tmp_path / "chunk.parquet")
+    storage.write_bytes(run.uri("r1.probe", "_chunks", "000001.parquet"), (tmp_path / "chunk.parquet").read_bytes())
     results = execute(run, runner=counting)
     assert ran == ["r1.probe", "r1.influence", "r1.score", "r1.select", "r1.pretrain", "evaluate", "report"]
 
@@ -263,8 +272,10 @@ def test_tiny_mates_pipeline_reuses_round_zero_and_reports_with_flops(tiny_run, 
     probes = pq.read_table(run.dir("r1.probe") / "probes.parquet")
     assert probe["probes"] == len(probes) == 32 and probe["probes_finite"] == 32
     assert probe["probes_per_s"] > 0 and probe["target_step"] == 6
+    probed = dict(zip(probes.column("row_id").to_numpy(), probes.column("loss").to_numpy(), strict=True))
+    assert [probed[i] for i in chunk_ids] == [1e6] * 16 and not storage.exists(run.uri("r1.probe", "_chunks"))
     # the actor pool's (row id, loss) pairs equal in-process probes of the same rows: no chunk/row mix-up
-    ids = probes.column("row_id").to_numpy()[[0, 17, 31]]
+    ids = np.array([i for i in probes.column("row_id").to_numpy() if i not in set(chunk_ids)])[[0, 7, 15]]
     rows = TokenArray.build(pool_files(run), tmp_path / "rows", keep_ids=ids)
     ref = TokenArray.open(run.dir("tokenize") / "reference" / "array")
     prober = Prober(run.dir("r0.pretrain") / "state", ref.tokens[:8], None, probe_lr(run, 1, 6))

@@ -94,3 +94,50 @@ def test_failed_stage_ends_with_one_message_and_status_shows_it(tmp_path):
     assert status.returncode == 1
     assert "failed      tokenizer" in status.stdout
     assert "error: " in status.stdout and f"details: {log_path}" in status.stdout
+
+
+def test_a_running_marker_is_a_lease_that_status_anywhere_sees_run_out(tmp_path):
+    """The driver renews its stage's ``_RUNNING.json`` while the stage runs; a marker from another machine whose
+    lease ran out (a driver that died there) reads ``interrupted``, a renewed one ``running``, with no pid to ask."""
+    import json
+    import time
+
+    from bliss_ray.config import load_experiment
+    from bliss_ray.pipeline import Run
+    from bliss_ray.watch.status import RUNNING, RunningLease
+
+    run = Run(load_experiment(TINY), tmp_path)
+    run.root.mkdir(parents=True)
+    (run.root / "experiment.json").write_text(run.exp.model_dump_json())
+    lease = RunningLease(run.uri("tokenizer"), lease_s=0.4).start()
+    first = json.loads((run.dir("tokenizer") / RUNNING).read_text())
+    time.sleep(0.5)
+    renewed = json.loads((run.dir("tokenizer") / RUNNING).read_text())
+    lease.stop()
+    assert renewed["renewed"] > first["renewed"] and renewed["started"] == first["started"]
+    elsewhere = {"pid": 1, "host": "another-head", "started": time.time() - 600, "lease_s": 120.0}
+    for key, renewed_s_ago in (("tokenizer", 5), ("tokenize", 300)):
+        run.dir(key).mkdir(parents=True, exist_ok=True)
+        marker = elsewhere | {"renewed": time.time() - renewed_s_ago}
+        (run.dir(key) / RUNNING).write_text(json.dumps(marker))
+    states = {r["key"]: r["state"] for r in stage_states(run.root)}
+    assert states["tokenizer"] == "running" and states["tokenize"] == "interrupted"
+
+
+def test_status_of_a_run_root_shows_every_experiment_launched_into_it(tmp_path, capsys):
+    """``make demo`` launches BLISS, then its random baseline into ``runs/demo``: the root's ``experiment.json`` is
+    the baseline's, and ``status`` shows both (each stage directory records the experiment that ran it)."""
+    from bliss_ray.config import load_experiment
+    from bliss_ray.pipeline import Run
+    from bliss_ray.watch.status import show, variants_in
+
+    bliss = Run(load_experiment(TINY), tmp_path)
+    random = Run(load_experiment(TINY, ["selection.method=random"]), tmp_path)
+    for run, key in ((bliss, "warmup"), (random, "r1.select")):
+        run.dir(key).mkdir(parents=True)
+        (run.dir(key) / "experiment.json").write_text(run.exp.model_dump_json())
+    (random.root / "experiment.json").write_text(random.exp.model_dump_json())
+    assert sorted(e.selection.method for e in variants_in(random.root)) == ["bliss", "random"]
+    assert show(random.root) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert len(heads) == 2 and any("[bliss-" in h for h in heads) and any("[random-" in h for h in heads), heads

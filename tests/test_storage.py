@@ -93,3 +93,22 @@ def test_pool_fingerprint_follows_the_bytes_of_local_files_not_their_paths_or_ti
     assert fingerprint(first) == fingerprint(second)
     (second / "a.jsonl").write_text('{"id": "1", "text": "the same bytez"}\n')
     assert fingerprint(first) != fingerprint(second)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://bucket/runs/demo?region=us-east-1",
+        "gs://bucket/runs/demo",
+        "abfs://container@account.dfs.core.windows.net/runs/demo",  # the authority is not the path's first part
+        "abfss://container@account.dfs.core.windows.net/runs/demo",
+    ],
+)
+def test_a_store_location_resolves_to_the_path_pyarrow_gives_it(uri):
+    """Every scheme pyarrow knows maps its authority its own way (abfs: ``container@account`` → ``container``);
+    ``storage.resolve`` takes pyarrow's mapping, whatever the scheme, for a location and its sub-locations."""
+    import pyarrow.fs as pafs
+
+    assert storage.resolve(uri)[1] == pafs.FileSystem.from_uri(uri)[1]
+    sub = storage.join(uri, "r1.score", "scores")
+    assert storage.resolve(sub)[1] == pafs.FileSystem.from_uri(sub)[1]

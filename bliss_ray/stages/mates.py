@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -160,17 +159,19 @@ def _start_probe_actors(res, n_todo: int, *actor_args) -> list:
     ]
 
 
-def _probe_chunks(actors: list, todo: list[int], cand: TokenArray, chunks_dir: Path) -> tuple[dict, float]:
-    """Probe the chunks in ``todo`` on the actor pool, writing each chunk's file as soon as it is done; the actors
-    are killed at the end. Returns (the first actor's ``info``, seconds spent probing)."""
+def _probe_chunks(actors: list, todo: list[int], cand: TokenArray, chunks: str) -> tuple[dict, float]:
+    """Probe the chunks in ``todo`` on the actor pool, writing each chunk's file to the store (``chunks``, a
+    location: a fresh head resumes with the chunks still missing) as soon as it is done; the actors are killed at
+    the end. Returns (the first actor's ``info``, seconds spent probing)."""
     try:
         info = ray.get(actors[0].info.remote())
         t0 = time.perf_counter()
         for c, losses in ActorPool(actors).map_unordered(lambda actor, c: actor.probe.remote(c), todo):
             ids = _chunk_row_ids(cand, c)
-            tmp = chunks_dir / f"{c:06d}.tmp"
-            pq.write_table(pa.table({"row_id": pa.array(ids, pa.int64()), "loss": pa.array(losses)}), tmp)
-            tmp.replace(chunks_dir / f"{c:06d}.parquet")  # a chunk is done only once its file is complete
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.table({"row_id": pa.array(ids, pa.int64()), "loss": pa.array(losses)}), sink)
+            # one atomic write: a chunk is done only once its file is complete
+            storage.write_bytes(storage.join(chunks, f"{c:06d}.parquet"), sink.getvalue().to_pybytes())
         seconds = time.perf_counter() - t0
     finally:
         for a in actors:
@@ -178,13 +179,14 @@ def _probe_chunks(actors: list, todo: list[int], cand: TokenArray, chunks_dir: P
     return info, seconds
 
 
-def _gather_probes(chunks_dir: Path, n_cand: int, d: Path) -> pa.Table:
+def _gather_probes(chunks: str, n_cand: int, d: Path) -> pa.Table:
     """Merge the chunk files into ``probes.parquet`` (sorted by row id), checking every candidate has a result."""
-    table = pq.read_table(sorted(str(p) for p in chunks_dir.glob("*.parquet"))).sort_by("row_id")
+    parts = [pq.read_table(pa.BufferReader(storage.read_bytes(c))) for c in storage.listdir(chunks, ".parquet")]
+    table = pa.concat_tables(parts).sort_by("row_id")
     if len(table) != n_cand:
         raise AssertionError(f"probing: {n_cand} candidates but {len(table)} probe results")
     pq.write_table(table, d / "probes.parquet")
-    shutil.rmtree(chunks_dir)
+    storage.remove(chunks)
     return table
 
 
@@ -198,14 +200,13 @@ def probe_stage(run, st, d: Path) -> dict:
     cand = TokenArray.open(local_copy(cand_dir))
     ref_ids, ref_mask, n_ref = _reference_rows(run)
 
-    chunks_dir = d / "_chunks"
-    chunks_dir.mkdir(exist_ok=True)
-    n_chunks = math.ceil(len(cand) / PROBES_PER_CHUNK)
-    todo = [c for c in range(n_chunks) if not (chunks_dir / f"{c:06d}.parquet").exists()]
+    chunks = run.uri(st.key, "_chunks")
+    done = {storage.name(c) for c in storage.listdir(chunks, ".parquet")}
+    todo = [c for c in range(math.ceil(len(cand) / PROBES_PER_CHUNK)) if f"{c:06d}.parquet" not in done]
     actors = _start_probe_actors(res, len(todo), state_dir, cand_dir, ref_ids, ref_mask, lr, exp.pretrain.grad_clip)
-    info, seconds = _probe_chunks(actors, todo, cand, chunks_dir)
+    info, seconds = _probe_chunks(actors, todo, cand, chunks)
 
-    table = _gather_probes(chunks_dir, len(cand), d)
+    table = _gather_probes(chunks, len(cand), d)
     storage.remove(cand_dir)
     loss = table.column("loss").to_numpy()
     finite = np.isfinite(loss)
@@ -277,7 +278,7 @@ def _influence_worker(loop_config: dict) -> None:
         heldout_frac=spec.heldout_frac,
         seed=spec.seed,
         device=get_device(),
-        pretrained_dir=spec.pretrained_dir,
+        pretrained_dir=local_copy(spec.pretrained_dir) if spec.pretrained_dir else None,  # any node, any store
         on_epoch=on_epoch,
     )
     summary = {

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bliss_ray.watch.status import clear_running, headline, mark_failed, mark_running
+from bliss_ray.watch.status import RunningLease, clear_running, headline, mark_failed
 
 log = logging.getLogger("bliss_ray")
 
@@ -209,7 +209,7 @@ class StageConsole:
         t0 = time.monotonic()
         loc = loc or d
         self.line(f"start {st.key:<14} {WHAT.get(st.kind, st.kind)}")
-        mark_running(loc)
+        lease = RunningLease(loc).start()
         self._each_tracker("stage_start", st.key, st.kind, d)
         view = _View(self, st.key, st.kind)
         stop = threading.Event()
@@ -219,7 +219,7 @@ class StageConsole:
         try:
             yield result.update
         except Exception as e:
-            self._finish(watcher, stop, view)
+            self._finish(watcher, stop, view, lease)
             reason = reason_of(e)
             log.error("stage %s failed: %s\n%s", st.key, reason, "".join(traceback.format_exception(e)))
             mark_failed(loc, reason, self.log_path)
@@ -229,9 +229,9 @@ class StageConsole:
             self.line(f"FAILED {st.key} after {time.monotonic() - t0:.1f}s: {reason}{where}")
             raise
         except BaseException:  # Ctrl-C: the _RUNNING marker stays; `status` shows the stage as interrupted
-            self._finish(watcher, stop, view)
+            self._finish(watcher, stop, view, lease)
             raise
-        self._finish(watcher, stop, view)
+        self._finish(watcher, stop, view, lease)
         clear_running(loc)
         self._each_tracker("stage_end", st.key, st.kind, st.round, result, d)
         try:
@@ -248,7 +248,8 @@ class StageConsole:
             except Exception:  # a tracker (a full disk, an unreachable MLflow server) must never fail a stage
                 log.exception("tracker %s.%s", type(tracker).__name__, method)
 
-    def _finish(self, watcher: threading.Thread, stop: threading.Event, view: _View) -> None:
+    def _finish(self, watcher: threading.Thread, stop: threading.Event, view: _View, lease: RunningLease) -> None:
+        lease.stop()
         stop.set()
         watcher.join()
         view.close()

@@ -1,7 +1,8 @@
 """Where a run stands: each planned stage as done / running / interrupted / failed / pending (``bliss-ray status``).
 
 A stage directory tells its own state: ``_SUCCESS`` (done; ``outputs.json`` has its duration and outputs),
-``_RUNNING.json`` (the pid and host of the driver running it: a dead pid on this host means interrupted),
+``_RUNNING.json`` (the driver running it, a lease it renews: a lease run out, or a dead pid on this host,
+means interrupted),
 ``_FAILED.json`` (the reason and where the traceback is). The pipeline writes the markers
 (``bliss_ray.watch.console.StageConsole``); this module only reads files, so it works while a run is going and without
 Ray. The plan and identities come from the run's ``experiment.json`` (the experiment launched last in that
@@ -15,9 +16,12 @@ round 0), so a stage that those settings would rerun shows as pending.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,12 +32,38 @@ from bliss_ray.pipeline import Run
 RUNNING, FAILED, SUCCESS = "_RUNNING.json", "_FAILED.json", "_SUCCESS"
 
 
-def mark_running(d: str | Path) -> None:
-    """Markers live with the stage in the store (``d``: its location), so ``status`` on another machine sees them."""
-    storage.remove(storage.join(d, FAILED))
-    storage.write_json(
-        storage.join(d, RUNNING), {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    )
+LEASE_S = 120.0  # a running marker not renewed for this long belongs to a driver that is gone
+
+
+class RunningLease:
+    """A stage's ``_RUNNING.json`` marker, in the store with the stage (``d``: its location) so that ``status`` on
+    any machine sees it, renewed every ``lease_s / 4`` seconds while the stage runs: once it is not renewed for
+    ``lease_s`` the driver is gone, wherever it ran, and ``status`` calls the stage interrupted."""
+
+    def __init__(self, d: str | Path, lease_s: float = LEASE_S):
+        self.loc, self.lease_s = storage.join(d, RUNNING), lease_s
+        self.started, self.stopped = time.time(), threading.Event()
+        self.thread = threading.Thread(target=self._renew, daemon=True, name="bliss-lease")
+
+    def _write(self) -> None:
+        marker = {"pid": os.getpid(), "host": socket.gethostname(), "started": self.started}
+        storage.write_json(self.loc, marker | {"renewed": time.time(), "lease_s": self.lease_s})
+
+    def _renew(self) -> None:
+        while not self.stopped.wait(self.lease_s / 4):
+            with contextlib.suppress(Exception):  # an unreachable store for a moment: the next renewal tries again
+                self._write()
+
+    def start(self) -> RunningLease:
+        storage.remove(storage.join(storage.parent(self.loc), FAILED))
+        self._write()
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop renewing (the marker stays until ``clear_running`` or ``mark_failed`` replaces it)."""
+        self.stopped.set()
+        self.thread.join()
 
 
 def mark_failed(d: str | Path, reason: str, log_path: str | None) -> None:
@@ -113,8 +143,9 @@ def headline(kind: str, out: dict, d: str | Path) -> str:
             + (f"; {out.get('rows_quarantined')} quarantined" if out.get("rows_quarantined") else "")
         )
     if kind == "evaluate":
-        parts = [
-            f"{c['stage']}: ref loss {_num(c.get('reference_loss'))}, avg acc {_num(c.get('paper_average'), '.3f')}"
+        parts = [  # each checkpoint by round and target step: a round has mid-round branches and its end
+            f"r{c['round']}@{c['steps']}: ref loss {_num(c.get('reference_loss'))}, "
+            f"avg acc {_num(c.get('paper_average'), '.3f')}"
             for c in out.get("checkpoints", [])
         ]
         return "; ".join(parts)
@@ -157,7 +188,9 @@ def stage_states(run_dir: str | Path, exp=None) -> list[dict]:
             row |= {"state": "failed", "error": failed.get("reason"), "log": failed.get("log")}
         elif running:
             here = running.get("host") == socket.gethostname()
-            row["state"] = "interrupted" if here and not _alive(int(running["pid"])) else "running"
+            renewed = float(running.get("renewed", running["started"]))
+            gone = time.time() - renewed > float(running.get("lease_s", LEASE_S))
+            row["state"] = "interrupted" if gone or (here and not _alive(int(running["pid"]))) else "running"
             row["seconds"] = time.time() - float(running["started"])
         elif storage.exists(d):
             row["state"] = "interrupted"  # started before markers existed, or killed between writes
@@ -165,10 +198,23 @@ def stage_states(run_dir: str | Path, exp=None) -> list[dict]:
     return rows
 
 
-def format_status(run_dir: Path, rows: list[dict]) -> str:
+def variants_in(run_dir: str | Path) -> list:
+    """Every experiment launched into a run root (each stage directory records the one that ran it, and the root the
+    last one launched): BLISS and its random baseline share ``runs/demo``, a comparison's variants and seeds theirs.
+    In launch order where known, the last-launched last."""
+    run_dir = str(run_dir) if storage.is_remote(run_dir) else str(Path(run_dir).resolve())
+    recorded = [storage.join(d, "experiment.json") for d in storage.listdir(run_dir, dirs=True)]
+    trees = [storage.read_json(loc) for loc in [*recorded, storage.join(run_dir, "experiment.json")]]
+    unique = {json.dumps(tree, sort_keys=True): tree for tree in trees if tree}
+    if not unique:
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no experiment.json)")
+    return [parse_experiment(tree) for tree in unique.values()]
+
+
+def format_status(run_dir: Path, rows: list[dict], variant: str = "") -> str:
     counts = {s: sum(r["state"] == s for r in rows) for s in ("done", "running", "interrupted", "failed", "pending")}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    lines = [f"{run_dir}: {summary}"]
+    lines = [f"{run_dir}{f' [{variant}]' if variant else ''}: {summary}"]
     for r in rows:
         lines.append(
             f"  {r['state']:<11} {r['key']:<14} {r['identity']}  {_duration(r['seconds']):>7}  {r['headline']}"
@@ -181,14 +227,14 @@ def format_status(run_dir: Path, rows: list[dict]) -> str:
 
 
 def show(run_dir: Path, watch: bool = False, every_s: float = 5.0, stream=None, exp=None) -> int:
-    """Print the status table (``watch``: redraw every ``every_s`` seconds until Ctrl-C). Exit code 1 if a
-    stage failed."""
-    import sys
-
+    """Print the status table of ``exp``, else one per experiment launched into ``run_dir`` (``watch``: redraw
+    every ``every_s`` seconds until Ctrl-C). Exit code 1 if a stage failed."""
     stream = stream or sys.stdout
     while True:
-        rows = stage_states(run_dir, exp)
-        text = format_status(run_dir, rows)
+        tables = [(e, stage_states(run_dir, e)) for e in ([exp] if exp else variants_in(run_dir))]
+        named = len(tables) > 1
+        text = "\n".join(format_status(run_dir, rows, Run(e, "x").variant if named else "") for e, rows in tables)
+        rows = [r for _, rs in tables for r in rs]
         if watch and stream.isatty():
             stream.write("\x1b[H\x1b[2J")  # clear the screen: a terminal's redraw, never written to files
         stream.write(text + "\n")
