@@ -266,9 +266,12 @@ class Experiment(_Strict):
     """How reports name this variant (default: the selection method and what differs); not part of identities."""
     tracking: list[Literal["tensorboard", "mlflow", "wandb"]] = ["tensorboard"]
     """Where per-step and per-round metrics go besides ``metrics.jsonl``: TensorBoard event files under
-    ``<run>/tb``; MLflow (``MLFLOW_TRACKING_URI``, default ``sqlite:///<run>/mlflow.db``); Weights & Biases
-    (``WANDB_MODE=offline`` keeps it on the machine, files under ``<run>/wandb``). MLflow and W&B need ``pip install
-    'bliss-ray[tracking]'``. Not part of identities."""
+    ``<run>/tb``; MLflow (``mlflow_uri``); Weights & Biases (``WANDB_MODE=offline`` keeps it on the machine, files
+    under ``<run>/wandb``). Their files in the run root are copied to the store with the console log when the run
+    root is one. MLflow and W&B need ``pip install 'bliss-ray[tracking]'``. Not part of identities."""
+    mlflow_uri: str | None = None
+    """MLflow's tracking URI (a tracking server on a cluster); None: ``MLFLOW_TRACKING_URI``, else a SQLite file in
+    the run root, ``<run>/mlflow.db``."""
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")

@@ -101,3 +101,18 @@ def test_retries_are_bounded_and_other_errors_fail_at_once(tmp_path):
     with pytest.raises(ValueError):
         _execute(tmp_path / "b", bug)
     assert bug.calls == 1 and "lost its infrastructure" not in bug.screen
+
+
+def test_a_local_run_root_is_refused_on_a_cluster_of_several_nodes(tmp_path, monkeypatch):
+    """Workers on another node cannot see this machine's disk: ``--out`` must be an object store there."""
+    from bliss_ray.stages import _ray
+    from bliss_ray.storage import StorageError
+
+    run = Run(load_tiny(**{"resources.ray_address": "auto"}), tmp_path)
+    monkeypatch.setattr(_ray.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(_ray, "cluster_ceiling", lambda: None)
+    monkeypatch.setattr(_ray.ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    with pytest.raises(StorageError, match=r"--out .* is a local path, but the Ray cluster has 2 nodes"):
+        execute(run, until="tokenizer", runner=_Runner(), console=StageConsole(io.StringIO(), tty=False))
+    monkeypatch.setattr(_ray.ray, "nodes", lambda: [{"Alive": True}])  # one machine: a local root is fine
+    assert execute(run, until="tokenizer", runner=_Runner(), console=StageConsole(io.StringIO(), tty=False))

@@ -6,6 +6,7 @@
 import pytest
 
 from bliss_ray import storage
+from tests.conftest import REPO
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -112,3 +113,23 @@ def test_a_store_location_resolves_to_the_path_pyarrow_gives_it(uri):
     assert storage.resolve(uri)[1] == pafs.FileSystem.from_uri(uri)[1]
     sub = storage.join(uri, "r1.score", "scores")
     assert storage.resolve(sub)[1] == pafs.FileSystem.from_uri(sub)[1]
+
+
+def test_a_remote_runs_tracker_files_reach_the_store(s3_bucket, tmp_path):
+    """MLflow's SQLite file and W&B's offline runs, written in the driver's working copy of a remote run root, are
+    copied to the store with the console log and TensorBoard files: a fresh head, or anyone with the bucket, has
+    them."""
+    from bliss_ray.config import load_experiment
+    from bliss_ray.pipeline import Run
+    from bliss_ray.stages.executor import sync_side_files
+
+    run = Run(load_experiment(REPO / "experiments" / "tiny.yaml"), storage.join(s3_bucket, "tracked"))
+    (run.root / "wandb" / "offline-run-1").mkdir(parents=True)
+    (run.root / "wandb" / "offline-run-1" / "run.wandb").write_bytes(b"records")
+    (run.root / "mlflow.db").write_bytes(b"sqlite")
+    (run.root / "logs").mkdir()
+    (run.root / "logs" / "run.log").write_text("console")
+    sync_side_files(run)
+    assert storage.read_bytes(storage.join(run.store, "mlflow.db")) == b"sqlite"
+    assert storage.read_bytes(storage.join(run.store, "wandb", "offline-run-1", "run.wandb")) == b"records"
+    assert storage.read_bytes(storage.join(run.store, "logs", "run.log")) == b"console"

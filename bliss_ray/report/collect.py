@@ -19,7 +19,7 @@ from bliss_ray import storage
 from bliss_ray.pipeline import flat_settings
 from bliss_ray.train.checkpoint import read_metrics
 
-_IDENTITY_FREE = {"name", "label", "resources", "flops", "eval"}
+_IDENTITY_FREE = {"name", "label", "resources", "flops", "eval", "tracking", "mlflow_uri"}
 
 
 @dataclass

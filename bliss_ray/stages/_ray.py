@@ -74,6 +74,22 @@ def ensure_ray(res: ResourcesConfig, quiet: bool = False) -> bool:
     return True
 
 
+def check_run_root(res: ResourcesConfig, store: str) -> None:
+    """Refuse a local run root on a cluster of several nodes (or one that can grow): workers on other nodes cannot
+    see this machine's disk. Joins the cluster to count its nodes; an embedded local Ray is one machine."""
+    address = res.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
+    if storage.is_remote(store) or (address in (None, "local") and not ray.is_initialized()):
+        return
+    ensure_ray(res)
+    nodes = len([n for n in ray.nodes() if n["Alive"]])
+    if nodes > 1 or cluster_ceiling() is not None:
+        grows = "" if cluster_ceiling() is None else " and an autoscaler that adds more"
+        raise storage.StorageError(
+            f"--out {store} is a local path, but the Ray cluster has {nodes} nodes{grows}, whose workers cannot see "
+            "this machine's disk: give a run root in an object store (s3://…, gs://…)"
+        )
+
+
 def _local_dashboard() -> dict:
     """The embedded Ray's dashboard (``resources.dashboard``), and the address of its State API for every process.
 

@@ -38,6 +38,7 @@ def execute(run: Run, until: str | None = None, runner: Callable = run_stage, co
     """Run (or skip, when done) every stage of ``run`` up to ``until``; returns each stage's outputs.
     ``runner(run, stage, dir)`` runs one stage (a sweep passes its own); ``console`` shows progress (default:
     plain lines on stderr and the experiment's trackers)."""
+    _ray.check_run_root(run.exp.resources, run.store)
     console = console or StageConsole(poll=BoardReader(), trackers=trackers(run))
     results = {}
     run.root.mkdir(parents=True, exist_ok=True)
@@ -98,12 +99,15 @@ def publish(run: Run, key: str, out: dict) -> None:
 
 
 def sync_side_files(run: Run) -> None:
-    """The console log and TensorBoard files of a remote run, copied to the store (a fresh head sees them)."""
+    """The console log and the trackers' files of a remote run (TensorBoard's, MLflow's SQLite file, W&B's offline
+    runs), copied to the store: a fresh head, or anyone with the bucket, sees them."""
     if not run.remote:
         return
-    for sub in ("logs", "tb"):
+    for sub in ("logs", "tb", "wandb"):
         if (run.root / sub).is_dir():
             storage.upload(run.root / sub, storage.join(run.store, sub))
+    if (run.root / "mlflow.db").is_file():
+        storage.write_bytes(storage.join(run.store, "mlflow.db"), (run.root / "mlflow.db").read_bytes())
 
 
 def trackers(run: Run) -> list:
@@ -120,7 +124,7 @@ def trackers(run: Run) -> list:
         if "mlflow" in tracking:
             from bliss_ray.watch.mlflow_tracker import MLflowTracker  # lazy: optional dependency (mlflow)
 
-            out.append(MLflowTracker(run.root, run.exp.name, variant=run.variant))
+            out.append(MLflowTracker(run.root, run.exp.name, run.exp.mlflow_uri, variant=run.variant))
     except ImportError as e:
         raise ImportError(f"tracking: {tracking} needs pip install 'bliss-ray[tracking]' ({e})") from e
     return out

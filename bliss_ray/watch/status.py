@@ -205,10 +205,10 @@ def variants_in(run_dir: str | Path) -> list:
     run_dir = str(run_dir) if storage.is_remote(run_dir) else str(Path(run_dir).resolve())
     recorded = [storage.join(d, "experiment.json") for d in storage.listdir(run_dir, dirs=True)]
     trees = [storage.read_json(loc) for loc in [*recorded, storage.join(run_dir, "experiment.json")]]
-    unique = {json.dumps(tree, sort_keys=True): tree for tree in trees if tree}
-    if not unique:
+    parsed = [parse_experiment(tree) for tree in trees if tree]
+    if not parsed:
         raise FileNotFoundError(f"{run_dir} is not a run directory (no experiment.json)")
-    return [parse_experiment(tree) for tree in unique.values()]
+    return list({e.model_dump_json(): e for e in parsed}.values())  # as parsed: files of older layouts agree
 
 
 def format_status(run_dir: Path, rows: list[dict], variant: str = "") -> str:
