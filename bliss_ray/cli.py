@@ -138,7 +138,7 @@ def cmd_sweep(args) -> int:
             storage.check_writable(loc)
     _offline_unless_hub_needed(sweep.base)
     try:
-        result = run_sweep(sweep, storage=args.storage, out=args.out, so_far=args.results_so_far)
+        result = run_sweep(sweep, args.storage, args.out, so_far=args.results_so_far, verbose=args.verbose)
     except SweepFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -227,6 +227,7 @@ def _add_study_commands(sub) -> None:
         action="store_true",
         help="run nothing: write the results of the trials the sweep has now (it may be running or stopped)",
     )
+    p.add_argument("-v", "--verbose", action="store_true", help="Tune's and Ray's own output on screen too")
     _with_arm_checks(p).set_defaults(fn=cmd_sweep)
     p = sub.add_parser("compare", help="variants × seeds of a method comparison, then Table 4 and Figure 3")
     p.add_argument("compare", help="comparison YAML (see experiments/compare/)")

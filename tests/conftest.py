@@ -31,6 +31,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 use_fake_aws_credentials()  # for the local S3 server, before Ray starts: its workers inherit them
 
 REPO = Path(__file__).resolve().parents[1]
+# What must never reach a person's console: Ray's and lm-eval's own output (it belongs in the command's log file)
+RAY_INTERNALS = (
+    r"core_worker\.cc|PlacementGroupCleaner|Failed to query Ray Train Controller|TrainingReport\(|TrainController"
+    r"|RayTrainWorker|\(raylet\)|State API|lm_eval\.|Tune Status|Trial status|ray\.tune\."
+)
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ FLOORS = [
     {"cli"},
 ]
 # The only modules that may import Ray (the math and everything it stands on never do).
-RAY_MODULES = {"stages", "studies.sweep", "studies.compare", "studies.tune_callback"}
+RAY_MODULES = {"stages", "studies.sweep", "studies.sweep_console", "studies.compare", "studies.tune_callback"}
 RAY_MODULES |= {"watch.progress", "watch.mlflow_tracker", "watch.wandb_tracker"}
 # What bench/gpu.sh runs on GPU machines that have torch + transformers but no ray, pydantic or lm-eval.
 PURE_TORCH = [

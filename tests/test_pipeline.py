@@ -6,6 +6,7 @@ invalidation, the random baseline sharing round 0, the report, and the stock lm-
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from bliss_ray.data.corpus import resolve_files
 from bliss_ray.data.packing import shard_of
 from bliss_ray.pipeline import Run
 from bliss_ray.stages.executor import execute
-from tests.conftest import REPO, load_tiny
+from tests.conftest import RAY_INTERNALS, REPO, load_tiny
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -182,6 +183,12 @@ def test_compare_runs_four_methods_and_reports_table4(tiny_run, tmp_path):
     bliss_ray = Path(sys.executable).with_name("bliss-ray")
     proc = subprocess.run([bliss_ray, *cmd], capture_output=True, text=True, env=private_ray_env(), timeout=800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    # the console: run's lines for every variant between a start and an end line of its own, nothing of Ray's
+    screen = (proc.stdout + proc.stderr).splitlines()
+    assert not [line for line in screen if re.search(RAY_INTERNALS, line)], screen
+    for name in ("bliss", "mates", "random", "random_flops"):
+        ends = (rf"\S+ variant {name}, seed 0 \(\d of 4\): start$", rf"\S+ variant {name}, seed 0: done in .* loss \d")
+        assert all(any(re.match(end, line) for line in screen) for end in ends), (name, screen)
 
     spec = load_compare(spec_file, [0])
     runs = {name: Run(spec.experiment(name, 0), run.root.parent) for name in spec.variants}

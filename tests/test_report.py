@@ -50,9 +50,9 @@ def test_seed_groups_pool_variants_that_differ_only_in_seeds():
 
 
 def _sweep_dir(tmp_path, per_variant: dict, *, metric="upper_loss", keys=("bilevel.use_sigmoid",), **columns):
-    """A sweep directory as ``bliss_ray.studies.sweep.write_results`` leaves it: ``per_variant`` maps a tuple of
-    values of ``keys`` to the metric's value per seed; ``columns`` maps a column to {values tuple: value} (the same
-    for every seed) for the other final metrics."""
+    """A sweep directory as ``bliss_ray.studies.sweep_results.write_results`` leaves it: ``per_variant`` maps a
+    tuple of values of ``keys`` to the metric's value per seed; ``columns`` maps a column to {values tuple: value}
+    (the same for every seed) for the other final metrics."""
     meta = {
         "name": "synthetic",
         "base_file": "tiny.yaml",

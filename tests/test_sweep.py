@@ -10,6 +10,7 @@ report's arithmetic is tested on synthetic frames in tests/test_report.py.
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import yaml
 
 from bliss_ray import storage
 from bliss_ray.config import ConfigError
+from tests.conftest import RAY_INTERNALS
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE2 = REPO / "experiments" / "sweeps" / "table2_proxy_sigmoid_tiny.yaml"
@@ -269,7 +271,8 @@ class _FakeGrid(list):
 
 
 def test_results_keep_final_metrics_and_a_failed_trial_fails_the_sweep(tmp_path):
-    from bliss_ray.studies.sweep import SweepFailed, load_sweep, write_results
+    from bliss_ray.studies.sweep_results import SweepFailed, write_results
+    from bliss_ray.studies.sweep_spec import load_sweep
 
     sweep = load_sweep(TABLE2)
     history = [
@@ -576,6 +579,12 @@ def test_a_sweep_in_a_bucket_resumes_from_it_after_its_driver_dies_without_dupli
     assert dict(zip(df["trial_id"], df["status"], strict=True)) == {finished: "ok", interrupted: "stopped"}
 
     resumed = run_again("resume")
+    # the sweep's console: a line per trial start and end, what runs, nothing of Ray's or Tune's own output (in the
+    # sweep's log in the bucket)
+    assert not [line for line in resumed.splitlines() if re.search(RAY_INTERNALS, line)], resumed[-3000:]
+    assert re.search(rf"^\S+ start trial {interrupted} \(", resumed, re.M), resumed[-3000:]
+    assert re.search(rf"^\S+ done  trial {interrupted} \(.*\)\s+\S+\s+upper_loss \d", resumed, re.M), resumed[-3000:]
+    assert storage.listdir(storage.join(out, "bucket_sweep", "logs"), ".log")
     states = _states(exp_dir)
     assert sorted(states) == sorted([finished, interrupted]) and set(states.values()) == {"TERMINATED"}
     assert storage.read_bytes(storage.join(exp_dir, f"trial_{finished}", "result.json")) == kept  # not re-run

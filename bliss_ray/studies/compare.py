@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from bliss_ray.report.collect import pool_rows_per_round
 from bliss_ray.stages.executor import run_experiment
 from bliss_ray.studies import compare_report as report
 from bliss_ray.studies.compare_spec import CompareSpec, matching_extra_steps
+from bliss_ray.watch.console import StageConsole, clock
 
 log = logging.getLogger("bliss_ray")
 
@@ -51,30 +53,49 @@ def total_flops(member: Member) -> float:
 
 
 def run_compare(spec: CompareSpec, out, verbose: bool = False) -> list[Member]:
-    """Run every variant × seed (skipping finished stages); raises ``RuntimeError`` naming the first that fails."""
+    """Run every variant × seed (skipping finished stages), each with ``bliss-ray run``'s console between a start
+    and an end line of its own; raises ``RuntimeError`` naming the first that fails."""
     members: list[Member] = []
+    console = StageConsole()
     ray_was_up = ray.is_initialized()
     try:
         for seed in spec.seeds:
             done: dict[str, Member] = {}
             for name in spec.order():
-                exp = spec.experiment(name, seed)
-                goal = spec.variants[name].match_flops
-                if goal is not None:
-                    extra = matching_extra_steps(exp, total_flops(done[goal]), pool_rows_of(done[goal].results))
-                    exp = spec.experiment(name, seed, extra_steps=extra)
-                    log.info("%s seed %d: %d extra target steps match %s's FLOPs", name, seed, extra, goal)
+                exp = _variant_experiment(spec, name, seed, done)
+                console.line(f"variant {name}, seed {seed} ({len(members) + 1} of {spec.size}): start")
+                t0 = time.monotonic()
                 code, results = run_experiment(exp, out, verbose=verbose, keep_ray=True)  # one Ray for all of them
                 if code:
                     raise RuntimeError(
-                        f"variant {name}, seed {seed} failed (its log is under {Path(out) / spec.name})"
+                        f"variant {name}, seed {seed} failed (its log is under {storage.join(out, spec.name)})"
                     )
                 done[name] = Member(name, seed, exp, results)
                 members.append(done[name])
+                console.line(
+                    f"variant {name}, seed {seed}: done in {clock(time.monotonic() - t0)}; {_headline(results)}"
+                )
     finally:
         if not ray_was_up and ray.is_initialized():
             ray.shutdown()
     return members
+
+
+def _variant_experiment(spec: CompareSpec, name: str, seed: int, done: dict[str, Member]) -> Experiment:
+    """A variant × seed's experiment; a FLOPs-matched one gets the extra last-round steps its goal's FLOPs need."""
+    exp = spec.experiment(name, seed)
+    goal = spec.variants[name].match_flops
+    if goal is None:
+        return exp
+    extra = matching_extra_steps(exp, total_flops(done[goal]), pool_rows_of(done[goal].results))
+    log.info("%s seed %d: %d extra target steps match %s's FLOPs", name, seed, extra, goal)
+    return spec.experiment(name, seed, extra_steps=extra)
+
+
+def _headline(results: dict) -> str:
+    """A finished variant in a few words: its last checkpoint's held-out reference loss."""
+    last = max(results["evaluate"]["checkpoints"], key=lambda c: c["steps"])
+    return f"held-out reference loss {last['reference_loss']:.4f} at step {last['steps']}"
 
 
 def write_report(spec: CompareSpec, members: list[Member], path: Path, command: str, out) -> Path:

@@ -112,6 +112,11 @@ class CompareSpec(BaseModel):
             raise ValueError("tuning.before: the tuned variant itself; name the variant with the earlier settings")
         return self
 
+    @property
+    def size(self) -> int:
+        """Variant × seed runs."""
+        return len(self.variants) * len(self.seeds)
+
     def arms(self) -> dict[str, Experiment]:
         """Every variant at the first seed, for checks before launch (seeds do not change what a variant needs)."""
         return {name: self.experiment(name, self.seeds[0]) for name in self.variants}

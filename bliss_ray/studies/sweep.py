@@ -33,22 +33,20 @@ import time
 from functools import partial
 from pathlib import Path
 
-import pandas as pd
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 from ray import tune
 
 from bliss_ray.config import ConfigError
 from bliss_ray.pipeline import Run
 from bliss_ray.stages import _ray, bilevel, steps
-from bliss_ray.stages.executor import execute
-from bliss_ray.storage import is_remote, read_bytes, write_bytes
+from bliss_ray.stages.executor import execute, trackers
+from bliss_ray.storage import cache_root, is_remote, read_bytes, upload, write_bytes
 from bliss_ray.storage import join as join_uri
+from bliss_ray.studies.sweep_console import SweepConsole
 from bliss_ray.studies.sweep_objective import baseline_final, objective
+from bliss_ray.studies.sweep_results import SweepFailed, write_results
 from bliss_ray.studies.sweep_spec import (
-    FINAL_METRICS,
     Domain,
     Sweep,
     SweepSpec,
@@ -56,23 +54,14 @@ from bliss_ray.studies.sweep_spec import (
     points,
     sweep_json,
     trial_run,
-    variant_label,
 )
 from bliss_ray.studies.tune_callback import ForwardToTune
-from bliss_ray.train.checkpoint import read_metrics
+from bliss_ray.watch.console import StageConsole, console_line, route_logs
+from bliss_ray.watch.progress import BoardReader
 
 log = logging.getLogger("bliss_ray")
-CURVE_ID = ("trial_id", "variant", "variant_key", "seed", "status")
-CURVE_METRICS = ("step", "upper_loss", "lower_loss", "kl")
-# final metrics kept beside the objective's, for the report's noise, chance and equal-token checks
-FINAL_EXTRA = ("objective_stage", "paper_average_stderr", "paper_average_chance", "target_steps", "target_tokens")
-FINAL_EXTRA += ("reached_baseline", "speedup", "baseline_steps", "baseline_reference_loss")
 SETUP_KINDS = {"tokenizer", "tokenize", "select", "warmup", "pretrain"}  # round-0 / round-free stages
 __all__ = ["ConfigError", "SweepFailed", "load_sweep", "run_sweep"]
-
-
-class SweepFailed(RuntimeError):
-    """Some trials failed even after their retries; the results of the others are written."""
 
 
 # ---- the trial ----------------------------------------------------------------------------------------------
@@ -163,7 +152,7 @@ def _finished(exp_dir: str, sweep: Sweep) -> tune.ResultGrid | None:
     return tune.ResultGrid(analysis)
 
 
-def precompute_shared(sweep: Sweep, out: str) -> list[str]:
+def precompute_shared(sweep: Sweep, out: str, stream=None) -> list[str]:
     """Run the setup stages (tokenizer … r0.pretrain) of every enumerable point once, in order, before Tune starts,
     in OUT/<base name>/, so that concurrent trials only read them (no two trials ever write one stage directory).
     For Optuna, stages that depend on a continuous key are left to the trials. Returns the stage dirs used."""
@@ -176,19 +165,20 @@ def precompute_shared(sweep: Sweep, out: str) -> list[str]:
                 ids = Run(sweep.experiment(pt | {key: v}), out).ids
                 keys = list(itertools.takewhile(lambda k, ids=ids, run=run: ids[k] == run.ids[k], keys))
         if keys:
-            execute(run, until=keys[-1])
+            execute(run, until=keys[-1], console=_console(run, stream))
             used += [run.uri(k) for k in keys if run.uri(k) not in used]
     return used
 
 
-def run_baselines(sweep: Sweep, out: str) -> dict[int, dict]:
+def run_baselines(sweep: Sweep, out: str, stream=None) -> dict[int, dict]:
     """Each seed's baseline run (``baseline`` overrides, no point of the space), whole, in OUT/<base name>/ beside
     the shared setup stages; a finished one is only read. Returns seed → its final steps and held-out loss."""
     if sweep.spec.baseline is None:
         return {}
     finals = {}
     for seed in sweep.seeds():
-        results = execute(Run(sweep.baseline_experiment(seed), out), until="evaluate")
+        run = Run(sweep.baseline_experiment(seed), out)
+        results = execute(run, until="evaluate", console=_console(run, stream))
         finals[seed] = baseline_final(results["evaluate"])
         log.info("sweep %s: baseline seed %d ends at %s", sweep.spec.name, seed, finals[seed])
     return finals
@@ -248,12 +238,15 @@ def _tuner(sweep: Sweep, trainable, storage: str) -> tune.Tuner:
             name=spec.name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            verbose=1,
+            verbose=0,  # the console is SweepConsole's; Tune's own table goes to the log with the rest
+            callbacks=[SweepConsole(spec)],
         ),
     )
 
 
-def run_sweep(sweep: Sweep, storage: str | None = None, out: str | Path = "runs", so_far: bool = False) -> str:
+def run_sweep(
+    sweep: Sweep, storage: str | None = None, out: str | Path = "runs", so_far: bool = False, verbose: bool = False
+) -> str:
     """Run, resume, or (when finished) re-collect a sweep; returns the path of its ``sweep_results.parquet``.
     ``so_far``: only write the results of the trials the experiment has now (running, stopped early or
     interrupted; read without Ray, nothing runs): unfinished trials are listed with status ``stopped``, those never
@@ -276,92 +269,44 @@ def run_sweep(sweep: Sweep, storage: str | None = None, out: str | Path = "runs"
     if resume and (done := _finished(exp_dir, sweep)) is not None:
         log.info("sweep %s: all %d trials finished, nothing to run (no Ray started)", spec.name, len(done))
         return write_results(done, sweep, exp_dir, out, train_storage)
+    logs = _log_dir(spec.name, out)
+    stream, restore = route_logs(logs / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}.log", verbose)
+    try:
+        return _run_tune(sweep, out, storage, exp_dir, train_storage, resume, stream)
+    finally:
+        restore()
+        if is_remote(out):
+            upload(logs, join_uri(out, spec.name, "logs"))
+
+
+def _log_dir(name: str, out: str) -> Path:
+    """Where the sweep's log file is written: under OUT/<sweep>/logs, or a local copy of it for a store."""
+    return cache_root() / "sweeps" / name / "logs" if is_remote(out) else Path(out) / name / "logs"
+
+
+def _console(run: Run, stream) -> StageConsole:
+    """``bliss-ray run``'s console on ``stream`` for a run the sweep's driver runs itself (setup, baselines)."""
+    return StageConsole(stream, poll=BoardReader(), trackers=trackers(run))
+
+
+def _run_tune(sweep: Sweep, out: str, storage: str, exp_dir: str, train_storage: str, resume: bool, stream) -> str:
+    """The shared setup stages and the baselines (new sweep), then Tune: a fresh Tuner or ``Tuner.restore``."""
+    spec = sweep.spec
     started = _ray.ensure_ray(sweep.base.resources)
     try:
         if not resume:
             write_bytes(join_uri(exp_dir, "sweep.json"), sweep_json(sweep))
-            shared = precompute_shared(sweep, out)
-            log.info("sweep %s: %d shared setup stages ready; starting Tune", spec.name, len(shared))
-        baselines = run_baselines(sweep, out)  # before any trial; on resume, read from the finished runs
+            shared = precompute_shared(sweep, out, stream)
+            console_line(f"sweep {spec.name}: {len(shared)} shared setup stages ready; starting Tune")
+        baselines = run_baselines(sweep, out, stream)  # before any trial; on resume, read from the finished runs
         fn = tune.with_parameters(bliss_sweep_trial, sweep=sweep, out=out, storage=train_storage, baselines=baselines)
         trainable = tune.with_resources(fn, spec.trial_resources)
         if resume:
-            log.info("resuming sweep %s from %s (Tuner.restore)", spec.name, exp_dir)
+            console_line(f"resuming sweep {spec.name} from {exp_dir} (Tuner.restore)")
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
         else:
             tuner = _tuner(sweep, trainable, storage)
-        grid = tuner.fit()
-        return write_results(grid, sweep, exp_dir, out, train_storage)
+        return write_results(tuner.fit(), sweep, exp_dir, out, train_storage)
     finally:
         if started:
             ray.shutdown()
-
-
-def _arrow(df: pd.DataFrame) -> pa.Table:
-    """Tune dataframes hold object columns of mixed types; store those that arrow cannot type as text."""
-    cols = {}
-    for c in df.columns:
-        try:
-            cols[c] = pa.array(df[c], from_pandas=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            cols[c] = pa.array([None if v is None or v != v else str(v) for v in df[c]], pa.string())
-    return pa.table(cols)
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
-
-
-def write_results(grid, sweep: Sweep, exp_dir: str, out: str, train_storage: str) -> str:
-    """``ResultGrid.get_dataframe()`` (one row per trial, its final metrics) + variant columns, and the learning
-    curves (bilevel ``metrics.jsonl`` of each trial's objective stage, or the reports Tune kept), as parquet in the
-    experiment directory and in OUT/<sweep>/ (where ``bliss-ray report`` reads them)."""
-    spec = sweep.spec
-    df = grid.get_dataframe()
-    extra, curves = [], []
-    for r in grid:
-        tid = Path(r.path).name.removeprefix("trial_")
-        if r.config is None:  # --results-so-far: a trial the searcher created, never started
-            extra.append({"trial_id": tid, "status": "pending"})
-            continue
-        hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
-        finals = hist[hist["final"] == 1] if "final" in hist else hist.iloc[0:0]
-        final = finals.iloc[-1].to_dict() if len(finals) else {}
-        point = {k: r.config[k] for k in spec.space if k in r.config}
-        seed = r.config.get("seed", spec.seeds[0] if spec.seeds else sweep.base.seed)
-        status = "error" if r.error else ("ok" if final else "stopped")
-        row = {"trial_id": tid, "variant": variant_label(spec, point), "seed": seed, "status": status}
-        row |= {"variant_key": json.dumps(point, sort_keys=True, default=str), "error": str(r.error or "") or None}
-        extra.append(row | {k: final[k] for k in (*FINAL_METRICS[spec.stage], *FINAL_EXTRA) if k in final})
-        run = trial_run(sweep, r.config | {"seed": seed}, tid, out, train_storage)
-        stage = final.get("objective_stage") or f"r{spec.round}.bilevel"
-        series = read_metrics(run.uri(stage, "metrics.jsonl")) if stage in run.by_key else []
-        if not series and "step" in hist:  # the stage's history is gone (or never written): what Tune kept
-            series = hist[hist["final"] != 1].to_dict("records") if "final" in hist else hist.to_dict("records")
-        ids = {k: row[k] for k in CURVE_ID}
-        curves += [{**ids, "stage": stage, **{k: m.get(k) for k in CURVE_METRICS}} for m in series]
-    extra_df = pd.DataFrame(extra)
-    if len(df) and "trial_id" in df:
-        df = df.drop(columns=[c for c in extra_df.columns if c in df and c != "trial_id"])
-        df = df.merge(extra_df, on="trial_id", how="outer")
-    else:
-        df = extra_df
-    files = {
-        "sweep_results.parquet": _arrow(df),
-        "sweep_curves.parquet": _arrow(pd.DataFrame(curves, columns=[*CURVE_ID, "stage", *CURVE_METRICS])),
-    }
-    blobs = {name: _parquet_bytes(table) for name, table in files.items()} | {"sweep.json": sweep_json(sweep)}
-    for where in dict.fromkeys([join_uri(out, spec.name), exp_dir]):  # OUT/<sweep>/, and the experiment dir
-        for name, blob in blobs.items():
-            write_bytes(join_uri(where, name), blob)
-    path = join_uri(exp_dir, "sweep_results.parquet")
-    bad = extra_df[extra_df["status"] == "error"] if len(extra_df) else extra_df
-    if len(bad):  # not done: a rerun (or a RayJob retry) resumes and retries exactly these
-        errors = "; ".join(f"{r.trial_id} ({r.variant}): {str(r.error)[:200]}" for r in bad.itertuples())
-        raise SweepFailed(
-            f"{len(bad)} of {len(extra_df)} trials failed: {errors}. Results so far: {path}; rerun the "
-            "same command to retry the failed trials"
-        )
-    return path

@@ -1,9 +1,10 @@
 """Render a Ray Tune sweep (``bliss-ray sweep``) as report.md: the ablation table and learning curves per variant.
 
-Input: a sweep directory holding ``sweep.json``, ``sweep_results.parquet`` and ``sweep_curves.parquet`` (written by
-``bliss_ray.studies.sweep.write_results`` into OUT/<sweep>/ and into the Tune experiment directory). No Ray needed.
+Input: a sweep directory holding ``sweep.json``, ``sweep_results.parquet`` and ``sweep_curves.parquet``
+(written by ``bliss_ray.studies.sweep_results.write_results`` into OUT/<sweep>/ and into the Tune experiment
+directory). No Ray needed.
 
-    bliss-ray report runs/table2_proxy_sigmoid_tiny --out report/table2_tiny      # build_report delegates here
+    bliss-ray report runs/table2_proxy_sigmoid_tiny --out report/table2_tiny      # the CLI sends sweeps here
 
 Sections: one row per variant (= config point; repeats over ``seeds`` give mean ± sample std and n) with its
 difference to the best variant marked against the noise (the seed spread, and lm-eval's standard errors where the

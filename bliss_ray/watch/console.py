@@ -46,6 +46,7 @@ WHAT = {
     "report": "tables and figures",
 }
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+CONSOLE_LOGGER = "bliss_ray.console"
 
 
 def _si(x: float) -> str:
@@ -55,7 +56,7 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     s = int(max(seconds, 0))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
@@ -76,7 +77,7 @@ def describe(record: dict, eta_s: float | None = None) -> str:
     if record.get("memory_gb") is not None:
         parts.append(f"mem {record['memory_gb']:.2f} GB")
     if eta_s is not None:
-        parts.append(f"ETA {_clock(eta_s)}")
+        parts.append(f"ETA {clock(eta_s)}")
     return "  ".join(parts)
 
 
@@ -132,7 +133,7 @@ class _View:
             if self.bar is not None:
                 self.bar.refresh()  # the elapsed time keeps moving
             elif time.monotonic() - max(self.last_line, self.t0) >= 3 * self.console.interval_s:
-                self._plain(f"{self.key} running, {_clock(time.monotonic() - self.t0)} elapsed")
+                self._plain(f"{self.key} running, {clock(time.monotonic() - self.t0)} elapsed")
             return
         eta = None
         for r in records:
@@ -306,7 +307,8 @@ def route_logs(log_path: Path, verbose: bool):
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
     if verbose:
-        return sys.stderr, lambda: logging.getLogger().removeHandler(handler)
+        lines = _console_logger(sys.stderr, handler)
+        return sys.stderr, lambda: _drop_handlers(lines, logging.getLogger(), handler)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(2), os.dup(1)
@@ -318,6 +320,7 @@ def route_logs(log_path: Path, verbose: bool):
     for h in logging.getLogger().handlers:  # stream handlers made earlier write to the file now too: drop them
         if isinstance(h, logging.StreamHandler) and h is not handler:
             logging.getLogger().removeHandler(h)
+    lines = _console_logger(console, handler)
 
     def restore() -> None:
         sys.stdout.flush()
@@ -326,7 +329,29 @@ def route_logs(log_path: Path, verbose: bool):
         os.dup2(saved[1], 1)
         for fd_ in saved:
             os.close(fd_)
-        logging.getLogger().removeHandler(handler)
+        _drop_handlers(lines, logging.getLogger(), handler)
         handler.close()
 
     return console, restore
+
+
+def _console_logger(stream, file_handler: logging.Handler) -> logging.Logger:
+    """``CONSOLE_LOGGER``: lines for the person watching (``console_line``), on ``stream`` and in the log file, from
+    code that has no console of its own (a Tune callback, restored with its sweep in a new driver)."""
+    lines = logging.getLogger(CONSOLE_LOGGER)
+    screen = logging.StreamHandler(stream)
+    screen.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    lines.handlers[:] = [screen, file_handler]
+    lines.propagate, lines.level = False, logging.INFO
+    return lines
+
+
+def _drop_handlers(lines: logging.Logger, root: logging.Logger, file_handler: logging.Handler) -> None:
+    lines.handlers.clear()
+    root.removeHandler(file_handler)
+
+
+def console_line(text: str) -> None:
+    """A line on the console of whichever command runs this process (``route_logs``), timestamped like the
+    console's own; nowhere when none does."""
+    logging.getLogger(CONSOLE_LOGGER).info(_CONTROL.sub("", text))

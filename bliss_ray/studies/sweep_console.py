@@ -1,0 +1,57 @@
+"""What a person sees while a sweep runs: a start and an end line per trial with its headline, and every
+``interval_s`` seconds a line of what is running. Tune's own table and every Ray process's output go to the sweep's
+log file (``watch.console.route_logs``); the trials' stage lines too, since each trial runs its pipeline in a Ray
+process of its own.
+
+A Tune callback, kept with the sweep's state (it holds nothing but settings), so a sweep resumed by a new driver
+prints the same lines on that driver's console (``watch.console.console_line``).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray import tune
+
+from bliss_ray.studies.sweep_spec import SweepSpec, variant_label
+from bliss_ray.watch.console import clock, console_line
+
+
+class SweepConsole(tune.Callback):
+    """The console lines of the sweep ``spec``: each trial named by its variant, its end by the sweep's metric."""
+
+    def __init__(self, spec: SweepSpec, interval_s: float = 30.0):
+        self.spec, self.metric, self.interval_s = spec, spec.metric, interval_s
+        self.last_line = 0.0
+
+    def _name(self, trial) -> str:
+        config = trial.config or {}
+        seed = f", seed {config['seed']}" if "seed" in config else ""
+        return f"trial {trial.trial_id} ({variant_label(self.spec, config)}{seed})"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        console_line(f"start {self._name(trial)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        value = result.get(self.metric)
+        shown = f"{self.metric} {value:.4g}" if isinstance(value, int | float) else f"no {self.metric}"
+        console_line(f"done  {self._name(trial)} {clock(result.get('time_total_s', 0.0))}  {shown}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        console_line(f"FAILED {self._name(trial)}; details: {trial.local_path or trial.path}")
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last_line < self.interval_s:
+            return
+        self.last_line = time.monotonic()
+        states = [t.status for t in trials]
+        running = [t for t in trials if t.status == "RUNNING"]
+        where = "; ".join(f"{t.trial_id}: {_where(t.last_result or {})}" for t in running)
+        counts = ", ".join(f"{states.count(s)} {s.lower()}" for s in ("RUNNING", "TERMINATED", "PENDING", "ERROR"))
+        console_line(f"      {counts}" + (f"  ({where})" if where else ""))
+
+
+def _where(result: dict) -> str:
+    """A running trial's last report: its stage and step."""
+    return f"{result['stage']} step {result['step']}" if "stage" in result and "step" in result else "starting"
