@@ -111,6 +111,17 @@ def test_a_restart_is_announced(tmp_path):
         time.sleep(0.4)
         finished({"final_step": 6})
     assert "r1.pretrain: workers restarted, resuming at step 4" in out.getvalue()
+    # a group lost with its node never sent the records it buffered: the new group's first record (it carries its
+    # start time) is the restart, although its steps go on from the last ones seen
+    out = io.StringIO()
+    later = _records(6, range(4, 7), t0 + 10)
+    later[0]["worker_start_time"] = t0 + 9
+    batches = [_records(6, range(1, 2), t0), later]
+    console = StageConsole(out, tty=False, poll=FakeChannel(batches), interval_s=0.0, poll_s=0.05)
+    with console.stage(SimpleNamespace(key="warmup", kind="warmup", round=0), tmp_path) as finished:
+        time.sleep(0.4)
+        finished({"final_step": 6})
+    assert out.getvalue().count("warmup: workers restarted, resuming at step 4") == 1, out.getvalue()
 
 
 def test_a_failed_stage_prints_one_reason_and_leaves_a_marker(tmp_path):

@@ -120,7 +120,8 @@ def test_unschedulable_request_fails_fast_with_a_clear_error(ray_local, data, tm
 
 def test_requests_are_checked_against_the_autoscalers_ceiling_not_what_is_up_now(monkeypatch):
     """On an autoscaling cluster (it publishes the most it can grow to) a GPU request waits for a GPU node that
-    is not up yet, ``use_gpu: null`` means GPUs, and a request above the ceiling fails at once naming it."""
+    is not up yet, ``use_gpu: null`` means GPUs, and a request above the ceiling fails at once naming it. On a fixed
+    cluster the ceiling is the most it has had: a request it met waits while a lost node is replaced."""
     from bliss_ray.stages import _ray
 
     monkeypatch.setattr(_ray.ray, "cluster_resources", lambda: {"CPU": 2.0})  # a CPU head, no GPU node up yet
@@ -132,9 +133,14 @@ def test_requests_are_checked_against_the_autoscalers_ceiling_not_what_is_up_now
     monkeypatch.setattr(_ray, "cluster_ceiling", lambda: {"CPU": -1, "GPU": 0})  # unbounded CPUs, never a GPU
     _ray.check_schedulable({"CPU": 4}, 100)
     assert not _ray.use_gpu(ResourcesConfig(use_gpu=None))
-    monkeypatch.setattr(_ray, "cluster_ceiling", lambda: None)  # a fixed cluster: what is up is all there is
+    monkeypatch.setattr(_ray, "cluster_ceiling", lambda: None)  # a fixed cluster: the most it had is all there is
+    monkeypatch.setattr(_ray, "_SEEN", {})
     with pytest.raises(RuntimeError, match=r"the Ray cluster has 2 CPU but .* = 4"):
         _ray.check_schedulable({"CPU": 1}, 4)
+    monkeypatch.setattr(_ray.ray, "cluster_resources", lambda: {})  # its worker node lost, a replacement booting
+    _ray.check_schedulable({"CPU": 1}, 2)  # met before: waits for the node (Train's start timeout bounds it)
+    with pytest.raises(RuntimeError, match=r"the Ray cluster has 2 CPU but .* = 3"):
+        _ray.check_schedulable({"CPU": 1}, 3)
 
 
 def test_stages_ask_for_their_gpu_type_and_a_type_no_node_serves_fails_before_compute(monkeypatch):

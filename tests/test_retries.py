@@ -6,6 +6,7 @@ a Ray cluster (the two-node test loses real nodes).
 """
 
 import io
+import time
 
 import pytest
 import ray.exceptions
@@ -116,3 +117,59 @@ def test_a_local_run_root_is_refused_on_a_cluster_of_several_nodes(tmp_path, mon
         execute(run, until="tokenizer", runner=_Runner(), console=StageConsole(io.StringIO(), tty=False))
     monkeypatch.setattr(_ray.ray, "nodes", lambda: [{"Alive": True}])  # one machine: a local root is fine
     assert execute(run, until="tokenizer", runner=_Runner(), console=StageConsole(io.StringIO(), tty=False))
+
+
+def test_a_node_lost_while_a_stage_runs_is_a_line_under_the_stage(tmp_path, monkeypatch):
+    """Ray reruns a lost node's work by itself (Train from its checkpoint, Data's actors and tasks, a retried task)
+    without a word: ``LostNodes`` names the node and its death on the console, once, under the running stage."""
+    from types import SimpleNamespace
+
+    from bliss_ray.stages import _ray
+
+    def node(i: int, alive: bool) -> dict:
+        reason = "" if alive else "health check failed"
+        return {
+            "NodeID": f"{i:02d}" * 14,
+            "NodeManagerAddress": f"10.0.0.{i}",
+            "Alive": alive,
+            "DeathReasonMessage": reason,
+        }
+
+    cluster = [[node(1, True), node(2, True)], [node(1, True), node(2, False), node(3, True)]]
+    monkeypatch.setattr(_ray.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(_ray.ray, "nodes", lambda: cluster[0] if len(cluster) == 1 else cluster.pop(0))
+    screen = io.StringIO()
+    console = StageConsole(screen, tty=False, events=_ray.LostNodes(), poll_s=0.02)
+    with console.stage(SimpleNamespace(key="r1.score", kind="score", round=1), tmp_path) as finished:
+        time.sleep(0.3)
+        finished({})
+    lost = [line for line in screen.getvalue().splitlines() if "lost" in line]
+    assert len(lost) == 1, screen.getvalue()
+    assert "r1.score: node 10.0.0.2 (02020202) lost (health check failed); Ray reruns its work elsewhere" in lost[0]
+
+
+def test_pauses_fire_once_each_where_they_are_aimed(tmp_path, monkeypatch):
+    """``BLISS_FAULTS`` pauses, as the two-node test aims them: a training step, a Train function's delivery to its
+    workers (held while it is unpickled there), a scoring batch; each fires once (its marker), nothing else fires."""
+    import json
+    import pickle
+
+    from bliss_ray.stages import _faults
+
+    held = []
+    monkeypatch.setattr(_faults.time, "sleep", held.append)
+    pauses = [
+        {"at": "step", "stage": "warmup", "step": 5, "once": str(tmp_path / "a"), "seconds": 7},
+        {"at": "launch", "stage": "r1.bilevel", "once": str(tmp_path / "b"), "seconds": 8},
+        {"at": "score", "once": str(tmp_path / "c"), "seconds": 9},
+    ]
+    monkeypatch.setenv(_faults.ENV, json.dumps({"pause": pauses}))
+    _faults.at_step("warmup", 4, 0), _faults.at_step("r0.pretrain", 5, 0), _faults.hold("evaluate")
+    assert held == []
+    _faults.at_step("warmup", 5, 0), _faults.at_step("warmup", 5, 0)
+    assert _faults.on_launch("r1.pretrain", len) is len  # nothing aimed at it: the function itself
+    fn = _faults.on_launch("r1.bilevel", lambda: "trained")
+    assert held == [7.0]  # wrapping holds nothing: unpickling in a worker does
+    assert pickle.loads(pickle.dumps(_faults.on_launch("r1.bilevel", _faults.env_vars)))() == _faults.env_vars()
+    _faults.hold("score"), _faults.hold("score")
+    assert held == [7.0, 8.0, 9.0] and fn() == "trained"

@@ -593,9 +593,8 @@ def test_a_sweep_in_a_bucket_resumes_from_it_after_its_driver_dies_without_dupli
     assert "(Tuner.restore)" in resumed
     noop = run_again("no-op")
     assert _states(exp_dir) == states and "nothing to run" in noop and "Started a local Ray" not in noop
-    assert sorted(storage.name(d) for d in storage.listdir(storage.join(out, "bucket_sweep"), dirs=True)) == sorted(
-        states
-    )
+    trial_dirs = [storage.name(d) for d in storage.listdir(storage.join(out, "bucket_sweep"), dirs=True)]
+    assert sorted(trial_dirs) == sorted([*states, "logs"])  # a run root per trial, and the sweep's log
     df = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(exp_dir, "sweep_results.parquet"))))
     assert sorted(json.loads(k)["bilevel.outer_steps"] for k in df["variant_key"]) == [6, 12]
     assert set(df["status"]) == {"ok"} and np.isfinite(df["upper_loss"]).all()

@@ -26,6 +26,7 @@ from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, Wor
 from bliss_ray import storage
 from bliss_ray.config import ResourcesConfig
 from bliss_ray.costs.memory import DEVICES
+from bliss_ray.stages import _faults
 from bliss_ray.train.host_memory import worker_env
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
@@ -128,6 +129,28 @@ def use_gpu(res: ResourcesConfig) -> bool:
     return cluster_has_gpus() if res.use_gpu is None else res.use_gpu
 
 
+class LostNodes:
+    """The nodes lost since the last call, one console line each. Ray moves their work by itself (Train restarts its
+    worker group from the last checkpoint, Ray Data restarts its actors and reruns their tasks, a task is retried)
+    and says nothing on the console: these lines name the cause of those retries."""
+
+    def __init__(self):
+        self.alive: set[str] | None = None
+
+    def __call__(self) -> list[str]:
+        if not ray.is_initialized():
+            return []
+        nodes = ray.nodes()
+        alive = {n["NodeID"] for n in nodes if n["Alive"]}
+        lost = [n for n in nodes if self.alive is not None and n["NodeID"] in self.alive - alive]
+        self.alive = alive
+        return [
+            f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]}) lost ({n.get('DeathReasonMessage') or 'no reason'}); "
+            "Ray reruns its work elsewhere"
+            for n in lost
+        ]
+
+
 def start_worker(threads: int | None) -> tuple[int, int]:
     """Inside a Train worker: set torch's threads (``resources.torch_threads``, else this node's cores ÷ the workers
     on this node: the driver's core count says nothing about a worker node's); returns (rank, world size)."""
@@ -183,17 +206,33 @@ def task_options(res: ResourcesConfig, kind: str, cpus: float, at_least: int = 1
     gpu = use_gpu(res) if gpu is None else gpu
     typed = accelerator_type(res, kind) if gpu else None
     check_schedulable(_typed({"CPU": cpus} | ({"GPU": 1} if gpu else {}), typed), at_least)
-    return {"num_cpus": cpus, "num_gpus": 1 if gpu else 0, "scheduling_strategy": "DEFAULT"} | (
-        {"accelerator_type": typed} if typed else {}
-    )
+    options = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0, "scheduling_strategy": "DEFAULT"}
+    if typed:
+        options["accelerator_type"] = typed
+    if faults := _faults.env_vars():  # a reliability test's faults reach the processes on every node
+        options["runtime_env"] = {"env_vars": faults}
+    return options
+
+
+# the most of each resource this process has seen a fixed cluster have at once
+_SEEN: dict[str, float] = {}
+
+
+def _fixed_cluster_has() -> dict[str, float]:
+    """What a fixed cluster can provide: the most of each resource seen up at once. A node lost mid-run is usually
+    replaced (a spot group, a KubeRay pod, a node restarted by hand): a request it met before waits for that node,
+    bounded by Train's start timeout, rather than failing while the replacement boots."""
+    for key, amount in ray.cluster_resources().items():
+        _SEEN[key] = max(_SEEN.get(key, 0.0), amount)
+    return dict(_SEEN)
 
 
 def check_schedulable(per_worker: dict, workers: int) -> None:
-    """Fail fast, naming the resource, when a request can never be scheduled: more than a fixed cluster has, or
+    """Fail fast, naming the resource, when a request can never be scheduled: more than a fixed cluster has had, or
     more than an autoscaling cluster can grow to. A request within an autoscaler's ceiling waits for nodes
     (bounded by ``resources.worker_start_timeout_s`` × ``resources.controller_failure_limit``)."""
     ceiling = cluster_ceiling()
-    have = ray.cluster_resources() if ceiling is None else ceiling
+    have = _fixed_cluster_has() if ceiling is None else ceiling
     what = "the Ray cluster has" if ceiling is None else "the cluster's autoscaler can provide at most"
     for key, amount in per_worker.items():
         need, most = amount * workers, have.get(key, 0)
@@ -217,8 +256,9 @@ def storage_path(res: ResourcesConfig, run_store: str) -> str:
 def run_config(name: str, storage: str, res: ResourcesConfig, callbacks: list | None = None) -> ray.train.RunConfig:
     """Deterministic name ⇒ rerunning the same stage resumes from its last registered checkpoint (Train V2).
     ``callbacks``: Ray Train ``UserCallback``s that see every report (a sweep forwards rank 0's to Tune)."""
-    env = {k: os.environ[k] for k in ("BLISS_FAULTS", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if k in os.environ}
-    env |= QUIET_ENV | worker_env(gpu=use_gpu(res))  # the CPU allocator setting must be there at process start
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if k in os.environ}
+    # the CPU allocator setting must be there at process start
+    env |= _faults.env_vars() | QUIET_ENV | worker_env(gpu=use_gpu(res))
     return ray.train.RunConfig(
         name=name,
         storage_path=storage,
@@ -246,9 +286,9 @@ def torch_trainer(
     and bliss_ray's spec classes in it would make the controller import bliss_ray's stages, the models and
     transformers before it started any worker, in series with every stage's start (docs/design.md, "Where a Train
     stage's fixed cost goes")."""
-    return TorchTrainer(
-        functools.partial(worker, loop_config), scaling_config=scaling_config(res, workers, kind), run_config=config
-    )
+    stage = getattr(loop_config.get("spec"), "stage", config.name)
+    train_fn = _faults.on_launch(stage, functools.partial(worker, loop_config))
+    return TorchTrainer(train_fn, scaling_config=scaling_config(res, workers, kind), run_config=config)
 
 
 # Lost infrastructure: a node, an actor or worker process, an object whose copies were all on a lost node. A stage

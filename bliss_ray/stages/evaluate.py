@@ -31,6 +31,7 @@ from bliss_ray import storage
 from bliss_ray.evaluation.harness import evaluate_checkpoint, evaluates_offline
 from bliss_ray.evaluation.reference import reference_loss
 from bliss_ray.evaluation.tasks.ref_cloze import SKIP_IDS_ENV as REF_CLOZE_SKIP_ENV
+from bliss_ray.stages import _faults
 from bliss_ray.stages._ray import QUIET_ENV, task_options, use_gpu
 from bliss_ray.storage import local_copy
 from bliss_ray.train.precision import inference_dtype, resolve_precision
@@ -57,6 +58,7 @@ def _evaluate(
         else:
             os.environ.pop(key, None)
     torch.set_num_threads(threads)
+    _faults.hold("evaluate")
     model_dir, reference_dir = str(local_copy(model_dir)), str(local_copy(reference_dir))  # this node's copies
     # bliss_ref_cloze (lm-eval imports ref_cloze.py in this process) skips the passages selection may see; a reused
     # worker may still hold an earlier task's setting, so an absent list clears it

@@ -39,7 +39,7 @@ def execute(run: Run, until: str | None = None, runner: Callable = run_stage, co
     ``runner(run, stage, dir)`` runs one stage (a sweep passes its own); ``console`` shows progress (default:
     plain lines on stderr and the experiment's trackers)."""
     _ray.check_run_root(run.exp.resources, run.store)
-    console = console or StageConsole(poll=BoardReader(), trackers=trackers(run))
+    console = console or StageConsole(poll=BoardReader(), trackers=trackers(run), events=_ray.LostNodes())
     results = {}
     run.root.mkdir(parents=True, exist_ok=True)
     storage.write_bytes(storage.join(run.store, "experiment.json"), run.exp.model_dump_json(indent=2).encode())
@@ -141,7 +141,9 @@ def run_experiment(
     log_path = run.root / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     stream, restore = route_logs(log_path, verbose)
     tracking: list = []  # filled inside the try: a tracker that cannot start is reported like any failure
-    console = StageConsole(stream, poll=BoardReader(), trackers=tracking, log_path=str(log_path))
+    console = StageConsole(
+        stream, poll=BoardReader(), trackers=tracking, events=_ray.LostNodes(), log_path=str(log_path)
+    )
     ray_was_up = ray.is_initialized()
     try:
         tracking += trackers(run)

@@ -30,6 +30,7 @@ from bliss_ray.config import Experiment
 from bliss_ray.data.packing import file_key, shard_of
 from bliss_ray.data.tokens import read_token_table
 from bliss_ray.selection.scoring import Scorer
+from bliss_ray.stages import _faults
 from bliss_ray.stages._data_tasks import keep_shard
 from bliss_ray.stages._ray import task_options, use_gpu
 from bliss_ray.storage import local_copy
@@ -65,6 +66,7 @@ class _RayScorer(Scorer):
         storage.write_bytes(storage.join(census_dir, f"{socket.gethostname()}-{self.pid}"), b"")
 
     def __call__(self, batch: dict) -> dict:
+        _faults.hold("score")
         return super().__call__(batch) | {"src": batch["src"]}
 
 
@@ -128,7 +130,7 @@ def _scoring_dataset(
 
 def _actor_resources(options: dict) -> dict:
     """Ray Data's resource arguments from ``_ray.task_options`` (Data schedules its actors itself)."""
-    return {k: v for k, v in options.items() if k in ("num_cpus", "num_gpus", "accelerator_type")}
+    return {k: v for k, v in options.items() if k in ("num_cpus", "num_gpus", "accelerator_type", "runtime_env")}
 
 
 def _mark_scored(todo: list[str], expected: dict[str, np.ndarray], scores_dir: str, done_dir: str) -> None:

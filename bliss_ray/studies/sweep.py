@@ -286,7 +286,7 @@ def _log_dir(name: str, out: str) -> Path:
 
 def _console(run: Run, stream) -> StageConsole:
     """``bliss-ray run``'s console on ``stream`` for a run the sweep's driver runs itself (setup, baselines)."""
-    return StageConsole(stream, poll=BoardReader(), trackers=trackers(run))
+    return StageConsole(stream, poll=BoardReader(), trackers=trackers(run), events=_ray.LostNodes())
 
 
 def _run_tune(sweep: Sweep, out: str, storage: str, exp_dir: str, train_storage: str, resume: bool, stream) -> str:

@@ -1,5 +1,6 @@
 """What a person sees while a sweep runs: a start and an end line per trial with its headline, and every
-``interval_s`` seconds a line of what is running. Tune's own table and every Ray process's output go to the sweep's
+``interval_s`` seconds a line of what is running, and a line for each node lost (Tune and Train rerun what ran on
+it). Tune's own table and every Ray process's output go to the sweep's
 log file (``watch.console.route_logs``); the trials' stage lines too, since each trial runs its pipeline in a Ray
 process of its own.
 
@@ -13,6 +14,7 @@ import time
 
 from ray import tune
 
+from bliss_ray.stages._ray import LostNodes
 from bliss_ray.studies.sweep_spec import SweepSpec, variant_label
 from bliss_ray.watch.console import clock, console_line
 
@@ -22,7 +24,8 @@ class SweepConsole(tune.Callback):
 
     def __init__(self, spec: SweepSpec, interval_s: float = 30.0):
         self.spec, self.metric, self.interval_s = spec, spec.metric, interval_s
-        self.last_line = 0.0
+        self.last_line = self.last_nodes = 0.0
+        self.lost_nodes = LostNodes()
 
     def _name(self, trial) -> str:
         config = trial.config or {}
@@ -42,6 +45,10 @@ class SweepConsole(tune.Callback):
         console_line(f"FAILED {self._name(trial)}; details: {trial.local_path or trial.path}")
 
     def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last_nodes >= 2.0:  # Tune's loop steps far more often than nodes are lost
+            self.last_nodes = time.monotonic()
+            for text in self.lost_nodes():
+                console_line(f"      {text}")
         if time.monotonic() - self.last_line < self.interval_s:
             return
         self.last_line = time.monotonic()

@@ -89,7 +89,7 @@ def _columns(stream) -> int:
 
 
 class _Rate:
-    """Seconds per step from the records seen this attempt (a restart resets it), for the ETA."""
+    """Seconds per step from the records seen this attempt (a restart starts a new one), for the ETA."""
 
     def __init__(self):
         self.first: tuple[int, float] | None = None
@@ -97,8 +97,6 @@ class _Rate:
 
     def eta(self, rec: dict) -> float | None:
         point = (int(rec["done_steps"]), float(rec["time"]))
-        if self.last is not None and point[0] <= self.last[0]:
-            self.first = None  # the workers restarted from a checkpoint: steps repeat
         self.first = self.first or point
         self.last = point
         left = rec["total_steps"] - point[0]
@@ -137,10 +135,15 @@ class _View:
             return
         eta = None
         for r in records:
-            if self.rate.last is None and r["done_steps"] > 1:
+            # a worker group's first record carries its start time: after records of an earlier group, a restart,
+            # whether or not that group's last records (buffered on a lost node) ever arrived
+            last = self.rate.last
+            restarted = last is not None and ("worker_start_time" in r or r["done_steps"] <= last[0])
+            if last is None and r["done_steps"] > 1:
                 self.console.line(f"      {self.key}: resumed from a checkpoint at step {r['step']}")
-            elif self.rate.last is not None and r["done_steps"] <= self.rate.last[0]:
+            elif restarted:
                 self.console.line(f"      {self.key}: workers restarted, resuming at step {r['step']}")
+                self.rate = _Rate()
             eta = self.rate.eta(r)
         rec = records[-1]
         text = describe(rec, eta)
@@ -170,8 +173,9 @@ class StageConsole:
 
     ``stream``: where people look (default stderr); ``tty``: draw bars (default: whether ``stream`` is a
     terminal); ``poll(stage_dir_name) -> records``: the progress channel; ``trackers``: ``bliss_ray.watch.tracking``
-    objects (``stage_start``, ``steps`` from the watcher thread, ``stage_end``, ``stage_failed``); ``log_path``: the
-    file that holds tracebacks and Ray's own output, named in failure messages."""
+    objects (``stage_start``, ``steps`` from the watcher thread, ``stage_end``, ``stage_failed``); ``events() ->
+    lines``: what else happened while a stage runs (``stages._ray.LostNodes``), each a line under the stage's key;
+    ``log_path``: the file that holds tracebacks and Ray's own output, named in failure messages."""
 
     def __init__(
         self,
@@ -179,13 +183,14 @@ class StageConsole:
         tty: bool | None = None,
         poll: Callable[[str], list[dict]] | None = None,
         trackers: list | None = None,
+        events: Callable[[], list[str]] | None = None,
         log_path: str | None = None,
         interval_s: float = 10.0,
         poll_s: float = 1.0,
     ):
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
-        self.poll, self.log_path = poll, log_path
+        self.poll, self.events, self.log_path = poll, events, log_path
         self.trackers = trackers if trackers is not None else []  # the caller's list: it may fill it later
         self.interval_s, self.poll_s = interval_s, poll_s
         self._lock = threading.Lock()
@@ -273,6 +278,8 @@ class StageConsole:
                         time.time() - rec["worker_start_time"],
                     )
             try:
+                for text in self.events() if self.events else []:
+                    self.line(f"      {st.key}: {text}")
                 for tracker in self.trackers:
                     tracker.steps(st.key, st.kind, records)
                 if records or not final:
