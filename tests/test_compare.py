@@ -1,5 +1,6 @@
 """The method comparison's pure parts: the comparison file, FLOPs matching, FLOPs spent per checkpoint, speed-ups
-and the report (Table 4, Figure 3). The end-to-end ``bliss-ray compare`` run is in tests/test_pipeline.py.
+against every baseline and the report (Table 4, the table against every baseline, Figure 3 and its head-to-head).
+The end-to-end ``bliss-ray compare`` run is in tests/test_pipeline.py.
 
     .venv/bin/python -m pytest tests/test_compare.py -q
 """
@@ -15,8 +16,22 @@ import yaml
 
 from bliss_ray.config import ConfigError
 from bliss_ray.costs.ledger import ledger, totals
-from bliss_ray.studies.compare_report import Curve, speedup, table4, tuning_and_check, tuning_section, write_markdown
-from bliss_ray.studies.compare_spec import load_compare, matching_extra_steps, spent_flops, target_step_flops
+from bliss_ray.studies import compare_figures
+from bliss_ray.studies.compare_curves import Curve, speedup, speedups
+from bliss_ray.studies.compare_report import (
+    every_baseline_table,
+    table4,
+    tuning_and_check,
+    tuning_section,
+    write_markdown,
+)
+from bliss_ray.studies.compare_spec import (
+    CompareSpec,
+    load_compare,
+    matching_extra_steps,
+    spent_flops,
+    target_step_flops,
+)
 from tests.conftest import REPO
 
 DEMO = REPO / "experiments" / "compare" / "demo.yaml"
@@ -33,7 +48,10 @@ def _spec_file(tmp_path, **changes):
     ("changes", "field"),
     [
         ({"baseline": "uniform"}, "baseline"),
-        ({"variants": {"bliss": {}, "r": {"match_flops": "nope"}}, "baseline": "bliss"}, "variants.r.match_flops"),
+        (
+            {"variants": {"bliss": {}, "r": {"match_flops": "nope"}}, "baseline": "bliss", "also_against": []},
+            "variants.r.match_flops",
+        ),
         ({"variants": {"random": {"overrides": {"pretrain.steps": 0}}}, "baseline": "random"}, "variants"),
         ({"seeds": []}, "seeds"),
         ({"seeds": [0, 100]}, "tuning.sweep: demo_tune.yaml tunes on seeds \\[100\\]"),
@@ -47,11 +65,22 @@ def _spec_file(tmp_path, **changes):
             {"tuning": {"sweep": "experiments/sweeps/demo_tune.yaml", "variant": "bliss", "before": "bliss"}},
             "tuning.before: the tuned variant itself",
         ),
+        ({"also_against": ["matess"]}, "also_against: 'matess' is not one of the variants"),
+        ({"also_against": ["random"]}, "also_against: 'random' is the baseline already"),
+        ({"also_against": ["bliss"]}, "also_against: 'bliss' is the first variant"),
+        ({"also_against": ["mates", "mates"]}, "also_against: a variant named twice"),
+        ({"also_against": "mates"}, "also_against: Input should be a valid list"),
     ],
 )
 def test_a_bad_comparison_fails_before_compute_naming_the_field(tmp_path, changes, field):
     with pytest.raises(ConfigError, match=field):
         load_compare(_spec_file(tmp_path, **changes))
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml"])
+def test_the_shipped_comparisons_measure_every_method_against_mates_too(name):
+    spec = load_compare(DEMO.parent / name)
+    assert (spec.lead, spec.baselines) == ("bliss", ["random", "mates"])
 
 
 def test_variants_share_the_base_and_differ_only_where_they_say():
@@ -141,6 +170,91 @@ def test_table4_and_report_state_speedups_with_their_spread(tmp_path):
         assert (tmp_path / png).stat().st_size > 10_000
 
 
+def _against_every_baseline_case() -> tuple[CompareSpec, list[Curve]]:
+    """Linear losses over steps 0–200 with known crossings. random ends at 6.0, mates at 5.0 (reaching 6.0 at step
+    133.3: 1.50× random). bliss reaches 6.0 at steps 100 / 80 (2.00× / 2.50× random) and 5.0 at 150 / 120 (1.33× /
+    1.67× mates) on seeds 0 / 1, with 50 selection FLOPs first; late reaches 6.0 at 150 / 166.7 (1.33× / 1.20×
+    random) and 5.0 only on seed 0, at its last step (1.00×); flat never reaches either."""
+    spec = CompareSpec.model_validate(
+        {
+            "name": "c",
+            "base": "unused.yaml",
+            "seeds": [0, 1],
+            "baseline": "random",
+            "also_against": ["mates"],
+            "variants": {v: {} for v in ("bliss", "late", "flat", "mates", "random")},
+        }
+    )
+    steps = [0, 100, 200]
+    curves = []
+    for seed, (bliss_mid, late_end) in enumerate(((6.0, 5.0), (5.5, 5.5))):
+        curves += [
+            _curve("random", seed, steps, [8.0, 7.0, 6.0]),
+            _curve("mates", seed, steps, [8.0, 6.5, 5.0]),
+            _curve("bliss", seed, steps, [8.0, bliss_mid, 2 * bliss_mid - 8.0], selection=50.0),
+            _curve("late", seed, steps, [8.0, 7.0, late_end]),
+            _curve("flat", seed, steps, [8.0, 7.5, 7.0]),
+        ]
+    return spec, curves
+
+
+def test_speedups_against_any_baseline_on_linear_curves():
+    _, curves = _against_every_baseline_case()
+    assert speedups(curves, "mates", "random", "steps") == pytest.approx([1.5, 1.5])
+    assert speedups(curves, "bliss", "random", "steps") == pytest.approx([2.0, 2.5])
+    assert speedups(curves, "bliss", "mates", "steps") == pytest.approx([200 / 150, 200 / 120])
+    # bliss's 50 selection FLOPs come before its first step: at equal FLOPs it reaches mates's loss at 200 / 170
+    assert speedups(curves, "bliss", "mates", "flops") == pytest.approx([200 / 200, 200 / 170])
+    assert speedups(curves, "late", "mates", "steps") == pytest.approx([1.0, None])
+    assert speedups(curves, "flat", "random", "steps") == speedups(curves, "flat", "mates", "flops") == [None, None]
+
+
+def test_the_table_against_every_baseline_gives_a_column_pair_per_baseline():
+    spec, curves = _against_every_baseline_case()
+    lines = every_baseline_table(spec, curves)
+    assert lines[0] == "| variant | vs random: steps | vs random: FLOPs | vs mates: steps | vs mates: FLOPs |"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    sd = np.std([200 / 150, 200 / 120], ddof=1)
+    assert rows["bliss"] == [
+        f"2.25 ± {np.std([2.0, 2.5], ddof=1):.2f}×",
+        f"{np.mean([200 / 150, 200 / 130]):.2f} ± {np.std([200 / 150, 200 / 130], ddof=1):.2f}×",  # 50 + 100, 50 + 80
+        f"1.50 ± {sd:.2f}×",
+        f"{np.mean([1.0, 200 / 170]):.2f} ± {np.std([1.0, 200 / 170], ddof=1):.2f}×",
+    ]
+    assert rows["late"][2] == "1.00× (1 of 2 seeds reach it)"
+    assert rows["flat"] == ["not reached (0 of 2 seeds)"] * 4
+    assert rows["mates"][:2] == ["1.50 ± 0.00×"] * 2 and rows["mates"][2:] == ["(baseline)"] * 2
+    assert rows["random"][:2] == ["(baseline)"] * 2 and rows["random"][2:] == ["not reached (0 of 2 seeds)"] * 2
+    # Table 4 stays against the main baseline only
+    table = {line.split("|")[1].strip(): line for line in table4(spec, curves)[2:]}
+    assert table["bliss"].endswith(f"| 2.25 ± {np.std([2.0, 2.5], ddof=1):.2f}× | {rows['bliss'][1]} |")
+    assert table["mates"].endswith("| 1.50 ± 0.00× | 1.50 ± 0.00× |")
+
+
+def test_the_report_draws_the_method_head_to_head_with_each_further_baseline(tmp_path, monkeypatch):
+    spec, curves = _against_every_baseline_case()
+    drawn = []
+    monkeypatch.setattr(compare_figures.plt, "close", drawn.append)  # keep the figures to look at them
+    text = write_markdown(spec, curves, tmp_path / "report.md", "bliss-ray compare c.yaml").read_text()
+    pngs = ["report_fig3_steps.png", "report_fig3_flops.png"]
+    pngs += ["report_fig3_bliss_vs_mates_steps.png", "report_fig3_bliss_vs_mates_flops.png"]
+    for png in pngs:
+        assert f"]({png})" in text and (tmp_path / png).stat().st_size > 10_000
+    assert "## Against every baseline" in text and "| vs mates: steps |" in text
+    assert "### `bliss` against `mates`" in text
+    assert f"`bliss`'s speed-up to it: 1.50 ± {np.std([200 / 150, 200 / 120], ddof=1):.2f}× at equal target" in text
+    assert "Against `random`:" in text and "Against `mates`:" in text
+    assert (
+        "| late | 1 | 5.5000 | 5.0000 | never | never |" in text and "| bliss | 0 | 4.0000 | 5.0000 | 1.33× |" in text
+    )
+    labels = [fig.axes[0].get_legend_handles_labels()[1] for fig in drawn]
+    assert labels[2] == labels[3] == ["bliss (2 seeds)", "mates (2 seeds)", "mates's final loss"]
+    assert labels[0][-1] == "random's final loss" and len(labels[0]) == len(spec.variants) + 1
+    assert drawn[2].axes[0].lines[-1].get_ydata()[0] == pytest.approx(5.0)  # mates's final loss is the line
+    for fig in drawn:
+        fig.clf()
+
+
 def test_the_report_shows_the_search_and_whether_the_compared_settings_won_it(tmp_path):
     import json
 
@@ -193,6 +307,7 @@ def _held_out_check_case(tmp_path) -> tuple[dict, list[Curve]]:
     best = {"bilevel.gamma": 0.05, "bilevel.score_lr": 2e-3, "bilevel.proxy_lr": 1e-3}
     best |= {"bilevel.outer_steps": 80, "bilevel.z_init": "constant"}
     tree["variants"] = {"bliss": {}, "bliss_tuned": {"overrides": best}, "random": tree["variants"]["random"]}
+    tree.pop("also_against")  # no mates here
     tree["seeds"] = [0, 1]
     kept = tmp_path / "search"
     kept.mkdir()
@@ -266,6 +381,7 @@ def test_once_the_best_point_is_the_default_the_report_keeps_its_held_out_check(
     best |= {"bilevel.outer_steps": 80, "bilevel.z_init": "constant"}
     random = tree["variants"]["random"]
     tree["variants"] = {"bliss": {"overrides": best}, "bliss_before": {}, "random": random}
+    tree.pop("also_against")  # no mates here
     tree["seeds"] = [0, 1]
     kept = tmp_path / "search"
     kept.mkdir()

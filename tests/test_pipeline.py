@@ -221,3 +221,7 @@ def test_compare_runs_four_methods_and_reports_table4(tiny_run, tmp_path):
     assert {line.split("|")[1].strip() for line in rows} >= set(spec.variants)
     for png in ("report_fig3_steps.png", "report_fig3_flops.png"):
         assert (report.parent / png).stat().st_size > 10_000
+    # tiny.yaml measures every method against mates too: the table, and bliss head to head with mates
+    assert "| vs mates: steps | vs mates: FLOPs |" in text and "Against `mates`:" in text
+    for png in ("report_fig3_bliss_vs_mates_steps.png", "report_fig3_bliss_vs_mates_flops.png"):
+        assert f"]({png})" in text and (report.parent / png).stat().st_size > 10_000

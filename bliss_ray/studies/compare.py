@@ -27,6 +27,7 @@ from bliss_ray.costs.ledger import ledger, totals
 from bliss_ray.report.collect import pool_rows_per_round
 from bliss_ray.stages.executor import run_experiment
 from bliss_ray.studies import compare_report as report
+from bliss_ray.studies.compare_curves import curve_of
 from bliss_ray.studies.compare_spec import CompareSpec, matching_extra_steps
 from bliss_ray.watch.console import StageConsole, clock
 
@@ -99,9 +100,7 @@ def _headline(results: dict) -> str:
 
 
 def write_report(spec: CompareSpec, members: list[Member], path: Path, command: str, out) -> Path:
-    curves = [
-        report.curve_of(m.variant, m.seed, m.exp, m.results["evaluate"], pool_rows_of(m.results)) for m in members
-    ]
+    curves = [curve_of(m.variant, m.seed, m.exp, m.results["evaluate"], pool_rows_of(m.results)) for m in members]
     tuning, check = report.tuning_and_check(spec, out, curves)
     written = report.write_markdown(spec, curves, path, command, tuning)
     if check is not None:  # for a later comparison's tuning.check

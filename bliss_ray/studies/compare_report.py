@@ -1,84 +1,43 @@
 """The comparison report (``bliss-ray compare``): the rebuttal's Table 4 and Figure 3 at laptop scale.
 
 From each variant × seed's evaluated checkpoints (decay branches: every round's end and its mid-round branches) and
-its FLOPs ledger, it computes, per seed against the baseline of the same seed:
+its FLOPs ledger (``compare_curves``), it computes, per seed against a baseline of the same seed:
 
 * speed-up at equal target steps: the baseline's final steps ÷ the steps at which the variant first reaches the
   baseline's final held-out reference loss (linear interpolation between checkpoints);
 * speed-up at equal FLOPs: the same with total FLOPs spent (``compare_spec.spent_flops``: warm-up, the selection
   of every round so far, and the target's steps) in place of steps;
 
-and reports their mean ± standard deviation over seeds, with the final results and total FLOPs (Table 4), and both
-Figure 3 curves (mean over seeds, band = ± 1 sd). No Ray; pure reading of stage outputs.
+and reports their mean ± standard deviation over seeds: against the main baseline with the final results and total
+FLOPs (Table 4), against every baseline (``also_against`` too) in a table of its own and seed by seed, and Figure 3
+(``compare_figures``): every variant against the main baseline, and the method head to head with each further
+baseline. No Ray; pure reading of stage outputs.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: reports are written on clusters and in CI
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from bliss_ray import storage
-from bliss_ray.costs.ledger import ledger, totals, unit_of
+from bliss_ray.costs.ledger import unit_of
 from bliss_ray.pipeline import setting
-from bliss_ray.report.collect import reach_step
-from bliss_ray.studies.compare_spec import CompareSpec, spent_flops
+from bliss_ray.studies.compare_curves import Curve, speedup, speedups
+from bliss_ray.studies.compare_figures import AXES, figure3_pair
+from bliss_ray.studies.compare_spec import CompareSpec
 from bliss_ray.studies.sweep_spec import load_sweep
-
-METRIC = "reference_loss"  # lower is better; measured on the held-out part of the reference set
-
-
-@dataclass
-class Curve:
-    """One variant × seed: its checkpoints in step order, the FLOPs spent at each, and its total FLOPs."""
-
-    variant: str
-    seed: int
-    steps: np.ndarray  # (C,) target steps of each evaluated checkpoint
-    flops: np.ndarray  # (C,) FLOPs spent when that checkpoint exists
-    loss: np.ndarray  # (C,) held-out reference loss
-    average: np.ndarray  # (C,) paper-task average (nan when no paper task was evaluated)
-    total_flops: float
-    selection_share: float  # of total FLOPs
-
-
-def curve_of(variant: str, seed: int, exp, evaluate: dict, pool_rows: int | None) -> Curve:
-    rows = ledger(exp, pool_rows_per_round=pool_rows)
-    cks = sorted(evaluate["checkpoints"], key=lambda c: c["steps"])
-    total = totals(rows)
-    sel = sum(r.flops for r in rows if r.group in ("selection", "warm-up"))
-    return Curve(
-        variant,
-        seed,
-        np.array([c["steps"] for c in cks], dtype=float),
-        np.array([spent_flops(rows, exp, c["steps"], c["round"]) for c in cks]),
-        np.array([c[METRIC] for c in cks], dtype=float),
-        np.array([np.nan if c.get("paper_average") is None else c["paper_average"] for c in cks]),
-        total["total"],
-        sel / total["total"],
-    )
-
-
-def speedup(curve: Curve, base: Curve, axis: str) -> float | None:
-    """How much sooner ``curve`` reaches ``base``'s final loss, on ``axis`` ("steps" or "flops"); None if never."""
-    x, bx = getattr(curve, axis), getattr(base, axis)
-    at = reach_step(list(x), list(curve.loss), float(base.loss[-1]), higher_is_better=False)
-    return None if at is None or at <= 0 else float(bx[-1] / at)
 
 
 def _stat(values: list[float | None], digits: int = 2) -> str:
+    """Speed-ups over seeds as "mean ± sd×", with how many seeds reach the baseline where not all do."""
     got = np.array([v for v in values if v is not None], dtype=float)
     if len(got) == 0:
         return f"not reached (0 of {len(values)} seeds)"
-    text = f"{got.mean():.{digits}f}" + (f" ± {got.std(ddof=1):.{digits}f}" if len(got) > 1 else "")
+    text = f"{got.mean():.{digits}f}" + (f" ± {got.std(ddof=1):.{digits}f}" if len(got) > 1 else "") + "×"
     return text + (f" ({len(got)} of {len(values)} seeds reach it)" if len(got) < len(values) else "")
 
 
@@ -90,6 +49,10 @@ def _mean_sd(values: np.ndarray, digits: int) -> str:
     return f"{values.mean():.{digits}f}{sd}"
 
 
+def _speedup_cell(curves: list[Curve], variant: str, against: str, axis: str) -> str:
+    return "(baseline)" if variant == against else _stat(speedups(curves, variant, against, axis))
+
+
 def table4(spec: CompareSpec, curves: list[Curve]) -> list[str]:
     unit = 10.0 ** unit_of(max(c.total_flops for c in curves))
     lines = [
@@ -97,60 +60,47 @@ def table4(spec: CompareSpec, curves: list[Curve]) -> list[str]:
         f"| paper avg (%) | speed-up at equal steps | speed-up at equal FLOPs |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    bases = {c.seed: c for c in curves if c.variant == spec.baseline}
     for name in spec.variants:
         mine = [c for c in curves if c.variant == name]
-        ups = [(speedup(c, bases[c.seed], "steps"), speedup(c, bases[c.seed], "flops")) for c in mine]
-        is_base = name == spec.baseline
         lines.append(
             f"| {name} | {np.mean([c.total_flops for c in mine]) / unit:.3g} "
             f"| {100 * np.mean([c.selection_share for c in mine]):.1f}% | {mine[0].steps[-1]:.0f} "
             f"| {_mean_sd(np.array([c.loss[-1] for c in mine]), 4)} "
-            f"| {_mean_sd(100 * np.array([c.average[-1] for c in mine]), 1)} "
-            f"| {'(baseline)' if is_base else _stat([u[0] for u in ups]) + '×'} "
-            f"| {'(baseline)' if is_base else _stat([u[1] for u in ups]) + '×'} |"
+            f"| {_mean_sd(100 * np.array([c.average[-1] for c in mine]), 1)} | "
+            + " | ".join(_speedup_cell(curves, name, spec.baseline, axis) for axis in AXES)
+            + " |"
         )
     return lines
 
 
-def seed_rows(spec: CompareSpec, curves: list[Curve]) -> list[str]:
+def every_baseline_table(spec: CompareSpec, curves: list[Curve]) -> list[str]:
+    """Each variant's speed-up over every baseline (``spec.baselines``), a column pair (equal target steps, equal
+    FLOPs) per baseline."""
+    head = " | ".join(f"vs {b}: steps | vs {b}: FLOPs" for b in spec.baselines)
+    lines = [f"| variant | {head} |", "|---" * (1 + len(AXES) * len(spec.baselines)) + "|"]
+    for name in spec.variants:
+        cells = [_speedup_cell(curves, name, b, axis) for b in spec.baselines for axis in AXES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seed_rows(curves: list[Curve], against: str) -> list[str]:
+    """Every other variant × seed: its final loss, ``against``'s of the same seed, and its speed-ups over it."""
     lines = [
-        f"| variant | seed | final loss | {spec.baseline}'s final loss | speed-up (steps) | speed-up (FLOPs) |",
+        f"| variant | seed | final loss | {against}'s final loss | speed-up (steps) | speed-up (FLOPs) |",
         "|---|---|---|---|---|---|",
     ]
-    bases = {c.seed: c for c in curves if c.variant == spec.baseline}
+    bases = {c.seed: c for c in curves if c.variant == against}
     for c in curves:
-        if c.variant == spec.baseline:
+        if c.variant == against:
             continue
         b = bases[c.seed]
-        s, f = speedup(c, b, "steps"), speedup(c, b, "flops")
+        s, f = (speedup(c, b, axis) for axis in AXES)
         lines.append(
             f"| {c.variant} | {c.seed} | {c.loss[-1]:.4f} | {b.loss[-1]:.4f} | "
             f"{'never' if s is None else f'{s:.2f}×'} | {'never' if f is None else f'{f:.2f}×'} |"
         )
     return lines
-
-
-def figure3(spec: CompareSpec, curves: list[Curve], axis: str, path: Path) -> Path:
-    """Held-out reference loss vs target steps or vs FLOPs spent: mean over seeds, band ± 1 sd."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name in spec.variants:
-        mine = [c for c in curves if c.variant == name]
-        x = np.mean([getattr(c, axis) for c in mine], axis=0)  # equal across seeds up to measured pool rows
-        y = np.array([c.loss for c in mine])  # (seeds, C)
-        ax.plot(x, y.mean(0), marker="o", ms=3, label=f"{name} ({len(mine)} seeds)")
-        if len(mine) > 1:
-            ax.fill_between(x, y.mean(0) - y.std(0, ddof=1), y.mean(0) + y.std(0, ddof=1), alpha=0.2)
-    base_final = np.mean([c.loss[-1] for c in curves if c.variant == spec.baseline])
-    ax.axhline(base_final, color="grey", ls=":", lw=1, label=f"{spec.baseline}'s final loss")
-    ax.set_xlabel("target pretraining steps" if axis == "steps" else "total FLOPs spent (selection included)")
-    ax.set_ylabel("held-out reference loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _same(a, b) -> bool:
@@ -328,12 +278,53 @@ def _render_check(record: dict, source: str = "") -> list[str]:
     ]
 
 
+def _every_baseline_section(spec: CompareSpec, curves: list[Curve]) -> list[str]:
+    """The table against every baseline (none when the main baseline is the only one: Table 4 says it all)."""
+    if not spec.also_against:
+        return []
+    return [
+        "## Against every baseline",
+        "",
+        f"Every variant's speed-ups over each of {', '.join(f'`{b}`' for b in spec.baselines)}, computed as in "
+        "Table 4 with that baseline's final held-out loss of the same seed as the goal: mean ± standard deviation "
+        "over seeds, and how many seeds reach it where not all do.",
+        "",
+        *every_baseline_table(spec, curves),
+        "",
+    ]
+
+
+def _figure3_section(spec: CompareSpec, curves: list[Curve], directory: Path, stem: str) -> list[str]:
+    """Figure 3 of every variant against the main baseline, then the method head to head with each further
+    baseline, as the rebuttal draws BLISS against MATES."""
+    steps_png, flops_png = figure3_pair(curves, list(spec.variants), spec.baseline, directory, f"{stem}_fig3")
+    lines = ["## Figure 3", "", f"![loss vs steps]({steps_png.name}) ![loss vs FLOPs]({flops_png.name})", ""]
+    for b in spec.also_against:
+        steps_png, flops_png = figure3_pair(curves, [spec.lead, b], b, directory, f"{stem}_fig3_{spec.lead}_vs_{b}")
+        on_steps, on_flops = (_stat(speedups(curves, spec.lead, b, axis)) for axis in AXES)
+        lines += [
+            f"### `{spec.lead}` against `{b}`",
+            "",
+            f"The dotted line is `{b}`'s final held-out loss; `{spec.lead}`'s speed-up to it: {on_steps} at equal "
+            f"target steps, {on_flops} at equal FLOPs.",
+            "",
+            f"![{spec.lead} vs {b}, loss vs steps]({steps_png.name}) "
+            f"![{spec.lead} vs {b}, loss vs FLOPs]({flops_png.name})",
+            "",
+        ]
+    return lines
+
+
+def _per_seed_section(spec: CompareSpec, curves: list[Curve]) -> list[str]:
+    lines = ["## Per seed", ""]
+    for b in spec.baselines:
+        lines += [f"Against `{b}`:", "", *seed_rows(curves, b), ""]
+    return lines
+
+
 def write_markdown(spec: CompareSpec, curves: list[Curve], path: Path, command: str, tuning: list[str] = ()) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stem = path.stem
-    steps_png = figure3(spec, curves, "steps", path.parent / f"{stem}_fig3_steps.png")
-    flops_png = figure3(spec, curves, "flops", path.parent / f"{stem}_fig3_flops.png")
     n_ck = min(len(c.steps) for c in curves)
     md = [
         f"# {spec.name}: {', '.join(spec.variants)} over seeds {', '.join(map(str, spec.seeds))}",
@@ -353,14 +344,9 @@ def write_markdown(spec: CompareSpec, curves: list[Curve], path: Path, command: 
         "",
         *table4(spec, curves),
         "",
-        "## Figure 3",
-        "",
-        f"![loss vs steps]({steps_png.name}) ![loss vs FLOPs]({flops_png.name})",
-        "",
-        "## Per seed",
-        "",
-        *seed_rows(spec, curves),
-        "",
+        *_every_baseline_section(spec, curves),
+        *_figure3_section(spec, curves, path.parent, path.stem),
+        *_per_seed_section(spec, curves),
         *tuning,
     ]
     path.write_text("\n".join(md) + "\n")

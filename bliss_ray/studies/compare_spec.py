@@ -6,7 +6,8 @@ A comparison file names a base experiment, the seeds, and the variants as dotted
     name: compare_demo
     base: experiments/demo.yaml
     seeds: [0, 1, 2]
-    baseline: random                 # speed-ups are measured against this variant
+    baseline: random                 # speed-ups are measured against this variant (Table 4)
+    also_against: [mates]            # ... and against these too (the table against every baseline)
     variants:
       bliss: {}
       mates: {selection.method: mates, mates.probes: 128}
@@ -18,8 +19,11 @@ Every variant × seed is an ``Experiment`` named ``name`` (one run root): stages
 (tokenizer, tokenize, a seed's round 0) have the same identity and are computed once. ``match_flops: V`` gives the
 variant extra target steps in its last round (``schedule.final_extra_steps``) until its total FLOPs — the ledger's
 total, selection included, evaluation excluded — equal variant V's of the same seed, to within half a target step.
-``tuning`` names the sweep that tuned a variant: its seeds must be disjoint from the comparison's, so the comparison
-is the held-out check of the tuned settings, and the report shows the search beside it.
+Every variant is measured against ``baseline`` and each of ``also_against``; the first variant is the method the
+comparison is about, which the report draws head to head against each of ``also_against`` (the rebuttal's Figure 3,
+BLISS against MATES). ``tuning`` names the sweep that tuned a variant: its seeds must be disjoint from the
+comparison's, so the comparison is the held-out check of the tuned settings, and the report shows the search beside
+it.
 
     from bliss_ray.studies.compare_spec import load_compare
     spec = load_compare("experiments/compare/demo.yaml")   # raises ConfigError naming the field
@@ -83,7 +87,10 @@ class CompareSpec(BaseModel):
     seeds: list[int] = Field(min_length=1)
     """Each seed sets ``seed`` and ``selection.seed`` of every variant."""
     baseline: str
-    """The variant whose final held-out reference loss the others race to (Figure 3's speed-up)."""
+    """The variant whose final held-out reference loss the others race to (Table 4's speed-up)."""
+    also_against: list[str] = []
+    """Further variants every method is measured against the same way (the report's table against every baseline),
+    each also drawn head to head with the first variant, the method the comparison is about."""
     variants: dict[str, VariantSpec] = Field(min_length=2)
     tuning: Tuning | None = None
 
@@ -91,6 +98,7 @@ class CompareSpec(BaseModel):
     def _refs(self) -> CompareSpec:
         if self.baseline not in self.variants:
             raise ValueError(f"baseline: '{self.baseline}' is not one of the variants {sorted(self.variants)}")
+        self._check_also_against()
         for name, v in self.variants.items():
             if v.match_flops is not None and v.match_flops not in self.variants:
                 raise ValueError(f"variants.{name}.match_flops: no variant '{v.match_flops}'")
@@ -111,6 +119,27 @@ class CompareSpec(BaseModel):
         if self.tuning and self.tuning.before == self.tuning.variant:
             raise ValueError("tuning.before: the tuned variant itself; name the variant with the earlier settings")
         return self
+
+    def _check_also_against(self) -> None:
+        for name in self.also_against:
+            if name not in self.variants:
+                raise ValueError(f"also_against: '{name}' is not one of the variants {sorted(self.variants)}")
+            if name == self.baseline:
+                raise ValueError(f"also_against: '{name}' is the baseline already")
+            if name == self.lead:  # its head-to-head figure would draw the method against itself
+                raise ValueError(f"also_against: '{name}' is the first variant, the method measured against them")
+        if len(set(self.also_against)) < len(self.also_against):
+            raise ValueError(f"also_against: a variant named twice in {self.also_against}")
+
+    @property
+    def lead(self) -> str:
+        """The method the comparison is about: its first variant."""
+        return next(iter(self.variants))
+
+    @property
+    def baselines(self) -> list[str]:
+        """Every variant the others are measured against, the main baseline first."""
+        return [self.baseline, *self.also_against]
 
     @property
     def size(self) -> int:
