@@ -18,17 +18,17 @@ the same guarantee.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from bliss_ray import node_cache
 
 
 class StorageError(RuntimeError):
@@ -191,38 +191,29 @@ def check_writable(loc: str | Path) -> None:
 
 
 def cache_root() -> Path:
-    """This node's cache of remote inputs (``BLISS_CACHE_DIR``, else the temp dir). Never the source of truth."""
+    """This node's local space for remote runs (``BLISS_CACHE_DIR``, else the temp dir): the copies of store
+    locations (``copies/``, ``node_cache``) and a remote run's working directories. Never the source of truth."""
     return Path(os.environ.get("BLISS_CACHE_DIR") or Path(tempfile.gettempdir()) / "bliss_ray_cache")
 
 
 def local_copy(loc: str | Path) -> Path:
-    """A local directory with the contents of ``loc``: ``loc`` itself when it is local, else a node-local copy.
+    """A local directory with the contents of ``loc``: ``loc`` itself when it is local, else this node's copy.
 
     The copy is keyed by the location (stage directories are identity-addressed, so a location's content never
     changes once its stage is done), built once per node under a file lock (several workers of one node ask at
-    once), and verified against the sizes recorded when it was built; a copy that fails the check is rebuilt.
+    once), and verified against the sizes recorded when it was built; a copy that fails the check is rebuilt. The
+    calling process holds the copy until it exits, or until the ``node_cache.holding()`` block around the call
+    ends; to stay under its cap, the node's cache evicts the least recently used copies that no process holds.
     """
     if not is_remote(loc):
         return Path(resolve(loc)[1])
     key = name(loc) + "-" + hashlib.sha256(str(loc).encode()).hexdigest()[:12]
-    dest = cache_root() / key
-    cache_root().mkdir(parents=True, exist_ok=True)
-    with open(cache_root() / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _verified(dest):
-            return dest
-        shutil.rmtree(dest, ignore_errors=True)
-        if not exists(loc):
-            raise StorageError(f"{loc}: nothing there to copy (a stage that never finished?)")
-        download(loc, dest)
-        sizes = {str(p.relative_to(dest)): p.stat().st_size for p in dest.rglob("*") if p.is_file()}
-        (dest.parent / f"{key}.sizes.json").write_text(json.dumps(sizes))
-    return dest
+    return node_cache.take(cache_root() / "copies", key, lambda: _bytes_to_copy(loc), lambda d: download(loc, d))
 
 
-def _verified(dest: Path) -> bool:
-    record = dest.parent / f"{dest.name}.sizes.json"
-    if not (dest.is_dir() and record.exists()):
-        return False
-    sizes = json.loads(record.read_text())
-    return all((dest / rel).is_file() and (dest / rel).stat().st_size == n for rel, n in sizes.items())
+def _bytes_to_copy(loc: str | Path) -> int:
+    """The bytes of every file under ``loc``; fails naming ``loc`` when nothing is there."""
+    if not exists(loc):
+        raise StorageError(f"{loc}: nothing there to copy (a stage that never finished?)")
+    fs, p = resolve(loc)
+    return sum(i.size for i in fs.get_file_info(pafs.FileSelector(p, recursive=True)) if i.type == pafs.FileType.File)

@@ -21,7 +21,7 @@ PKG = REPO / "bliss_ray"
 # The floors of the house, bottom first (docs/design.md draws them): a module imports only its own floor and those
 # below. Within a floor, modules may import each other as long as no circle forms.
 FLOORS = [
-    {"storage", "testing"},
+    {"storage", "node_cache", "testing"},
     {"models", "data", "train", "bilevel", "selection", "mates", "evaluation"},  # the math: pure PyTorch / NumPy
     {"config"},
     {"pipeline"},

@@ -1,11 +1,20 @@
-"""The storage layer on a local directory and on a local S3-compatible server (moto, loopback only).
+"""The storage layer on a local directory and on a local S3-compatible server (moto, loopback only), and the node
+cache of store copies: its cap, least-recently-used eviction and holds.
 
 .venv/bin/python -m pytest tests/test_storage.py -q
 """
 
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
-from bliss_ray import storage
+from bliss_ray import node_cache, storage
 from tests.conftest import REPO
 
 
@@ -51,6 +60,80 @@ def test_upload_then_local_copy_is_cached_verified_and_rebuilt(root, tmp_path, m
     assert local.is_relative_to(tmp_path / "cache")
     (local / "a.bin").write_bytes(b"x")  # a damaged cache entry (wrong size) is detected and rebuilt
     assert (storage.local_copy(dest) / "a.bin").read_bytes() == b"x" * 100
+
+
+def _stored(bucket: str, tmp_path: Path, names: str) -> list[str]:
+    """One location in the store per letter of ``names``, each a directory with a 100-byte file of that letter."""
+    locs = []
+    for n in names:
+        (tmp_path / "src" / n).mkdir(parents=True)
+        (tmp_path / "src" / n / "f.bin").write_bytes(n.encode() * 100)
+        locs.append(storage.join(bucket, tmp_path.name, n))
+        storage.upload(tmp_path / "src" / n, locs[-1])
+    return locs
+
+
+def _holder(loc: str) -> tuple[subprocess.Popen, Path]:
+    """Another process of this node that holds its copy of ``loc`` until its stdin closes, and the copy's path."""
+    code = "import sys; from bliss_ray import storage\n"
+    code += "print(storage.local_copy(sys.argv[1]), flush=True); sys.stdin.read()"
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code, loc], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    line = proc.stdout.readline().decode().strip()
+    assert line, "the holding process ended without taking its copy"
+    return proc, Path(line)
+
+
+def test_a_full_cache_evicts_the_least_recently_used_copy_that_no_process_holds(
+    s3_bucket, tmp_path, monkeypatch, caplog
+):
+    """Three 100-byte copies under a 350-byte cap; a fourth evicts the least recently used one, never one that
+    another process holds (the oldest here) or one used since. With every copy held, a fifth is made anyway (a stage
+    never fails for cache space), and a warning says the cache passed its cap."""
+    monkeypatch.setenv("BLISS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLISS_CACHE_MAX_GB", "3.5e-7")
+    a, b, c, d, e = _stored(s3_bucket, tmp_path, "abcde")
+    holder, held = _holder(a)
+    try:
+        with node_cache.holding():
+            copies = {loc: storage.local_copy(loc) for loc in (b, c)}
+            storage.local_copy(b)  # used again: c is now the least recently used copy no one holds
+        with node_cache.holding():
+            storage.local_copy(d)
+        assert not copies[c].exists()
+        assert (held / "f.bin").read_bytes() == b"a" * 100 and (copies[b] / "f.bin").read_bytes() == b"b" * 100
+        with node_cache.holding(), caplog.at_level(logging.WARNING, logger="bliss_ray"):
+            storage.local_copy(b)
+            storage.local_copy(d)
+            assert (storage.local_copy(e) / "f.bin").read_bytes() == b"e" * 100
+        assert "passes its cap of 350 bytes" in caplog.text and held.exists() and copies[b].exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    with node_cache.holding():  # nothing is held any more: copying c again makes room by evicting the oldest
+        storage.local_copy(c)
+    assert not held.exists()
+
+
+def test_the_cap_defaults_to_half_the_disk_the_cache_could_have(s3_bucket, tmp_path, monkeypatch):
+    """Without ``BLISS_CACHE_MAX_GB`` the cap is half of the free disk at the cache plus the cache's own bytes (so
+    it holds still as the cache fills); the setting, in GB of 10^9 bytes, overrides it, and a bad one is refused."""
+    monkeypatch.setenv("BLISS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("BLISS_CACHE_MAX_GB", raising=False)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**6, used=10**6 - 300, free=300))
+    copies_dir = tmp_path / "cache" / "copies"
+    assert node_cache.cap_bytes(copies_dir, 0) == 150 and node_cache.cap_bytes(copies_dir, 200) == 250
+    a, b, c = _stored(s3_bucket, tmp_path, "abc")
+    with node_cache.holding():
+        copies = [storage.local_copy(loc) for loc in (a, b)]  # 100 cached + 100 fit (300 + 100) / 2
+    with node_cache.holding():
+        storage.local_copy(c)  # 200 cached + 100 do not fit (300 + 200) / 2: the oldest goes
+    assert not copies[0].exists() and copies[1].exists()
+    monkeypatch.setenv("BLISS_CACHE_MAX_GB", "1e-6")
+    assert node_cache.cap_bytes(copies_dir, 200) == 1000
+    monkeypatch.setenv("BLISS_CACHE_MAX_GB", "lots")
+    with pytest.raises(ValueError, match="BLISS_CACHE_MAX_GB='lots'"):
+        node_cache.cap_bytes(copies_dir, 0)
 
 
 def test_a_missing_location_and_an_unwritable_root_fail_naming_the_location(s3_bucket, tmp_path):

@@ -27,7 +27,7 @@ from pathlib import Path
 import ray
 import torch
 
-from bliss_ray import storage
+from bliss_ray import node_cache, storage
 from bliss_ray.evaluation.harness import evaluate_checkpoint, evaluates_offline
 from bliss_ray.evaluation.reference import reference_loss
 from bliss_ray.evaluation.tasks.ref_cloze import SKIP_IDS_ENV as REF_CLOZE_SKIP_ENV
@@ -59,19 +59,20 @@ def _evaluate(
             os.environ.pop(key, None)
     torch.set_num_threads(threads)
     _faults.hold("evaluate")
-    model_dir, reference_dir = str(local_copy(model_dir)), str(local_copy(reference_dir))  # this node's copies
-    # bliss_ref_cloze (lm-eval imports ref_cloze.py in this process) skips the passages selection may see; a reused
-    # worker may still hold an earlier task's setting, so an absent list clears it
-    seen = Path(reference_dir) / "selection_doc_ids.npy"
-    if seen.exists():
-        os.environ[REF_CLOZE_SKIP_ENV] = str(seen)
-    else:
-        os.environ.pop(REF_CLOZE_SKIP_ENV, None)
+    with node_cache.holding():  # Ray reuses this worker process: the copies are released when the task ends
+        model_dir, reference_dir = str(local_copy(model_dir)), str(local_copy(reference_dir))  # this node's copies
+        # bliss_ref_cloze (lm-eval imports ref_cloze.py in this process) skips the passages selection may see; a
+        # reused worker may still hold an earlier task's setting, so an absent list clears it
+        seen = Path(reference_dir) / "selection_doc_ids.npy"
+        if seen.exists():
+            os.environ[REF_CLOZE_SKIP_ENV] = str(seen)
+        else:
+            os.environ.pop(REF_CLOZE_SKIP_ENV, None)
 
-    out = evaluate_checkpoint(
-        model_dir, tasks, limit=limit, batch_size=batch_size, device=device, dtype=dtype, bootstrap_iters=bootstrap
-    )
-    out["reference_loss"] = reference_loss(model_dir, reference_dir, dtype=dtype)
+        out = evaluate_checkpoint(
+            model_dir, tasks, limit=limit, batch_size=batch_size, device=device, dtype=dtype, bootstrap_iters=bootstrap
+        )
+        out["reference_loss"] = reference_loss(model_dir, reference_dir, dtype=dtype)
     return out
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import ray
 
-from bliss_ray import storage
+from bliss_ray import node_cache, storage
 from bliss_ray.config import Experiment
 from bliss_ray.pipeline import Run, setting
 from bliss_ray.stages import _ray
@@ -59,7 +59,8 @@ def execute(run: Run, until: str | None = None, runner: Callable = run_stage, co
         (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         with console.stage(st, d, run.uri(st.key)) as finished:
             t0 = time.perf_counter()
-            out = _with_retries(run, st, d, runner, console)
+            with node_cache.holding():  # this driver runs stage after stage: a stage's copies are free once it ends
+                out = _with_retries(run, st, d, runner, console)
             out = {"stage": st.key, "kind": st.kind, "round": st.round, "seconds": time.perf_counter() - t0, **out}
             publish(run, st.key, out)
             finished(out)
