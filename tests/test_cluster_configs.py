@@ -24,6 +24,9 @@ What is checked:
 (d) Deliberately broken copies, written to ``tmp_path`` by mutating the loaded documents, are rejected: a
     ``min_worker:`` typo in a launcher YAML, ``maxReplica:`` in the RayCluster, a wrong ``rayVersion`` or image tag,
     and more.
+(e) The node cache: every node sets where it keeps its copies of store locations (``BLISS_CACHE_DIR``) and caps
+    them (``BLISS_CACHE_MAX_GB``) at most half of its disk: the launcher node type's volume, or the KubeRay pod's
+    ``emptyDir`` mounted there (the kubelet evicts a pod past its ``sizeLimit``).
 
 Run it with ``.venv/bin/python -m pytest tests/test_cluster_configs.py -q``. It takes a few seconds and starts no Ray.
 """
@@ -730,3 +733,67 @@ def test_the_rayjobs_sweep_is_served_by_its_own_cluster() -> None:
     for arm, exp in _arms(REPO / words[2], sets).items():
         assert set(stage_devices(exp).values()) <= cluster_gpu_types(RAYJOB_YAML), arm
         check_fits(exp, arm=arm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (e) The node cache
+# ---------------------------------------------------------------------------------------------------------------
+_QUANTITY_BYTES = {"Gi": 2**30, "Ti": 2**40, "G": 10**9, "T": 10**12}
+
+
+def _docker_env(options: list[str], name: str) -> str | None:
+    """The value docker run options (``-e NAME=value``) give ``name``."""
+    found = [o.split("=", 1)[1] for o in options if o.startswith(f"-e {name}=")]
+    return found[-1] if found else None
+
+
+def _cap_errors(where: str, cap_gb: str | None, disk_bytes: int) -> list[str]:
+    if cap_gb is None:
+        return [f"{where}: BLISS_CACHE_MAX_GB is not set"]
+    if float(cap_gb) * 10**9 > disk_bytes / 2:
+        return [f"{where}: BLISS_CACHE_MAX_GB={cap_gb} is over half of its {disk_bytes / 2**30:.0f} GiB"]
+    return []
+
+
+def node_cache_errors(doc: dict[str, Any]) -> list[str]:
+    """(e) for a launcher config or a KubeRay manifest."""
+    errors = []
+    if "available_node_types" in doc:
+        docker = doc.get("docker") or {}
+        if not _docker_env(docker.get("run_options") or [], "BLISS_CACHE_DIR"):
+            errors.append("docker.run_options must set BLISS_CACHE_DIR on every node")
+        for name, t in doc["available_node_types"].items():
+            head = name == doc["head_node_type"]
+            options = docker.get("head_run_options") if head else (t.get("docker") or {}).get("worker_run_options")
+            nc = t["node_config"]
+            disk_gib = nc["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] if "BlockDeviceMappings" in nc else None
+            disk_gib = disk_gib or nc["disks"][0]["initializeParams"]["diskSizeGb"]  # GCE's GB are GiB
+            errors += _cap_errors(name, _docker_env(options or [], "BLISS_CACHE_MAX_GB"), disk_gib * 2**30)
+        return errors
+    for where, group in kuberay_groups(kuberay_cluster_spec(doc)):
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container.get("env") or []}
+        mounted = {m["mountPath"]: m["name"] for m in container.get("volumeMounts") or []}
+        volume = {v["name"]: v for v in pod.get("volumes") or []}.get(mounted.get(env.get("BLISS_CACHE_DIR")), {})
+        size = str((volume.get("emptyDir") or {}).get("sizeLimit", ""))
+        if not (m := re.fullmatch(r"(\d+)(Gi|Ti|G|T)", size)):
+            errors.append(f"{where}: BLISS_CACHE_DIR must be an emptyDir volume with a sizeLimit in G/Gi/T/Ti")
+            continue
+        errors += _cap_errors(where, env.get("BLISS_CACHE_MAX_GB"), int(m[1]) * _QUANTITY_BYTES[m[2]])
+    return errors
+
+
+@pytest.mark.parametrize("path", [*LAUNCHER_YAMLS, *KUBERAY_YAMLS], ids=lambda p: p.name)
+def test_every_node_sets_its_cache_dir_and_caps_it_within_its_disk(path: Path) -> None:
+    assert node_cache_errors(load_yaml(path)) == []
+
+
+def test_a_node_cache_without_a_cap_or_over_its_disk_is_reported() -> None:
+    aws = load_yaml(CLUSTER / "aws.yaml")
+    aws["available_node_types"][_first_gpu_type(aws)]["docker"]["worker_run_options"] = ["-e BLISS_CACHE_MAX_GB=900"]
+    aws["docker"]["head_run_options"] = []
+    assert [e.split(":")[0] for e in node_cache_errors(aws)] == [aws["head_node_type"], _first_gpu_type(aws)]
+    job = load_yaml(RAYJOB_YAML)
+    _gpu_group(job)["template"]["spec"]["volumes"] = []
+    assert any("emptyDir" in e for e in node_cache_errors(job))
