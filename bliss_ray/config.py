@@ -210,10 +210,19 @@ class ResourcesConfig(_Strict):
     """Start the embedded local Ray's dashboard (State API, ``ray list``, Train's placement-group clean-up). Off by
     default: it costs a dozen processes and a gigabyte of memory, and on a loaded 2-core machine its agent can
     start too slowly for the raylet. A cluster started with ``ray start`` has its own."""
-    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    parallelism: Literal["ddp", "fsdp", "hsdp"] = "ddp"
     """How proxy warm-up and target pretraining use ``train_workers``: ``ddp`` keeps a full copy of weights, grads
-    and AdamW state on every worker (16 B/param); ``fsdp`` shards them (FSDP2 ``fully_shard`` per transformer
-    block). The bilevel stage always stays replicated (double backward through sharded parameters is unverified)."""
+    and AdamW state on every worker (16 B/param); ``fsdp`` shards them over all workers (FSDP2 ``fully_shard`` per
+    transformer block); ``hsdp`` shards them within a group of ``hsdp_shard_size`` workers (a node) and replicates
+    the groups, so parameters are gathered over the node's fast links and only gradients cross nodes. The bilevel
+    stage always stays replicated (double backward through sharded parameters is unverified)."""
+    hsdp_shard_size: int | None = Field(None, ge=1)
+    """Workers per HSDP shard group (``parallelism: hsdp``); it must divide ``train_workers``. None: the workers
+    on one node (Ray Train's local world size; ``bliss-ray plan``: the GPU type's node, or ``--gpus-per-node``)."""
+    grad_sync: Literal["every_micro_batch", "last_micro_batch"] = "every_micro_batch"
+    """When ``fsdp`` / ``hsdp`` reduce gradients in a step: after every micro-batch, or only the last (FSDP2's
+    ``set_requires_gradient_sync``: a worker keeps the unsharded fp32 gradient, 4 B/param more, and reduces once per
+    step). ``ddp`` always reduces on the last micro-batch. ``bliss-ray plan`` prices both."""
     activation_checkpointing: Literal["none", "full", "every_k"] = "none"
     """Recompute transformer blocks in backward instead of keeping their activations: every block (``full``) or
     every ``activation_checkpointing_k``-th block (``every_k``). Training stages only."""
@@ -235,12 +244,23 @@ class ResourcesConfig(_Strict):
         """The accelerator a stage of this kind runs on."""
         return self.gpu_types.get(kind, self.gpu_type)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether training shards parameters (FSDP2: ``fsdp`` or ``hsdp``)."""
+        return self.parallelism in ("fsdp", "hsdp")
+
     @model_validator(mode="after")
-    def _fsdp_precision(self) -> ResourcesConfig:
-        if self.parallelism == "fsdp" and self.precision == "fp16-mixed":
+    def _sharding(self) -> ResourcesConfig:
+        if self.sharded and self.precision == "fp16-mixed":
             raise ValueError(
-                "resources.precision fp16-mixed is not supported with resources.parallelism fsdp (its loss scaling "
-                "is not wired into FSDP2's mixed-precision policy); use bf16-mixed"
+                f"resources.precision fp16-mixed is not supported with resources.parallelism {self.parallelism} "
+                "(its loss scaling is not wired into FSDP2's mixed-precision policy); use bf16-mixed"
+            )
+        size = self.hsdp_shard_size
+        if self.parallelism == "hsdp" and size is not None and self.train_workers % size:
+            raise ValueError(
+                f"hsdp_shard_size: {size} does not divide resources.train_workers={self.train_workers} (HSDP "
+                "replicates whole shard groups); choose a divisor, e.g. the workers per node"
             )
         return self
 
@@ -293,10 +313,11 @@ class Experiment(_Strict):
             raise ValueError("pretrain.eval_branches > 0 needs pretrain.decay_steps > 0 (each branch decays)")
         if p.eval_branches >= p.steps:
             raise ValueError(f"pretrain.eval_branches must be < pretrain.steps ({p.steps}): at most one per step")
-        if res.parallelism == "fsdp" and res.train_workers > 1:
+        if res.sharded and res.train_workers > 1:
             raise ValueError(
-                "pretrain.eval_branches is not supported with resources.parallelism fsdp on 2+ train_workers (a "
-                "branch copies, restores and saves the whole unsharded model); use parallelism ddp or no branches"
+                f"pretrain.eval_branches is not supported with resources.parallelism {res.parallelism} on 2+ "
+                "train_workers (a branch copies, restores and saves the whole unsharded model); use parallelism ddp "
+                "or no branches"
             )
         return self
 

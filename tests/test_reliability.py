@@ -153,7 +153,9 @@ def test_stages_ask_for_their_gpu_type_and_a_type_no_node_serves_fails_before_co
     ceiling = {"CPU": 64.0, "GPU": 12.0, "accelerator_type:A10G": 2.0, "accelerator_type:A100-40G": 1.0}
     monkeypatch.setattr(_ray, "cluster_ceiling", lambda: ceiling)
     res = ResourcesConfig(gpu_type="A10G-24GB", gpu_types={"bilevel": "A100-40GB", "probe": "H100-80GB"})
-    assert _ray.scaling_config(res, 4, "pretrain").accelerator_type == "A10G"
+    pretrain = _ray.scaling_config(res, 4, "pretrain")
+    assert pretrain.accelerator_type == "A10G"
+    assert pretrain.placement_strategy == "PACK"  # a stage's workers on the fewest nodes: HSDP's groups are nodes
     assert _ray.scaling_config(res, 4, "bilevel").accelerator_type == "A100-40G"
     opts = _ray.task_options(res, "evaluate", 1.0)
     assert opts["accelerator_type"] == "A10G" and opts["num_gpus"] == 1 and opts["scheduling_strategy"] == "DEFAULT"

@@ -188,12 +188,20 @@ def _typed(per_worker: dict, typed: str | None) -> dict:
 
 
 def scaling_config(res: ResourcesConfig, workers: int, kind: str) -> ray.train.ScalingConfig:
+    """A Train stage's workers: ``resources_per_worker`` of the stage's accelerator type, packed onto the fewest
+    nodes (``PACK``, best effort: a group larger than a node spills onto the next). Packing keeps the collectives
+    on a node's NVLink or PCIe rather than its network, and makes each node's ranks a whole HSDP shard group:
+    Ray Train numbers one node's workers consecutively, and ``resources.hsdp_shard_size`` defaults to them."""
     gpu = use_gpu(res)
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if gpu else {})
     typed = accelerator_type(res, kind)
     check_schedulable(_typed(per_worker, typed), workers)
     return ray.train.ScalingConfig(
-        num_workers=workers, use_gpu=gpu, resources_per_worker=per_worker, accelerator_type=typed
+        num_workers=workers,
+        use_gpu=gpu,
+        resources_per_worker=per_worker,
+        accelerator_type=typed,
+        placement_strategy="PACK",
     )
 
 

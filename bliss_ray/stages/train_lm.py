@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray.train
 import torch
 from ray.train.torch import get_device, prepare_model
 
@@ -41,7 +42,7 @@ from bliss_ray.stages._ray import (
     start_worker,
 )
 from bliss_ray.storage import local_copy
-from bliss_ray.train import fsdp
+from bliss_ray.train import dist, fsdp
 from bliss_ray.train.checkpoint import LMCheckpoint, RunRecord
 from bliss_ray.train.lm_run import Branches, LMRun
 from bliss_ray.train.loop import make_optimizer
@@ -69,15 +70,26 @@ class LMTrainSpec:
     kind: str = "pretrain"  # or "warmup": the stage kind, which resources.gpu_types may place apart
 
 
+def _shard_size(res: ResourcesConfig, device: torch.device) -> int | None:
+    """Ranks per shard group: None for FSDP (all of them); for HSDP ``resources.hsdp_shard_size``, else the
+    largest group inside every node (a collective: each rank's count of ranks on its node)."""
+    if res.parallelism != "hsdp":
+        return None
+    if res.hsdp_shard_size is not None:
+        return res.hsdp_shard_size
+    local = torch.tensor([ray.train.get_context().get_local_world_size()], device=device)  # (1,)
+    return fsdp.node_shard_size([int(n) for n in dist.all_gather_cat(local).tolist()])
+
+
 def _prepare(model, spec: LMTrainSpec, peak_lr: float, tokenizer, rank: int, world: int):
-    """(the model as this rank trains it: activation checkpointing, DDP or FSDP2, ``torch.compile``; the
+    """(the model as this rank trains it: activation checkpointing, DDP, FSDP2 or HSDP, ``torch.compile``; the
     checkpoint object around the module, its AdamW at ``peak_lr`` and fp16's loss scale)."""
     res, device = spec.resources, get_device()
     set_activation_checkpointing(model, res.activation_checkpointing, res.activation_checkpointing_k)
-    sharded = res.parallelism == "fsdp" and world > 1
+    sharded = res.sharded and world > 1
     precision = resolve_precision(res.precision, device.type)
     # FSDP: its mixed-precision policy casts the parameters, so the loop runs without autocast
-    model = fsdp.shard(model, device, precision) if sharded else prepare_model(model)  # (DDP when world > 1)
+    model = fsdp.shard(model, device, precision, _shard_size(res, device)) if sharded else prepare_model(model)
     optimizer = make_optimizer(model, peak_lr, spec.train.betas, spec.train.weight_decay)
     scaler = grad_scaler("fp32" if sharded else precision, device)
     ckpt = LMCheckpoint(model, optimizer, tokenizer, sharded=sharded, rank=rank, scaler=scaler)
@@ -125,6 +137,7 @@ def _worker(loop_config: dict) -> None:
         report=report,
         progress=loop_config["progress"],
         loss_hook=_faults.nonfinite_hook(spec.stage),
+        grad_sync=spec.resources.grad_sync,
     ).train()
 
 
@@ -132,10 +145,10 @@ def fit_lm(spec: LMTrainSpec, out_dir: Path, storage: str, workers: int) -> dict
     """Run the stage on Ray Train and copy the final checkpoint to ``out_dir`` (state/, decay/, branches/,
     metrics.jsonl). Returns the final step, the Train run's path and the global steps of the branches."""
     res = spec.resources
-    if spec.train.eval_branches and res.parallelism == "fsdp" and workers > 1:
+    if spec.train.eval_branches and res.sharded and workers > 1:
         raise ValueError(  # the config refuses it too; this guards callers that build a spec themselves
-            "pretrain.eval_branches needs a replicated model: not supported with resources.parallelism fsdp on "
-            "2+ workers"
+            f"pretrain.eval_branches needs a replicated model: not supported with resources.parallelism "
+            f"{res.parallelism} on 2+ workers"
         )
     total = spec.train.steps + spec.train.decay_steps
     fpt = 3 * forward_flops_per_token(spec.arch, spec.seq_len)  # the FLOPs ledger's training FLOPs per token

@@ -1,17 +1,22 @@
-"""FSDP2 for LM training (``resources.parallelism: fsdp``): sharding, sharded checkpoints, full HF exports.
+"""FSDP2 for LM training (``resources.parallelism: fsdp`` or ``hsdp``): sharding, sharded checkpoints, full HF
+exports.
 
 Pure PyTorch (no Ray): the stage (``stages/train_lm.py``) calls these inside its Ray Train workers, whose default
 process group is already up (gloo on CPU, NCCL on GPU).
 
 * ``shard``: ``fully_shard`` on every transformer block, then on the root (embedding, final norm and LM head
-  form one unit), on an explicit 1-D mesh of the process group's device type (a CPU mesh for gloo: the default
-  mesh is CUDA's on a GPU machine, pytorch#132471). On 16-bit precisions a ``MixedPrecisionPolicy`` casts
+  form one unit), on an explicit mesh of the process group's device type (a CPU mesh for gloo: the default
+  mesh is CUDA's on a GPU machine, pytorch#132471): 1-D over every rank (FSDP), or 2-D ``("replicate",
+  "shard")`` (HSDP: ``mesh_shape``; consecutive ranks, one node's under Ray Train, share a shard group, and a
+  gradient's shard is all-reduced across the groups). On 16-bit precisions a ``MixedPrecisionPolicy`` casts
   parameters to 16 bits for compute and reduces gradients in fp32; master weights and AdamW stay fp32 and
   sharded. Activation checkpointing is set on the blocks before (transformers checkpoints each block's
   ``forward``, so FSDP's hooks stay outside the recompute); the optimizer must be built after.
 * ``save`` / ``load``: model and optimizer state through ``torch.distributed.checkpoint`` — every rank writes its
   own shard (``__<rank>_0.distcp``, rank 0 the ``.metadata``), every rank reads what its sharding needs, so a
-  checkpoint written by N workers loads on M workers, or into an unsharded model (DDP, one process).
+  checkpoint written by N workers loads on M workers, or into an unsharded model (DDP, one process). Under HSDP
+  the replica groups hold equal shards: DCP's planner writes each once (one replica's rank writes it), and every
+  replica reads it back.
 * ``export_hf``: the full weights gathered to rank 0 (a collective) and saved as a stock ``save_pretrained``
   directory, what evaluation, the bilevel stage and users read.
 * ``gather_optimizer_state`` / ``load_full_optimizer_state``: the end of a stage is written as a plain run writes
@@ -20,6 +25,8 @@ process group is already up (gloo on CPU, NCCL on GPU).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -47,9 +54,33 @@ def blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     return inner.layers
 
 
-def shard(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
-    """Shard ``model`` over the default process group (see the module docstring); returns the same object."""
-    mesh = init_device_mesh(device.type, (dist.world_size(),), mesh_dim_names=("fsdp",))
+def node_shard_size(local_world_sizes: list[int]) -> int:
+    """The HSDP shard group size that never spans two nodes, given each rank's count of ranks on its node: their
+    greatest common divisor (Ray Train numbers one node's ranks consecutively, so equal nodes give the node)."""
+    return math.gcd(*local_world_sizes)
+
+
+def mesh_shape(world: int, shard_size: int) -> tuple[int, int]:
+    """(replicas, ranks per shard group) of HSDP on ``world`` ranks; raises naming the setting when it does not
+    divide them."""
+    if shard_size < 1 or world % shard_size:
+        raise ValueError(
+            f"resources.hsdp_shard_size: {shard_size} does not divide the {world} training workers (HSDP replicates "
+            "whole shard groups); set it to a divisor, e.g. the workers per node"
+        )
+    return world // shard_size, shard_size
+
+
+def shard(
+    model: torch.nn.Module, device: torch.device, precision: str, shard_size: int | None = None
+) -> torch.nn.Module:
+    """Shard ``model`` over the default process group (see the module docstring): over every rank (FSDP), or
+    within groups of ``shard_size`` consecutive ranks, replicated across groups (HSDP). Returns the same object."""
+    if shard_size is None:
+        mesh = init_device_mesh(device.type, (dist.world_size(),), mesh_dim_names=("fsdp",))
+    else:
+        shape = mesh_shape(dist.world_size(), shard_size)
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
     half = compute_dtype(precision)
     mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half != torch.float32 else None
     kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp is not None else {})

@@ -67,6 +67,7 @@ class LMRun:
     report: Callable[[dict, Path | None], None]
     progress: Callable[[dict], None] = lambda m: None
     loss_hook: Callable | None = None
+    grad_sync: str = "every_micro_batch"  # resources.grad_sync (FSDP2 models)
 
     @property
     def end_step(self) -> int:
@@ -92,6 +93,7 @@ class LMRun:
                 skipped=self.record.skipped,
                 loss_hook=self.loss_hook,
                 grad_scaler=self.ckpt.scaler,
+                grad_sync=self.grad_sync,
             )
         if t.decay_steps > 0:
             self._final_decay()
@@ -153,6 +155,7 @@ class LMRun:
             save=lambda *a: None,
             loss_hook=self.loss_hook,
             grad_scaler=scaler,
+            grad_sync=self.grad_sync,
         )
 
     @property

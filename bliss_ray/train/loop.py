@@ -1,7 +1,8 @@
 """The one LM training loop, shared by proxy warm-up and target pretraining (pure PyTorch; Ray Train wraps it).
 
 Each optimizer step takes this rank's micro-batches of the step (``batches_at(step)``), accumulates gradients
-with DDP's ``no_sync`` on all but the last micro-batch (one all-reduce per step), clips the global grad norm,
+with DDP's ``no_sync`` on all but the last micro-batch (one all-reduce per step) and, for an FSDP2 model, reduces
+them after every micro-batch or only the last (``grad_sync``, ``resources.grad_sync``), clips the global grad norm,
 checks that loss and grad norm are finite on every rank, and steps AdamW. ``log`` receives per-step metrics;
 ``save`` is called every ``ckpt_every_steps`` and at the end, never after a non-finite step.
 
@@ -86,9 +87,11 @@ def train_lm(
     skipped: int = 0,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
+    grad_sync: str = "every_micro_batch",
 ) -> int:
     """Train steps [start_step, end_step). Returns the number of skipped (non-finite) steps so far. ``stage``
-    names the stage in errors; ``precision`` is ``resources.precision`` (auto: bf16-mixed on GPU, fp32 on CPU).
+    names the stage in errors; ``precision`` is ``resources.precision`` (auto: bf16-mixed on GPU, fp32 on CPU);
+    ``grad_sync`` is ``resources.grad_sync`` (FSDP2 models only: DDP always reduces on the last micro-batch).
 
     ``save(next_step, skipped)`` must persist everything needed to resume at ``next_step``; with fp16, that
     includes ``grad_scaler``'s state (the caller's scaler, updated in place; None: a fresh one for this call)."""
@@ -101,7 +104,7 @@ def train_lm(
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = batches_at(step)
-        loss_sum, n_tokens = _forward_backward(model, micro, step, precision, scaler, loss_hook)
+        loss_sum, n_tokens = _forward_backward(model, micro, step, precision, scaler, loss_hook, grad_sync)
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = clip_grad_norm(params, settings.grad_clip)
@@ -137,16 +140,28 @@ def train_lm(
     return skipped
 
 
-def _forward_backward(model, micro: list[torch.Tensor], step: int, precision: str, scaler, loss_hook):
-    """This rank's micro-batches of one step, forward and backward (DDP's ``no_sync`` on all but the last: one
-    all-reduce per step). Returns (the sum of their mean losses, tokens)."""
+def _gradient_sync(model: torch.nn.Module, last: bool, grad_sync: str):
+    """The context of one micro-batch's forward and backward: whether its backward reduces gradients across ranks.
+    DDP: only the last micro-batch's (``no_sync`` before). FSDP2: every one's, or with ``last_micro_batch`` only
+    the last's (``set_requires_gradient_sync``: unsharded gradients accumulate locally until then)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last or grad_sync == "every_micro_batch")
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def _forward_backward(
+    model, micro: list[torch.Tensor], step: int, precision: str, scaler, loss_hook, grad_sync: str
+) -> tuple[torch.Tensor, int]:
+    """This rank's micro-batches of one step, forward and backward, reducing gradients as ``_gradient_sync``
+    says. Returns (the sum of their mean losses, tokens)."""
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     n_tokens = 0
     for i, input_ids in enumerate(micro):
         input_ids = input_ids.to(device, non_blocking=True)  # (m, L)
-        sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync(), autocast_for(device, precision):
+        sync = _gradient_sync(model, i == len(micro) - 1, grad_sync)
+        with sync, autocast_for(device, precision):
             loss = lm_loss(model, input_ids)
             if loss_hook is not None:
                 loss = loss_hook(step, loss)
