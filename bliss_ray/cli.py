@@ -4,7 +4,7 @@ bliss-ray run CONFIG [--set dotted.key=value ...] [--stage NAME] [--out DIR]   #
 bliss-ray status RUN_DIR [--watch]                                             # where a run stands
 bliss-ray validate CONFIG [--set ...]                                          # check a config, no compute
 bliss-ray flops CONFIG [--convention paper|6nd|rebuttal] [--set ...]           # the FLOPs ledger (Table 1)
-bliss-ray plan CONFIG [--gpu TYPE] [--gpus N] [--set ...]                       # memory, fit, GPU-hours per stage
+bliss-ray plan CONFIG [--gpu TYPE] [--gpus N] [--gpus-per-node N] [--set ...]  # memory, GPU-hours, layouts
 bliss-ray report RUN_DIR [RUN_DIR ...] --out DIR                               # tables and figures
 bliss-ray sweep SWEEP.yaml [--out DIR|URI] [--storage URI] [--results-so-far]   # a Ray Tune sweep
 bliss-ray compare COMPARE.yaml [--out DIR] [--seeds 0,1] [--report FILE.md]     # methods × seeds, Table 4
@@ -22,7 +22,8 @@ from bliss_ray import storage
 from bliss_ray.config import GPU_TYPES, ConfigError, load_experiment, parse_overrides
 from bliss_ray.costs.ledger import format_ledger, ledger
 from bliss_ray.costs.memory import device_of
-from bliss_ray.costs.planner import check_fits, format_arms, format_plan, plan_arms, plan_experiment
+from bliss_ray.costs.plan_format import format_arms, format_plan
+from bliss_ray.costs.planner import check_fits, plan_arms, plan_experiment
 from bliss_ray.costs.rebuttal import format_rebuttal
 from bliss_ray.pipeline import stages_of
 from bliss_ray.watch.status import show
@@ -76,7 +77,7 @@ def _check_arms(arms: dict, args) -> int | None:
 
 def cmd_plan(args) -> int:
     exp = load_experiment(args.config, args.set)
-    print(format_plan(plan_experiment(exp, args.gpu, args.gpus)))
+    print(format_plan(plan_experiment(exp, args.gpu, args.gpus, gpus_per_node=args.gpus_per_node)))
     return 0
 
 
@@ -197,6 +198,7 @@ def _add_run_commands(sub) -> None:
     p = _with_config(sub.add_parser("plan", help="per-stage memory, fit and GPU-hours on a device type"))
     p.add_argument("--gpu", choices=GPU_TYPES, help="device type (default: resources.gpu_type)")
     p.add_argument("--gpus", type=int, help="training workers (default: resources.train_workers)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs on one node (default: the GPU type's node, costs/comms.py)")
     p.set_defaults(fn=cmd_plan)
 
 

@@ -7,7 +7,9 @@ h width, a heads, L layers, V vocabulary.
 
 Training step (warm-up, pretraining, MATES probes, the influence model):
 
-* states: fp32 master weights 4P, fp32 grads 4P, AdamW moments 8P — each ÷ N under FSDP. DDP on N > 1 workers
+* states: fp32 master weights 4P, fp32 grads 4P, AdamW moments 8P — each ÷ N under FSDP, ÷ the shard group's
+  size S under HSDP. FSDP / HSDP reducing gradients on the last micro-batch only (``resources.grad_sync``) keep
+  every parameter's unsharded gradient until then, in fp32 (the reduce dtype): 4P more. DDP on N > 1 workers
   adds its reducer's flat gradient buckets, 4P (torch's default ``gradient_as_bucket_view=False``, which Ray's
   ``prepare_model`` keeps). Gradients count whole: with accumulation (the paper presets run 4 micro-batches a
   step) they live through every micro-batch's forward;
@@ -120,10 +122,29 @@ class Shape:
     seq_len: int
     micro_batch_seqs: int
     workers: int = 1
-    parallelism: str = "ddp"  # "ddp" | "fsdp" | "replicated" (no gradient sync wrapper: probes, influence)
+    parallelism: str = "ddp"  # "ddp" | "fsdp" | "hsdp" | "replicated" (no gradient sync: probes, influence)
     checkpointing: str = "none"  # "none" | "full" | "every_k"
     checkpointing_k: int = 2
     precision: str = "fp32"  # "bf16-mixed" | "fp16-mixed" | "fp32"
+    hsdp_shard_size: int = 1  # ranks per HSDP shard group
+    grad_sync: str = "every_micro_batch"  # "every_micro_batch" | "last_micro_batch" (FSDP / HSDP)
+    global_batch_seqs: int = 0  # sequences per optimizer step over all workers; 0: one micro-batch per step
+
+    @property
+    def sharded(self) -> bool:
+        return self.parallelism in ("fsdp", "hsdp") and self.workers > 1
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks a parameter's states are split over."""
+        if not self.sharded:
+            return 1
+        return self.workers if self.parallelism == "fsdp" else min(self.hsdp_shard_size, self.workers)
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step on each worker."""
+        return max(1, self.global_batch_seqs // (self.micro_batch_seqs * self.workers))
 
 
 @dataclass
@@ -175,13 +196,14 @@ def train_step(arch: LMArch, shape: Shape, lm_head: bool = True) -> Estimate:
     """Peak memory of one training step of ``arch`` on one worker (module docstring)."""
     P = n_params(arch, head=lm_head)
     mixed = shape.precision != "fp32"
-    sharded = shape.parallelism == "fsdp" and shape.workers > 1
-    shard = shape.workers if sharded else 1
+    sharded, shard = shape.sharded, shape.shard_size
     kept = {"weights": 4 * P / shard, "grads": 4 * P / shard, "AdamW": 8 * P / shard}
     if shape.parallelism == "ddp" and shape.workers > 1:
         kept["DDP buckets"] = 4 * P
     if sharded:
         kept["FSDP gathered units"] = _unit_params(arch) * (2 * (2 if mixed else 4) + 4)
+        if shape.grad_sync == "last_micro_batch" and shape.accumulation > 1:
+            kept["unsharded grads until the last micro-batch"] = 4 * P
     elif mixed:
         kept["16-bit weights"] = 2 * matmul_params(arch, head=lm_head)
     s, b, h = shape.seq_len, shape.micro_batch_seqs, arch.d_model

@@ -1,38 +1,41 @@
 """``bliss-ray plan``: before launch, per stage of the pipeline, the memory one worker needs, whether it fits the
-cluster's accelerator, the cheapest change that makes it fit, and what the run costs in GPU-hours.
+cluster's accelerator, the cheapest change that makes it fit, what the run costs in GPU-hours, and for the training
+stages the data-parallel layout that trains fastest.
 
 Memory comes from ``bliss_ray.costs.memory`` (formulas there), stages from ``pipeline.plan``, FLOPs from the ledger
 (``bliss_ray.costs.flops``, paper convention). Time = FLOPs × recompute factor ÷ (MFU × peak) per worker, with the MFU
 measured on that device type when ``bench/RESULTS.md`` holds a GPU run of it (``bench/gpu.sh``; its training
-rows by model, its bilevel and scoring rows), otherwise an assumption printed with the plan.
+rows by model, its bilevel and scoring rows), otherwise an assumption printed with the plan; training stages add
+their communication (``costs.comms`` on the GPU type's node: bandwidths and GPUs per node in its table, or
+``--gpus-per-node``).
 
-The cheapest fix of a training stage searches FSDP, activation checkpointing (every 4th, every 2nd, every block)
-and smaller micro-batches with more accumulation, for the least estimated step time: recompute costs what the
-ledger says, FSDP an assumed 3 % of un-overlapped communication, and a halving of the micro-batch under 8192
-tokens an assumed 5 % of MFU. Inference stages halve their batch; the bilevel stage and MATES probes have no
-result-neutral knob, so the plan names the smallest device that fits them.
+A training stage is priced in every layout (``costs.layouts``: DDP, FSDP, HSDP × gradient sync every micro-batch
+or the last), each as configured or with its fastest fit (more activation checkpointing, smaller micro-batches);
+the plan prints each one's communication ÷ compute and recommends the layout of least training GPU-hours that
+fits. A stage that does not fit as configured takes the fastest layout that does as its fix. Inference stages
+halve their batch; the bilevel stage and MATES probes have no result-neutral knob, so the plan names the smallest
+device that fits them.
 
-    bliss-ray plan experiments/paper/pythia1b.yaml --gpu A10G-24GB --gpus 8
+    bliss-ray plan experiments/paper/pythia1b.yaml --gpu A100-40GB --gpus 16
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bliss_ray.config import GPU_KINDS, ConfigError, Experiment
-from bliss_ray.costs import memory
+from bliss_ray.costs import layouts, memory
+from bliss_ray.costs.comms import INTERCONNECTS
+from bliss_ray.costs.layouts import LayoutCost
 from bliss_ray.costs.ledger import ledger, model_archs
 from bliss_ray.costs.memory import DEVICES, GIB, Estimate, Shape
 from bliss_ray.costs.throughput import RESULTS_MD, measured_mfu, rate_of
-from bliss_ray.models.arch import LMArch, influence_arch
+from bliss_ray.models.arch import influence_arch
 from bliss_ray.pipeline import stages_of
 from bliss_ray.train.precision import resolve_precision
 
-FSDP_COST, MICRO_HALVING_COST, FULL_MICRO_TOKENS = 1.03, 1.05, 8192
 TRAIN_KINDS = {"warmup": "warmup", "pretrain": "pretrain"}  # stage kind → its TrainConfig section
 LEDGER_KIND = {
     "target pretraining": "pretrain",
@@ -66,8 +69,10 @@ class StagePlan:
     gpu_hours: float | None = None
     mfu_note: str = ""
     note: str = ""
-    time_factor: float = 1.0  # step time with the fix ÷ as configured (recompute, FSDP, micro-batch)
+    time_factor: float = 1.0  # step time (with the fix) ÷ its bare compute: recompute, micro-batch, communication
     device: str = ""  # the stage kind's accelerator (resources.gpu_type_for, or the one planned for)
+    layouts: list[LayoutCost] = field(default_factory=list)  # a training stage on 2+ workers: every layout's cost
+    per_node: int = 1  # workers on one node (training stages)
 
     @property
     def fits(self) -> bool:
@@ -86,67 +91,46 @@ class Plan:
     def fits(self) -> bool:
         return all(s.fits for s in self.stages)
 
+    @property
+    def recommended(self) -> Recommendation | None:
+        return recommend(self.stages)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The layout of least training GPU-hours among those that fit every training stage."""
+
+    layout: LayoutCost  # in the last training stage (target pretraining)
+    fix: dict[str, object]  # its overrides, merged over the training stages
+    gpu_hours: float  # of the training stages in it
+    planned_hours: float  # of the training stages as planned (configured, or their fix)
+
+
+def recommend(stages: list[StagePlan]) -> Recommendation | None:
+    """``Plan.recommended``: None without a training stage on 2+ workers or a layout that fits all of them."""
+    trains = [s for s in stages if s.layouts and s.gpu_hours is not None]
+    best = None
+    for key in dict.fromkeys(c.key for c in trains[0].layouts) if trains else ():
+        picks = [next((c for c in s.layouts if c.key == key), None) for s in trains]
+        if not all(c is not None and c.fits for c in picks):
+            continue
+        hours = sum(s.gpu_hours * c.time_factor / s.time_factor for s, c in zip(trains, picks, strict=True))
+        fix = _merge([c.fix for c in picks])
+        if best is None or (hours, len(fix)) < (best.gpu_hours, len(best.fix)):
+            best = Recommendation(picks[-1], fix, hours, sum(s.gpu_hours for s in trains))
+    return best
+
 
 def _arch_name(exp: Experiment, which: str) -> str:
     return getattr(exp.models, which).arch
 
 
-def _train_shape(exp: Experiment, section: str, workers: int, precision: str, **change) -> Shape:
-    r, t = exp.resources, getattr(exp, section)
-    shape = Shape(
-        exp.data.seq_len,
-        t.micro_batch_seqs,
-        workers,
-        r.parallelism if workers > 1 else "ddp",
-        r.activation_checkpointing,
-        r.activation_checkpointing_k,
-        precision,
-    )
-    return dataclasses.replace(shape, **change)
-
-
-def _describe(shape: Shape, global_batch: int) -> str:
-    ac = {"none": "no AC", "full": "AC full"}.get(shape.checkpointing, f"AC every {shape.checkpointing_k}")
-    accumulation = global_batch // (shape.micro_batch_seqs * shape.workers)
-    return f"{shape.parallelism}, {ac}, {shape.precision}, micro {shape.micro_batch_seqs} × {accumulation} acc"
-
-
-def _cost(arch: LMArch, shape: Shape, configured_micro: int) -> float:
-    halvings = lambda m: max(0.0, math.log2(FULL_MICRO_TOKENS / (m * shape.seq_len)))  # noqa: E731
-    micro = MICRO_HALVING_COST ** (halvings(shape.micro_batch_seqs) - halvings(configured_micro))
-    return memory.recompute_factor(arch, shape) * (FSDP_COST if shape.parallelism == "fsdp" else 1.0) * micro
-
-
-def _train_fix(arch: LMArch, shape: Shape, section: str, capacity: float) -> tuple[dict, Estimate | None, Shape]:
-    """The cheapest (parallelism, checkpointing, micro-batch) that fits, as dotted overrides."""
-    plans = [shape.parallelism] + (["fsdp"] if shape.parallelism == "ddp" and shape.workers > 1 else [])
-    now = memory.checkpointed_layers(arch.n_layer, shape.checkpointing, shape.checkpointing_k)
-    ladder = [(shape.checkpointing, shape.checkpointing_k), ("every_k", 4), ("every_k", 2), ("full", 2)]
-    acs = [(m, k) for m, k in ladder if memory.checkpointed_layers(arch.n_layer, m, k) >= now]
-    micros = [m for m in range(shape.micro_batch_seqs, 0, -1) if shape.micro_batch_seqs % m == 0]
-    best = None
-    for par, (mode, k), m in itertools.product(plans, acs, micros):
-        cand = dataclasses.replace(shape, parallelism=par, checkpointing=mode, checkpointing_k=k, micro_batch_seqs=m)
-        est = memory.train_step(arch, cand)
-        if est.peak > capacity:
-            continue
-        fix = {"resources.parallelism": par} if par != shape.parallelism else {}
-        if (mode, k) != (shape.checkpointing, shape.checkpointing_k):
-            fix["resources.activation_checkpointing"] = mode
-            if mode == "every_k":
-                fix["resources.activation_checkpointing_k"] = k
-        if m != shape.micro_batch_seqs:
-            fix[f"{section}.micro_batch_seqs"] = m
-        key = (_cost(arch, cand, shape.micro_batch_seqs), len(fix))
-        if best is None or key < best[0]:
-            best = (key, fix, est, cand)
-    return (best[1], best[2], best[3]) if best else ({}, None, shape)
-
-
 def _merge(fixes: list[dict]) -> dict:
     """One set of overrides from every stage's fix: ``resources`` are shared by the training stages, so the
-    strongest setting wins (FSDP over DDP, more checkpointed layers, the smaller k)."""
-    rank = {"ddp": 0, "fsdp": 1, "none": 0, "every_k": 1, "full": 2}
+    strongest setting wins (FSDP over HSDP over DDP, gradients reduced every micro-batch, more checkpointed layers,
+    the smaller k)."""
+    rank = {"ddp": 0, "hsdp": 1, "fsdp": 2, "last_micro_batch": 0, "every_micro_batch": 1}
+    rank |= {"none": 0, "every_k": 1, "full": 2}
     out: dict = {}
     for fix in fixes:
         for k, v in fix.items():
@@ -166,25 +150,41 @@ def _bigger(peak: float) -> str | None:
     return next((d for d in DEVICES if d != "CPU" and peak <= memory.usable_bytes(d)), None)
 
 
+def _train_stage(
+    exp: Experiment, kind: str, count: int, device: str, workers: int, precision: str, per_node: int, measured: dict
+) -> StagePlan:
+    """A training stage: its configured shape, every layout's cost (``costs.layouts``) and, when it does not fit,
+    the fastest layout that does as its fix. ``measured``: ``measured_mfu`` of the device."""
+    r, section = exp.resources, TRAIN_KINDS[kind]
+    target, proxy = model_archs(exp)
+    arch, name = (proxy, _arch_name(exp, "proxy")) if kind == "warmup" else (target, _arch_name(exp, "target"))
+    t = getattr(exp, section)
+    shard = layouts.shard_size(r.parallelism, r.hsdp_shard_size, workers, per_node)
+    par = r.parallelism if workers > 1 else "ddp"
+    ac = (r.activation_checkpointing, r.activation_checkpointing_k)
+    shape = Shape(exp.data.seq_len, t.micro_batch_seqs, workers, par, *ac, precision, shard, r.grad_sync)
+    shape = dataclasses.replace(shape, global_batch_seqs=t.global_batch_seqs)
+    rate, note = rate_of(kind, name, precision, device, measured)
+    capacity = memory.usable_bytes(device, workers if device == "CPU" else 1)
+    load = layouts.StageLoad(arch, shape, section, capacity, rate, INTERCONNECTS[device], per_node)
+    chosen = layouts.cost(load, shape)
+    sp = StagePlan(kind, count, workers, name, layouts.describe(shape), chosen.estimate, capacity, mfu_note=note)
+    sp.per_node, costs = per_node, layouts.layout_costs(load)
+    sp.layouts = costs if workers > 1 else []
+    if not sp.fits and (best := layouts.fastest(costs)) is not None:
+        sp.fix, sp.fixed, chosen = best.fix, best.estimate, best
+        sp.settings += f" → {layouts.describe(best.shape)}"
+    if chosen.shape.checkpointing != "none":
+        sp.note = f"recompute ×{memory.recompute_factor(arch, chosen.shape):.2f}"
+    sp.time_factor = chosen.time_factor
+    return sp
+
+
 def _stage(exp: Experiment, kind: str, count: int, device: str, workers: int, precision: str) -> StagePlan | None:
     r = exp.resources
     target, proxy = model_archs(exp)
     per_host = workers if device == "CPU" else 1
     capacity = memory.usable_bytes(device, per_host)
-    if kind in TRAIN_KINDS:
-        section = TRAIN_KINDS[kind]
-        arch, name = (proxy, _arch_name(exp, "proxy")) if kind == "warmup" else (target, _arch_name(exp, "target"))
-        shape = _train_shape(exp, section, workers, precision)
-        gb = getattr(exp, section).global_batch_seqs
-        sp = StagePlan(kind, count, workers, name, _describe(shape, gb), memory.train_step(arch, shape), capacity)
-        if not sp.fits:
-            sp.fix, sp.fixed, fixed_shape = _train_fix(arch, shape, section, capacity)
-            if sp.fixed is not None:
-                sp.settings += f" → {_describe(fixed_shape, gb)}"
-            shape = fixed_shape
-        sp.note = f"recompute ×{memory.recompute_factor(arch, shape):.2f}" if shape.checkpointing != "none" else ""
-        sp.time_factor = _cost(arch, shape, getattr(exp, section).micro_batch_seqs)
-        return sp
     if kind == "bilevel":
         tgt = target if exp.bilevel.gamma > 0 else None
         est = memory.bilevel_step(proxy, tgt, exp.data.seq_len, exp.bilevel.micro_batch_seqs)
@@ -253,10 +253,15 @@ def stage_devices(exp: Experiment, device: str | None = None) -> dict[str, str]:
 
 
 def plan_experiment(
-    exp: Experiment, device: str | None = None, workers: int | None = None, results_md: Path = RESULTS_MD
+    exp: Experiment,
+    device: str | None = None,
+    workers: int | None = None,
+    results_md: Path = RESULTS_MD,
+    gpus_per_node: int | None = None,
 ) -> Plan:
     """The plan of every stage kind of ``exp`` on ``workers`` (default ``resources.train_workers``), each kind on
-    its accelerator (``stage_devices``: ``device`` for all when given)."""
+    its accelerator (``stage_devices``: ``device`` for all when given), ``gpus_per_node`` of it on a node (default:
+    its node type's, ``comms.INTERCONNECTS``; CPU: every worker on one host)."""
     devices = stage_devices(exp, device)
     workers = workers or exp.resources.train_workers
     counts: dict[str, int] = {}
@@ -269,7 +274,11 @@ def plan_experiment(
     for kind, count in counts.items():
         on = devices.get(kind, next(iter(devices.values()), "CPU"))
         precision = resolve_precision(exp.resources.precision, "cpu" if on == "CPU" else "cuda")
-        sp = _stage(exp, kind, count, on, workers, precision)
+        if kind in TRAIN_KINDS:
+            per_node = gpus_per_node or INTERCONNECTS[on].gpus_per_node or workers
+            sp = _train_stage(exp, kind, count, on, workers, precision, per_node, measured_mfu(on, results_md))
+        else:
+            sp = _stage(exp, kind, count, on, workers, precision)
         if sp is None:
             continue
         sp.device = on
@@ -286,66 +295,14 @@ def fix_flags(fix: dict) -> str:
     return " ".join(f"--set {k}={v}" for k, v in fix.items())
 
 
-def _hours(h: float) -> str:
-    return f"{h:,.1f}" if h >= 10 else f"{h:.2g}"
-
-
-def _label(s: StagePlan, p: Plan) -> str:
+def stage_label(s: StagePlan, p: Plan) -> str:
+    """A stage kind, with its device when that is not the plan's."""
     return s.kind if s.device == p.device else f"{s.kind} on {s.device}"
 
 
-def _bigger_flag(s: StagePlan) -> str:
+def bigger_flag(s: StagePlan) -> str:
     """The cheapest fix of a stage no setting fits: that stage kind alone on the smallest device that holds it."""
     return f"--set resources.gpu_types.{s.kind}={s.bigger_device}"
-
-
-def _misfit_lines(p: Plan) -> list[str]:
-    """What does not fit, each stage's need, and the merged fix."""
-    if p.fits:
-        return []
-    lines = ["", f"does not fit on {p.device}:"]
-    for s in p.stages:
-        if not s.fits:
-            need, usable = s.estimate.peak / GIB, s.capacity / GIB
-            lines.append(f"  {_label(s, p)}: needs {need:.1f} GiB per worker, {usable:.1f} usable")
-            if s.bigger_device and not s.fix:
-                lines.append(f"    no setting makes it fit; the smallest device that does: {_bigger_flag(s)}")
-    if p.fix:
-        lines.append(f"fix: {fix_flags(p.fix)}")
-    return lines
-
-
-def format_plan(p: Plan) -> str:
-    d = DEVICES[p.device]
-    unit = "CPU-hours" if p.device == "CPU" else "GPU-hours"
-    cap = p.stages[0].capacity / GIB if p.stages else 0.0
-    head = f"Plan for {p.exp.name} on {p.workers} × {p.device}: {cap:.1f} GiB usable per worker" + (
-        f" ({d.memory_gib} GiB less {memory.RESERVED_GIB} GiB reserved and {memory.ALLOCATOR_HEADROOM:.0%} "
-        "allocator headroom)"
-        if d.memory_gib
-        else " (host RAM ÷ workers, less headroom)"
-    )
-    lines = [
-        head,
-        "",
-        f"| stage | × | workers | model | settings | GiB/worker | fits | {unit} | throughput |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in p.stages:
-        gib = f"{s.estimate.peak / GIB:.1f}" + (f" → {s.fixed.peak / GIB:.1f}" if s.fixed else "")
-        fits = "yes" if s.fits else ("no → fix" if s.fixed else "**no**")
-        hours = "—" if s.gpu_hours is None else _hours(s.gpu_hours)
-        lines.append(
-            f"| {_label(s, p)} | {s.count} | {s.workers} | {s.model} | {s.settings} | {gib} | {fits} | {hours} | "
-            f"{s.mfu_note or '—'} |"
-        )
-    total = sum(s.gpu_hours or 0.0 for s in p.stages)
-    lines += ["", f"total: {_hours(total)} {unit} (evaluation not counted: lm-eval's FLOPs are not in the ledger)"]
-    for s in p.stages:
-        detail = s.estimate.describe() + (f" — {s.note}" if s.note else "")
-        lines.append(f"- {s.kind}: {detail}")
-    lines += _misfit_lines(p)
-    return "\n".join(lines)
 
 
 def check_fits(exp: Experiment, device: str | None = None, arm: str = "") -> None:
@@ -355,7 +312,7 @@ def check_fits(exp: Experiment, device: str | None = None, arm: str = "") -> Non
     if p.fits:
         return
     bad = [s for s in p.stages if not s.fits]
-    parts = [f"{_label(s, p)} needs {s.estimate.peak / GIB:.1f} GiB per worker" for s in bad]
+    parts = [f"{stage_label(s, p)} needs {s.estimate.peak / GIB:.1f} GiB per worker" for s in bad]
     where = f"{arm}: " if arm else ""
     msg = f"{where}the memory plan does not fit {p.device} ({bad[0].capacity / GIB:.1f} GiB usable): " + "; ".join(
         parts
@@ -364,7 +321,7 @@ def check_fits(exp: Experiment, device: str | None = None, arm: str = "") -> Non
         msg += f"\n  fix: {fix_flags(p.fix)}"
     for s in bad:
         if s.bigger_device and not s.fix:
-            msg += f"\n  no setting fits {s.kind}; it needs at least {s.bigger_device}: {_bigger_flag(s)}"
+            msg += f"\n  no setting fits {s.kind}; it needs at least {s.bigger_device}: {bigger_flag(s)}"
     raise PlanError(msg + "\n  (`bliss-ray plan` shows the whole plan; `--no-plan-check` runs anyway)")
 
 
@@ -373,23 +330,6 @@ def plan_arms(arms: dict[str, Experiment], device: str | None = None) -> dict[st
     that names none: on CPU, as the embedded Ray runs it)."""
     named = lambda e: e.resources.gpu_type or e.resources.gpu_types  # noqa: E731
     return {name: plan_experiment(exp, device or (None if named(exp) else "CPU")) for name, exp in arms.items()}
-
-
-def format_arms(plans: dict[str, Plan]) -> str:
-    """One line per arm × GPU stage: its accelerator, the memory it needs, whether it fits; then the fixes."""
-    lines = ["| arm | stage | device | GiB/worker | usable | fits |", "|---|---|---|---|---|---|"]
-    for name, p in plans.items():
-        for s in p.stages:
-            fits = "yes" if s.fits else "**no**"
-            lines.append(
-                f"| {name} | {s.kind} | {s.device} | {s.estimate.peak / GIB:.1f} | {s.capacity / GIB:.1f} | {fits} |"
-            )
-    bad = {name: p for name, p in plans.items() if not p.fits}
-    lines += ["", f"{len(plans) - len(bad)} of {len(plans)} arms fit."]
-    for name, p in bad.items():
-        cheapest = fix_flags(p.fix) or "; ".join(_bigger_flag(s) for s in p.stages if not s.fits and s.bigger_device)
-        lines.append(f"- {name} does not fit; cheapest fix: {cheapest or 'none found'}")
-    return "\n".join(lines)
 
 
 def check_arms(arms: dict[str, Experiment], device: str | None = None) -> None:

@@ -31,16 +31,23 @@ class LMArch:
 
     def n_params(self, embeddings: bool = True) -> int:
         """Parameter count with untied input/output embeddings (both Pythia and our LLaMA presets untie)."""
+        emb = 2 * self.vocab_size * self.d_model if embeddings else 0
+        return self.n_layer * self.block_params() + self._final_norm_params() + emb
+
+    def block_params(self) -> int:
+        """Parameters of one transformer block (FSDP's unit of sharding)."""
         d, f = self.d_model, self.d_ff
         kv = (self.n_kv_head or self.n_head) * (d // self.n_head)
         if self.family == "gpt_neox":
-            per_layer = 3 * d * d + 3 * d + d * d + d + 2 * d * f + f + d + 4 * d  # qkv, dense, mlp, 2 layernorms
-            final = 2 * d
-        else:
-            per_layer = d * d + 2 * d * kv + d * d + 3 * d * f + 2 * d  # q, k, v, o, gated mlp, 2 rmsnorms
-            final = d
-        emb = 2 * self.vocab_size * d if embeddings else 0
-        return self.n_layer * per_layer + final + emb
+            return 3 * d * d + 3 * d + d * d + d + 2 * d * f + f + d + 4 * d  # qkv, dense, mlp, 2 layernorms
+        return d * d + 2 * d * kv + d * d + 3 * d * f + 2 * d  # q, k, v, o, gated mlp, 2 rmsnorms
+
+    def root_params(self) -> int:
+        """Parameters outside the blocks: embedding, final norm and LM head (FSDP's root unit)."""
+        return self.n_params() - self.n_layer * self.block_params()
+
+    def _final_norm_params(self) -> int:
+        return 2 * self.d_model if self.family == "gpt_neox" else self.d_model  # LayerNorm has a bias, RMSNorm none
 
 
 # Published EleutherAI Pythia architectures (layers, width, heads; d_ff = 4·d) plus tiny debug sizes for CPU.
