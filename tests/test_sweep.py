@@ -135,7 +135,8 @@ def test_table_sweeps_judge_the_target_after_selection(name, tiny):
     """Tables 2 and 3 ask which variant selects better data: the target's result after selection, at equal target
     tokens (load_sweep enforces that), with repeats on the CPU versions."""
     from bliss_ray.studies.sweep import load_sweep
-    from bliss_ray.studies.sweep_spec import TARGET_METRICS, points, target_tokens
+    from bliss_ray.studies.sweep_metrics import TARGET_METRICS, target_tokens
+    from bliss_ray.studies.sweep_spec import points
 
     sweep = load_sweep(REPO / "experiments" / "sweeps" / f"{name}{'_tiny' if tiny else ''}.yaml")
     assert sweep.spec.stage == "full" and sweep.spec.metric in TARGET_METRICS
@@ -164,7 +165,7 @@ def test_an_optuna_search_can_start_from_the_base_settings_and_refuses_a_base_ou
 
 def test_target_tokens_count_every_round_and_the_decay_branch():
     from bliss_ray.config import load_experiment
-    from bliss_ray.studies.sweep_spec import target_tokens
+    from bliss_ray.studies.sweep_metrics import target_tokens
 
     exp = load_experiment(REPO / "experiments" / "tiny.yaml")  # 1 round, 6 steps/round + 4 decay, 8 × 64 tokens
     assert target_tokens(exp) == ((1 + 1) * 6 + 4) * 8 * 64

@@ -12,7 +12,8 @@ import math
 
 from bliss_ray.pipeline import Run
 from bliss_ray.report.collect import reach_step
-from bliss_ray.studies.sweep_spec import SweepSpec, paper_chance, target_tokens
+from bliss_ray.studies.sweep_metrics import paper_chance, target_tokens
+from bliss_ray.studies.sweep_spec import SweepSpec
 from bliss_ray.train.checkpoint import read_metrics
 
 

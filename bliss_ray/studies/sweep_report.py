@@ -27,7 +27,7 @@ matplotlib.use("Agg")  # headless: reports are written on clusters and in CI
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from bliss_ray.studies.sweep_spec import PROXY_METRICS, proxy_keys
+from bliss_ray.studies.sweep_metrics import PROXY_METRICS, proxy_keys
 
 RESULTS, CURVES, META = "sweep_results.parquet", "sweep_curves.parquet", "sweep.json"
 DESCRIBE = {

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 
 from bliss_ray.storage import join as join_uri
 from bliss_ray.storage import write_bytes
-from bliss_ray.studies.sweep_spec import FINAL_METRICS, Sweep, sweep_json, trial_run, variant_label
+from bliss_ray.studies.sweep_metrics import FINAL_METRICS
+from bliss_ray.studies.sweep_spec import Sweep, sweep_json, trial_run, variant_label
 from bliss_ray.train.checkpoint import read_metrics
 
 CURVE_ID = ("trial_id", "variant", "variant_key", "seed", "status")

@@ -31,23 +31,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bliss_ray.config import ConfigError, Experiment, load_experiment
-from bliss_ray.evaluation.harness import LOCAL_PAPER_TASKS, PAPER_GROUP
 from bliss_ray.models.arch import PRESETS
 from bliss_ray.pipeline import Run, setting, stages_of
 from bliss_ray.storage import join as storage_join
+from bliss_ray.studies.sweep_metrics import FINAL_METRICS, PROXY_METRICS, paper_tasks, proxy_keys, target_tokens
 
 REPO = Path(__file__).resolve().parents[1]
-# The final metrics each objective reports, and the direction in which they improve. Proxy-level metrics are
-# measured on the proxy during the bilevel stage; target-level ones on the target after selection (evaluate).
-PROXY_METRICS = {"upper_loss": "min", "lower_loss": "min"}
-TARGET_METRICS = {"reference_loss": "min", "paper_average": "max", "steps_to_baseline": "min"}
-FINAL_METRICS = {"bilevel": PROXY_METRICS, "full": PROXY_METRICS | TARGET_METRICS}
-# Keys that change the proxy itself (its size, or its training before the bilevel stage): a proxy-level metric
-# compared across them measures the proxy, not the data it selects.
-PROXY_KEYS = ("models.proxy.", "warmup.")
-# Zero-shot chance accuracy (1 / answer choices) of the paper's tasks; ARC has a few 3- and 5-choice items.
-PAPER_TASK_CHANCE = {"sciq": 0.25, "arc_easy": 0.25, "arc_challenge": 0.25, "logiqa": 0.25, "openbookqa": 0.25}
-PAPER_TASK_CHANCE |= {"boolq": 0.5, "hellaswag": 0.25, "piqa": 0.5, "winogrande": 0.5}
 
 
 class _Strict(BaseModel):
@@ -226,36 +215,6 @@ def points(spec: SweepSpec, ranges: bool = False) -> list[dict]:
     first = {k: d.candidates(True)[0] for k, d in spec.space.items() if d.candidates(ranges)}
     probes = [first] + [first | {k: v} for k, d in spec.space.items() for v in d.candidates(ranges)[1:]]
     return [p | seeds[0] for p in probes]
-
-
-def proxy_keys(keys) -> list[str]:
-    """The swept keys that change the proxy itself (see ``PROXY_KEYS``)."""
-    return [k for k in keys if k.startswith(PROXY_KEYS)]
-
-
-def target_tokens(exp: Experiment) -> int:
-    """Tokens the evaluated target checkpoint trained on: every round's pretraining, then the decay branch."""
-    p = exp.pretrain
-    steps = (exp.schedule.rounds + 1) * p.steps + exp.schedule.final_extra_steps + p.decay_steps
-    return steps * p.global_batch_seqs * exp.data.seq_len
-
-
-def paper_tasks(tasks) -> list[str]:
-    """Hub names of the paper tasks among evaluated task names (hub, ``*_local`` or the local paper group)."""
-    hub_of = {local: hub for hub, local in LOCAL_PAPER_TASKS.items() if local}
-    found: set[str] = set()
-    for t in tasks:
-        if t == PAPER_GROUP:
-            found |= set(hub_of.values())
-        elif t in LOCAL_PAPER_TASKS or t in hub_of:
-            found.add(hub_of.get(t, t))
-    return sorted(found)
-
-
-def paper_chance(tasks) -> float | None:
-    """Chance level of the paper average over these evaluated tasks (None: no paper task among them)."""
-    hubs = paper_tasks(tasks)
-    return sum(PAPER_TASK_CHANCE[t] for t in hubs) / len(hubs) if hubs else None
 
 
 def _parse_spec(path: Path) -> SweepSpec:
