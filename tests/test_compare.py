@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bliss_ray.config import ConfigError
-from bliss_ray.costs.ledger import ledger, totals
+from bliss_ray.costs.ledger import ledger, model_archs, totals
 from bliss_ray.studies import compare_figures
 from bliss_ray.studies.compare_curves import Curve, speedup, speedups
 from bliss_ray.studies.compare_report import (
@@ -106,6 +106,23 @@ def test_flops_matched_random_equals_bliss_within_half_a_target_step(pool_rows):
     for off in (-1, 1):
         other = spec.experiment("random_flops", 0, extra_steps=extra + off)
         assert abs(totals(ledger(other))["total"] - goal) >= abs(totals(ledger(matched))["total"] - goal)
+
+
+def test_the_paper_proportions_comparison_puts_selection_under_a_quarter_of_bliss_flops_before_running():
+    """Table 4's argument needs Table 1's proportions (selection ~21 % of BLISS's FLOPs); the demo's are not."""
+    spec = load_compare(DEMO.parent / "paper_proportions.yaml")
+    for seed in spec.seeds:
+        bliss = spec.experiment("bliss", seed)
+        share = totals(ledger(bliss))["selection"] / totals(ledger(bliss))["total"]
+        assert 0.15 <= share <= 0.25, share
+        target, proxy = model_archs(bliss)
+        assert target.n_params(embeddings=False) >= 4 * proxy.n_params(embeddings=False)
+        # each round's kept fraction covers its target steps, as the paper's 20 % of a shard covers 10k steps
+        kept_rows = bliss.selection.keep_frac * bliss.flops.pool_rows_per_round
+        assert kept_rows >= bliss.pretrain.steps * bliss.pretrain.global_batch_seqs
+    demo = load_compare(DEMO).experiment("bliss", 0)
+    demo_rows = ledger(demo, pool_rows_per_round=bliss.flops.pool_rows_per_round)
+    assert totals(demo_rows)["selection"] / totals(demo_rows)["total"] > 0.5  # what this comparison corrects
 
 
 def test_flops_spent_grow_in_plan_order_and_end_at_the_ledger_total():
