@@ -123,7 +123,7 @@ def test_canary_documents_ids_forms_and_independence_of_the_sample():
     assert canary_documents(docs, texts, seed=4)[1] != out
     sample = canary_doc_ids(np.array([5, 3, 9, 3, 1]), 2, seed=0)
     assert len(sample) == 2 and set(sample.tolist()) <= {1, 3, 5, 9}
-    with pytest.raises(ValueError, match="data.canaries.docs"):
+    with pytest.raises(ValueError, match=r"data\.canaries\.docs"):
         canary_doc_ids(np.array([1, 2]), 2, seed=0)
 
 
