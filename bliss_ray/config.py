@@ -62,12 +62,9 @@ class DataConfig(_Strict):
     """Reference documents moved to the pool intact and corrupted (``bliss_ray.data.canaries``); off by default."""
 
     @model_serializer(mode="wrap")
-    def _canaries_only_when_on(self, dump):
-        # absent while off, so that the identities of runs made without canaries (they hash ``data``) stay
+    def _canaries_only_when_on(self, dump):  # absent while off: runs made without them keep their identities
         out = dump(self)
-        if not self.canaries.on:
-            out.pop("canaries", None)
-        return out
+        return out if self.canaries.on else {k: v for k, v in out.items() if k != "canaries"}
 
 
 class TokenizerConfig(_Strict):
