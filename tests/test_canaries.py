@@ -35,6 +35,7 @@ from bliss_ray.report.canaries import canary_lines
 from bliss_ray.selection.rules import manifest, select
 from bliss_ray.stages.tokenize import add_canaries, build_reference
 from bliss_ray.studies.compare_spec import load_compare
+from bliss_ray.watch.status import headline
 from tests.test_reference_split import _packed_sources, _passages
 
 N_CANARIES = 8
@@ -238,3 +239,13 @@ def test_the_demo_comparison_turns_canaries_on_and_nothing_else_does():
     for path in ("experiments/demo.yaml", "experiments/tiny.yaml"):
         assert not load_experiment(path).data.canaries.on
     assert not any(e.data.canaries.on for e in load_compare("experiments/compare/tiny.yaml").arms().values())
+
+
+def test_console_headlines_name_the_canaries_only_when_present(tmp_path):
+    tokenized = {"rows_in": 3, "seqs": 4, "tokens": 5}
+    assert "canary" not in headline("tokenize", tokenized, tmp_path)
+    assert "16 canary docs" in headline("tokenize", tokenized | {"canaries": {"docs": 16}}, tmp_path)
+    selected = {"selected": 1, "pool_size": 5, "method": "topk"}
+    assert "canaries" not in headline("select", selected | {"canaries": {"prefers_corrupted": []}}, tmp_path)
+    flagged = selected | {"canaries": {"prefers_corrupted": [SHUFFLED]}}
+    assert headline("select", flagged, tmp_path).endswith(f"prefers corrupted canaries: {SHUFFLED}")
