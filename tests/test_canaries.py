@@ -1,8 +1,8 @@
 """Canaries, without Ray: they never reach the reference set's selection part nor its held-out evaluation part
 (passage and continuation mode), the corrupted forms are what they claim and seeded, the pool file of each form,
 the manifest's shares recounted by hand from the selection with the flag firing only on a selector that prefers a
-corrupted form, the report's table, and the setting: off by default, identities unchanged while off, bad values
-named.
+corrupted form, the report's table and console headlines, and the setting: off by default, identities unchanged while
+off, bad values named.
 
     .venv/bin/python -m pytest tests/test_canaries.py -q
 """
