@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from bliss_ray.bilevel.settings import BilevelSettings
+from bliss_ray.data.canaries import CanarySettings
 from bliss_ray.train.settings import TrainSettings
 
 
@@ -57,6 +58,13 @@ class DataConfig(_Strict):
     them. 0: no split (evaluation uses the selection rows)."""
     reference_split_seed: int = 0
     """Seed of that split; apart from ``seed``, so all seeds and methods are measured on the same documents."""
+    canaries: CanarySettings = CanarySettings()
+    """Reference documents moved to the pool intact and corrupted (``bliss_ray.data.canaries``); off by default."""
+
+    @model_serializer(mode="wrap")
+    def _canaries_only_when_on(self, dump):  # absent while off: runs made without them keep their identities
+        out = dump(self)
+        return out if self.canaries.on else {k: v for k, v in out.items() if k != "canaries"}
 
 
 class TokenizerConfig(_Strict):

@@ -8,7 +8,9 @@ The reference documents (source passage ids) are split once, seeded by ``data.re
   loss and ``bliss_ref_cloze`` are measured on it.
 
 A packed passage row that mixes documents of both parts belongs to neither (it is dropped and counted), so the
-two parts share no document. A cloze item is one document, so it always falls in exactly one part.
+two parts share no document. A cloze item is one document, so it always falls in exactly one part. Documents taken
+out as canaries (``bliss_ray.data.canaries``) are in neither part: the split is drawn from the others, and a row
+holding any canary document is dropped too.
 
     held_out = eval_doc_ids(doc_ids, frac=0.5, seed=0)
     selection, evaluation = split_rows(source_ids, held_out)
@@ -31,14 +33,19 @@ def eval_doc_ids(doc_ids: np.ndarray, frac: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(unique)[:n_eval])
 
 
-def split_rows(source_ids: list[np.ndarray], held_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(
+    source_ids: list[np.ndarray], held_out: np.ndarray, excluded: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(selection, evaluation) boolean masks over packed rows, from each row's document ids: a row is in a part
-    when all of its documents are; a row mixing both parts is in neither."""
+    when all of its documents are; a row mixing both parts, or holding an ``excluded`` document, is in neither."""
     counts = np.array([len(s) for s in source_ids], dtype=np.int64)  # (N,); packing gives every row ≥ 1 document
     flat = np.concatenate(source_ids) if source_ids else np.zeros(0, np.int64)
     owner = np.repeat(np.arange(len(counts)), counts)
     n_held = np.bincount(owner, weights=np.isin(flat, held_out), minlength=len(counts)).astype(np.int64)  # (N,)
-    return n_held == 0, n_held == counts
+    if excluded is None or not len(excluded):
+        return n_held == 0, n_held == counts
+    clean = np.bincount(owner, weights=np.isin(flat, excluded), minlength=len(counts)) == 0  # (N,)
+    return (n_held == 0) & clean, (n_held == counts) & clean
 
 
 def cloze_items(

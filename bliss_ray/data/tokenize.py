@@ -16,7 +16,8 @@ same sequences on any machine, however Ray Data splits the work (Ray Data's ``re
 files into one block and split big ones, which would make the packing — and every later stage — depend on
 execution details).
 
-``cloze_item`` builds a LAMBADA-style reference item (context → last word) for ``reference_loss=continuation``.
+``pack_texts`` packs documents that come from no file (the canaries) the same way. ``cloze_item`` builds a
+LAMBADA-style reference item (context → last word) for ``reference_loss=continuation``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 from bliss_ray import storage
 from bliss_ray.data.corpus import read_file
-from bliss_ray.data.packing import file_key, pack_documents
+from bliss_ray.data.packing import Packed, file_key, pack_documents
 from bliss_ray.data.tokens import packed_schema
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -64,6 +65,29 @@ def _write_parquet(table: pa.Table, loc: str) -> None:
     storage.write_bytes(loc, buf.getvalue().to_pybytes())  # whole or not at all, locally and on object stores
 
 
+def packed_table(packed: Packed, seq_len: int) -> pa.Table:
+    """Packed rows as the pool's parquet layout (``tokens.packed_schema``)."""
+    return pa.table(
+        {
+            "row_id": pa.array(packed.row_ids, pa.int64()),
+            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(packed.input_ids.ravel(), pa.int32()), seq_len),
+            "source_ids": pa.array([s.tolist() for s in packed.source_ids], pa.list_(pa.int64())),
+            "domain": pa.array(packed.domains, pa.string()),
+        },
+        schema=packed_schema(seq_len),
+    )
+
+
+def pack_texts(doc_ids: np.ndarray, texts: list[str], domain: str, tokenizer, seq_len: int, loc: str) -> Packed:
+    """Tokenize and pack documents of one domain, as ``tokenize_file`` packs a file, into the parquet file ``loc``
+    (a local path or a store URI; none when they fill no row). Returns the packed rows."""
+    token_lists = [np.asarray(t, np.int32) for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    packed = pack_documents(doc_ids, token_lists, [domain] * len(texts), tokenizer.eos_token_id, seq_len)
+    if len(packed):
+        _write_parquet(packed_table(packed, seq_len), loc)
+    return packed
+
+
 def output_name(path: str, file_index: int) -> str:
     return f"{file_index:05d}-{file_key(path)}"
 
@@ -84,19 +108,8 @@ def tokenize_file(path: str, file_index: int, fmt: str, data_cfg, tokenizer, out
         token_lists = [np.asarray(t, np.int32) for t in tokenizer(rows.texts, add_special_tokens=False)["input_ids"]]
         eos = tokenizer.eos_token_id
     packed = pack_documents(rows.ids, token_lists, rows.domains, eos, data_cfg.seq_len)
-    table = pa.table(
-        {
-            "row_id": pa.array(packed.row_ids, pa.int64()),
-            "input_ids": pa.FixedSizeListArray.from_arrays(
-                pa.array(packed.input_ids.ravel(), pa.int32()), data_cfg.seq_len
-            ),
-            "source_ids": pa.array([s.tolist() for s in packed.source_ids], pa.list_(pa.int64())),
-            "domain": pa.array(packed.domains, pa.string()),
-        },
-        schema=packed_schema(data_cfg.seq_len),
-    )
     if len(packed):  # no empty file for later stages to special-case
-        _write_parquet(table, storage.join(out_dir, "packed", f"{name}.parquet"))
+        _write_parquet(packed_table(packed, data_cfg.seq_len), storage.join(out_dir, "packed", f"{name}.parquet"))
     if bad:
         quarantine = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
         _write_parquet(quarantine, storage.join(out_dir, "quarantine", f"{name}.parquet"))

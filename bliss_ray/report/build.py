@@ -3,7 +3,8 @@
 Sections: the FLOPs ledger (Table 1), downstream results per variant with each variant's total FLOPs
 (Tables 2–4), per-round results, the bilevel curves (Figures 1–2), downstream average and reference loss vs
 target steps with the speed-up (Figure 3), and selection diagnostics (score histograms, per-domain shares,
-Jaccard overlap of the selections of any two variants). Sweep result grids are rendered by ``report.sweeps``.
+Jaccard overlap of the selections of any two variants, and the canaries' shares when the pool has them). Sweep
+result grids are rendered by ``report.sweeps``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from bliss_ray.config import parse_experiment
 from bliss_ray.costs.ledger import format_ledger, ledger, totals
 from bliss_ray.evaluation.harness import PAPER_NOTE
 from bliss_ray.report import figures
+from bliss_ray.report.canaries import canary_lines
 from bliss_ray.report.collect import Variant, find_variants, local_view, reach_step, seed_groups
 from bliss_ray.selection.rules import jaccard
 
@@ -223,7 +225,8 @@ def _figure_sections(variants: list[Variant], out: Path) -> list[str]:
     md += ["## Selection diagnostics", "", *_selection_tables(variants), ""]
     md += [f"![score histograms]({figs['hist'].name})", ""] if figs["hist"] else []
     md += [f"![domain shares]({figs['domains'].name})", ""] if figs["domains"] else []
-    return md
+    sections = [(v.label, r, s["manifest"].get("canaries")) for v in variants for r, s in v.selections().items()]
+    return md + canary_lines(sections)
 
 
 def build_report(roots: list[str | Path], out: Path) -> Path:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from bliss_ray.selection.canaries import canary_section
+
 _M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -94,7 +96,9 @@ def manifest(
     domains: np.ndarray | pd.Categorical | None,
     **settings,
 ) -> dict:
-    """What was selected and from what: counts, threshold, score histogram, per-domain shares."""
+    """What was selected and from what: counts, threshold, score histogram, per-domain shares, and the canaries'
+    shares with the flag of a corrupted form preferred over its source (``selection.canaries``) when the pool
+    has canaries."""
     # a sorted lookup, not np.isin: isin sorts the concatenation of both arrays (~5x the pool's memory); in
     # chunks, so its int64 positions cost 8 MB, not 8 B per pool row (160 MB with their clipped copy at 10 M)
     selected = np.sort(selected)
@@ -121,6 +125,15 @@ def manifest(
             for n, c, s in zip(cat.categories, pool_counts, sel_counts, strict=True)
             if c
         }
+        names = [str(n) for n in cat.categories]
+        canaries = canary_section(
+            dict(zip(names, pool_counts.tolist(), strict=True)),
+            dict(zip(names, sel_counts.tolist(), strict=True)),
+            len(row_ids),
+            out["selected"],
+        )
+        if canaries:
+            out["canaries"] = canaries
     return out
 
 

@@ -44,7 +44,8 @@ def tokenizer_stage(run: Run, st: Stage, d: Path) -> dict:
 def tokenize_stage(run: Run, st: Stage, d: Path) -> dict:
     _ray.ensure_ray(run.exp.resources)
     pool = tokenize.tokenize_pool(run.exp, run.uri("tokenizer", "tokenizer"), run.uri(st.key))
-    return pool | tokenize.build_reference(run.exp, run.input("tokenizer", "tokenizer"), d)
+    canaries = tokenize.add_canaries(run.exp, run.input("tokenizer", "tokenizer"), run.uri(st.key))
+    return pool | canaries | tokenize.build_reference(run.exp, run.input("tokenizer", "tokenizer"), d)
 
 
 def select_stage(run: Run, st: Stage, d: Path) -> dict:
@@ -58,7 +59,8 @@ def select_stage(run: Run, st: Stage, d: Path) -> dict:
     chosen, m = select_round(row_ids, domains, values, rule, exp.selection.keep_frac, seed, tau, round=r)
     pq.write_table(pa.table({"row_id": pa.array(chosen, pa.int64())}), d / "selected.parquet")
     storage.write_json(d / "manifest.json", m)
-    return {"selected": len(chosen), "pool_size": m["pool_size"], "method": rule}
+    out = {"selected": len(chosen), "pool_size": m["pool_size"], "method": rule}
+    return out | ({"canaries": m["canaries"]} if "canaries" in m else {})  # for the comparison report
 
 
 def _lm_spec(run: Run, st: Stage, d: Path, which: str, train: TrainSettings) -> train_lm.LMTrainSpec:

@@ -5,7 +5,8 @@ the tokenizer. Outputs: ``pool/packed/*.parquet`` (the packed training rows with
 ``pool/quarantine/*.parquet`` (every rejected row with its id and reason), ``reference/array`` (the reference
 set's selection part, for the bilevel stage and MATES), ``reference/eval_array`` (its held-out evaluation part,
 for the evaluate stage; ``data.reference_eval_frac``) and ``manifest.json`` (counts, skipped files, per-domain
-shares).
+shares). With ``data.canaries`` on, a seeded sample of reference documents leaves both parts of the reference set
+and joins the pool as ``pool/packed/canary_*.parquet``, one file per form (``bliss_ray.data.canaries``).
 
 The file list streams through a Ray Data actor pool (the tokenizer loads once per actor); each actor processes
 whole files with ``bliss_ray.data.tokenize.tokenize_file``, so a rerun after a crash only processes files whose
@@ -25,9 +26,10 @@ import ray.data
 
 from bliss_ray import storage
 from bliss_ray.config import Experiment
+from bliss_ray.data.canaries import CANARY_DOMAINS, canary_doc_ids, canary_documents, collides
 from bliss_ray.data.corpus import check_file, detect_format, read_file, resolve_files
 from bliss_ray.data.reference_split import cloze_items, eval_doc_ids, split_rows
-from bliss_ray.data.tokenize import tokenize_file
+from bliss_ray.data.tokenize import pack_texts, tokenize_file
 from bliss_ray.data.tokenizer import load_tokenizer
 from bliss_ray.data.tokens import TokenArray, read_token_table
 from bliss_ray.stages._ray import task_options
@@ -122,15 +124,56 @@ def _save_rows(out: Path, row_ids: np.ndarray, tokens: np.ndarray, mask: np.ndar
     (out / "_SUCCESS").write_text(f"{len(row_ids)} rows\n")
 
 
-def _continuation_parts(d, files: list[str], tokenizer, ref_dir: Path) -> tuple[np.ndarray, np.ndarray, int, int, int]:
-    """Cloze items (one per document, row id = document id) of the selection and evaluation parts."""
+def _reference_texts(d, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(document ids, texts) of the reference set's good text rows; pre-tokenized rows have no text."""
     rows = [read_file(f, d.reference_format, d, i)[0] for i, f in enumerate(files)]
-    rows = [r for r in rows if r.texts]  # pre-tokenized rows have no last word to cut
+    rows = [r for r in rows if r.texts]
     doc_ids = np.concatenate([r.ids for r in rows]) if rows else np.zeros(0, np.int64)
-    texts = np.array([t for r in rows for t in r.texts], dtype=object)
-    held_out = eval_doc_ids(doc_ids, d.reference_eval_frac, d.reference_split_seed)
-    is_eval = np.isin(doc_ids, held_out)
-    sel = cloze_items(doc_ids[~is_eval], list(texts[~is_eval]), tokenizer, d.seq_len, d.max_reference_seqs)
+    return doc_ids, np.array([t for r in rows for t in r.texts], dtype=object)
+
+
+def canary_sample(d, files: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(ids, texts) of the reference documents that become canaries (``data.canaries``; none when off)."""
+    if not d.canaries.on:
+        return np.zeros(0, np.int64), []
+    doc_ids, texts = _reference_texts(d, files)
+    if not len(doc_ids):
+        raise ValueError("data.canaries needs reference documents with text (data.reference has none)")
+    chosen = canary_doc_ids(doc_ids, d.canaries.docs, d.canaries.seed)
+    first = {int(i): t for i, t in zip(doc_ids[::-1], texts[::-1], strict=True)}  # a repeated id: its first text
+    return chosen, [first[int(i)] for i in chosen]
+
+
+def add_canaries(exp: Experiment, tokenizer_dir: Path, out_dir: str) -> dict:
+    """The canary documents packed into ``out_dir``'s ``pool/packed/<domain>.parquet``, one file (and so only whole
+    rows of one form) per domain; {} when ``data.canaries`` is off. Refuses a pool whose document ids reach the
+    canaries' id range."""
+    d = exp.data
+    if not d.canaries.on:
+        return {}
+    ids, texts = canary_sample(d, resolve_files(d.reference))
+    packed_dir = storage.join(out_dir, "pool", "packed")
+    pool = [f for f in storage.listdir(packed_dir, ".parquet") if not storage.name(f).startswith("canary_")]
+    if any(collides(read_token_table(f, ["row_id"]).column("row_id").to_numpy()) for f in pool):
+        raise ValueError("data.canaries: the pool has document ids in the range kept for canaries; turn them off")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    doc_ids, docs, domains = canary_documents(ids, texts, d.canaries.seed)
+    seqs = {}
+    for name in CANARY_DOMAINS:
+        mine = [i for i, dom in enumerate(domains) if dom == name]
+        loc = storage.join(packed_dir, f"{name}.parquet")
+        seqs[name] = len(pack_texts(doc_ids[mine], [docs[i] for i in mine], name, tokenizer, d.seq_len, loc))
+    return {"canaries": {"docs": len(ids), "source_doc_ids": ids.tolist(), "seqs_per_domain": seqs}}
+
+
+def _continuation_parts(
+    d, files: list[str], tokenizer, ref_dir: Path, canary: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """Cloze items (one per document, row id = document id) of the selection and evaluation parts."""
+    doc_ids, texts = _reference_texts(d, files)  # pre-tokenized rows have no last word to cut
+    held_out = eval_doc_ids(np.setdiff1d(doc_ids, canary), d.reference_eval_frac, d.reference_split_seed)
+    is_eval, is_sel = np.isin(doc_ids, held_out), ~np.isin(doc_ids, held_out) & ~np.isin(doc_ids, canary)
+    sel = cloze_items(doc_ids[is_sel], list(texts[is_sel]), tokenizer, d.seq_len, d.max_reference_seqs)
     ev = cloze_items(doc_ids[is_eval], list(texts[is_eval]), tokenizer, d.seq_len, d.max_reference_seqs)
     ev = ev if len(held_out) else sel
     if not len(sel[0]) or not len(ev[0]):
@@ -144,7 +187,7 @@ def _continuation_parts(d, files: list[str], tokenizer, ref_dir: Path) -> tuple[
 
 
 def _passage_parts(
-    d, seed: int, files: list[str], tokenizer, ref_dir: Path
+    d, seed: int, files: list[str], tokenizer, ref_dir: Path, canary: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """Packed passage rows of the selection and evaluation parts; rows mixing both parts are dropped."""
     for i, f in enumerate(files):
@@ -154,8 +197,8 @@ def _passage_parts(
     row_ids = np.concatenate([t.column("row_id").to_numpy() for t in tables])
     sources = [np.asarray(s, np.int64) for t in tables for s in t.column("source_ids").to_pylist()]
     doc_ids = np.concatenate(sources)
-    held_out = eval_doc_ids(doc_ids, d.reference_eval_frac, d.reference_split_seed)
-    sel, ev = split_rows(sources, held_out)
+    held_out = eval_doc_ids(np.setdiff1d(doc_ids, canary), d.reference_eval_frac, d.reference_split_seed)
+    sel, ev = split_rows(sources, held_out, excluded=canary)
     if not sel.any() or (len(held_out) and not ev.any()):
         raise ValueError(
             f"the reference split (data.reference_eval_frac={d.reference_eval_frac}) left the "
@@ -181,20 +224,22 @@ def build_reference(exp: Experiment, tokenizer_dir: Path, out_dir: Path) -> dict
 
     Next to the evaluation rows (``local_copy`` copies directories, so the evaluate task gets them in one copy):
     ``eval_doc_ids.npy``, the held-out document ids, and, when there is a split, ``selection_doc_ids.npy``, the
-    documents selection may see, which ``bliss_ref_cloze`` skips."""
+    documents selection may see (the canaries among them: they are in the pool), which ``bliss_ref_cloze`` skips."""
     d = exp.data
     tokenizer = load_tokenizer(tokenizer_dir)
     files = resolve_files(d.reference)
     ref_dir = out_dir / "reference"
+    canary, _ = canary_sample(d, files)
     if d.reference_loss == "continuation":
-        doc_ids, held_out, n_sel, n_eval, dropped = _continuation_parts(d, files, tokenizer, ref_dir)
+        doc_ids, held_out, n_sel, n_eval, dropped = _continuation_parts(d, files, tokenizer, ref_dir, canary)
     else:
-        doc_ids, held_out, n_sel, n_eval, dropped = _passage_parts(d, exp.seed, files, tokenizer, ref_dir)
+        doc_ids, held_out, n_sel, n_eval, dropped = _passage_parts(d, exp.seed, files, tokenizer, ref_dir, canary)
     np.save(ref_dir / "eval_array" / "eval_doc_ids.npy", held_out)
     # bliss_ref_cloze reads the bundled passages whatever data.reference is: skipping the documents selection may
     # see (rather than keeping only held-out ones) stays right when the reference set is another corpus
-    if len(held_out):
-        np.save(ref_dir / "eval_array" / "selection_doc_ids.npy", np.setdiff1d(doc_ids, held_out))
+    if len(held_out) or len(canary):
+        seen = np.union1d(np.setdiff1d(doc_ids, held_out) if len(held_out) else [], canary).astype(np.int64)
+        np.save(ref_dir / "eval_array" / "selection_doc_ids.npy", seen)
     return {
         "reference_seqs": n_sel,
         "reference_eval_seqs": n_eval,

@@ -24,6 +24,7 @@ import ray
 from bliss_ray import storage
 from bliss_ray.config import Experiment
 from bliss_ray.costs.ledger import ledger, totals
+from bliss_ray.report.canaries import canary_lines
 from bliss_ray.report.collect import pool_rows_per_round
 from bliss_ray.stages.executor import run_experiment
 from bliss_ray.studies import compare_report as report
@@ -102,7 +103,15 @@ def _headline(results: dict) -> str:
 def write_report(spec: CompareSpec, members: list[Member], path: Path, command: str, out) -> Path:
     curves = [curve_of(m.variant, m.seed, m.exp, m.results["evaluate"], pool_rows_of(m.results)) for m in members]
     tuning, check = report.tuning_and_check(spec, out, curves)
-    written = report.write_markdown(spec, curves, path, command, tuning)
+    canaries = canary_lines(
+        [
+            (m.variant, int(key.split(".")[0][1:]), result["canaries"])
+            for m in members
+            for key, result in m.results.items()
+            if key.endswith(".select") and "canaries" in result
+        ]
+    )
+    written = report.write_markdown(spec, curves, path, command, tuning, canaries)
     if check is not None:  # for a later comparison's tuning.check
         (written.parent / "heldout_check.json").write_text(json.dumps(check | {"command": command}, indent=1) + "\n")
     return written

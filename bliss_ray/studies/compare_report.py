@@ -11,7 +11,8 @@ its FLOPs ledger (``compare_curves``), it computes, per seed against a baseline 
 and reports their mean ± standard deviation over seeds: against the main baseline with the final results and total
 FLOPs (Table 4), against every baseline (``also_against`` too) in a table of its own and seed by seed, and Figure 3
 (``compare_figures``): every variant against the main baseline, and the method head to head with each further
-baseline. No Ray; pure reading of stage outputs.
+baseline, and the canaries' selected shares (``report.canaries``) when the pool has them. No Ray; pure reading of
+stage outputs.
 """
 
 from __future__ import annotations
@@ -322,7 +323,11 @@ def _per_seed_section(spec: CompareSpec, curves: list[Curve]) -> list[str]:
     return lines
 
 
-def write_markdown(spec: CompareSpec, curves: list[Curve], path: Path, command: str, tuning: list[str] = ()) -> Path:
+def write_markdown(
+    spec: CompareSpec, curves: list[Curve], path: Path, command: str, tuning: list[str] = (), canaries: list[str] = ()
+) -> Path:
+    """The report's markdown at ``path`` (figures beside it); ``tuning`` and ``canaries`` are sections made
+    elsewhere (``tuning_and_check``, ``report.canaries``), empty when the comparison has none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n_ck = min(len(c.steps) for c in curves)
@@ -347,6 +352,7 @@ def write_markdown(spec: CompareSpec, curves: list[Curve], path: Path, command: 
         *_every_baseline_section(spec, curves),
         *_figure3_section(spec, curves, path.parent, path.stem),
         *_per_seed_section(spec, curves),
+        *canaries,
         *tuning,
     ]
     path.write_text("\n".join(md) + "\n")

@@ -114,9 +114,11 @@ def headline(kind: str, out: dict, d: str | Path) -> str:
     if kind == "tokenizer":
         return f"vocab {out.get('vocab_size')}"
     if kind == "tokenize":
+        canaries = out.get("canaries")
         return (
             f"{out.get('rows_in')} docs → {out.get('seqs')} rows, {_num(out.get('tokens'), ',')} tokens; "
             f"{out.get('rows_quarantined', 0)} quarantined"
+            + (f"; {canaries['docs']} canary docs × 3 forms" if canaries else "")
         )
     if kind == "select":
         text = f"{out.get('selected')}/{out.get('pool_size')} rows ({out.get('method')})"
@@ -124,7 +126,8 @@ def headline(kind: str, out: dict, d: str | Path) -> str:
         top = sorted(shares.items(), key=lambda kv: -kv[1]["selected"])[:3]
         if top:
             text += "; shares " + ", ".join(f"{k} {v['selected']:.2f} (pool {v['pool']:.2f})" for k, v in top)
-        return text
+        preferred = out.get("canaries", {}).get("prefers_corrupted")
+        return text + (f"; prefers corrupted canaries: {', '.join(preferred)}" if preferred else "")
     if kind in ("warmup", "pretrain"):
         stable, decay = last_metrics(d, "stable"), last_metrics(d, "decay")
         text = f"step {out.get('final_step')}, loss {_num(stable.get('loss'))}"
