@@ -132,12 +132,17 @@ def trackers(run: Run) -> list:
 
 
 def run_experiment(
-    exp: Experiment, out, until: str | None = None, verbose: bool = False, keep_ray: bool = False
+    exp: Experiment,
+    out,
+    until: str | None = None,
+    verbose: bool = False,
+    keep_ray: bool = False,
+    owns_ray: bool = False,
 ) -> tuple[int, dict]:
     """One experiment's pipeline with a console: stage lines and live progress on screen, Ray's output and
     tracebacks in ``<run>/logs/run-*.log`` (everything on screen too with ``verbose``). Returns (exit code, each
-    stage's outputs); a failed stage gives 1 and one message. Ray is shut down at the end if started here, unless
-    ``keep_ray`` (a caller that runs several experiments shuts it down itself)."""
+    stage's outputs); a failed stage gives 1 and one message. Ray is shut down at the end if started here (or by a
+    caller that runs several experiments, ``owns_ray``), unless ``keep_ray``."""
     run = Run(exp, out)
     log_path = run.root / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     stream, restore = route_logs(log_path, verbose)
@@ -145,7 +150,7 @@ def run_experiment(
     console = StageConsole(
         stream, poll=BoardReader(), trackers=tracking, events=_ray.LostNodes(), log_path=str(log_path)
     )
-    ray_was_up = ray.is_initialized()
+    ray_was_up = ray.is_initialized() and not owns_ray
     try:
         tracking += trackers(run)
         results = execute(run, until=until, console=console)

@@ -67,7 +67,9 @@ def run_compare(spec: CompareSpec, out, verbose: bool = False) -> list[Member]:
                 exp = _variant_experiment(spec, name, seed, done)
                 console.line(f"variant {name}, seed {seed} ({len(members) + 1} of {spec.size}): start")
                 t0 = time.monotonic()
-                code, results = run_experiment(exp, out, verbose=verbose, keep_ray=True)  # one Ray for all of them
+                # one Ray for all of them; the last shuts it down while Ray's late lines still go to its log
+                last = len(members) + 1 == spec.size
+                code, results = run_experiment(exp, out, verbose=verbose, keep_ray=not last, owns_ray=not ray_was_up)
                 if code:
                     raise RuntimeError(
                         f"variant {name}, seed {seed} failed (its log is under {storage.join(out, spec.name)})"
