@@ -71,6 +71,8 @@ def ensure_ray(res: ResourcesConfig, quiet: bool = False) -> bool:
         os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="bliss_ray_"))  # isolated from stale clusters
     else:
         kwargs["address"] = address
+    if faults := _faults.env_vars():  # a Tune trial's process starts from its raylet's environment, not ours
+        kwargs["runtime_env"] = {"env_vars": faults}
     ray.init(**kwargs)
     return True
 
