@@ -29,7 +29,6 @@ r.influence — the data influence model, trained on Ray Train (one TorchTrainer
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -52,8 +51,8 @@ from bliss_ray.mates.probe import Prober
 from bliss_ray.models.arch import influence_arch
 from bliss_ray.stages._ray import (
     cluster_ceiling,
-    copy_checkpoint,
     ensure_ray,
+    final_checkpoint,
     fit,
     report,
     run_config,
@@ -324,7 +323,7 @@ def influence_stage(run, st, d: Path) -> dict:
     train_storage = storage_path(res, run.store)
     t0 = time.perf_counter()
     result = fit(_influence_worker, {"spec": spec}, res, 1, run_config(d.name, train_storage, res), "influence")
-    copy_checkpoint(result, d)
+    storage.copy_tree(final_checkpoint(result, train_storage, d.name), run.uri(st.key))  # store-to-store
     storage.remove(data_dir)
-    summary = json.loads((d / "summary.json").read_text())
+    summary = storage.read_json(run.uri(st.key, "summary.json"))
     return summary | {"probes_used": len(row_ids), "train_seconds": time.perf_counter() - t0, "train_run": result.path}
