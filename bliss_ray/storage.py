@@ -9,7 +9,9 @@ Why pyarrow.fs and not fsspec (docs/design.md, "Storage: run roots in object sto
 resolve their storage with it, it ships S3, GCS, Azure and HDFS in the pyarrow wheel we already pin, and
 ``copy_files`` is a threaded C++ bulk copy. Single-object writes are atomic on object stores, so a marker
 (``_SUCCESS``) written last is what readers trust; local writes go through a temporary file and ``os.replace`` for
-the same guarantee.
+the same guarantee. ``copy_tree`` copies inside one store without the bytes passing through this process (S3's and
+GCS's server-side copy), and ``bytes_moved`` counts what did pass through it: a driver's count stays small when
+checkpoints and training arrays go store-to-store or are built on worker nodes.
 
     from bliss_ray import storage
     storage.write_json(storage.join(root, "r0.select-ab12", "outputs.json"), {...})
@@ -18,10 +20,12 @@ the same guarantee.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -33,6 +37,30 @@ from bliss_ray import node_cache
 
 class StorageError(RuntimeError):
     """A store that cannot be reached, read or written, named by its location."""
+
+
+# bytes this process has read from and written to object stores through this module
+_MOVED = {"read": 0, "written": 0}
+
+
+def _moved(loc: str | Path, read: int = 0, written: int = 0) -> None:
+    if is_remote(loc):
+        _MOVED["read"] += read
+        _MOVED["written"] += written
+
+
+def bytes_moved() -> dict[str, int]:
+    """Bytes this process has read from (``read``) and written to (``written``) object stores through this module
+    (local files and server-side copies are not counted: neither passes through a network to this process)."""
+    return dict(_MOVED)
+
+
+def _write_bytes_moved(path: str) -> None:
+    Path(path).write_text(json.dumps(bytes_moved() | {"pid": os.getpid()}) + "\n")
+
+
+if os.environ.get("BLISS_STORAGE_BYTES_FILE"):  # a test's driver reports its traffic when it exits
+    atexit.register(_write_bytes_moved, os.environ["BLISS_STORAGE_BYTES_FILE"])
 
 
 def is_remote(loc: str | Path) -> bool:
@@ -86,9 +114,11 @@ def read_bytes(loc: str | Path) -> bytes | None:
     fs, p = resolve(loc)
     try:
         with fs.open_input_stream(p) as f:
-            return f.read()
+            data = f.read()
     except FileNotFoundError:
         return None
+    _moved(loc, read=len(data))
+    return data
 
 
 def read_json(loc: str | Path):
@@ -108,6 +138,7 @@ def write_bytes(loc: str | Path, data: bytes) -> None:
         return
     with fs.open_output_stream(p) as f:  # one PUT: atomic on S3 and GCS
         f.write(data)
+    _moved(loc, written=len(data))
 
 
 def write_json(loc: str | Path, obj) -> None:
@@ -144,6 +175,11 @@ def _copy(src_fs, src: str, dst_fs, dst: str) -> None:
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs, use_threads=threads)
 
 
+def _tree_bytes(fs: pafs.FileSystem, path: str) -> int:
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sum(i.size for i in infos if i.type == pafs.FileType.File)
+
+
 def upload(local_dir: str | Path, loc: str | Path) -> None:
     """Copy a local directory tree to a location (no-op when they are the same directory)."""
     fs, p = resolve(loc)
@@ -151,11 +187,46 @@ def upload(local_dir: str | Path, loc: str | Path) -> None:
     if not is_remote(loc) and src == p:
         return
     _copy(pafs.LocalFileSystem(), src, fs, p)
+    _moved(loc, written=_tree_bytes(pafs.LocalFileSystem(), src))
 
 
 def download(loc: str | Path, local_dir: str | Path) -> None:
     fs, p = resolve(loc)
     _copy(fs, p, pafs.LocalFileSystem(), str(Path(local_dir).resolve()))
+    _moved(loc, read=_tree_bytes(pafs.LocalFileSystem(), str(Path(local_dir).resolve())))
+
+
+def copy_tree(src: str | Path, dst: str | Path, keep=lambda rel: True) -> int:
+    """Copy the file or directory tree at ``src`` to ``dst`` (only the files whose path relative to ``src`` passes
+    ``keep(rel)``); returns the bytes copied. Within one object store each file is one server-side copy (S3's
+    CopyObject, GCS's rewrite): nothing passes through this process, whatever the size. One S3 CopyObject takes
+    objects up to 5 GB, and a safetensors shard or a DCP file is far below that. Between different stores, or a
+    store and this disk, the files stream through this process (and count in ``bytes_moved``)."""
+    src_fs, s = resolve(src)
+    dst_fs, d = resolve(dst)
+    info = src_fs.get_file_info(s)
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{src}: nothing there to copy")
+    files = [info] if info.type == pafs.FileType.File else src_fs.get_file_info(pafs.FileSelector(s, recursive=True))
+    files = [(f, f.path[len(s) :].lstrip("/")) for f in files if f.type == pafs.FileType.File]
+    same = is_remote(src) == is_remote(dst) and src_fs.equals(dst_fs)
+    total, made = 0, set()
+    for f, rel in files:
+        if not keep(rel):
+            continue
+        target = f"{d}/{rel}" if rel else d
+        if (parent_dir := target.rsplit("/", 1)[0]) not in made:
+            dst_fs.create_dir(parent_dir, recursive=True)
+            made.add(parent_dir)
+        if same:
+            src_fs.copy_file(f.path, target)
+        else:
+            with src_fs.open_input_stream(f.path) as r, dst_fs.open_output_stream(target) as w:
+                shutil.copyfileobj(r, w, 16 * 1024**2)
+            _moved(src, read=f.size)
+            _moved(dst, written=f.size)
+        total += f.size
+    return total
 
 
 def download_files(loc: str | Path, local_dir: str | Path, keep) -> int:
@@ -172,6 +243,7 @@ def download_files(loc: str | Path, local_dir: str | Path, keep) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with fs.open_input_stream(info.path) as f:
             dest.write_bytes(f.read())
+        _moved(loc, read=info.size)
         n += 1
     return n
 

@@ -216,3 +216,36 @@ def test_a_remote_runs_tracker_files_reach_the_store(s3_bucket, tmp_path):
     assert storage.read_bytes(storage.join(run.store, "mlflow.db")) == b"sqlite"
     assert storage.read_bytes(storage.join(run.store, "wandb", "offline-run-1", "run.wandb")) == b"records"
     assert storage.read_bytes(storage.join(run.store, "logs", "run.log")) == b"console"
+
+
+def test_copy_tree_copies_a_tree_or_a_file_inside_a_store_without_moving_its_bytes(root, tmp_path):
+    """Within one store ``copy_tree`` copies each file where it is (S3: CopyObject): the bytes this process moved
+    do not grow, whatever it copies. Between this disk and a store they stream through it and are counted."""
+    src = tmp_path / "ckpt"
+    (src / "model").mkdir(parents=True)
+    (src / "model" / "w.safetensors").write_bytes(b"w" * 1000)
+    (src / "train_state.pt").write_bytes(b"s" * 500)
+    ckpt = storage.join(root, "_ray", "checkpoint_0")
+    before = storage.bytes_moved()
+    storage.copy_tree(src, ckpt)
+    moved = storage.bytes_moved()
+    assert moved["written"] - before["written"] == (1500 if storage.is_remote(root) else 0)
+    stage = storage.join(root, "stage-ab12")
+    assert storage.copy_tree(ckpt, stage, keep=lambda rel: rel != "train_state.pt") == 1000
+    assert storage.copy_tree(storage.join(ckpt, "train_state.pt"), storage.join(stage, "state", "s.pt")) == 500
+    assert storage.bytes_moved() == moved
+    assert storage.read_bytes(storage.join(stage, "model", "w.safetensors")) == b"w" * 1000
+    assert storage.read_bytes(storage.join(stage, "state", "s.pt")) == b"s" * 500
+    assert not storage.exists(storage.join(stage, "train_state.pt"))
+    with pytest.raises(storage.StorageError, match="nothing there"):
+        storage.copy_tree(storage.join(root, "absent"), stage)
+
+
+def test_bytes_moved_counts_what_passes_between_this_process_and_a_store(s3_bucket, tmp_path):
+    before = storage.bytes_moved()
+    storage.write_bytes(storage.join(s3_bucket, "a", "x.bin"), b"x" * 300)
+    assert storage.read_bytes(storage.join(s3_bucket, "a", "x.bin")) == b"x" * 300
+    storage.download(storage.join(s3_bucket, "a"), tmp_path / "copy")
+    storage.write_bytes(tmp_path / "local.bin", b"y" * 50)  # a local file is no traffic
+    after = storage.bytes_moved()
+    assert (after["read"] - before["read"], after["written"] - before["written"]) == (600, 300)

@@ -265,6 +265,7 @@ def test_two_nodes_sharing_only_a_bucket_survive_four_lost_nodes_then_resume_on_
     pauses = [f | {"once": str(m), "seconds": 900} for (_, f), m in zip(FAULTS, markers, strict=True)]
     cmd, env = _driver(config, out, cluster.address, tmp_path / "driver1")
     env["BLISS_FAULTS"] = json.dumps({"pause": pauses})
+    env["BLISS_STORAGE_BYTES_FILE"] = str(tmp_path / "driver_bytes.json")  # what the driver moved, at its exit
     log = tmp_path / "driver.log"
     t0 = time.perf_counter()
     with log.open("w") as f:
@@ -290,6 +291,7 @@ def test_two_nodes_sharing_only_a_bucket_survive_four_lost_nodes_then_resume_on_
     driver_runs = tmp_path / "driver1" / "runs"
     assert [p.relative_to(driver_runs) for p in driver_runs.glob("*/*") if p.name not in ("logs", "tb")] == []
     assert storage.listdir(storage.join(run.store, "logs"), ".log")
+    _assert_the_driver_moved_less_than_the_models(run, json.loads((tmp_path / "driver_bytes.json").read_text()))
     _assert_a_new_head_recomputes_nothing(config, out, cluster.address, tmp_path, run, first_s)
 
 
@@ -334,6 +336,24 @@ def _assert_outputs_equal(run, uninterrupted) -> None:
     assert a.keys() == b.keys() and np.allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5, atol=1e-6)
     a, b = ([c["paper_average"] for c in r.outputs("evaluate")["checkpoints"]] for r in (run, uninterrupted))
     assert a == b
+
+
+def _assert_the_driver_moved_less_than_the_models(run, moved: dict) -> None:
+    """The driver only orchestrates: final checkpoints go store-to-store and training arrays are built on the worker
+    node, so all it read from and wrote to the bucket (markers, configs, ids, the tokenizer, its logs) is less than
+    the models and training states its stages published."""
+    import pyarrow.fs as pafs
+
+    def tree_bytes(loc: str) -> int:
+        fs, path = storage.resolve(loc)
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        return sum(i.size for i in infos if i.type == pafs.FileType.File)
+
+    outputs = {"warmup": ("state",), "pretrain": ("state", "decay"), "bilevel": ("score_model", "proxy")}
+    models = [run.uri(s.key, sub) for s in run.stages for sub in outputs.get(s.kind, ())]
+    model_bytes, driver_bytes = sum(map(tree_bytes, models)), moved["read"] + moved["written"]
+    print(f"driver moved {moved['read']} B read + {moved['written']} B written; stages published {model_bytes} B")
+    assert 0 < driver_bytes < model_bytes, (moved, model_bytes)
 
 
 def _scores(uri: str) -> dict[int, float]:

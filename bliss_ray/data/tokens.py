@@ -21,14 +21,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from bliss_ray import storage
 from bliss_ray.data.packing import shard_of
+
+if TYPE_CHECKING:  # torch is imported where batches are made: building an array (a short Ray task) needs none
+    import torch
 
 
 def packed_schema(seq_len: int) -> pa.Schema:
@@ -138,6 +141,8 @@ def micro_batches(
 ) -> list[torch.Tensor]:
     """This rank's micro-batches of ``step``: micro-batch a of rank r holds global slots
     [a·m·W + r·m, a·m·W + (r+1)·m). Raises if the global batch does not split evenly."""
+    import torch  # lazy: see the TYPE_CHECKING import
+
     per_micro = micro_batch * world_size
     if global_batch % per_micro:
         raise ValueError(f"global batch {global_batch} is not a multiple of micro_batch·workers = {per_micro}")
@@ -153,6 +158,8 @@ def rank_rows(
     array: TokenArray, step: int, micro_batch: int, rank: int, world_size: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This rank's ``micro_batch`` rows of ``step`` (global batch = micro_batch · workers) and their loss mask."""
+    import torch  # lazy: see the TYPE_CHECKING import
+
     idx = step_indices(step, micro_batch * world_size, len(array), seed)
     mine = np.sort(idx[rank * micro_batch : (rank + 1) * micro_batch])
     ids = torch.from_numpy(np.asarray(array.tokens[mine], dtype=np.int64))  # (m, L)

@@ -373,10 +373,10 @@ def gc_orphan_checkpoints(train_storage: str, name: str) -> list[str]:
     return removed
 
 
-def copy_checkpoint(result: ray.train.Result, dest: Path) -> Path:
-    """Copy the final checkpoint's files into a stage output directory."""
+def final_checkpoint(result: ray.train.Result, train_storage: str, name: str) -> str:
+    """The location of the final checkpoint of the Train run ``name`` under ``train_storage``: where Train wrote it,
+    in the store itself, so that a stage copies its files store-to-store (``storage.copy_tree``) and they never
+    pass through the driver."""
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see {result.path}")
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, dest, dirs_exist_ok=True)
-    return dest
+    return storage.join(train_storage, name, storage.name(result.checkpoint.path))

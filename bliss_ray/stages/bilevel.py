@@ -32,8 +32,8 @@ from bliss_ray.data.tokens import TokenArray, rank_rows
 from bliss_ray.models.lm import load_lm
 from bliss_ray.models.score import ScoreModel
 from bliss_ray.stages import _faults
-from bliss_ray.stages._ray import copy_checkpoint, fit, report, resumed_checkpoint, run_config, start_worker
-from bliss_ray.storage import local_copy
+from bliss_ray.stages._ray import final_checkpoint, fit, report, resumed_checkpoint, run_config, start_worker
+from bliss_ray.storage import copy_tree, local_copy
 from bliss_ray.watch.progress import StepReporter
 
 
@@ -108,14 +108,22 @@ def _worker(loop_config: dict) -> None:
 
 
 def fit_bilevel(
-    spec: BilevelSpec, out_dir: Path, storage: str, workers: int, name: str | None = None, callbacks=None
+    spec: BilevelSpec,
+    out_dir: Path,
+    storage: str,
+    workers: int,
+    name: str | None = None,
+    callbacks=None,
+    dest: str | None = None,
 ) -> dict:
-    """Fit the stage's TorchTrainer. ``name`` (default: the stage directory's) is the Train run to resume;
-    ``callbacks`` (Ray Train ``UserCallback``s) see every report, e.g. a sweep forwarding rank-0 metrics to Tune."""
+    """Fit the stage's TorchTrainer and copy its final checkpoint's models and metrics to the stage's location
+    ``dest`` (default ``out_dir``; a store URI for a remote run), store-to-store. ``name`` (default: the stage
+    directory's) is the Train run to resume; ``callbacks`` (Ray Train ``UserCallback``s) see every report, e.g. a
+    sweep forwarding rank-0 metrics to Tune."""
     res = spec.resources
     config = run_config(name or out_dir.name, storage, res, callbacks=callbacks)
     progress = StepReporter(out_dir.name, 0, spec.settings.outer_steps)
     result = fit(_worker, {"spec": spec, "progress": progress}, res, workers, config, "bilevel")
-    copy_checkpoint(result, out_dir)
-    (out_dir / STATE).unlink()  # optimizer state is only needed to resume; the outputs are the models
+    # optimizer state is only needed to resume; the outputs are the models
+    copy_tree(final_checkpoint(result, storage, config.name), dest or str(out_dir), keep=lambda rel: rel != STATE)
     return {"final_step": result.metrics.get("step"), "train_run": result.path}

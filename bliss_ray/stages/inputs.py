@@ -7,11 +7,11 @@ Workers on other nodes are given store locations (``Run.uri``), never a path on 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import ray
 
 from bliss_ray import storage
 from bliss_ray.data.tokenizer import load_tokenizer
@@ -19,6 +19,12 @@ from bliss_ray.data.tokens import TokenArray
 from bliss_ray.models.arch import padded_vocab
 from bliss_ray.pipeline import Run, Stage
 from bliss_ray.selection.pool import pool_rows
+from bliss_ray.stages._data_tasks import build_rows
+from bliss_ray.stages._ray import task_options
+
+# the build reads parquet and writes a memmap, one file at a time: a fraction of a CPU, so that it never waits for
+# one on a small machine whose CPUs the stage's own Train workers or Data actors are about to take
+BUILD_CPUS = 0.25
 
 
 def pool_files(run: Run) -> list[str]:
@@ -44,12 +50,14 @@ def vocab_size(run: Run, which: str) -> int:
 
 
 def shared_rows(run: Run, st: Stage, d: Path, sub: str, keep: np.ndarray) -> str:
-    """The pool rows ``keep`` as a token array where the stage's workers can read it: built in ``d/sub``, and moved
-    to the stage's directory in the store when the run is remote (the stage removes it when its workers are done).
-    Returns its location."""
-    TokenArray.build(pool_files(run), d / sub, keep_ids=keep)
+    """The pool rows ``keep`` as a token array where the stage's workers can read it: built in ``d/sub`` for a
+    local run; for a remote one, built by a Ray task on a node with CPUs (never a 0-CPU head) that uploads it to the
+    stage's directory in the store, so its tokens never pass through the driver (the stage removes it when its
+    workers are done). Returns its location."""
     if not run.remote:
+        TokenArray.build(pool_files(run), d / sub, keep_ids=keep)
         return str(d / sub)
-    storage.upload(d / sub, run.uri(st.key, sub))
-    shutil.rmtree(d / sub)
-    return run.uri(st.key, sub)
+    dest = run.uri(st.key, sub)
+    options = task_options(run.exp.resources, st.kind, BUILD_CPUS, gpu=False)
+    ray.get(ray.remote(build_rows).options(**options).remote(pool_files(run), np.asarray(keep, np.int64), dest))
+    return dest

@@ -29,7 +29,7 @@ r.influence — the data influence model, trained on Ray Train (one TorchTrainer
 
 from __future__ import annotations
 
-import json
+import io
 import math
 import tempfile
 import time
@@ -52,8 +52,8 @@ from bliss_ray.mates.probe import Prober
 from bliss_ray.models.arch import influence_arch
 from bliss_ray.stages._ray import (
     cluster_ceiling,
-    copy_checkpoint,
     ensure_ray,
+    final_checkpoint,
     fit,
     report,
     run_config,
@@ -63,7 +63,7 @@ from bliss_ray.stages._ray import (
 )
 from bliss_ray.stages.inputs import round_rows, shared_rows, vocab_size
 from bliss_ray.storage import local_copy
-from bliss_ray.train.checkpoint import read_state, write_metrics
+from bliss_ray.train.checkpoint import write_metrics
 from bliss_ray.train.host_memory import retain_freed_memory
 from bliss_ray.train.schedule import round_peak_lr, wsd_lr
 
@@ -121,9 +121,9 @@ def probe_lr(run, r: int, step: int) -> float:
     return wsd_lr(step, round_peak_lr(p.lr, p.lr_round_factor, r), p.warmup_steps)
 
 
-def _chunk_row_ids(cand: TokenArray, c: int) -> np.ndarray:
+def _chunk_row_ids(cand: np.ndarray, c: int) -> np.ndarray:
     """The row ids of the candidates in probe chunk ``c``."""
-    return cand.row_ids[c * PROBES_PER_CHUNK : (c + 1) * PROBES_PER_CHUNK]
+    return cand[c * PROBES_PER_CHUNK : (c + 1) * PROBES_PER_CHUNK]
 
 
 def _sample_candidates(run, st, d: Path) -> str:
@@ -159,7 +159,7 @@ def _start_probe_actors(res, n_todo: int, *actor_args) -> list:
     ]
 
 
-def _probe_chunks(actors: list, todo: list[int], cand: TokenArray, chunks: str) -> tuple[dict, float]:
+def _probe_chunks(actors: list, todo: list[int], cand: np.ndarray, chunks: str) -> tuple[dict, float]:
     """Probe the chunks in ``todo`` on the actor pool, writing each chunk's file to the store (``chunks``, a
     location: a fresh head resumes with the chunks still missing) as soon as it is done; the actors are killed at
     the end. Returns (the first actor's ``info``, seconds spent probing)."""
@@ -194,10 +194,11 @@ def probe_stage(run, st, d: Path) -> dict:
     exp, r, res = run.exp, st.round, run.exp.resources
     ensure_ray(res)
     state_dir = run.uri(f"r{r - 1}.pretrain", "state")
-    step = int(read_state(run.input(f"r{r - 1}.pretrain", "state"))["step"])
+    step = int(run.outputs(f"r{r - 1}.pretrain")["end_step"])  # its state/ is at that step, and continues from it
     lr = probe_lr(run, r, step)
     cand_dir = _sample_candidates(run, st, d)
-    cand = TokenArray.open(local_copy(cand_dir))
+    # the candidates' row ids in the array's order: the driver reads its ids, never its tokens or the target's state
+    cand = np.load(io.BytesIO(storage.read_bytes(storage.join(cand_dir, "row_ids.npy"))))
     ref_ids, ref_mask, n_ref = _reference_rows(run)
 
     chunks = run.uri(st.key, "_chunks")
@@ -324,7 +325,7 @@ def influence_stage(run, st, d: Path) -> dict:
     train_storage = storage_path(res, run.store)
     t0 = time.perf_counter()
     result = fit(_influence_worker, {"spec": spec}, res, 1, run_config(d.name, train_storage, res), "influence")
-    copy_checkpoint(result, d)
+    storage.copy_tree(final_checkpoint(result, train_storage, d.name), run.uri(st.key))  # store-to-store
     storage.remove(data_dir)
-    summary = json.loads((d / "summary.json").read_text())
+    summary = storage.read_json(run.uri(st.key, "summary.json"))
     return summary | {"probes_used": len(row_ids), "train_seconds": time.perf_counter() - t0, "train_run": result.path}

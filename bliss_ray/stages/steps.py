@@ -89,7 +89,7 @@ def warmup_stage(run: Run, st: Stage, d: Path) -> dict:
     _ray.ensure_ray(res)
     # the proxy keeps its un-decayed state, and no branches
     spec = _lm_spec(run, st, d, "warmup", dataclasses.replace(run.exp.warmup, decay_steps=0, eval_branches=0))
-    out = train_lm.fit_lm(spec, d, _ray.storage_path(res, run.store), res.train_workers)
+    out = train_lm.fit_lm(spec, d, _ray.storage_path(res, run.store), res.train_workers, dest=run.uri(st.key))
     storage.remove(spec.data_dir)
     return out
 
@@ -99,7 +99,8 @@ def pretrain_stage(run: Run, st: Stage, d: Path) -> dict:
     _ray.ensure_ray(exp.resources)
     extra = exp.schedule.final_extra_steps if r == exp.schedule.rounds else 0
     spec = _lm_spec(run, st, d, "pretrain", dataclasses.replace(exp.pretrain, steps=exp.pretrain.steps + extra))
-    out = train_lm.fit_lm(spec, d, _ray.storage_path(exp.resources, run.store), exp.resources.train_workers)
+    train_storage, workers = _ray.storage_path(exp.resources, run.store), exp.resources.train_workers
+    out = train_lm.fit_lm(spec, d, train_storage, workers, dest=run.uri(st.key))
     storage.remove(spec.data_dir)
     return out | {
         "end_step": (r + 1) * exp.pretrain.steps + extra,
@@ -129,7 +130,7 @@ def bilevel_stage(run: Run, st: Stage, d: Path, launch=bilevel.fit_bilevel) -> d
         seed=exp.seed,
         resources=res,
     )
-    out = launch(spec, d, _ray.storage_path(res, run.store), res.bilevel_workers)
+    out = launch(spec, d, _ray.storage_path(res, run.store), res.bilevel_workers, dest=run.uri(st.key))
     storage.remove(spec.train_dir)
     return out | {"train_rows": len(keep)}
 

@@ -18,7 +18,6 @@ replay.
 from __future__ import annotations
 
 import functools
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import ray.train
 import torch
 from ray.train.torch import get_device, prepare_model
 
+from bliss_ray import storage as store
 from bliss_ray.config import ResourcesConfig
 from bliss_ray.costs.flops import forward_flops_per_token
 from bliss_ray.data.tokenizer import load_tokenizer
@@ -34,7 +34,7 @@ from bliss_ray.models.arch import LMArch
 from bliss_ray.models.lm import build_lm, set_activation_checkpointing
 from bliss_ray.stages import _faults
 from bliss_ray.stages._ray import (
-    copy_checkpoint,
+    final_checkpoint,
     fit,
     report,
     resumed_checkpoint,
@@ -43,7 +43,7 @@ from bliss_ray.stages._ray import (
 )
 from bliss_ray.storage import local_copy
 from bliss_ray.train import dist, fsdp
-from bliss_ray.train.checkpoint import LMCheckpoint, RunRecord
+from bliss_ray.train.checkpoint import STATE_FILE, LMCheckpoint, RunRecord
 from bliss_ray.train.lm_run import Branches, LMRun
 from bliss_ray.train.loop import make_optimizer
 from bliss_ray.train.precision import grad_scaler, resolve_precision
@@ -141,9 +141,11 @@ def _worker(loop_config: dict) -> None:
     ).train()
 
 
-def fit_lm(spec: LMTrainSpec, out_dir: Path, storage: str, workers: int) -> dict:
-    """Run the stage on Ray Train and copy the final checkpoint to ``out_dir`` (state/, decay/, branches/,
-    metrics.jsonl). Returns the final step, the Train run's path and the global steps of the branches."""
+def fit_lm(spec: LMTrainSpec, out_dir: Path, storage: str, workers: int, dest: str | None = None) -> dict:
+    """Run the stage on Ray Train and copy the final checkpoint's files to the stage's location ``dest`` (default
+    ``out_dir``; a store URI for a remote run): state/, decay/, branches/, metrics.jsonl. The copy goes
+    store-to-store (``publish_checkpoint``): nothing of it passes through this process. Returns the final step, the
+    Train run's path and the global steps of the branches."""
     res = spec.resources
     if spec.train.eval_branches and res.sharded and workers > 1:
         raise ValueError(  # the config refuses it too; this guards callers that build a spec themselves
@@ -155,18 +157,21 @@ def fit_lm(spec: LMTrainSpec, out_dir: Path, storage: str, workers: int) -> dict
     progress = StepReporter(out_dir.name, spec.start_step, total, flops_per_token=fpt)
     config = run_config(out_dir.name, storage, res)
     result = fit(_worker, {"spec": spec, "progress": progress}, res, workers, config, spec.kind)
-    tmp = copy_checkpoint(result, out_dir / "_final")
-    state = out_dir / "state"
-    shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
-    for item in ("model", "train_state.pt"):
-        shutil.move(str(tmp / item), str(state / item))
-    for item in ("decay", "branches"):
-        shutil.rmtree(out_dir / item, ignore_errors=True)  # a previous attempt's, never mixed with this one's
-        if (tmp / item).exists():
-            shutil.move(str(tmp / item), str(out_dir / item))
-    shutil.move(str(tmp / "metrics.jsonl"), str(out_dir / "metrics.jsonl"))
-    shutil.rmtree(tmp)
-    branches = out_dir / "branches"
-    steps = sorted(int(p.name) for p in branches.iterdir()) if branches.is_dir() else []
+    dest = dest or str(out_dir)
+    publish_checkpoint(final_checkpoint(result, storage, config.name), dest)
+    steps = sorted(int(store.name(p)) for p in store.listdir(store.join(dest, "branches"), dirs=True))
     return {"final_step": result.metrics.get("step"), "train_run": result.path, "branch_steps": steps}
+
+
+def publish_checkpoint(ckpt: str, dest: str) -> None:
+    """The final checkpoint at ``ckpt`` as the stage's outputs at ``dest``: its model and training state in
+    ``state/`` (what round r+1 continues from), its decay model, branches and metrics beside them. A previous
+    attempt's outputs there are removed first, never mixed with this one's."""
+    for item in ("state", "decay", "branches", "metrics.jsonl"):
+        store.remove(store.join(dest, item))
+    for item in ("model", STATE_FILE):
+        store.copy_tree(store.join(ckpt, item), store.join(dest, "state", item))
+    for item in ("decay", "branches"):
+        if store.exists(store.join(ckpt, item)):
+            store.copy_tree(store.join(ckpt, item), store.join(dest, item))
+    store.copy_tree(store.join(ckpt, "metrics.jsonl"), store.join(dest, "metrics.jsonl"))

@@ -83,11 +83,11 @@ class _TuneBilevel:
     def __init__(self, trial_id: str, metric: str):
         self.trial_id, self.metric, self.callbacks = trial_id, metric, []
 
-    def __call__(self, spec, out_dir: Path, storage: str, workers: int) -> dict:
+    def __call__(self, spec, out_dir: Path, storage: str, workers: int, dest: str | None = None) -> dict:
         cb = ForwardToTune({"stage": spec.stage, "final": 0}, self.metric)
         self.callbacks.append(cb)
         name = f"{self.trial_id}-{spec.stage}"
-        return bilevel.fit_bilevel(spec, out_dir, storage, workers, name=name, callbacks=[cb])
+        return bilevel.fit_bilevel(spec, out_dir, storage, workers, name=name, callbacks=[cb], dest=dest)
 
     def runner(self, run: Run, st, d: Path) -> dict:
         """The pipeline's stage runner, with this launcher for bilevel stages. Every stage runs in the trial's own

@@ -239,7 +239,7 @@ class StageConsole:
             raise
         self._finish(watcher, stop, view, lease)
         clear_running(loc)
-        self._each_tracker("stage_end", st.key, st.kind, st.round, result, d)
+        self._each_tracker("stage_end", st.key, st.kind, st.round, result, loc)  # the published stage
         try:
             summary = headline(st.kind, result, loc)
         except Exception:  # outputs of an older layout: the stage is done all the same

@@ -66,7 +66,7 @@ class MLflowTracker:
         for i in range(0, len(metrics), _BATCH):
             self.client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
 
-    def stage_end(self, key: str, kind: str, round_index: int | None, outputs: dict, d: Path) -> None:
+    def stage_end(self, key: str, kind: str, round_index: int | None, outputs: dict, d: str | Path) -> None:
         if key not in self.run_ids:
             return
         self.steps(key, kind, unseen_steps(d, self.last_step.pop(key, None)))

@@ -22,6 +22,7 @@ import json
 import math
 from pathlib import Path
 
+from bliss_ray import storage
 from bliss_ray.pipeline import flat_settings
 
 # record fields that are bookkeeping, not metrics
@@ -77,7 +78,7 @@ class TensorBoardTracker:
     def stage_start(self, key: str, kind: str, d: Path) -> None:
         pass  # a stage's writer opens with its first record (its step decides purge_step)
 
-    def stage_end(self, key: str, kind: str, round_index: int | None, outputs: dict, d: Path) -> None:
+    def stage_end(self, key: str, kind: str, round_index: int | None, outputs: dict, d: str | Path) -> None:
         self.steps(key, kind, unseen_steps(d, self.last_step.get(key)))
         if key in self.writers:
             self.writers.pop(key).close()
@@ -107,22 +108,23 @@ def phase_prefix(record: dict) -> str:
     return "decay/" if phase == "decay" else "branch/" if phase.startswith("branch") else ""
 
 
-def unseen_steps(d: Path, last_step: int | None) -> list[dict]:
-    """The records of a finished Train stage's ``metrics.jsonl`` after ``last_step``: what the live channel did
-    not deliver (a board busy on a loaded machine, a driver that restarted mid-stage) still reaches the trackers."""
-    try:
-        lines = (d / "metrics.jsonl").read_text().splitlines()
-    except OSError:
+def unseen_steps(d: str | Path, last_step: int | None) -> list[dict]:
+    """The records of a finished Train stage's ``metrics.jsonl`` (``d``: its location, local or in the store)
+    after ``last_step``: what the live channel did not deliver (a board busy on a loaded machine, a driver that
+    restarted mid-stage) still reaches the trackers."""
+    data = storage.read_bytes(storage.join(d, "metrics.jsonl"))
+    if data is None:
         return []
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
     return [r for r in records if "step" in r and (last_step is None or int(r["step"]) > last_step)]
 
 
-def round_summary(kind: str, round_index: int | None, outputs: dict, d: Path) -> list[tuple[str, float, int]]:
-    """(tag, value, round) of a finished stage: selection domain shares, evaluation results per checkpoint."""
+def round_summary(kind: str, round_index: int | None, outputs: dict, d: str | Path) -> list[tuple[str, float, int]]:
+    """(tag, value, round) of a finished stage (``d``: its location): selection domain shares, evaluation results
+    per checkpoint."""
     out = []
-    if kind == "select" and round_index is not None and (d / "manifest.json").exists():
-        manifest = json.loads((d / "manifest.json").read_text())
+    manifest = storage.read_json(storage.join(d, "manifest.json")) if kind == "select" else None
+    if round_index is not None and manifest is not None:
         for domain, share in (manifest.get("domain_share") or {}).items():
             out.append((f"selection/share/{domain}", float(share["selected"]), round_index))
     elif kind == "evaluate":

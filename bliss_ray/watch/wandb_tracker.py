@@ -58,7 +58,7 @@ class WandbTracker:
             run.log({prefix + k: v for k, v in _scalars(rec).items()}, step=step)
             self.last_step[key] = step
 
-    def stage_end(self, key: str, kind: str, round_index: int | None, outputs: dict, d: Path) -> None:
+    def stage_end(self, key: str, kind: str, round_index: int | None, outputs: dict, d: str | Path) -> None:
         run = self.runs.get(key)
         if run is None:
             return
