@@ -430,7 +430,7 @@ def test_tiny_table2_sweep_in_a_bucket_survives_a_killed_driver_and_ranks_proxie
     resumed, noop_log = log.read_text().split("==== resume")[1].split("==== no-op")
     assert "(Tuner.restore)" in resumed and "Started a local Ray" not in noop_log and "nothing to run" in noop_log
     trial_dirs = [storage.name(d) for d in storage.listdir(storage.join(out, name), dirs=True)]
-    assert sorted(trial_dirs) == sorted(states)
+    assert sorted(trial_dirs) == sorted([*states, "logs"])  # a run root per trial, and the sweep's log
     print(f"kill test: first run until kill {first_run:.0f} s, resume {resume:.0f} s, no-op {noop:.0f} s")
     print(f"steps reported by the interrupted trial before the kill {before}, after the resume {after}")
 
