@@ -431,9 +431,27 @@ def test_a_sweep_and_a_comparison_on_two_nodes_sharing_only_a_bucket_survive_a_l
         # nothing of Ray's on the console, streamed worker output ("(task pid=N) ...") included: it is in the logs
         ray_lines = [line for line in console.splitlines() if re.search(RAY_INTERNALS + r"|\bpid=\d+\)", line)]
         assert ray_lines == [], console[-5000:]
-        stage_dirs = [p for p in cache.rglob("*") if p.is_dir() and re.search(r"-[0-9a-f]{12}$", p.name)]
+        stage_dirs = [p for p in (cache / "runs").rglob("*") if p.is_dir() and re.search(r"-[0-9a-f]{12}$", p.name)]
         assert stage_dirs == [], stage_dirs  # the driver's disk holds no stage: only logs and TensorBoard files
+        # and its node cache no model, checkpoint or training array: only small inputs it reads (the tokenizer, a
+        # selection's row ids, MATES's reference set)
+        copies = [p.name for p in (cache / "copies").glob("*-*")] if (cache / "copies").is_dir() else []
+        assert not [c for c in copies if re.sub(r"-[0-9a-f]{12}$", "", c) in HEAVY_OUTPUTS], copies
     _assert_study_reports_from_a_fresh_head(out, tree["name"], tmp_path)
+
+
+# what a stage writes that grows with the model or the selection: never on a driver's disk
+HEAVY_OUTPUTS = (
+    "state",
+    "model",
+    "decay",
+    "branches",
+    "score_model",
+    "influence_model",
+    "data",
+    "train_data",
+    "candidates",
+)
 
 
 def _assert_study_reports_from_a_fresh_head(out: str, sweep_name: str, tmp_path: Path) -> None:

@@ -303,7 +303,7 @@ def influence_stage(run, st, d: Path) -> dict:
     exp, r, m, res = run.exp, st.round, run.exp.mates, run.exp.resources
     ensure_ray(res)
     probes_path = run.uri(f"r{r}.probe", "probes.parquet")
-    probes = pq.read_table(run.input(f"r{r}.probe") / "probes.parquet")
+    probes = pq.read_table(io.BytesIO(storage.read_bytes(probes_path)))  # not the probe stage's whole directory
     loss = probes.column("loss").to_numpy()
     row_ids = probes.column("row_id").to_numpy()[np.isfinite(loss)]  # a non-finite probe has no target
     data_dir = shared_rows(run, st, d, "train_data", row_ids)
