@@ -236,6 +236,13 @@ def totals(rows: list[Row]) -> dict[str, float]:
     return out
 
 
+def selection_share(rows: list[Row]) -> float:
+    """Selection's part of the total: the proxy warm-up, the bilevel loop and scoring (or MATES's probes and
+    influence model), as the paper's Table 1 splits BLISS's 8.08 into 6.35 of pretraining and 1.73 of the rest."""
+    total = totals(rows)
+    return (total.get("selection", 0.0) + total.get("warm-up", 0.0)) / total["total"]
+
+
 def unit_of(total: float) -> int:
     """The power of ten to print FLOPs in: 19 for paper-scale runs (as Table 1), smaller for demos."""
     return 19 if total >= 1e18 else math.floor(math.log10(max(total, 1.0)))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bliss_ray.costs.ledger import ledger, totals
+from bliss_ray.costs.ledger import ledger, selection_share, totals
 from bliss_ray.report.collect import reach_step
 from bliss_ray.studies.compare_spec import spent_flops
 
@@ -34,7 +34,6 @@ def curve_of(variant: str, seed: int, exp, evaluate: dict, pool_rows: int | None
     rows = ledger(exp, pool_rows_per_round=pool_rows)
     cks = sorted(evaluate["checkpoints"], key=lambda c: c["steps"])
     total = totals(rows)
-    sel = sum(r.flops for r in rows if r.group in ("selection", "warm-up"))
     return Curve(
         variant,
         seed,
@@ -43,7 +42,7 @@ def curve_of(variant: str, seed: int, exp, evaluate: dict, pool_rows: int | None
         np.array([c[METRIC] for c in cks], dtype=float),
         np.array([np.nan if c.get("paper_average") is None else c["paper_average"] for c in cks]),
         total["total"],
-        sel / total["total"],
+        selection_share(rows),
     )
 
 
