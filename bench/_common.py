@@ -281,6 +281,7 @@ def set_section(path: Path, name: str, body: str, title: str) -> None:
 SCRIPT_SECTIONS = {
     "object_store": ("Object-store run root vs local disk", "bench/object_store.py"),
     "console": ("Console budgets", "bench/console_latency.py"),
+    "driver_scale": ("A remote run's driver as the pool grows", "bench/driver_scale.py"),
 }
 
 
@@ -289,9 +290,11 @@ def section_title(name: str) -> str:
     return f"{title} ({script}, not in make bench)"
 
 
-def record_lines(path: Path, name: str, lines: list[str]) -> None:
-    """Record a script's printed result lines, under the command that made them, as its RESULTS.md section."""
-    set_section(path, name, "\n".join([f"Command: `{command()}`", "", "```", *lines, "```"]), section_title(name))
+def record_lines(path: Path, name: str, lines: list[str], figure: str | None = None) -> None:
+    """Record a script's printed result lines, under the command that made them, as its RESULTS.md section (with
+    a figure, a path relative to ``path``, below them)."""
+    body = [f"Command: `{command()}`", "", "```", *lines, "```"] + (["", f"![{name}]({figure})"] if figure else [])
+    set_section(path, name, "\n".join(body), section_title(name))
 
 
 def line(label: str, value: float, detail: str = "", fmt: str = "{:.3f}") -> str:

@@ -180,6 +180,13 @@ def _tree_bytes(fs: pafs.FileSystem, path: str) -> int:
     return sum(i.size for i in infos if i.type == pafs.FileType.File)
 
 
+def size(loc: str | Path) -> int:
+    """Bytes of the file, or of every file of the directory tree, at ``loc`` (0 if nothing is there)."""
+    fs, p = resolve(loc)
+    info = fs.get_file_info(p)
+    return info.size if info.type == pafs.FileType.File else _tree_bytes(fs, p)
+
+
 def upload(local_dir: str | Path, loc: str | Path) -> None:
     """Copy a local directory tree to a location (no-op when they are the same directory)."""
     fs, p = resolve(loc)
@@ -229,10 +236,12 @@ def copy_tree(src: str | Path, dst: str | Path, keep=lambda rel: True) -> int:
     return total
 
 
-def download_files(loc: str | Path, local_dir: str | Path, keep) -> int:
+def download_files(loc: str | Path, local_dir: str | Path, keep, filesystem: pafs.FileSystem | None = None) -> int:
     """Copy the files under ``loc`` whose path relative to it passes ``keep(rel)`` into ``local_dir``, keeping
-    their relative paths (a light local view of a run: its JSON and metrics, not its models). Returns the count."""
-    fs, root = resolve(loc)
+    their relative paths (a light local view of a run: its JSON and metrics, not its models). Returns the count.
+    ``filesystem``: ``loc`` is a path in it (as Ray Train gives a checkpoint's), not a location."""
+    fs, root = (filesystem, str(loc)) if filesystem is not None else resolve(loc)
+    remote = not isinstance(fs, pafs.LocalFileSystem)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     n = 0
     for info in infos:
@@ -243,7 +252,7 @@ def download_files(loc: str | Path, local_dir: str | Path, keep) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with fs.open_input_stream(info.path) as f:
             dest.write_bytes(f.read())
-        _moved(loc, read=info.size)
+        _MOVED["read"] += info.size if remote else 0
         n += 1
     return n
 

@@ -15,6 +15,12 @@ import socket
 import uuid
 from collections.abc import Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bliss_ray import storage
+
 
 def use_fake_aws_credentials() -> None:
     """moto takes any key; never ask an instance-metadata endpoint for credentials (there is no network). Call it
@@ -43,3 +49,30 @@ def local_s3_bucket() -> Iterator[str]:
         yield f"s3://{bucket}?{options}"
     finally:
         server.stop()
+
+
+def plant_scored_pool(run, files: int, rows_per_file: int, scored_round: int = 1) -> None:
+    """``files`` packed pool files of random tokens and a logit for every row, where ``run``'s tokenize stage and
+    round ``scored_round``'s score stage would have put them: a pool of any size for the select and array-build
+    stages, without tokenizing or scoring anything."""
+    rng = np.random.default_rng(files)
+    seq_len = run.exp.data.seq_len
+    for f in range(files):
+        ids = np.arange(f * rows_per_file, (f + 1) * rows_per_file, dtype=np.int64)
+        tokens = rng.integers(0, 500, (len(ids), seq_len), dtype=np.int32)  # (rows, L)
+        name = f"{f:05d}-pool-00000"
+        packed = {
+            "row_id": ids,
+            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel()), seq_len),
+            "domain": np.array(["web", "books", "code"])[ids % 3],
+        }
+        _write_parquet(run.uri("tokenize", "pool", "packed", f"{name}.parquet"), pa.table(packed))
+        logits = rng.normal(size=len(ids)).astype(np.float32)
+        scores = pa.table({"row_id": ids, "logit": logits, "ok": np.ones(len(ids), bool)})
+        _write_parquet(run.uri(f"r{scored_round}.score", "scores", f"src={name}", "part-0.parquet"), scores)
+
+
+def _write_parquet(loc: str, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(loc, sink.getvalue().to_pybytes())

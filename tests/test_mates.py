@@ -240,7 +240,7 @@ def test_tiny_mates_pipeline_reuses_round_zero_and_reports_with_flops(tiny_run, 
     from bliss_ray.report.build import build_report
     from bliss_ray.report.collect import find_variants
     from bliss_ray.stages.executor import execute
-    from bliss_ray.stages.inputs import pool_files, round_rows
+    from bliss_ray.stages.inputs import pool_files, shard_sample
     from bliss_ray.stages.mates import probe_lr
     from bliss_ray.stages.steps import run_stage
 
@@ -259,8 +259,7 @@ def test_tiny_mates_pipeline_reuses_round_zero_and_reports_with_flops(tiny_run, 
 
     run = Run(load_tiny(**overrides), bliss_run.root.parent)
     # a chunk an earlier attempt finished, in the stage's location in the store: probing resumes without it
-    shard_ids, _ = round_rows(run, 1)
-    keep = np.random.default_rng([run.exp.seed, 1, 2]).choice(shard_ids, 32, replace=False)
+    keep = shard_sample(run, 1, 32, run.exp.seed, 1, 2).resolve(pool_files(run))
     chunk_ids = TokenArray.build(pool_files(run), tmp_path / "cand", keep_ids=keep).row_ids[16:32]
     planted = pa.table({"row_id": pa.array(chunk_ids, pa.int64()), "loss": pa.array(np.full(16, 1e6))})
     pq.write_table(planted, tmp_path / "chunk.parquet")

@@ -108,3 +108,20 @@ def select_round(
         **settings,
     )
     return chosen, m
+
+
+def select_shard(
+    files: list[str],
+    shard: tuple[int, int] | None,
+    score_dir: str | None,
+    rule: str,
+    keep_frac: float,
+    seed: int,
+    temperature: float = 1.0,
+    **settings,
+) -> tuple[np.ndarray, dict]:
+    """``select_round`` on a round's shard of the packed ``files``, with the scores in ``score_dir`` (None for
+    ``random``): what a select stage computes, wherever it runs."""
+    row_ids, domains = pool_rows(files, shard)
+    values = None if score_dir is None else score_column(score_dir, row_ids)
+    return select_round(row_ids, domains, values, rule, keep_frac, seed, temperature, **settings)

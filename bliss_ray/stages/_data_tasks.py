@@ -1,5 +1,6 @@
-"""Functions that run in Ray task workers (not actors): the scoring stage's shard filter (a Ray Data map) and the
-build of a stage's training array on a worker node (a task).
+"""Functions that run in Ray task workers (not actors): the scoring stage's shard filter (a Ray Data map), a
+round's selection and the build of a stage's training array on a worker node (tasks). A remote run's driver sends
+them locations and seeds, never a list of rows: what they read grows with the pool, what the driver reads does not.
 
 Kept apart from the stage modules on purpose: Ray imports a mapped function's module in every task worker, and
 ``stages/score.py`` (the scorer) and ``stages/_ray.py`` (Train glue) import torch, which would cost each
@@ -8,18 +9,46 @@ torch-free parts (``data/packing.py``, ``data/tokens.py``, ``storage``); a test 
 transformers made unimportable.
 
     ds = ds.map_batches(keep_shard, fn_kwargs={"shard": (r, n)}, batch_format="numpy")
-    ray.remote(num_cpus=0.25)(build_rows).remote(files, keep_ids, "s3://bkt/run/r0.warmup-ab12/data")
+    ray.remote(num_cpus=0.25)(build_rows).remote(files, RowChoice(selected=sel), "s3://bkt/run/r0.warmup-ab12/data")
 """
 
 from __future__ import annotations
 
+import io
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from bliss_ray import storage
 from bliss_ray.data.packing import file_key, shard_of
 from bliss_ray.data.tokens import TokenArray
+from bliss_ray.selection.pool import pool_rows, select_shard
+
+
+@dataclass(frozen=True)
+class RowChoice:
+    """Which pool rows a stage's token array holds, resolved where the array is built: explicit ``ids`` (a few,
+    e.g. MATES's probes), the ids of a select stage's ``selected`` file, or ``sample`` rows drawn without
+    replacement from the round's ``shard`` with ``seed``."""
+
+    ids: np.ndarray | None = None
+    selected: str | None = None
+    sample: int = 0
+    shard: tuple[int, int] | None = None
+    seed: tuple[int, ...] = ()
+
+    def resolve(self, files: list[str]) -> np.ndarray:
+        if self.ids is not None:
+            return np.asarray(self.ids, np.int64)
+        if self.selected is not None:
+            return pq.read_table(io.BytesIO(storage.read_bytes(self.selected))).column("row_id").to_numpy()
+        shard_ids, _ = pool_rows(files, self.shard)
+        return np.random.default_rng(list(self.seed)).choice(
+            shard_ids, min(self.sample, len(shard_ids)), replace=False
+        )
 
 
 def keep_shard(batch: dict, shard: tuple[int, int] | None) -> dict:
@@ -30,13 +59,26 @@ def keep_shard(batch: dict, shard: tuple[int, int] | None) -> dict:
     return {k: v[keep] for k, v in batch.items()} | {"src": src[keep]}
 
 
-def build_rows(files: list[str], keep_ids: np.ndarray, dest: str) -> int:
-    """Materialise the pool rows ``keep_ids`` of ``files`` into a ``TokenArray`` in a temporary directory of this
-    node, upload it to ``dest`` and remove the local copy; returns its number of rows. Runs where the task lands
-    (a worker node), so the array's tokens pass through neither the driver nor its disk."""
+def build_rows(files: list[str], rows: RowChoice, dest: str) -> int:
+    """Materialise the pool ``rows`` of ``files`` into a ``TokenArray`` at ``dest``; returns its number of rows.
+    For a store location it is built in a temporary directory of this node, uploaded and removed: run as a task on
+    a worker node, the rows' ids and tokens pass through neither the driver nor its disk."""
+    keep_ids = rows.resolve(files)
+    if not storage.is_remote(dest):
+        return len(TokenArray.build(files, dest, keep_ids=keep_ids))
     scratch = storage.cache_root()
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rows_", dir=scratch) as tmp:
         array = TokenArray.build(files, f"{tmp}/array", keep_ids=keep_ids)
         storage.upload(f"{tmp}/array", dest)
         return len(array)
+
+
+def select_rows(files: list[str], shard: tuple[int, int] | None, score_dir: str | None, dest: str, **rule) -> dict:
+    """A round's selection (``selection.pool.select_shard`` with the ``rule`` settings): the chosen row ids written
+    to ``dest`` (a parquet file), the manifest returned. The pool's ids, domains and scores stay in this process."""
+    chosen, manifest = select_shard(files, shard, score_dir, **rule)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"row_id": pa.array(chosen, pa.int64())}), sink)
+    storage.write_bytes(dest, sink.getvalue().to_pybytes())
+    return manifest

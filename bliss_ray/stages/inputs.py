@@ -1,5 +1,5 @@
 """What a stage reads: the packed pool's files, a round's shard of it, the vocabulary, and token arrays of chosen
-rows that the stage's workers can read wherever they run.
+rows that the stage's workers can read wherever they run, built where the pool's rows are read (``on_worker``).
 
 Workers on other nodes are given store locations (``Run.uri``), never a path on this node: they read them through
 ``storage.local_copy`` and write them through ``bliss_ray.storage``.
@@ -7,24 +7,21 @@ Workers on other nodes are given store locations (``Run.uri``), never a path on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import ray
 
 from bliss_ray import storage
 from bliss_ray.data.tokenizer import load_tokenizer
-from bliss_ray.data.tokens import TokenArray
 from bliss_ray.models.arch import padded_vocab
 from bliss_ray.pipeline import Run, Stage
-from bliss_ray.selection.pool import pool_rows
-from bliss_ray.stages._data_tasks import build_rows
+from bliss_ray.stages._data_tasks import RowChoice, build_rows
 from bliss_ray.stages._ray import task_options
 
-# the build reads parquet and writes a memmap, one file at a time: a fraction of a CPU, so that it never waits for
-# one on a small machine whose CPUs the stage's own Train workers or Data actors are about to take
-BUILD_CPUS = 0.25
+# a selection or a build reads parquet and writes a file, one at a time: a fraction of a CPU, so that it never waits
+# for one on a small machine whose CPUs the stage's own Train workers or Data actors are about to take
+TASK_CPUS = 0.25
 
 
 def pool_files(run: Run) -> list[str]:
@@ -38,9 +35,9 @@ def round_shard(run: Run, r: int) -> tuple[int, int] | None:
     return (r, s.rounds + 1) if s.pool_sharding == "disjoint" else None
 
 
-def round_rows(run: Run, r: int) -> tuple[np.ndarray, pd.Categorical]:
-    """(row ids, domains) of round r's shard of the packed pool (``selection.pool.pool_rows``)."""
-    return pool_rows(pool_files(run), round_shard(run, r))
+def shard_sample(run: Run, r: int, n: int, *seed: int) -> RowChoice:
+    """``n`` rows of round r's shard, drawn with ``seed`` where the rows are built."""
+    return RowChoice(sample=n, shard=round_shard(run, r), seed=seed)
 
 
 def vocab_size(run: Run, which: str) -> int:
@@ -49,15 +46,18 @@ def vocab_size(run: Run, which: str) -> int:
     return m.vocab_size or padded_vocab(len(load_tokenizer(run.input("tokenizer", "tokenizer"))))
 
 
-def shared_rows(run: Run, st: Stage, d: Path, sub: str, keep: np.ndarray) -> str:
-    """The pool rows ``keep`` as a token array where the stage's workers can read it: built in ``d/sub`` for a
-    local run; for a remote one, built by a Ray task on a node with CPUs (never a 0-CPU head) that uploads it to the
-    stage's directory in the store, so its tokens never pass through the driver (the stage removes it when its
-    workers are done). Returns its location."""
+def on_worker(run: Run, st: Stage, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` here for a local run; for a remote one, a Ray task on a node with CPUs (never a
+    0-CPU head), so that what ``fn`` reads (the pool's ids, scores and tokens) never reaches the driver."""
     if not run.remote:
-        TokenArray.build(pool_files(run), d / sub, keep_ids=keep)
-        return str(d / sub)
-    dest = run.uri(st.key, sub)
-    options = task_options(run.exp.resources, st.kind, BUILD_CPUS, gpu=False)
-    ray.get(ray.remote(build_rows).options(**options).remote(pool_files(run), np.asarray(keep, np.int64), dest))
-    return dest
+        return fn(*args, **kwargs)
+    options = task_options(run.exp.resources, st.kind, TASK_CPUS, gpu=False)
+    return ray.get(ray.remote(fn).options(**options).remote(*args, **kwargs))
+
+
+def shared_rows(run: Run, st: Stage, d: Path, sub: str, rows: RowChoice) -> tuple[str, int]:
+    """(location, number of rows) of a token array of the pool ``rows`` that the stage's workers can read: ``d/sub``
+    for a local run; the stage's directory in the store for a remote one, built and uploaded by a task on a worker
+    node (the stage removes it when its workers are done)."""
+    dest = run.uri(st.key, sub) if run.remote else str(d / sub)
+    return dest, on_worker(run, st, build_rows, pool_files(run), rows, dest)

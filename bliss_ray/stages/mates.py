@@ -50,6 +50,7 @@ from bliss_ray.data.tokens import TokenArray
 from bliss_ray.mates.influence import train_influence_model
 from bliss_ray.mates.probe import Prober
 from bliss_ray.models.arch import influence_arch
+from bliss_ray.stages._data_tasks import RowChoice
 from bliss_ray.stages._ray import (
     cluster_ceiling,
     ensure_ray,
@@ -61,7 +62,7 @@ from bliss_ray.stages._ray import (
     storage_path,
     task_options,
 )
-from bliss_ray.stages.inputs import round_rows, shared_rows, vocab_size
+from bliss_ray.stages.inputs import shard_sample, shared_rows, vocab_size
 from bliss_ray.storage import local_copy
 from bliss_ray.train.checkpoint import write_metrics
 from bliss_ray.train.host_memory import retain_freed_memory
@@ -128,11 +129,8 @@ def _chunk_row_ids(cand: np.ndarray, c: int) -> np.ndarray:
 
 def _sample_candidates(run, st, d: Path) -> str:
     """A seeded sample of ``mates.probes`` rows of the round's pool shard, written as a shared TokenArray."""
-    r = st.round
-    shard_ids, _ = round_rows(run, r)
-    n = min(run.exp.mates.probes, len(shard_ids))
-    keep = np.random.default_rng([run.exp.seed, r, 2]).choice(shard_ids, n, replace=False)
-    return shared_rows(run, st, d, "candidates", keep)  # rows in pool order
+    rows = shard_sample(run, st.round, run.exp.mates.probes, run.exp.seed, st.round, 2)
+    return shared_rows(run, st, d, "candidates", rows)[0]  # rows in pool order
 
 
 def _reference_rows(run) -> tuple[np.ndarray, np.ndarray | None, int]:
@@ -306,7 +304,7 @@ def influence_stage(run, st, d: Path) -> dict:
     probes = pq.read_table(io.BytesIO(storage.read_bytes(probes_path)))  # not the probe stage's whole directory
     loss = probes.column("loss").to_numpy()
     row_ids = probes.column("row_id").to_numpy()[np.isfinite(loss)]  # a non-finite probe has no target
-    data_dir = shared_rows(run, st, d, "train_data", row_ids)
+    data_dir, _ = shared_rows(run, st, d, "train_data", RowChoice(ids=row_ids))
     spec = InfluenceSpec(
         stage=st.key,
         data_dir=data_dir,

@@ -12,19 +12,15 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from bliss_ray import storage
 from bliss_ray.data.corpus import iter_texts, resolve_files
 from bliss_ray.data.tokenizer import load_tokenizer, train_bpe
 from bliss_ray.models.arch import arch_from_preset
 from bliss_ray.pipeline import Run, Stage
 from bliss_ray.report.build import build_report
-from bliss_ray.selection.pool import score_column, select_round
 from bliss_ray.stages import _ray, bilevel, evaluate, mates, score, tokenize, train_lm
-from bliss_ray.stages.inputs import pool_files, round_rows, round_shard, shared_rows, vocab_size
+from bliss_ray.stages._data_tasks import RowChoice, select_rows
+from bliss_ray.stages.inputs import on_worker, pool_files, round_shard, shard_sample, shared_rows, vocab_size
 from bliss_ray.train.settings import TrainSettings
 
 
@@ -50,16 +46,21 @@ def tokenize_stage(run: Run, st: Stage, d: Path) -> dict:
 
 def select_stage(run: Run, st: Stage, d: Path) -> dict:
     exp, r = run.exp, st.round
-    row_ids, domains = round_rows(run, r)
     method = "random" if r == 0 else exp.selection.method
-    values = score_column(run.uri(f"r{r}.score", "scores"), row_ids) if method in ("bliss", "mates") else None
-    rule = {"bliss": exp.selection.rule, "mates": "mates", "random": "random"}[method]
-    tau = exp.mates.temperature if method == "mates" else exp.selection.temperature
-    seed = exp.selection.seed + 1000 * r  # a different random draw each round
-    chosen, m = select_round(row_ids, domains, values, rule, exp.selection.keep_frac, seed, tau, round=r)
-    pq.write_table(pa.table({"row_id": pa.array(chosen, pa.int64())}), d / "selected.parquet")
+    score_dir = run.uri(f"r{r}.score", "scores") if method in ("bliss", "mates") else None
+    rule = {
+        "rule": {"bliss": exp.selection.rule, "mates": "mates", "random": "random"}[method],
+        "keep_frac": exp.selection.keep_frac,
+        "seed": exp.selection.seed + 1000 * r,  # a different random draw each round
+        "temperature": exp.mates.temperature if method == "mates" else exp.selection.temperature,
+        "round": r,
+    }
+    if run.remote:
+        _ray.ensure_ray(exp.resources)
+    dest = run.uri(st.key, "selected.parquet") if run.remote else str(d / "selected.parquet")
+    m = on_worker(run, st, select_rows, pool_files(run), round_shard(run, r), score_dir, dest, **rule)
     storage.write_json(d / "manifest.json", m)
-    out = {"selected": len(chosen), "pool_size": m["pool_size"], "method": rule}
+    out = {"selected": m["selected"], "pool_size": m["pool_size"], "method": rule["rule"]}
     return out | ({"canaries": m["canaries"]} if "canaries" in m else {})  # for the comparison report
 
 
@@ -67,13 +68,12 @@ def _lm_spec(run: Run, st: Stage, d: Path, which: str, train: TrainSettings) -> 
     """The Train spec of a warm-up (the proxy) or a round's pretraining (the target), on the round's selection."""
     exp, r = run.exp, st.round or 0
     model = "proxy" if which == "warmup" else "target"
-    keep = pq.read_table(run.input(f"r{r}.select") / "selected.parquet").column("row_id").to_numpy()
     return train_lm.LMTrainSpec(
         stage=st.key,
         arch=arch_from_preset(getattr(exp.models, model).arch, vocab_size(run, model)),
         seq_len=exp.data.seq_len,
         tokenizer_dir=run.uri("tokenizer", "tokenizer"),
-        data_dir=shared_rows(run, st, d, "data", keep),
+        data_dir=shared_rows(run, st, d, "data", RowChoice(selected=run.uri(f"r{r}.select", "selected.parquet")))[0],
         init_dir=run.uri(f"r{r - 1}.pretrain", "state") if which == "pretrain" and r > 0 else None,
         start_step=r * exp.pretrain.steps if which == "pretrain" else 0,
         train=train,
@@ -116,8 +116,7 @@ def bilevel_stage(run: Run, st: Stage, d: Path, launch=bilevel.fit_bilevel) -> d
     _ray.ensure_ray(res)
     # only the rows the loop will visit: T·K(+1)·B_global, a seeded sample of the round's shard
     need = b.outer_steps * b.micro_batches_per_step * b.micro_batch_seqs * res.bilevel_workers
-    shard_ids, _ = round_rows(run, r)
-    keep = np.random.default_rng([exp.seed, r]).choice(shard_ids, min(need, len(shard_ids)), replace=False)
+    train_dir, train_rows = shared_rows(run, st, d, "train_data", shard_sample(run, r, need, exp.seed, r))
     inherit = b.score_carry == "inherit" and r > 1
     spec = bilevel.BilevelSpec(
         stage=st.key,
@@ -125,14 +124,14 @@ def bilevel_stage(run: Run, st: Stage, d: Path, launch=bilevel.fit_bilevel) -> d
         proxy_dir=run.uri("warmup", "state", "model"),
         target_dir=run.uri(f"r{r - 1}.pretrain", "state", "model") if b.uses_kl else None,
         score_dir=run.uri(f"r{r - 1}.bilevel", "score_model") if inherit else None,
-        train_dir=shared_rows(run, st, d, "train_data", keep),
+        train_dir=train_dir,
         reference_dir=run.uri("tokenize", "reference", "array"),
         seed=exp.seed,
         resources=res,
     )
     out = launch(spec, d, _ray.storage_path(res, run.store), res.bilevel_workers, dest=run.uri(st.key))
     storage.remove(spec.train_dir)
-    return out | {"train_rows": len(keep)}
+    return out | {"train_rows": train_rows}
 
 
 def score_stage(run: Run, st: Stage, d: Path) -> dict:
