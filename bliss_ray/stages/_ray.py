@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -27,6 +28,7 @@ from bliss_ray import storage
 from bliss_ray.config import ResourcesConfig
 from bliss_ray.costs.memory import DEVICES
 from bliss_ray.stages import _faults
+from bliss_ray.train.dcp_store import StoreReader
 from bliss_ray.train.host_memory import worker_env
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
@@ -164,17 +166,26 @@ def start_worker(threads: int | None) -> tuple[int, int]:
 @contextlib.contextmanager
 def resumed_checkpoint() -> Iterator[Path | None]:
     """Inside a Train worker: a local copy of the checkpoint an earlier attempt registered (None on a first
-    attempt), removed when the block ends: everything needed is loaded by then (a 1B model's with AdamW state is
-    ~12 GB)."""
+    attempt), removed when the block ends: everything needed is loaded by then. A sharded checkpoint's DCP data
+    files are not copied (a 1B model's with AdamW state is ~12 GB): each rank reads its own shards where they lie,
+    through ``resumed_shards``."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         yield None
         return
-    local = Path(ckpt.to_directory(tempfile.mkdtemp(prefix="resume_")))
+    local = Path(tempfile.mkdtemp(prefix="resume_"))
+    shard = re.compile(r"dcp/.*\.distcp")
+    storage.download_files(ckpt.path, local, keep=lambda rel: not shard.fullmatch(rel), filesystem=ckpt.filesystem)
     try:
         yield local
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def resumed_shards() -> StoreReader | None:
+    """Inside a Train worker: a reader of the resumed checkpoint's DCP shards in place (None on a first attempt)."""
+    ckpt = ray.train.get_checkpoint()
+    return None if ckpt is None else StoreReader(ckpt.filesystem, f"{ckpt.path.rstrip('/')}/dcp")
 
 
 def accelerator_type(res: ResourcesConfig, kind: str) -> str | None:

@@ -38,6 +38,7 @@ from bliss_ray.stages._ray import (
     fit,
     report,
     resumed_checkpoint,
+    resumed_shards,
     run_config,
     start_worker,
 )
@@ -111,7 +112,7 @@ def _worker(loop_config: dict) -> None:
         model, state, record = LMCheckpoint.open(source, resumed=resume is not None, build=build)
         branches = Branches(rank, resume / "branches" if resume is not None else None)
         model, ckpt = _prepare(model, spec, peak_lr, tokenizer, rank, world)
-        ckpt.load_optimizer(source, state)
+        ckpt.load_optimizer(source, state, shards=resumed_shards() if resume is not None else None)
 
     def load(global_step: int) -> list[torch.Tensor]:  # this stage's data stream starts at 0
         local = global_step - spec.start_step

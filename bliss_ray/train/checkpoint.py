@@ -124,10 +124,12 @@ class LMCheckpoint:
         record.metrics = read_metrics(source / "metrics.jsonl")
         return model, state, record
 
-    def load_optimizer(self, source: Path | None, state: dict) -> None:
-        """The AdamW state (and fp16's loss scale) the stage continues from, into this rank's optimizer."""
+    def load_optimizer(self, source: Path | None, state: dict, shards=None) -> None:
+        """The AdamW state (and fp16's loss scale) the stage continues from, into this rank's optimizer. A sharded
+        ``source`` holds its DCP ``.metadata``; its data files are read through ``shards`` (a
+        ``dcp_store.StoreReader`` of them where they lie) when given, else from ``source``."""
         if source is not None and (source / "dcp").is_dir():
-            fsdp.load(self.model, self.optimizer, source / "dcp")
+            fsdp.load(self.model, self.optimizer, shards or source / "dcp")
         elif "optimizer" in state and self.sharded:
             fsdp.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         elif "optimizer" in state:

@@ -30,6 +30,7 @@ import math
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import StorageReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -104,11 +105,15 @@ def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> None
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
 
 
-def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
-    """Every rank: read a ``save`` directory into this (sharded or unsharded) model and its optimizer."""
+def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, source) -> None:
+    """Every rank: read a ``save`` directory (a local path, or a ``dcp_store.StoreReader`` that reads only this
+    rank's shards where they lie) into this (sharded or unsharded) model and its optimizer."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    if isinstance(source, StorageReader):
+        dcp.load(state, storage_reader=source)
+    else:
+        dcp.load(state, checkpoint_id=str(source))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
