@@ -120,6 +120,16 @@ def test_sweep_report_keeps_a_difference_beyond_the_band(tmp_path):
     assert "≈" not in text.split("### Ablation")[1].split("Mean ±")[0]
 
 
+def test_the_paper_column_shows_what_the_paper_reports_beside_each_variant(tmp_path):
+    d = _sweep_dir(tmp_path, {(True,): [5.0, 6.0], (False,): [6.0, 7.0]})
+    meta = json.loads((d / "sweep.json").read_text())
+    meta["paper"] = {"source": "the rebuttal's Table 2", "rows": {"use_sigmoid=True": "44.7 (1.3)"}}
+    (d / "sweep.json").write_text(json.dumps(meta))
+    text = _report(tmp_path, d)
+    assert "| best | 44.7 (1.3) |" in text and "| ≈ best (band 1.4142) | – |" in text
+    assert "The paper's column: the rebuttal's Table 2." in text
+
+
 def test_one_seed_per_variant_says_the_noise_is_unknown(tmp_path):
     """A sigmoid case as once reported: 0.0001 nats apart, one seed each."""
     text = _report(tmp_path, _sweep_dir(tmp_path, {(True,): [7.0300], (False,): [7.0301]}))

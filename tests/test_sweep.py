@@ -69,6 +69,10 @@ BAD = {
         {"stage": "bilevel", "metric": "upper_loss", "space": {"bilevel.use_sigmoid": {"grid": [True]}}, "round": 2},
         "round",
     ),
+    "paper row naming no variant": (
+        {"paper": {"source": "Table 2", "rows": {"proxy 31M (pythia-micro), sigmod": "44.7"}}},
+        "paper: rows ['proxy 31M (pythia-micro), sigmod'] name no variant",
+    ),
     # Table 2 as once reported: the proxy's own loss ranks proxy capacity, not the data the proxy selects
     "proxy-level metric across proxies": ({"stage": "bilevel", "metric": "upper_loss"}, "metric: 'upper_loss'"),
     "proxy-level metric across warm-ups": (

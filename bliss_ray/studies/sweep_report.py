@@ -146,7 +146,9 @@ def _variant_rows(meta: dict, df: pd.DataFrame) -> list[str]:
     means = {vk: r["mean"] for vk, r in stats.items() if r["mean"] is not None and not at_chance[vk]}
     best = (min if meta["mode"] == "min" else max)(means, key=means.get) if means and ranked else None
     spread = seed_spread(df, metric)[0]
+    paper = (meta.get("paper") or {}).get("rows")
     head = [*keys, f"**{metric}** (mean ± std)", "n", f"Δ {metric} vs best", "vs best", *others]
+    head += ["the paper reports"] if paper else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(stats, key=lambda vk: (stats[vk]["mean"] is None, stats[vk]["mean"] or 0.0))
     for vk in order[::-1] if meta["mode"] == "max" else order:
@@ -165,6 +167,7 @@ def _variant_rows(meta: dict, df: pd.DataFrame) -> list[str]:
         shown = (f"**{shown}**" if vk == best else shown) + (_chance_note(r) if metric == "paper_average" else "")
         cells += [shown, str(len(g)), delta, verdict]
         cells += [_stat(g[m]) + (_chance_note(r) if m == "paper_average" else "") for m in others]
+        cells += [paper.get(g["variant"].iloc[0], "–")] if paper else []
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -340,6 +343,7 @@ def sweep_section(sweep_dir: Path, out: Path) -> list[str]:
     curves = pd.read_parquet(sweep_dir / CURVES) if (sweep_dir / CURVES).exists() else pd.DataFrame()
     curves = curves.sort_values(["trial_id", "step"]) if len(curves) else curves  # variants in trial order
     metric, n_ok = meta["metric"], int((df["status"] == "ok").sum())
+    trial_s = df["time_total_s"].sum() if "time_total_s" in df else 0.0
     objective = (
         f"`{metric}` = the {DESCRIBE[metric]}, mean of the last {meta['last_steps']} steps of bilevel round "
         f"{meta['round']}"
@@ -358,7 +362,8 @@ def sweep_section(sweep_dir: Path, out: Path) -> list[str]:
     md += [
         f"- base: `{Path(meta['base_file']).name}` + overrides `{json.dumps(meta['overrides'])}`",
         f"- objective: {objective}; {'lower' if meta['mode'] == 'min' else 'higher'} is better",
-        f"- search: {search}; seeds: {meta.get('seeds') or 'the base seed'}; trials: {len(df)} ({n_ok} finished)",
+        f"- search: {search}; seeds: {meta.get('seeds') or 'the base seed'}; trials: {len(df)} ({n_ok} finished, "
+        f"{trial_s:.0f} s of trial time in all, the setup stages before Tune not counted)",
         f"- from `{sweep_dir}`",
         "",
         *[f"> {w}\n" for w in _warnings(meta, df)],
@@ -367,6 +372,7 @@ def sweep_section(sweep_dir: Path, out: Path) -> list[str]:
         *_variant_rows(meta, df),
         "",
         "Mean ± sample std over the variant's trials (seeds); n = finished trials; a single trial shows its value.",
+        *([f"The paper's column: {meta['paper']['source']}."] if meta.get("paper") else []),
         "",
         *_noise_lines(meta, df),
         "",

@@ -97,6 +97,14 @@ class Asha(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+class PaperRows(_Strict):
+    """What the paper reports for some variants, shown beside ours: ``rows`` maps a variant's label (as the report
+    names it, from ``labels``) to the paper's number for it; ``source`` says which table, setting and metric."""
+
+    source: str
+    rows: dict[str, str] = Field(min_length=1)
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -119,6 +127,7 @@ class SweepSpec(_Strict):
     """Resources of a trial driver (it only orchestrates). The shipped clusters use ``{CPU: 1, TRAIN_DRIVER: 1}``:
     ``TRAIN_DRIVER`` exists only on their on-demand ``cpu_drivers`` nodes, so spot reclaims never kill a driver."""
     asha: Asha | None = None
+    paper: PaperRows | None = None
     baseline: dict[str, Any] | None = None
     """Overrides that turn the base into the baseline (e.g. ``{selection.method: random}``), run once per seed
     before Tune starts; metric ``steps_to_baseline`` is the target steps a trial needs to reach its final
@@ -252,6 +261,9 @@ def _check_objective(spec: SweepSpec, where: str) -> None:
     for key in spec.labels:
         if key not in spec.space:
             raise ConfigError(f"{where}: labels: '{key}' is not a key of space")
+    unknown = set(spec.paper.rows) - {variant_label(spec, p) for p in points(spec)} if spec.paper else set()
+    if unknown:
+        raise ConfigError(f"{where}: paper: rows {sorted(unknown)} name no variant of the grid")
     allowed = FINAL_METRICS[spec.stage]
     if spec.metric not in allowed:
         raise ConfigError(f"{where}: metric: '{spec.metric}' is not reported by stage '{spec.stage}' ({allowed})")
