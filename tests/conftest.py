@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -149,3 +151,14 @@ def assert_same_state(a, b, where="state"):
             assert_same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, (where, a, b)
+
+
+def write_reference_corpus(d: Path, rows: list[dict]) -> tuple[Path, Path, list[dict]]:
+    """(reference.parquet, tokenizer dir, rows): ``rows`` as a reference file in ``d`` and a small BPE trained on
+    their texts."""
+    from bliss_ray.data.tokenizer import train_bpe  # transformers: after the environment above is set
+
+    pq.write_table(pa.Table.from_pylist(rows), d / "reference.parquet")
+    tok = train_bpe(iter([r["text"] for r in rows]), vocab_size=300)
+    tok.save_pretrained(str(d / "tok"))
+    return d / "reference.parquet", d / "tok", rows

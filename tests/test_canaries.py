@@ -28,7 +28,6 @@ from bliss_ray.data.canaries import (
 )
 from bliss_ray.data.packing import MAX_DOC_ID, OFFSET_BITS
 from bliss_ray.data.reference_split import split_rows
-from bliss_ray.data.tokenizer import train_bpe
 from bliss_ray.data.tokens import TokenArray
 from bliss_ray.pipeline import Run
 from bliss_ray.report.canaries import canary_lines
@@ -36,6 +35,7 @@ from bliss_ray.selection.rules import manifest, select
 from bliss_ray.stages.tokenize import add_canaries, build_reference
 from bliss_ray.studies.compare_spec import load_compare
 from bliss_ray.watch.status import headline
+from tests.conftest import write_reference_corpus
 from tests.test_reference_split import _packed_sources, _passages
 
 N_CANARIES = 8
@@ -44,12 +44,7 @@ N_CANARIES = 8
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """(reference.parquet, tokenizer dir, passages) of 60 synthetic passages."""
-    d = tmp_path_factory.mktemp("canary_corpus")
-    rows = _passages()
-    pq.write_table(pa.Table.from_pylist(rows), d / "reference.parquet")
-    tok = train_bpe(iter([r["text"] for r in rows]), vocab_size=300)
-    tok.save_pretrained(str(d / "tok"))
-    return d / "reference.parquet", d / "tok", rows
+    return write_reference_corpus(tmp_path_factory.mktemp("canary_corpus"), _passages())
 
 
 def _exp(corpus, **data) -> Experiment:

@@ -8,18 +8,17 @@ and ``bliss_ref_cloze`` skipping the passages selection may see.
 import os
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from bliss_ray.config import DataConfig, Experiment
 from bliss_ray.data.reference_split import eval_doc_ids, split_rows
-from bliss_ray.data.tokenizer import train_bpe
 from bliss_ray.data.tokens import TokenArray, tokens_of
 from bliss_ray.evaluation.tasks import ref_cloze
 from bliss_ray.stages import evaluate
 from bliss_ray.stages.tokenize import build_reference
+from tests.conftest import write_reference_corpus
 
 # fmt: off
 WORDS = (
@@ -46,12 +45,7 @@ def _passages(n: int = 60) -> list[dict]:
 def corpus(tmp_path_factory):
     """(reference.parquet, tokenizer dir, passages): the same passages serve as data.reference and as the
     bliss_ref_cloze corpus (``$BLISS_CORPUS_DIR``), as the bundled corpus does."""
-    d = tmp_path_factory.mktemp("corpus")
-    rows = _passages()
-    pq.write_table(pa.Table.from_pylist(rows), d / "reference.parquet")
-    tok = train_bpe(iter([r["text"] for r in rows]), vocab_size=300)
-    tok.save_pretrained(str(d / "tok"))
-    return d / "reference.parquet", d / "tok", rows
+    return write_reference_corpus(tmp_path_factory.mktemp("corpus"), _passages())
 
 
 def _build(corpus, out, **data) -> dict:
