@@ -30,7 +30,9 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from bliss_ray import node_cache
 
@@ -139,6 +141,18 @@ def write_bytes(loc: str | Path, data: bytes) -> None:
     with fs.open_output_stream(p) as f:  # one PUT: atomic on S3 and GCS
         f.write(data)
     _moved(loc, written=len(data))
+
+
+def write_table(loc: str | Path, table: pa.Table, **options) -> None:
+    """Write ``table`` as one parquet file (``pq.write_table``'s ``options``), atomically as ``write_bytes``."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    write_bytes(loc, sink.getvalue().to_pybytes())
+
+
+def read_table(loc: str | Path) -> pa.Table:
+    """One parquet file, read whole (a location's bytes: no dataset discovery beside it)."""
+    return pq.read_table(pa.BufferReader(read_bytes(loc)))
 
 
 def write_json(loc: str | Path, obj) -> None:

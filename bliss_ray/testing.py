@@ -17,7 +17,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bliss_ray import storage
 
@@ -66,13 +65,7 @@ def plant_scored_pool(run, files: int, rows_per_file: int, scored_round: int = 1
             "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel()), seq_len),
             "domain": np.array(["web", "books", "code"])[ids % 3],
         }
-        _write_parquet(run.uri("tokenize", "pool", "packed", f"{name}.parquet"), pa.table(packed))
+        storage.write_table(run.uri("tokenize", "pool", "packed", f"{name}.parquet"), pa.table(packed))
         logits = rng.normal(size=len(ids)).astype(np.float32)
         scores = pa.table({"row_id": ids, "logit": logits, "ok": np.ones(len(ids), bool)})
-        _write_parquet(run.uri(f"r{scored_round}.score", "scores", f"src={name}", "part-0.parquet"), scores)
-
-
-def _write_parquet(loc: str, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes(loc, sink.getvalue().to_pybytes())
+        storage.write_table(run.uri(f"r{scored_round}.score", "scores", f"src={name}", "part-0.parquet"), scores)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bliss_ray import storage
 from bliss_ray.data.corpus import read_file
@@ -59,12 +58,6 @@ class FileStats:
             )
 
 
-def _write_parquet(table: pa.Table, loc: str) -> None:
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(loc, buf.getvalue().to_pybytes())  # whole or not at all, locally and on object stores
-
-
 def packed_table(packed: Packed, seq_len: int) -> pa.Table:
     """Packed rows as the pool's parquet layout (``tokens.packed_schema``)."""
     return pa.table(
@@ -84,7 +77,7 @@ def pack_texts(doc_ids: np.ndarray, texts: list[str], domain: str, tokenizer, se
     token_lists = [np.asarray(t, np.int32) for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     packed = pack_documents(doc_ids, token_lists, [domain] * len(texts), tokenizer.eos_token_id, seq_len)
     if len(packed):
-        _write_parquet(packed_table(packed, seq_len), loc)
+        storage.write_table(loc, packed_table(packed, seq_len), compression="zstd")
     return packed
 
 
@@ -109,10 +102,11 @@ def tokenize_file(path: str, file_index: int, fmt: str, data_cfg, tokenizer, out
         eos = tokenizer.eos_token_id
     packed = pack_documents(rows.ids, token_lists, rows.domains, eos, data_cfg.seq_len)
     if len(packed):  # no empty file for later stages to special-case
-        _write_parquet(packed_table(packed, data_cfg.seq_len), storage.join(out_dir, "packed", f"{name}.parquet"))
+        packed_loc = storage.join(out_dir, "packed", f"{name}.parquet")
+        storage.write_table(packed_loc, packed_table(packed, data_cfg.seq_len), compression="zstd")
     if bad:
         quarantine = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
-        _write_parquet(quarantine, storage.join(out_dir, "quarantine", f"{name}.parquet"))
+        storage.write_table(storage.join(out_dir, "quarantine", f"{name}.parquet"), quarantine, compression="zstd")
     domain_counts: dict[str, int] = {}
     for d in packed.domains:
         domain_counts[d] = domain_counts.get(d, 0) + 1

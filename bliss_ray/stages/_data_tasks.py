@@ -14,13 +14,11 @@ transformers made unimportable.
 
 from __future__ import annotations
 
-import io
 import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bliss_ray import storage
 from bliss_ray.data.packing import file_key, shard_of
@@ -44,7 +42,7 @@ class RowChoice:
         if self.ids is not None:
             return np.asarray(self.ids, np.int64)
         if self.selected is not None:
-            return pq.read_table(io.BytesIO(storage.read_bytes(self.selected))).column("row_id").to_numpy()
+            return storage.read_table(self.selected).column("row_id").to_numpy()
         shard_ids, _ = pool_rows(files, self.shard)
         return np.random.default_rng(list(self.seed)).choice(
             shard_ids, min(self.sample, len(shard_ids)), replace=False
@@ -78,7 +76,5 @@ def select_rows(files: list[str], shard: tuple[int, int] | None, score_dir: str 
     """A round's selection (``selection.pool.select_shard`` with the ``rule`` settings): the chosen row ids written
     to ``dest`` (a parquet file), the manifest returned. The pool's ids, domains and scores stay in this process."""
     chosen, manifest = select_shard(files, shard, score_dir, **rule)
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table({"row_id": pa.array(chosen, pa.int64())}), sink)
-    storage.write_bytes(dest, sink.getvalue().to_pybytes())
+    storage.write_table(dest, pa.table({"row_id": pa.array(chosen, pa.int64())}))
     return manifest

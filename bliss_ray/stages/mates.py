@@ -166,10 +166,9 @@ def _probe_chunks(actors: list, todo: list[int], cand: np.ndarray, chunks: str) 
         t0 = time.perf_counter()
         for c, losses in ActorPool(actors).map_unordered(lambda actor, c: actor.probe.remote(c), todo):
             ids = _chunk_row_ids(cand, c)
-            sink = pa.BufferOutputStream()
-            pq.write_table(pa.table({"row_id": pa.array(ids, pa.int64()), "loss": pa.array(losses)}), sink)
+            table = pa.table({"row_id": pa.array(ids, pa.int64()), "loss": pa.array(losses)})
             # one atomic write: a chunk is done only once its file is complete
-            storage.write_bytes(storage.join(chunks, f"{c:06d}.parquet"), sink.getvalue().to_pybytes())
+            storage.write_table(storage.join(chunks, f"{c:06d}.parquet"), table)
         seconds = time.perf_counter() - t0
     finally:
         for a in actors:
@@ -301,7 +300,7 @@ def influence_stage(run, st, d: Path) -> dict:
     exp, r, m, res = run.exp, st.round, run.exp.mates, run.exp.resources
     ensure_ray(res)
     probes_path = run.uri(f"r{r}.probe", "probes.parquet")
-    probes = pq.read_table(io.BytesIO(storage.read_bytes(probes_path)))  # not the probe stage's whole directory
+    probes = storage.read_table(probes_path)  # not the probe stage's whole directory
     loss = probes.column("loss").to_numpy()
     row_ids = probes.column("row_id").to_numpy()[np.isfinite(loss)]  # a non-finite probe has no target
     data_dir, _ = shared_rows(run, st, d, "train_data", RowChoice(ids=row_ids))
