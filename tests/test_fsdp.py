@@ -5,6 +5,7 @@ checkpoints that a killed worker resumes from, and plain HF / AdamW exports at t
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,14 +101,23 @@ def test_killed_fsdp_worker_resumes_from_the_sharded_checkpoint(runs, data, monk
     checkpoint (DCP shards of step 4, or 2), which every rank reads back. The run ends at exactly step 6 with each
     step logged once and equals the uninterrupted FSDP run bit for bit (weights, AdamW state, losses): the same
     float operations replay on the same shards, and DCP restores fp32 tensors unrounded. A decay branch follows,
-    exported as HF weights like the stable ones."""
+    exported as HF weights like the stable ones. An orphan checkpoint directory planted in the run's storage (what a
+    worker that dies right after uploading leaves behind) is deleted; registered ones stay."""
     root, runs = runs
     ref = runs["fsdp"]
     marker = root / "killed"
     fault = {"kill": {"stage": "killme", "step": 4, "rank": 1, "once": str(marker)}}
     monkeypatch.setenv("BLISS_FAULTS", json.dumps(fault))
+    orphan = root / "ray" / "killme" / "checkpoint_2000-01-01_00-00-00.000000"  # the Train run is named after out/
+    orphan.mkdir(parents=True)
+    (orphan / "train_state.pt").write_bytes(b"a partial upload")
     out, result = _run(data, root, "killme", 2, "fsdp")
     assert marker.exists(), "the fault was not injected"
+    run_dir = Path(result["train_run"])
+    snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    dirs = sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir())
+    assert not orphan.exists(), "gc_orphan_checkpoints left an unregistered checkpoint directory"
+    assert dirs and all(d in snapshot for d in dirs), (dirs, snapshot)
     state = torch.load(out / "state" / "train_state.pt", weights_only=True)
     ref_state = torch.load(ref / "state" / "train_state.pt", weights_only=True)
     assert result["final_step"] == 6 and state["step"] == 6

@@ -1,6 +1,6 @@
 """Reliability scenarios that need a live Ray (the others live next to the code they
 test: bad rows and corrupt files in test_data_stages.py, invalid configs and security in test_architecture.py,
-the target-pretraining worker kill in test_train_stage.py, the sweep driver kill in test_sweep.py).
+the target-pretraining worker kill in test_fsdp.py, the sweep driver kill in test_sweep.py).
 
     .venv/bin/python -m pytest tests/test_reliability.py -q
 """
@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 
 from bliss_ray.config import ResourcesConfig
 from bliss_ray.train.checkpoint import read_metrics
-from tests.conftest import REPO, assert_same_state, without_timings
+from tests.conftest import RAY_INTERNALS, REPO, assert_same_state, without_timings
 from tests.test_train_stage import _lm_spec, data  # noqa: F401  (data: the shared TokenArray fixture)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -239,7 +240,7 @@ def test_driver_killed_inside_a_stage_resumes_to_identical_outputs(tiny_run, tmp
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="brk_", dir="/tmp")
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "skip warmup" in done.stderr + done.stdout
+    _assert_plain_console(done.stdout + done.stderr)
     resumed = next(out.glob("tiny/r0.pretrain-*"))
     assert resumed.name == run.dir("r0.pretrain").name  # same identity, same directory
     a = load_file(resumed / "state/model/model.safetensors")
@@ -249,3 +250,14 @@ def test_driver_killed_inside_a_stage_resumes_to_identical_outputs(tiny_run, tmp
     assert steps == list(range(1, 7))
     (resumed_at,) = torch.load(resumed / "state/train_state.pt", weights_only=True)["resumed_from"]
     assert max(registered) <= resumed_at <= 6, (registered, resumed_at)  # checkpoints are every 3 of 6 steps
+
+
+def _assert_plain_console(out: str) -> None:
+    """Without a terminal the console is plain lines: no control characters, nothing of Ray's, the skipped stages,
+    the resume and the stage's progress as lines of text."""
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", out.replace("\n", "")), repr(out[:2000])
+    assert not [line for line in out.splitlines() if re.search(RAY_INTERNALS, line)], out[-3000:]
+    assert "skip warmup" in out
+    assert re.search(r"r0\.pretrain: resumed from a checkpoint at step \d", out), out[-3000:]
+    assert re.search(r"r0\.pretrain step \d+/\d+ .*loss \d", out), out[-3000:]
+    assert re.search(r"done  r0\.pretrain\s", out), out[-3000:]

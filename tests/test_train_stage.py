@@ -85,6 +85,9 @@ def test_trains_controller_imports_no_bliss_ray_stage_model_or_transformers(ray_
     assert imported == ["bliss_ray", "bliss_ray.studies", "bliss_ray.studies.tune_callback"], imported
 
 
+# extended: in CI, test_fsdp.py's killed FSDP worker resumes bit for bit through the same restart path (and its
+# orphan checkpoint is collected), and tests/test_two_node.py's warm-up resumes after its node is lost
+@pytest.mark.extended
 @pytest.mark.timeout(900)  # two 8-step runs, one with a worker-group restart
 def test_killed_worker_resumes_and_finishes_at_the_exact_step(data, tmp_path, monkeypatch):
     """Scenario 1 (target pretraining): SIGKILL the worker while it fetches step 6's batches; Ray Train restarts
@@ -129,7 +132,7 @@ def test_killed_worker_resumes_and_finishes_at_the_exact_step(data, tmp_path, mo
 
 
 # extended: in CI, test_lm_run resumes a run killed inside a branch without Ray (the branch carried, the run bit
-# identical), test_killed_worker_resumes_and_finishes_at_the_exact_step the Ray Train restart
+# identical), test_fsdp.py's killed FSDP worker the Ray Train restart
 @pytest.mark.extended
 @pytest.mark.timeout(900)  # three short runs, one with a worker-group restart
 def test_mid_round_branches_are_kept_and_leave_the_stable_run_bit_identical(data, tmp_path, monkeypatch):
