@@ -100,7 +100,12 @@ def _scoring_dataset(
     res = exp.resources
     gpu = use_gpu(res)
     lo, hi = res.data_actors
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # The file-listing parquet read (datasource V2) starts a pool of footer-reader actors for every read (32 by
+    # default): seconds of process starts per stage on a small node, to read a few footers of files this stage
+    # already knows. The task-based read reads each file's footer in its own read task.
+    ctx.use_datasource_v2 = False
     # Ray Data gets the store's filesystem and plain paths: it would read a URI's query string as part of a path
     fs = storage.resolve(todo[0])[0]
     paths = [storage.resolve(f)[1] for f in todo]
