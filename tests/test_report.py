@@ -66,6 +66,7 @@ def _sweep_dir(tmp_path, per_variant: dict, *, metric="upper_loss", keys=("bilev
         "seeds": [],
         "space_keys": list(keys),
         "labels": {},
+        "sweep_file": "experiments/sweeps/synthetic.yaml",
     }
     rows, curves = [], []
     for values, per_seed in per_variant.items():
@@ -128,6 +129,9 @@ def test_the_paper_column_shows_what_the_paper_reports_beside_each_variant(tmp_p
     text = _report(tmp_path, d)
     assert "| best | 44.7 (1.3) |" in text and "| ≈ best (band 1.4142) | – |" in text
     assert "The paper's column: the rebuttal's Table 2." in text
+    # the page says how it was made: the sweep's command and its own
+    made = f"made by `bliss-ray sweep experiments/sweeps/synthetic.yaml --out {tmp_path}`; this page by "
+    assert made + f"`bliss-ray report {d} --out {tmp_path / 'report'}`" in text
 
 
 def test_one_seed_per_variant_says_the_noise_is_unknown(tmp_path):
