@@ -69,22 +69,3 @@ def plant_scored_pool(run, files: int, rows_per_file: int, scored_round: int = 1
         logits = rng.normal(size=len(ids)).astype(np.float32)
         scores = pa.table({"row_id": ids, "logit": logits, "ok": np.ones(len(ids), bool)})
         storage.write_table(run.uri(f"r{scored_round}.score", "scores", f"src={name}", "part-0.parquet"), scores)
-
-
-def select_and_build(run, round_: int = 1) -> tuple[dict, str, int]:
-    """Round ``round_``'s select stage and the token array of its selected rows that the round's pretraining workers
-    read, as the executor runs them: the driver's part of both, whose store traffic must not grow with the pool.
-    Returns (the select stage's manifest, the array's location, its rows)."""
-    from bliss_ray.stages._data_tasks import RowChoice
-    from bliss_ray.stages.executor import publish
-    from bliss_ray.stages.inputs import shared_rows
-    from bliss_ray.stages.steps import select_stage
-
-    select, pretrain = run.by_key[f"r{round_}.select"], run.by_key[f"r{round_}.pretrain"]
-    for key in (select.key, pretrain.key):
-        run.dir(key).mkdir(parents=True, exist_ok=True)
-    manifest = select_stage(run, select, run.dir(select.key))
-    publish(run, select.key, manifest)
-    chosen = RowChoice(selected=run.uri(select.key, "selected.parquet"))
-    data, rows = shared_rows(run, pretrain, run.dir(pretrain.key), "data", chosen)
-    return manifest, data, rows
