@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from bliss_ray import storage
+from bliss_ray.bilevel.settings import BilevelSettings
 from bliss_ray.config import Experiment, identity
 from bliss_ray.data.corpus import resolve_files
 
@@ -46,6 +47,14 @@ class Stage:
 
 
 SHARDING = ("schedule.rounds", "schedule.pool_sharding")  # what decides a round's shard of the pool
+
+
+def _bilevel_settings(r: int) -> tuple[str, ...]:
+    """What changes round r's bilevel stage: the whole section, except ``score_carry`` in round 1, which has no
+    previous score model to inherit; so arms that differ only in it share their first round."""
+    if r > 1:
+        return ("bilevel",)
+    return tuple(f"bilevel.{f.name}" for f in fields(BilevelSettings) if f.name != "score_carry")
 
 
 def stages_of(exp: Experiment) -> list[Stage]:
@@ -65,8 +74,9 @@ def stages_of(exp: Experiment) -> list[Stage]:
             deps = ("tokenize", "warmup", prev)
             if exp.bilevel.score_carry == "inherit" and r > 1:
                 deps += (f"r{r - 1}.bilevel",)
+            own = (*_bilevel_settings(r), "models.proxy", "schedule", "seed")
             st += [
-                Stage(f"r{r}.bilevel", "bilevel", r, deps, ("bilevel", "models.proxy", "schedule", "seed")),
+                Stage(f"r{r}.bilevel", "bilevel", r, deps, own),
                 Stage(f"r{r}.score", "score", r, (f"r{r}.bilevel", "tokenize"), ("score",)),
             ]
             select_deps = (f"r{r}.score", "tokenize")

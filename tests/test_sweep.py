@@ -133,6 +133,27 @@ def test_shipped_sweeps_enumerate_their_points():
     assert len(points(optuna.spec, ranges=True)) == 3
 
 
+def test_a_grid_computes_the_stages_its_points_share_once_before_tune(tmp_path):
+    """Table 3's carry arms differ only from round 2 on (round 1 has no score model to inherit), so each seed's
+    round 1 is computed once per score-model init before Tune; Table 2's arms share nothing after the setup."""
+    from bliss_ray.studies.sweep import load_sweep, shared_stages
+
+    sweeps = REPO / "experiments" / "sweeps"
+    plan = shared_stages(load_sweep(sweeps / "table3_score_init_demo.yaml"), str(tmp_path))
+    assert len(plan) == 12  # 2 inits × 2 carries × 3 seeds: every point has setup stages
+    round1 = ["r1.bilevel", "r1.score", "r1.select", "r1.pretrain"]
+    setup = ["tokenizer", "tokenize", "r0.select", "warmup", "r0.pretrain"]
+    for run, keys in plan:
+        assert keys == setup + round1, (run.exp.label, keys)
+    by_arm = {(run.exp.bilevel.score_init, run.exp.bilevel.score_carry, run.exp.seed): run.ids for run, _ in plan}
+    inherit, reset = by_arm["random", "inherit", 1], by_arm["random", "reset", 1]
+    assert inherit["r1.pretrain"] == reset["r1.pretrain"] and inherit["r2.bilevel"] != reset["r2.bilevel"]
+    assert inherit["r1.bilevel"] != by_arm["proxy_warmup", "inherit", 1]["r1.bilevel"]
+    assert len({ids["r1.bilevel"] for ids in by_arm.values()}) == 6  # one per init × seed
+    for run, keys in shared_stages(load_sweep(sweeps / "table2_proxy_sigmoid_demo.yaml"), str(tmp_path)):
+        assert keys == setup, (run.exp.label, keys)
+
+
 @pytest.mark.parametrize("name", ["table2_proxy_sigmoid", "table3_score_init"])
 @pytest.mark.parametrize("tiny", [True, False], ids=["tiny", "cluster"])
 def test_table_sweeps_judge_the_target_after_selection(name, tiny):

@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import ray
@@ -34,16 +34,21 @@ from bliss_ray.watch.tracking import TensorBoardTracker
 log = logging.getLogger("bliss_ray")
 
 
-def execute(run: Run, until: str | None = None, runner: Callable = run_stage, console=None) -> dict[str, dict]:
+def execute(
+    run: Run, until: str | None = None, runner: Callable = run_stage, console=None, only: Collection[str] | None = None
+) -> dict[str, dict]:
     """Run (or skip, when done) every stage of ``run`` up to ``until``; returns each stage's outputs.
     ``runner(run, stage, dir)`` runs one stage (a sweep passes its own); ``console`` shows progress (default:
-    plain lines on stderr and the experiment's trackers)."""
+    plain lines on stderr and the experiment's trackers); ``only``: just these stages (their inputs among them or
+    done), as a sweep computes the stages its trials share."""
     _ray.check_run_root(run.exp.resources, run.store)
     console = console or StageConsole(poll=BoardReader(), trackers=trackers(run), events=_ray.LostNodes())
     results = {}
     run.root.mkdir(parents=True, exist_ok=True)
     storage.write_bytes(storage.join(run.store, "experiment.json"), run.exp.model_dump_json(indent=2).encode())
     for st in run.select_until(until):
+        if only is not None and st.key not in only:
+            continue
         d = run.dir(st.key)
         if run.done(st.key):
             results[st.key] = run.outputs(st.key)

@@ -11,8 +11,9 @@ upper-level loss after round ``round``'s bilevel stage, refused over a space tha
 Layout (OUT = ``--out`` and STORAGE = ``--storage``: local paths or ``s3://``/``gs://`` URIs; on a cluster whose
 nodes share no disk, a bucket; STORAGE defaults to OUT/sweeps):
 
-    OUT/<base name>/<stage>-<id>/         setup stages shared by trials (tokenizer … r0.pretrain), computed once
-                                          before Tune starts: the same directories ``bliss-ray run`` uses
+    OUT/<base name>/<stage>-<id>/         stages shared by trials (tokenizer … r0.pretrain, and in a grid any later
+                                          stage two points share), computed once before Tune starts: the same
+                                          directories ``bliss-ray run`` uses
     OUT/<sweep>/<trial id>/<base name>/   each trial's own pipeline run; it reads the shared stages in place
     STORAGE/<sweep>/                      the Tune experiment + sweep.json, sweep_results.parquet, sweep_curves.parquet
     STORAGE/<sweep>-train/<trial id>/     the trial's Ray Train runs, named ``<trial id>-r<k>.bilevel``
@@ -30,6 +31,7 @@ import itertools
 import json
 import logging
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -116,8 +118,7 @@ def bliss_sweep_trial(config: dict, sweep: Sweep, out: str, storage: str, baseli
     trial_id = tune.get_context().get_trial_id()
     run = trial_run(sweep, config, trial_id, out, storage)
     launcher = _TuneBilevel(trial_id, sweep.spec.metric)
-    until = f"r{sweep.spec.round}.bilevel" if sweep.spec.stage == "bilevel" else "evaluate"
-    results = execute(run, until=until, runner=launcher.runner)
+    results = execute(run, until=_objective_stage(sweep.spec), runner=launcher.runner)
     final = objective(sweep.spec, run, results, (baselines or {}).get(run.exp.seed))
     launcher.drain()
     tune.report(final)
@@ -153,21 +154,48 @@ def _finished(exp_dir: str, sweep: Sweep) -> tune.ResultGrid | None:
 
 
 def precompute_shared(sweep: Sweep, out: str, stream=None) -> list[str]:
-    """Run the setup stages (tokenizer … r0.pretrain) of every enumerable point once, in order, before Tune starts,
-    in OUT/<base name>/, so that concurrent trials only read them (no two trials ever write one stage directory).
-    For Optuna, stages that depend on a continuous key are left to the trials. Returns the stage dirs used."""
+    """Run every stage that more than one trial would run once, in order, before Tune starts, in OUT/<base name>/,
+    so that concurrent trials only read them (no two trials ever write one stage directory): ``shared_stages``.
+    Returns the stage dirs used."""
     used: list[str] = []
-    for pt in points(sweep.spec):
-        run = Run(sweep.experiment(pt), out)
+    for run, keys in shared_stages(sweep, out):
+        execute(run, until=keys[-1], only=set(keys), console=_console(run, stream))
+        used += [run.uri(k) for k in keys if run.uri(k) not in used]
+    return used
+
+
+def shared_stages(sweep: Sweep, out: str) -> list[tuple[Run, list[str]]]:
+    """Each enumerable point's run and its stages that other trials share: the setup stages (tokenizer …
+    r0.pretrain) and, in a grid without ASHA (whose early stops need the trials' own reports), any later stage
+    before the objective whose identity two points share, e.g. round 1 of arms that differ only from round 2 on.
+    For Optuna, stages that depend on a continuous key are left to the trials. Points with none are left out."""
+    pts = points(sweep.spec)
+    runs = [Run(sweep.experiment(pt), out) for pt in pts]
+    shared_ids: set[str] = set()
+    if sweep.spec.search.type == "grid" and sweep.spec.asha is None:
+        seen = Counter(i for run in runs for i in {run.ids[st.key] for st in _before_objective(sweep, run)})
+        shared_ids = {i for i, n in seen.items() if n > 1}
+    plan = []
+    for pt, run in zip(pts, runs, strict=True):
         keys = _setup_keys(run)
         for key, dom in sweep.spec.space.items():
             for v in dom.candidates(True) if dom.kind in ("loguniform", "uniform") else []:
                 ids = Run(sweep.experiment(pt | {key: v}), out).ids
                 keys = list(itertools.takewhile(lambda k, ids=ids, run=run: ids[k] == run.ids[k], keys))
+        keys += [s.key for s in _before_objective(sweep, run) if s.key not in keys and run.ids[s.key] in shared_ids]
         if keys:
-            execute(run, until=keys[-1], console=_console(run, stream))
-            used += [run.uri(k) for k in keys if run.uri(k) not in used]
-    return used
+            plan.append((run, keys))
+    return plan
+
+
+def _objective_stage(spec: SweepSpec) -> str:
+    """The last stage a trial runs: the one its objective reads (a round's bilevel stage, or ``evaluate``)."""
+    return f"r{spec.round}.bilevel" if spec.stage == "bilevel" else "evaluate"
+
+
+def _before_objective(sweep: Sweep, run: Run) -> list:
+    """The stages a trial runs before the one its objective reads."""
+    return run.select_until(_objective_stage(sweep.spec))[:-1]
 
 
 def run_baselines(sweep: Sweep, out: str, stream=None) -> dict[int, dict]:
@@ -297,7 +325,7 @@ def _run_tune(sweep: Sweep, out: str, storage: str, exp_dir: str, train_storage:
         if not resume:
             write_bytes(join_uri(exp_dir, "sweep.json"), sweep_json(sweep))
             shared = precompute_shared(sweep, out, stream)
-            console_line(f"sweep {spec.name}: {len(shared)} shared setup stages ready; starting Tune")
+            console_line(f"sweep {spec.name}: {len(shared)} shared stages ready; starting Tune")
         baselines = run_baselines(sweep, out, stream)  # before any trial; on resume, read from the finished runs
         fn = tune.with_parameters(bliss_sweep_trial, sweep=sweep, out=out, storage=train_storage, baselines=baselines)
         trainable = tune.with_resources(fn, spec.trial_resources)
