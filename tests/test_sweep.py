@@ -133,6 +133,16 @@ def test_shipped_sweeps_enumerate_their_points():
     assert len(points(optuna.spec, ranges=True)) == 3
 
 
+def test_the_sweep_console_names_the_stage_a_trial_is_in_not_its_last_report():
+    from bliss_ray.studies.sweep_console import where_trial
+
+    report = {"stage": "r1.bilevel", "step": 40}
+    assert where_trial(report, "r1.score") == "r1.score"  # the bilevel stage ended; scoring reports nothing to Tune
+    assert where_trial(report, "r1.bilevel") == "r1.bilevel step 40"
+    assert where_trial(report, None) == "r1.bilevel step 40"  # nothing posted (a board that was not up)
+    assert where_trial({}, "r0.pretrain") == "r0.pretrain" and where_trial({}, None) == "starting"
+
+
 def test_a_grid_computes_the_stages_its_points_share_once_before_tune(tmp_path):
     """Table 3's carry arms differ only from round 2 on (round 1 has no score model to inherit), so each seed's
     round 1 is computed once per score-model init before Tune; Table 2's arms share nothing after the setup."""

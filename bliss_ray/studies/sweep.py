@@ -45,7 +45,7 @@ from bliss_ray.stages import _ray, bilevel, steps
 from bliss_ray.stages.executor import execute, trackers
 from bliss_ray.storage import cache_root, is_remote, read_bytes, upload, write_bytes
 from bliss_ray.storage import join as join_uri
-from bliss_ray.studies.sweep_console import SweepConsole
+from bliss_ray.studies.sweep_console import SweepConsole, post_stage
 from bliss_ray.studies.sweep_objective import baseline_final, objective
 from bliss_ray.studies.sweep_results import SweepFailed, write_results
 from bliss_ray.studies.sweep_spec import (
@@ -95,6 +95,7 @@ class _TuneBilevel:
         """The pipeline's stage runner, with this launcher for bilevel stages. Every stage runs in the trial's own
         process, as in ``bliss-ray run``'s driver: the tasks and actors a stage starts escape the trial's placement
         group by their own scheduling strategy (``stages._ray.task_options``), and the trial publishes the stage."""
+        post_stage(self.trial_id, st.key)
         return steps.run_stage(
             run, st, d, runners=steps.RUNNERS | {"bilevel": partial(steps.bilevel_stage, launch=self)}
         )

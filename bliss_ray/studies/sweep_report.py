@@ -363,7 +363,7 @@ def sweep_section(sweep_dir: Path, out: Path) -> list[str]:
         f"- base: `{Path(meta['base_file']).name}` + overrides `{json.dumps(meta['overrides'])}`",
         f"- objective: {objective}; {'lower' if meta['mode'] == 'min' else 'higher'} is better",
         f"- search: {search}; seeds: {meta.get('seeds') or 'the base seed'}; trials: {len(df)} ({n_ok} finished, "
-        f"{trial_s:.0f} s of trial time in all, the setup stages before Tune not counted)",
+        f"{trial_s:.0f} s of trial time in all, the stages shared by trials and run before Tune not counted)",
         f"- made by `bliss-ray sweep {meta.get('sweep_file', '…')} --out {sweep_dir.parent}`; this page by "
         f"`bliss-ray report {sweep_dir} --out {out}` (it recomputes nothing)",
         "",
