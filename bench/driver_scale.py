@@ -33,10 +33,7 @@ from _common import REPO, line, write_json
 from bliss_ray import storage
 from bliss_ray.config import load_experiment
 from bliss_ray.pipeline import Run
-from bliss_ray.stages._data_tasks import RowChoice
-from bliss_ray.stages.executor import publish
-from bliss_ray.stages.inputs import shared_rows
-from bliss_ray.stages.steps import select_stage
+from bliss_ray.stages.executor import select_and_share
 from bliss_ray.testing import local_s3_bucket, plant_scored_pool
 
 SCALES = (1, 4, 16)
@@ -48,16 +45,11 @@ def driver(out: str) -> dict:
     """The driver's part, in this (child) process: select round 1 and build its pretraining array."""
     ray = _common.start_ray()
     run = Run(load_experiment(REPO / "experiments" / "tiny.yaml"), out)
-    select, pretrain = run.by_key["r1.select"], run.by_key["r1.pretrain"]
-    for key in (select.key, pretrain.key):
-        run.dir(key).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    publish(run, select.key, select_stage(run, select, run.dir(select.key)))
-    chosen = RowChoice(selected=run.uri(select.key, "selected.parquet"))
-    data, _ = shared_rows(run, pretrain, run.dir(pretrain.key), "data", chosen)
+    _, data, _ = select_and_share(run, 1)
     wall = time.perf_counter() - t0
     ray.shutdown()
-    tasks = {"selected": storage.size(run.uri(select.key, "selected.parquet")), "data": storage.size(data)}
+    tasks = {"selected": storage.size(run.uri("r1.select", "selected.parquet")), "data": storage.size(data)}
     return storage.bytes_moved() | {"peak_rss_mb": _common.peak_rss_mb(), "wall_s": wall, "task_bytes": tasks}
 
 

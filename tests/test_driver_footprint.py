@@ -11,10 +11,7 @@ import pytest
 
 from bliss_ray import storage
 from bliss_ray.pipeline import Run
-from bliss_ray.stages._data_tasks import RowChoice
-from bliss_ray.stages.executor import publish
-from bliss_ray.stages.inputs import shared_rows
-from bliss_ray.stages.steps import select_stage
+from bliss_ray.stages.executor import select_and_share
 from bliss_ray.testing import plant_scored_pool
 from tests.conftest import load_tiny
 
@@ -26,25 +23,16 @@ ROWS_PER_FILE = 1500
 def _select_and_build(run: Run) -> tuple[dict, dict]:
     """(the driver's store traffic, the sizes of what the tasks wrote) for round 1's select stage and the array of
     its selected rows that r1.pretrain's workers read."""
-    select, pretrain = run.by_key["r1.select"], run.by_key["r1.pretrain"]
     before = storage.bytes_moved()
-    out = select_stage(run, select, _fresh(run.dir(select.key)))
-    publish(run, select.key, out)
-    chosen = RowChoice(selected=run.uri(select.key, "selected.parquet"))
-    data, rows = shared_rows(run, pretrain, _fresh(run.dir(pretrain.key)), "data", chosen)
+    out, data, rows = select_and_share(run, 1)
     after = storage.bytes_moved()
     driver = {k: after.get(k, 0) - before.get(k, 0) for k in ("read", "written")}
     assert rows == out["selected"] and storage.exists(storage.join(data, "_SUCCESS"))
     # the driver's disk holds the manifest it reports from, and neither the selection nor the array
-    assert sorted(p.name for p in run.dir(select.key).iterdir()) == ["manifest.json"]
-    assert not any(run.dir(pretrain.key).iterdir())
-    sizes = {"selected": storage.size(run.uri(select.key, "selected.parquet")), "data": storage.size(data)}
+    assert sorted(p.name for p in run.dir("r1.select").iterdir()) == ["manifest.json"]
+    assert not any(run.dir("r1.pretrain").iterdir())
+    sizes = {"selected": storage.size(run.uri("r1.select", "selected.parquet")), "data": storage.size(data)}
     return driver, sizes
-
-
-def _fresh(d):
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 @pytest.mark.timeout(240)

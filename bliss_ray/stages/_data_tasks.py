@@ -9,7 +9,7 @@ torch-free parts (``data/packing.py``, ``data/tokens.py``, ``storage``); a test 
 transformers made unimportable.
 
     ds = ds.map_batches(keep_shard, fn_kwargs={"shard": (r, n)}, batch_format="numpy")
-    ray.remote(num_cpus=0.25)(build_rows).remote(files, RowChoice(selected=sel), "s3://bkt/run/r0.warmup-ab12/data")
+    ray.remote(num_cpus=0.25)(build_rows).remote(files, SelectedRows(sel), "s3://bkt/run/r0.warmup-ab12/data")
 """
 
 from __future__ import annotations
@@ -27,26 +27,39 @@ from bliss_ray.selection.pool import pool_rows, select_shard
 
 
 @dataclass(frozen=True)
-class RowChoice:
-    """Which pool rows a stage's token array holds, resolved where the array is built: explicit ``ids`` (a few,
-    e.g. MATES's probes), the ids of a select stage's ``selected`` file, or ``sample`` rows drawn without
-    replacement from the round's ``shard`` with ``seed``."""
+class RowIds:
+    """Explicit pool rows: a few, e.g. MATES's probes."""
 
-    ids: np.ndarray | None = None
-    selected: str | None = None
-    sample: int = 0
-    shard: tuple[int, int] | None = None
-    seed: tuple[int, ...] = ()
+    ids: np.ndarray
 
     def resolve(self, files: list[str]) -> np.ndarray:
-        if self.ids is not None:
-            return np.asarray(self.ids, np.int64)
-        if self.selected is not None:
-            return storage.read_table(self.selected).column("row_id").to_numpy()
+        return np.asarray(self.ids, np.int64)
+
+
+@dataclass(frozen=True)
+class SelectedRows:
+    """The rows a select stage chose: the ids of its ``selected.parquet``, read where the array is built."""
+
+    selected: str
+
+    def resolve(self, files: list[str]) -> np.ndarray:
+        return storage.read_table(self.selected).column("row_id").to_numpy()
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    """``n`` rows drawn without replacement from the round's ``shard`` of the pool with ``seed``."""
+
+    n: int
+    shard: tuple[int, int] | None
+    seed: tuple[int, ...]
+
+    def resolve(self, files: list[str]) -> np.ndarray:
         shard_ids, _ = pool_rows(files, self.shard)
-        return np.random.default_rng(list(self.seed)).choice(
-            shard_ids, min(self.sample, len(shard_ids)), replace=False
-        )
+        return np.random.default_rng(list(self.seed)).choice(shard_ids, min(self.n, len(shard_ids)), replace=False)
+
+
+RowChoice = RowIds | SelectedRows | ShardSample  # which pool rows a stage's token array holds
 
 
 def keep_shard(batch: dict, shard: tuple[int, int] | None) -> dict:

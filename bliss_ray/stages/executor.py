@@ -26,7 +26,9 @@ from bliss_ray import node_cache, storage
 from bliss_ray.config import Experiment
 from bliss_ray.pipeline import Run, setting
 from bliss_ray.stages import _ray
-from bliss_ray.stages.steps import run_stage
+from bliss_ray.stages._data_tasks import SelectedRows
+from bliss_ray.stages.inputs import shared_rows
+from bliss_ray.stages.steps import run_stage, select_stage
 from bliss_ray.watch.console import StageConsole, reason_of, route_logs
 from bliss_ray.watch.progress import BoardReader
 from bliss_ray.watch.tracking import TensorBoardTracker
@@ -102,6 +104,21 @@ def publish(run: Run, key: str, out: dict) -> None:
         storage.upload(run.dir(key), run.uri(key))
     storage.write_json(run.uri(key, "outputs.json"), out)
     storage.write_bytes(run.uri(key, "_SUCCESS"), b"")
+
+
+def select_and_share(run: Run, r: int) -> tuple[dict, str, int]:
+    """Round ``r``'s select stage, run and published as ``execute`` runs it, then the token array of its selected
+    rows that the round's pretraining workers read: the driver's whole part of a round between scoring and training
+    (what the driver footprint test and ``bench/driver_scale.py`` measure). Returns the select stage's outputs, the
+    array's location and its rows."""
+    select, pretrain = run.by_key[f"r{r}.select"], run.by_key[f"r{r}.pretrain"]
+    for key in (select.key, pretrain.key):
+        run.dir(key).mkdir(parents=True, exist_ok=True)
+    out = select_stage(run, select, run.dir(select.key))
+    publish(run, select.key, out)
+    chosen = SelectedRows(run.uri(select.key, "selected.parquet"))
+    data, rows = shared_rows(run, pretrain, run.dir(pretrain.key), "data", chosen)
+    return out, data, rows
 
 
 def sync_side_files(run: Run) -> None:

@@ -16,7 +16,7 @@ from bliss_ray import storage
 from bliss_ray.data.tokenizer import load_tokenizer
 from bliss_ray.models.arch import padded_vocab
 from bliss_ray.pipeline import Run, Stage
-from bliss_ray.stages._data_tasks import RowChoice, build_rows
+from bliss_ray.stages._data_tasks import RowChoice, ShardSample, build_rows
 from bliss_ray.stages._ray import task_options
 
 # a selection or a build reads parquet and writes a file, one at a time: a fraction of a CPU, so that it never waits
@@ -35,9 +35,9 @@ def round_shard(run: Run, r: int) -> tuple[int, int] | None:
     return (r, s.rounds + 1) if s.pool_sharding == "disjoint" else None
 
 
-def shard_sample(run: Run, r: int, n: int, *seed: int) -> RowChoice:
+def shard_sample(run: Run, r: int, n: int, *seed: int) -> ShardSample:
     """``n`` rows of round r's shard, drawn with ``seed`` where the rows are built."""
-    return RowChoice(sample=n, shard=round_shard(run, r), seed=seed)
+    return ShardSample(n, round_shard(run, r), seed)
 
 
 def vocab_size(run: Run, which: str) -> int:

@@ -50,7 +50,7 @@ from bliss_ray.data.tokens import TokenArray
 from bliss_ray.mates.influence import train_influence_model
 from bliss_ray.mates.probe import Prober
 from bliss_ray.models.arch import influence_arch
-from bliss_ray.stages._data_tasks import RowChoice
+from bliss_ray.stages._data_tasks import RowIds
 from bliss_ray.stages._ray import (
     cluster_ceiling,
     ensure_ray,
@@ -303,7 +303,7 @@ def influence_stage(run, st, d: Path) -> dict:
     probes = storage.read_table(probes_path)  # not the probe stage's whole directory
     loss = probes.column("loss").to_numpy()
     row_ids = probes.column("row_id").to_numpy()[np.isfinite(loss)]  # a non-finite probe has no target
-    data_dir, _ = shared_rows(run, st, d, "train_data", RowChoice(ids=row_ids))
+    data_dir, _ = shared_rows(run, st, d, "train_data", RowIds(row_ids))
     spec = InfluenceSpec(
         stage=st.key,
         data_dir=data_dir,

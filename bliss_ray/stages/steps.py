@@ -19,7 +19,7 @@ from bliss_ray.models.arch import arch_from_preset
 from bliss_ray.pipeline import Run, Stage
 from bliss_ray.report.build import build_report
 from bliss_ray.stages import _ray, bilevel, evaluate, mates, score, tokenize, train_lm
-from bliss_ray.stages._data_tasks import RowChoice, select_rows
+from bliss_ray.stages._data_tasks import SelectedRows, select_rows
 from bliss_ray.stages.inputs import on_worker, pool_files, round_shard, shard_sample, shared_rows, vocab_size
 from bliss_ray.train.settings import TrainSettings
 
@@ -73,7 +73,7 @@ def _lm_spec(run: Run, st: Stage, d: Path, which: str, train: TrainSettings) -> 
         arch=arch_from_preset(getattr(exp.models, model).arch, vocab_size(run, model)),
         seq_len=exp.data.seq_len,
         tokenizer_dir=run.uri("tokenizer", "tokenizer"),
-        data_dir=shared_rows(run, st, d, "data", RowChoice(selected=run.uri(f"r{r}.select", "selected.parquet")))[0],
+        data_dir=shared_rows(run, st, d, "data", SelectedRows(run.uri(f"r{r}.select", "selected.parquet")))[0],
         init_dir=run.uri(f"r{r - 1}.pretrain", "state") if which == "pretrain" and r > 0 else None,
         start_step=r * exp.pretrain.steps if which == "pretrain" else 0,
         train=train,
