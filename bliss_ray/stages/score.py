@@ -109,9 +109,12 @@ def _scoring_dataset(
     # Ray Data gets the store's filesystem and plain paths: it would read a URI's query string as part of a path
     fs = storage.resolve(todo[0])[0]
     paths = [storage.resolve(f)[1] for f in todo]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["row_id", "input_ids"], include_paths=True)
-    # the shard filter has the read's resources, so Ray Data fuses it into the read tasks: no operator, tasks
-    # and object-store hop of its own, and the repartition below moves only this round's shard
+    # One read task per file: a read that splits its blocks further cannot fuse with what follows it. The shard
+    # filter has the read's resources, so Ray Data fuses it into the read tasks: no operator, tasks and
+    # object-store hop of its own, and the repartition below moves only this round's shard.
+    ds = ray.data.read_parquet(
+        paths, filesystem=fs, columns=["row_id", "input_ids"], include_paths=True, override_num_blocks=len(paths)
+    )
     ds = ds.map_batches(keep_shard, fn_kwargs={"shard": shard}, batch_format="numpy")
     blocks = 2 * max(hi, 2)
     if len(todo) < blocks:  # a file is one block: split a few files so every actor gets work
