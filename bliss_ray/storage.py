@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -43,12 +44,14 @@ class StorageError(RuntimeError):
 
 # bytes this process has read from and written to object stores through this module
 _MOVED = {"read": 0, "written": 0}
+_MOVED_LOCK = threading.Lock()  # ranged reads count from several threads
 
 
 def _moved(loc: str | Path, read: int = 0, written: int = 0) -> None:
     if is_remote(loc):
-        _MOVED["read"] += read
-        _MOVED["written"] += written
+        with _MOVED_LOCK:
+            _MOVED["read"] += read
+            _MOVED["written"] += written
 
 
 def bytes_moved() -> dict[str, int]:
@@ -121,6 +124,20 @@ def read_bytes(loc: str | Path) -> bytes | None:
         return None
     _moved(loc, read=len(data))
     return data
+
+
+def range_reader(loc: str | Path):
+    """``read(offset, nbytes)``: byte ranges of the object at ``loc``, each one ranged GET on an object store, safe to
+    call from several threads; for a process that needs a few parts of a large object, not a copy of it."""
+    fs, p = resolve(loc)
+    f = fs.open_input_file(p)
+
+    def read(offset: int, nbytes: int) -> bytes:
+        data = f.read_at(nbytes, offset)
+        _moved(loc, read=len(data))
+        return data
+
+    return read
 
 
 def read_json(loc: str | Path):

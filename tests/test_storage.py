@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 from bliss_ray import node_cache, storage
 from tests.conftest import REPO
@@ -249,3 +251,31 @@ def test_bytes_moved_counts_what_passes_between_this_process_and_a_store(s3_buck
     storage.write_bytes(tmp_path / "local.bin", b"y" * 50)  # a local file is no traffic
     after = storage.bytes_moved()
     assert (after["read"] - before["read"], after["written"] - before["written"]) == (600, 300)
+
+
+def test_a_rank_reads_only_its_rows_of_a_large_array_in_a_store(root, tmp_path):
+    """A rank that trains on fewer rows than the array holds reads them from the store as batches need them: the
+    same batches as from a node copy, and (in a store) exactly their bytes; one that needs them all gets a copy."""
+    from bliss_ray.data.tokens import StoreRows, TokenArray, micro_batches
+
+    n, seq_len = 400, 16
+    tokens = np.random.default_rng(0).integers(0, 50_000, size=(n, seq_len), dtype=np.int32)  # (N, L)
+    np.save(tmp_path / "tokens.npy", tokens)
+    np.save(tmp_path / "row_ids.npy", np.arange(n, dtype=np.int64) * 3)
+    loc = storage.join(root, "data")
+    storage.upload(tmp_path, loc)
+    copy = TokenArray.open_for(loc, rows_read=n)
+    assert not isinstance(copy.tokens, StoreRows) and np.array_equal(copy.tokens, tokens)
+    array = TokenArray.open_for(loc, rows_read=n // 4)
+    assert isinstance(array.tokens, StoreRows) is storage.is_remote(loc)
+    assert np.array_equal(array.row_ids, np.arange(n) * 3) and array.loss_mask is None
+    before, expected = storage.bytes_moved()["read"], 0
+    for step in (0, 7, 31):  # step 31 wraps into the second epoch
+        for rank in (0, 1):
+            got = micro_batches(array.tokens, step, 16, 4, rank, 2, seed=5)
+            want = micro_batches(tokens, step, 16, 4, rank, 2, seed=5)
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+            expected += sum(len(np.unique(b.numpy(), axis=0)) for b in got) * seq_len * 4
+    if storage.is_remote(loc):
+        assert storage.bytes_moved()["read"] - before == expected
+        assert array.tokens[[5, 3, 5]].tolist() == tokens[[5, 3, 5]].tolist()  # any order, repeats

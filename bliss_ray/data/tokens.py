@@ -2,7 +2,9 @@
 
 The tokenize stage writes packed rows as parquet (``row_id``, ``input_ids`` fixed-size list, ``source_ids``,
 ``domain``). Training reads a ``TokenArray``: the rows it needs materialised once into a ``.npy``
-memmap (N, L), so every worker can index any row without a data service. Batches are a pure function of the
+memmap (N, L), so every worker can index any row without a data service. In an object store, a rank that trains
+on fewer rows than the array holds reads just those, a ranged GET per batch (``StoreRows``; ``open_for`` decides),
+instead of copying the array to its node. Batches are a pure function of the
 step: the global batch of step s is the s-th slice of an epoch-seeded permutation, and rank r's micro-batch a
 is a fixed slice of it. That gives
 
@@ -15,6 +17,7 @@ is a fixed slice of it. That gives
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -114,6 +117,20 @@ class TokenArray:
         return TokenArray.open(out)
 
     @staticmethod
+    def open_for(loc: str, rows_read: int) -> TokenArray:
+        """The array at location ``loc`` for a rank that will read ``rows_read`` rows of it (re-reads counted): this
+        node's copy (shared by the node's ranks) when ``loc`` is local or the rank reads at least as many rows as
+        the array holds; else the tokens stay in the store and each batch reads its rows there (``StoreRows``), so
+        a rank of a large run moves what it trains on, not the whole selection, at start and on every resume."""
+        if storage.is_remote(loc):
+            rows = StoreRows(storage.join(loc, "tokens.npy"))
+            if rows_read < len(rows):
+                ids = np.load(io.BytesIO(storage.read_bytes(storage.join(loc, "row_ids.npy"))))
+                mask = storage.read_bytes(storage.join(loc, "loss_mask.npy"))
+                return TokenArray(rows, ids, None if mask is None else np.load(io.BytesIO(mask)))
+        return TokenArray.open(storage.local_copy(loc))
+
+    @staticmethod
     def open(out_dir: str | Path) -> TokenArray:
         out = Path(out_dir)
         mask = out / "loss_mask.npy"
@@ -122,6 +139,40 @@ class TokenArray:
             np.load(out / "row_ids.npy", mmap_mode="r"),
             np.load(mask) if mask.exists() else None,
         )
+
+
+class StoreRows:
+    """The (N, L) matrix of a ``.npy`` file in an object store, indexed like the memmap it stands in for
+    (``rows[int array]``): only the requested rows are read, one ranged GET per run of consecutive rows, several at
+    once. The header (shape, dtype, where the data starts) is read once, with the first ranged GET."""
+
+    HEADER_BYTES = 4096  # numpy pads headers to a multiple of 64 bytes; ours are under 128
+
+    def __init__(self, loc: str, threads: int = 8):
+        self._read = storage.range_reader(loc)
+        head = io.BytesIO(self._read(0, self.HEADER_BYTES))
+        version = np.lib.format.read_magic(head)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        self.shape, fortran, self.dtype = read_header(head)
+        if fortran or len(self.shape) != 2:
+            raise ValueError(f"{loc}: expected a C-ordered 2-D array, found shape {self.shape}")
+        self._start, self._row_bytes = head.tell(), self.shape[1] * self.dtype.itemsize
+        self._pool = ThreadPoolExecutor(max_workers=threads)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= len(self))):
+            raise IndexError(f"rows {idx} out of a {self.shape} array")
+        rows, back = np.unique(idx, return_inverse=True)  # sorted, so consecutive rows make one range
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if len(rows) else []
+        parts = self._pool.map(
+            lambda run: self._read(self._start + int(run[0]) * self._row_bytes, len(run) * self._row_bytes), runs
+        )
+        flat = np.frombuffer(b"".join(parts), dtype=self.dtype).reshape(-1, self.shape[1])  # (unique rows, L)
+        return flat[back]  # (len(idx), L), in the order asked
 
 
 @lru_cache(maxsize=4)

@@ -69,8 +69,8 @@ def _worker(loop_config: dict) -> None:
     spec: BilevelSpec = loop_config["spec"]
     s, device = spec.settings, get_device()
     rank, world = start_worker(spec.resources.torch_threads)
-    train = TokenArray.open(local_copy(spec.train_dir))
-    reference = TokenArray.open(local_copy(spec.reference_dir))
+    train = TokenArray.open_for(spec.train_dir, s.outer_steps * s.micro_batches_per_step * s.micro_batch_seqs)
+    reference = TokenArray.open(local_copy(spec.reference_dir))  # read again every outer step: a node copy
     state, resumed_from = _start_state(spec, device)
 
     def train_batch_at(i: int) -> torch.Tensor:

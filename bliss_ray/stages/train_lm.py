@@ -103,7 +103,8 @@ def _worker(loop_config: dict) -> None:
     rank, world = start_worker(spec.resources.torch_threads)
     peak_lr = round_peak_lr(t.lr, t.lr_round_factor, spec.round_index)
     tokenizer = load_tokenizer(local_copy(spec.tokenizer_dir))
-    tokens = TokenArray.open(local_copy(spec.data_dir)).tokens
+    steps = t.steps + (t.eval_branches + 1) * t.decay_steps  # decay branches read their steps' rows again
+    tokens = TokenArray.open_for(spec.data_dir, steps * t.global_batch_seqs // world).tokens
     with resumed_checkpoint() as resume:  # an earlier attempt's checkpoint, else the previous round's state
         source = resume or (local_copy(spec.init_dir) if spec.init_dir is not None else None)
         build = functools.partial(
