@@ -264,9 +264,9 @@ def test_a_rank_reads_only_its_rows_of_a_large_array_in_a_store(root, tmp_path):
     np.save(tmp_path / "row_ids.npy", np.arange(n, dtype=np.int64) * 3)
     loc = storage.join(root, "data")
     storage.upload(tmp_path, loc)
-    copy = TokenArray.open_for(loc, rows_read=n)
-    assert not isinstance(copy.tokens, StoreRows) and np.array_equal(copy.tokens, tokens)
-    array = TokenArray.open_for(loc, rows_read=n // 4)
+    for copy in (TokenArray.open_for(loc, rows_read=n, copy_below_bytes=0), TokenArray.open_for(loc, rows_read=1)):
+        assert not isinstance(copy.tokens, StoreRows) and np.array_equal(copy.tokens, tokens)  # all rows, or small
+    array = TokenArray.open_for(loc, rows_read=n // 4, copy_below_bytes=0)
     assert isinstance(array.tokens, StoreRows) is storage.is_remote(loc)
     assert np.array_equal(array.row_ids, np.arange(n) * 3) and array.loss_mask is None
     before, expected = storage.bytes_moved()["read"], 0

@@ -117,12 +117,13 @@ class TokenArray:
         return TokenArray.open(out)
 
     @staticmethod
-    def open_for(loc: str, rows_read: int) -> TokenArray:
+    def open_for(loc: str, rows_read: int, copy_below_bytes: int = 64 << 20) -> TokenArray:
         """The array at location ``loc`` for a rank that will read ``rows_read`` rows of it (re-reads counted): this
-        node's copy (shared by the node's ranks) when ``loc`` is local or the rank reads at least as many rows as
-        the array holds; else the tokens stay in the store and each batch reads its rows there (``StoreRows``), so
-        a rank of a large run moves what it trains on, not the whole selection, at start and on every resume."""
-        if storage.is_remote(loc):
+        node's copy (shared by the node's ranks) when ``loc`` is local, the array is under ``copy_below_bytes`` (one
+        GET beats hundreds of small ones) or the rank reads at least as many rows as it holds; else the tokens stay
+        in the store and each batch reads its rows there (``StoreRows``), so a rank of a large run moves what it
+        trains on, not the whole selection, at start and on every resume."""
+        if storage.is_remote(loc) and storage.size(storage.join(loc, "tokens.npy")) >= copy_below_bytes:
             rows = StoreRows(storage.join(loc, "tokens.npy"))
             if rows_read < len(rows):
                 ids = np.load(io.BytesIO(storage.read_bytes(storage.join(loc, "row_ids.npy"))))
