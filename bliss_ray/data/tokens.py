@@ -3,8 +3,8 @@
 The tokenize stage writes packed rows as parquet (``row_id``, ``input_ids`` fixed-size list, ``source_ids``,
 ``domain``). Training reads a ``TokenArray``: the rows it needs materialised once into a ``.npy``
 memmap (N, L), so every worker can index any row without a data service. In an object store, a rank that trains
-on fewer rows than the array holds reads just those, a ranged GET per batch (``StoreRows``; ``open_for`` decides),
-instead of copying the array to its node. Batches are a pure function of the
+on fewer rows than a large array (64 MiB or more) holds reads just those, ranged GETs per batch (``StoreRows``;
+``open_for`` decides), instead of copying the array to its node. Batches are a pure function of the
 step: the global batch of step s is the s-th slice of an epoch-seeded permutation, and rank r's micro-batch a
 is a fixed slice of it. That gives
 
